@@ -1,0 +1,23 @@
+"""The driver-neutral model: requests, instances, decisions and per-request records."""
+
+from sagesched.core.assignment import Assignment, Decision, RejectCode, Rejection
+from sagesched.core.instance import InstanceKind, InstanceView
+from sagesched.core.records import RECORD_COLUMNS, Outcome, RequestRecord
+from sagesched.core.request import NO_SLO, SLO, Priority, Request, RequestType
+
+__all__ = [
+    "Assignment",
+    "Decision",
+    "InstanceKind",
+    "InstanceView",
+    "NO_SLO",
+    "Outcome",
+    "Priority",
+    "RECORD_COLUMNS",
+    "RejectCode",
+    "Rejection",
+    "Request",
+    "RequestRecord",
+    "RequestType",
+    "SLO",
+]
