@@ -1,0 +1,457 @@
+"""One async HTTP adapter per backend: OpenAI routes, TEI's /embed, health and /metrics scraping.
+
+The executor talks to vLLM, TEI, llama.cpp's llama-server and any OpenAI-compatible server through
+`BackendClient`. Each holds one pooled `httpx.AsyncClient` (keep-alive connections, bounded pool,
+connect/read timeouts) and maps transport failures onto the live errors: a failure before the
+backend sent any byte is `BackendUnavailable` (safe to retry elsewhere), an HTTP error status keeps
+its status, and a stream that breaks later is an `UpstreamError`.
+
+Load metrics are scraped from Prometheus text. The servers name the same gauges differently:
+
+==================  ===================================  ===========================  ==========================
+gauge               vLLM                                 TEI                          llama-server
+==================  ===================================  ===========================  ==========================
+running             vllm:num_requests_running            te_batch_current_size        llamacpp:requests_processing
+waiting             vllm:num_requests_waiting            te_queue_size                llamacpp:requests_deferred
+KV-cache usage      vllm:kv_cache_usage_perc (current),  (none)                       llamacpp:kv_cache_usage_ratio
+                    vllm:gpu_cache_usage_perc (older)
+==================  ===================================  ===========================  ==========================
+
+Each reading carries the loop time it was taken at, so views can say how old it is (`age_s`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from sagesched.core import InstanceKind
+from sagesched.live.errors import BackendUnavailable, LiveError, UpstreamError, UpstreamTimeout, error_from_response
+
+logger = logging.getLogger(__name__)
+
+APIS = ("openai", "tei")
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """One backend server the executor may dispatch to.
+
+    url: base URL, e.g. ``http://127.0.0.1:8001`` (a trailing ``/v1`` is accepted and removed).
+    kind: ``llm``, ``embedding`` or ``llm_embedding``: which request types it may receive.
+    models: model names it serves; requests for other models never go to it.
+    id: stable name for records, metrics and policies (default: ``host:port`` of the URL).
+    api_key: bearer token sent to the backend, if it needs one.
+    max_inflight: requests the executor lets be outstanding at it (the policy sees free slots).
+    api: ``openai`` (OpenAI routes, ``/v1/embeddings``) or ``tei`` (TEI's native ``/embed``).
+    max_num_seqs: sequences the engine runs concurrently (llama-server's ``-np``, vLLM's
+        ``--max-num-seqs``); policies use it to predict queueing inside the backend.
+    max_batch_tokens: token budget of one engine step / embedding batch.
+    max_client_batch_size: most embedding inputs one backend call may carry (TEI's limit is 32).
+    prefill_tokens_per_s, decode_step_s, embedding_tokens_per_s: initial throughput estimates;
+        the executor refines them from observed latencies.
+    scrape_metrics: scrape ``/metrics`` for load gauges (servers without it are detected and
+        skipped after the first 404).
+    """
+
+    url: str
+    kind: InstanceKind | str
+    models: tuple[str, ...] | list[str] | str
+    id: str | None = None
+    api_key: str | None = None
+    max_inflight: int = 64
+    api: str = "openai"
+    max_num_seqs: int = 256
+    max_batch_tokens: int = 2048
+    max_client_batch_size: int = 32
+    prefill_tokens_per_s: float = 10_000.0
+    decode_step_s: float = 0.02
+    embedding_tokens_per_s: float = 50_000.0
+    scrape_metrics: bool = True
+
+    def __post_init__(self) -> None:
+        url = str(self.url).strip().rstrip("/")
+        if url.endswith("/v1"):
+            url = url[: -len("/v1")]
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"backend url {self.url!r} must look like http://127.0.0.1:8001")
+        object.__setattr__(self, "url", url)
+        object.__setattr__(self, "kind", InstanceKind.parse(self.kind))
+        models = (self.models,) if isinstance(self.models, str) else tuple(str(m) for m in self.models)
+        if not models or not all(m.strip() for m in models):
+            raise ValueError(f"backend {url}: 'models' must list at least one model name")
+        object.__setattr__(self, "models", models)
+        if self.api not in APIS:
+            raise ValueError(f"backend {url}: unknown api {self.api!r}; use one of {', '.join(APIS)}")
+        if self.id is None:
+            object.__setattr__(self, "id", f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}")
+        for name in ("max_inflight", "max_num_seqs", "max_batch_tokens", "max_client_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"backend {self.id}: {name} must be a positive integer, got {value!r}")
+        for name in ("prefill_tokens_per_s", "decode_step_s", "embedding_tokens_per_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"backend {self.id}: {name} must be a positive number, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BackendConfig:
+        """Build from a mapping; unknown keys are an error naming the valid ones."""
+        valid = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"unknown backend key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
+        return cls(**dict(data))
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+RUNNING_METRICS = ("vllm:num_requests_running", "llamacpp:requests_processing", "te_batch_current_size")
+WAITING_METRICS = ("vllm:num_requests_waiting", "llamacpp:requests_deferred", "te_queue_size")
+KV_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "llamacpp:kv_cache_usage_ratio")
+
+
+@dataclass(frozen=True)
+class BackendMetrics:
+    """Load gauges from one scrape. None where the server does not export the gauge.
+
+    taken_at: `time.monotonic()` when the scrape completed; `age_s(now)` says how old it is.
+    raw: every sample of the scrape, summed over label sets, by metric name.
+    """
+
+    running: float | None = None
+    waiting: float | None = None
+    kv_usage: float | None = None
+    taken_at: float = 0.0
+    raw: dict[str, float] = field(default_factory=dict)
+
+    def age_s(self, now: float | None = None) -> float:
+        return max(0.0, (time.monotonic() if now is None else now) - self.taken_at)
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"running": self.running, "waiting": self.waiting, "kv_usage": self.kv_usage}
+
+
+def parse_prometheus_text(text: str) -> dict[str, float]:
+    """Samples of a Prometheus text exposition, summed over label sets, by metric name.
+
+    Summing is right for the load gauges read here (vLLM labels them per model; one engine serves
+    one model). Malformed lines are skipped rather than failing the scrape.
+    """
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "{" in line:
+            name, _, rest = line.partition("{")
+            _, _, rest = rest.rpartition("}")
+        else:
+            name, _, rest = line.partition(" ")
+        fields_ = rest.split()
+        if not fields_:
+            continue
+        try:
+            value = float(fields_[0])
+        except ValueError:
+            continue
+        if math.isnan(value):
+            continue
+        name = name.strip()
+        samples[name] = samples.get(name, 0.0) + value
+    return samples
+
+
+def metrics_from_text(text: str, taken_at: float | None = None) -> BackendMetrics:
+    """The load gauges of a `/metrics` page from vLLM (current or older names), TEI or llama-server."""
+    raw = parse_prometheus_text(text)
+
+    def first(names: Sequence[str]) -> float | None:
+        for name in names:
+            if name in raw:
+                return raw[name]
+        return None
+
+    kv = first(KV_METRICS)
+    if kv is not None and kv > 1.0:  # some exporters report percent
+        kv = kv / 100.0
+    return BackendMetrics(
+        running=first(RUNNING_METRICS),
+        waiting=first(WAITING_METRICS),
+        kv_usage=kv,
+        taken_at=time.monotonic() if taken_at is None else taken_at,
+        raw=raw,
+    )
+
+
+# -- server-sent events ------------------------------------------------------------------------------
+
+
+class SSEStream:
+    """Reads OpenAI-style server-sent events (``data: {json}`` ... ``data: [DONE]``) from a response.
+
+    `next_event()` returns the next JSON chunk, or None at the end. Errors sent inside the stream
+    (an ``error`` object, or llama-server's ``error:`` lines) raise `UpstreamError`; a broken
+    connection raises `BackendUnavailable` if no event was read yet, else `UpstreamError`.
+    """
+
+    def __init__(self, response: httpx.Response, backend_id: str = "") -> None:
+        self.response = response
+        self.backend_id = backend_id
+        self.events_read = 0
+        self._lines: AsyncIterator[str] = response.aiter_lines()
+        self._done = False
+
+    async def next_event(self) -> dict[str, Any] | None:
+        if self._done:
+            return None
+        data: list[str] = []
+        while True:
+            try:
+                line = await self._lines.__anext__()
+            except StopAsyncIteration:
+                self._done = True
+                if data:
+                    return self._decode("\n".join(data))
+                return None
+            except httpx.TimeoutException as exc:
+                raise UpstreamTimeout(f"backend {self.backend_id} stalled mid-stream: {exc!r}") from exc
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                cls = BackendUnavailable if self.events_read == 0 else UpstreamError
+                raise cls(f"backend {self.backend_id} broke the stream: {type(exc).__name__}: {exc}") from exc
+            if not line.strip():
+                if data:
+                    return self._decode("\n".join(data))
+                continue
+            if line.startswith(":"):
+                continue
+            field_, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field_ == "data":
+                if value.strip() == "[DONE]":
+                    self._done = True
+                    return None
+                data.append(value)
+            elif field_ == "error":
+                self._done = True
+                raise self._error(value)
+
+    def _decode(self, payload: str) -> dict[str, Any]:
+        try:
+            event = json.loads(payload)
+        except json.JSONDecodeError as exc:
+            raise UpstreamError(f"backend {self.backend_id} sent a malformed stream event: {payload[:200]!r}") from exc
+        if not isinstance(event, dict):
+            raise UpstreamError(f"backend {self.backend_id} sent a non-object stream event: {payload[:200]!r}")
+        if "error" in event and "choices" not in event:
+            self._done = True
+            raise self._error(payload)
+        self.events_read += 1
+        return event
+
+    def _error(self, payload: str) -> LiveError:
+        try:
+            body: Any = json.loads(payload)
+        except json.JSONDecodeError:
+            body = payload
+        err = body.get("error", body) if isinstance(body, dict) else body
+        status = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), int) else 502
+        error = error_from_response(status, body)
+        if not isinstance(error, UpstreamError):
+            error = UpstreamError(error.message, status=error.status, code=error.code, param=error.param)
+        return error
+
+    async def aclose(self) -> None:
+        self._done = True
+        await self.response.aclose()
+
+
+# -- the adapter --------------------------------------------------------------------------------------
+
+
+def encode_base64(vector: Sequence[float]) -> str:
+    """OpenAI's base64 embedding encoding: little-endian float32 bytes, base64."""
+    import numpy as np
+
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_base64(data: str) -> list[float]:
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(data), dtype="<f4").astype(float).tolist()
+
+
+class BackendClient:
+    """The HTTP side of one backend: pooled connections, timeouts, error mapping.
+
+    `connect_timeout_s` bounds connection setup (a dead backend is found fast); `read_timeout_s`
+    bounds each read (the executor enforces the per-request deadline on top).
+    """
+
+    def __init__(
+        self,
+        config: BackendConfig,
+        *,
+        connect_timeout_s: float = 3.0,
+        read_timeout_s: float = 600.0,
+        probe_timeout_s: float = 2.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.probe_timeout_s = probe_timeout_s
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        pool = config.max_inflight + 4  # in-flight requests plus health and metrics probes
+        self._client = httpx.AsyncClient(
+            base_url=config.url,
+            headers=headers,
+            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
+            transport=transport,
+        )
+        self._health_path = "/health"
+        self._metrics_enabled = config.scrape_metrics
+
+    @property
+    def id(self) -> str:
+        return str(self.config.id)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # -- requests -----------------------------------------------------------------------------------
+    def _transport_error(self, exc: Exception) -> LiveError:
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+            return BackendUnavailable(f"backend {self.id} unreachable: {type(exc).__name__}: {exc}")
+        if isinstance(exc, httpx.TimeoutException):
+            return UpstreamTimeout(f"backend {self.id} timed out: {type(exc).__name__}")
+        # ReadError / RemoteProtocolError / WriteError before any response byte: nothing reached
+        # the caller, so this is as safe to retry as a refused connection.
+        return BackendUnavailable(f"backend {self.id} dropped the connection: {type(exc).__name__}: {exc}")
+
+    async def _error_from(self, response: httpx.Response) -> LiveError:
+        raw = await response.aread()
+        try:
+            body: Any = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = raw.decode(errors="replace")
+        error = error_from_response(response.status_code, body)
+        if response.status_code == 503:
+            # Loading, overloaded or draining: nothing was served, another backend may serve it.
+            return BackendUnavailable(f"backend {self.id} answered 503: {error.message}")
+        if not isinstance(error, UpstreamError):
+            error = UpstreamError(
+                f"backend {self.id}: {error.message}", status=error.status, code=error.code, param=error.param
+            )
+        return error
+
+    async def post_json(self, path: str, body: Mapping[str, Any]) -> Any:
+        """POST `body` and return the decoded JSON answer; errors as described in the class."""
+        try:
+            response = await self._client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from exc
+        if response.status_code >= 400:
+            raise await self._error_from(response)
+        try:
+            return response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UpstreamError(f"backend {self.id} sent invalid JSON: {response.text[:200]!r}") from exc
+
+    async def open_stream(self, path: str, body: Mapping[str, Any]) -> SSEStream:
+        """POST a streaming request; returns the event reader once the response status is in."""
+        request = self._client.build_request("POST", path, json=body, headers={"Accept": "text/event-stream"})
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from exc
+        if response.status_code >= 400:
+            try:
+                raise await self._error_from(response)
+            finally:
+                await response.aclose()
+        return SSEStream(response, self.id)
+
+    async def embed(
+        self, model: str, inputs: Sequence[str | list[int]], extra: Mapping[str, Any] | None = None
+    ) -> tuple[list[list[float]], int | None]:
+        """Embed `inputs` in ONE call; returns (vectors in input order, prompt tokens if reported).
+
+        OpenAI API: ``/v1/embeddings`` asking for floats (callers wanting base64 are encoded by the
+        executor, per caller). TEI API: the native ``/embed`` route. `extra` carries further body
+        fields (``dimensions``, ``truncate``, ...), passed through.
+        """
+        extra = dict(extra or {})
+        if self.config.api == "tei":
+            body: dict[str, Any] = {"inputs": list(inputs), **extra}
+            data = await self.post_json("/embed", body)
+            if not isinstance(data, list) or len(data) != len(inputs):
+                raise UpstreamError(f"backend {self.id}: /embed returned {type(data).__name__}, not {len(inputs)} vectors")
+            return [[float(x) for x in vec] for vec in data], None
+        body = {**extra, "model": model, "input": list(inputs), "encoding_format": "float"}
+        data = await self.post_json("/v1/embeddings", body)
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list) or len(items) != len(inputs):
+            got = len(items) if isinstance(items, list) else type(data).__name__
+            raise UpstreamError(f"backend {self.id}: /v1/embeddings returned {got} vectors for {len(inputs)} inputs")
+        ordered = sorted(items, key=lambda item: item.get("index", 0))
+        vectors = []
+        for item in ordered:
+            vec = item.get("embedding")
+            vectors.append(decode_base64(vec) if isinstance(vec, str) else [float(x) for x in vec])
+        usage = data.get("usage") or {}
+        tokens = usage.get("prompt_tokens")
+        return vectors, int(tokens) if isinstance(tokens, (int, float)) else None
+
+    # -- probes ---------------------------------------------------------------------------------------
+    async def health(self) -> bool:
+        """True when the server answers its health route with 2xx (``/v1/models`` where there is none)."""
+        try:
+            response = await self._client.get(self._health_path, timeout=self.probe_timeout_s)
+            if response.status_code in (404, 405) and self._health_path == "/health":
+                self._health_path = "/v1/models"
+                response = await self._client.get(self._health_path, timeout=self.probe_timeout_s)
+        except httpx.HTTPError as exc:
+            logger.debug("health probe of %s failed: %r", self.id, exc)
+            return False
+        return 200 <= response.status_code < 300
+
+    async def scrape(self) -> BackendMetrics | None:
+        """Load gauges from ``/metrics``, or None (no metrics route, or the scrape failed)."""
+        if not self._metrics_enabled:
+            return None
+        try:
+            response = await self._client.get("/metrics", timeout=self.probe_timeout_s)
+        except httpx.HTTPError as exc:
+            logger.debug("metrics scrape of %s failed: %r", self.id, exc)
+            return None
+        if response.status_code in (404, 405, 501):
+            logger.info("backend %s has no /metrics (HTTP %s); using in-flight accounting only", self.id, response.status_code)
+            self._metrics_enabled = False
+            return None
+        if response.status_code != 200:
+            return None
+        return metrics_from_text(response.text)
+
+
+__all__ = [
+    "APIS",
+    "BackendClient",
+    "BackendConfig",
+    "BackendMetrics",
+    "SSEStream",
+    "decode_base64",
+    "encode_base64",
+    "metrics_from_text",
+    "parse_prometheus_text",
+]

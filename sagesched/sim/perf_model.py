@@ -1,0 +1,358 @@
+"""The performance model: how long one vLLM engine step or one TEI embedding batch takes on a GPU.
+
+LLM step (see docs/performance_model.md for the derivation and the measured error):
+
+    t = scale * ( linear_scale * ops(T)                       # fitted per-operator curves, T = prefill + decode tokens
+                  + 2 * layers * all_reduce(T)                # TP > 1: latency + bytes over NVLink
+                  + lm_head(sequences)                        # logits GEMM, one row per sequence
+                  + attention_scale * (prefill_attention + decode_attention)   # rooflines
+                  + layers * layer_overhead + step_overhead )
+
+`ops(T)` comes from Vidur's measured per-operator timings where they exist, else from a roofline whose
+efficiencies are fitted to Vidur's measurements on the same GPU (`sagesched.sim.perf.operators`).
+Everything is folded into a handful of precomputed floats at load time, because `step_time_s` is called
+once per simulated engine step (10^5-10^6 times per run).
+
+Embedding batch: a roofline on encoder FLOPs (2 x non-embedding params x tokens + attention) and memory
+traffic (weights + activations), plus a per-batch and a per-input overhead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from bisect import bisect_right
+from dataclasses import dataclass
+from pathlib import Path
+
+from sagesched.sim.perf.calibration import (
+    EmbeddingCalibration,
+    LLMCalibration,
+    parse_calibration,
+    read_calibration_file,
+)
+from sagesched.sim.perf.operators import OperatorCurves, operator_curves
+from sagesched.sim.perf.piecewise import PiecewiseLinear, add_curves
+from sagesched.sim.perf.profiles import (
+    HardwareProfile,
+    ModelProfile,
+    available_hardware,
+    available_model_profiles,
+    load_hardware,
+    load_model,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BatchShape",
+    "EmbeddingPerfModel",
+    "LLMPerfModel",
+    "available_embedding_models",
+    "available_hardware",
+    "available_llm_models",
+    "available_models",
+]
+
+#: Context length (tokens) of the nominal decode step behind `LLMPerfModel.decode_step_s`.
+NOMINAL_DECODE_CONTEXT = 1024
+#: Chunk (tokens) of the nominal prefill behind `LLMPerfModel.prefill_tokens_per_s` (vLLM's default budget).
+NOMINAL_PREFILL_CHUNK = 2048
+#: Batch behind `EmbeddingPerfModel.tokens_per_s`: 32 inputs (TEI's max_client_batch_size) of 256 tokens.
+NOMINAL_EMBEDDING_BATCH = (32, 256)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchShape:
+    """The composition of one vLLM engine step, all the performance model needs to time it.
+
+    Attributes: `prefill_tokens` new prompt tokens computed this step (sum of the prefill chunks);
+    `decode_tokens` sequences decoding one token this step; `prefill_context_tokens` sum over prefill
+    chunks of (tokens already in KV + chunk), what prefill attention attends over; `decode_context_tokens`
+    sum over decoding sequences of their KV length, what decode attention reads; `num_prefills` sequences
+    with a prefill chunk this step.
+    """
+
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    prefill_context_tokens: int = 0
+    decode_context_tokens: int = 0
+    num_prefills: int = 0
+
+
+def available_models() -> list[str]:
+    """Every shipped model profile (LLM and embedding)."""
+    return available_model_profiles()
+
+
+def available_llm_models() -> list[str]:
+    """Model profiles an `LLMPerfModel` can load."""
+    return available_model_profiles("llm")
+
+
+def available_embedding_models() -> list[str]:
+    """Model profiles an `EmbeddingPerfModel` can load."""
+    return available_model_profiles("embedding")
+
+
+def _load_pair(model: str, hardware: str, kind: str) -> tuple[ModelProfile, HardwareProfile]:
+    valid = available_model_profiles(kind)
+    if model not in valid:
+        what = "an LLM" if kind == "llm" else "an embedding model"
+        raise ValueError(f"unknown {'LLM' if kind == 'llm' else 'embedding'} model {model!r} (need {what}); valid: {valid}")
+    return load_model(model), load_hardware(hardware)
+
+
+def valid_tensor_parallel(model: ModelProfile, max_tp: int = 8) -> list[int]:
+    """TP degrees vLLM accepts for `model` on one 8-GPU node: divide the heads; KV heads split or replicate evenly."""
+    kv = model.num_kv_heads
+    return [t for t in range(1, max_tp + 1) if model.num_heads % t == 0 and (kv % t == 0 or t % kv == 0)]
+
+
+class LLMPerfModel:
+    """Step time of a vLLM engine serving `model` on `tensor_parallel` GPUs of type `hardware`.
+
+    Build with `LLMPerfModel.load(...)`. Attributes: `model`, `hardware` (profiles), `tensor_parallel`,
+    `calibration`, `source` ("vidur" or "roofline": where the operator curves come from), `vidur_file`,
+    `prefill_tokens_per_s` and `decode_step_s` (nominal figures for `InstanceView` estimates).
+    """
+
+    __slots__ = (
+        "_c_decode",
+        "_c_prefill",
+        "_lm_const",
+        "_lm_slope",
+        "_slopes",
+        "_x0",
+        "_xs",
+        "_y0",
+        "_ys",
+        "calibration",
+        "curves",
+        "decode_step_s",
+        "hardware",
+        "model",
+        "prefill_tokens_per_s",
+        "source",
+        "tensor_parallel",
+        "vidur_file",
+    )
+
+    def __init__(
+        self, model: ModelProfile, hardware: HardwareProfile, tensor_parallel: int, calibration: LLMCalibration
+    ) -> None:
+        self.model = model
+        self.hardware = hardware
+        self.tensor_parallel = tensor_parallel
+        self.calibration = calibration
+        curves: OperatorCurves = operator_curves(model.name, hardware.name, tensor_parallel)
+        self.curves = curves
+        self.source = curves.source
+        self.vidur_file = curves.vidur_file
+        self._precompute()
+        self.decode_step_s = self.step_time_s(BatchShape(decode_tokens=1, decode_context_tokens=NOMINAL_DECODE_CONTEXT))
+        chunk = NOMINAL_PREFILL_CHUNK
+        self.prefill_tokens_per_s = chunk / self.step_time_s(
+            BatchShape(prefill_tokens=chunk, prefill_context_tokens=chunk, num_prefills=1)
+        )
+
+    @classmethod
+    def load(
+        cls, model: str, hardware: str, tensor_parallel: int = 1, calibration: str | Path | None = None
+    ) -> LLMPerfModel:
+        """The model for `model` on `tensor_parallel` x `hardware`, optionally adjusted by a calibration file.
+
+        ValueError (listing the valid choices) for an unknown model or hardware, an embedding model, a TP
+        degree the model's heads cannot be split over, or a calibration file that does not fit the schema
+        (see `sagesched.sim.perf.calibration`).
+        """
+        m, hw = _load_pair(model, hardware, "llm")
+        tps = valid_tensor_parallel(m)
+        if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel not in tps:
+            raise ValueError(f"tensor_parallel={tensor_parallel!r} is not valid for {model}; valid: {tps}")
+        cal = LLMCalibration()
+        if calibration is not None:
+            data = read_calibration_file(calibration)
+            cal = parse_calibration(
+                data, LLMCalibration, str(calibration), {"model": model, "hardware": hardware, "tensor_parallel": tensor_parallel}
+            )
+        return cls(m, hw, tensor_parallel, cal)
+
+    def _hw(self, name: str) -> float:
+        value = getattr(self.calibration, name)
+        return float(getattr(self.hardware, name) if value is None else value)
+
+    def _precompute(self) -> None:
+        m, hw, tp, cal = self.model, self.hardware, self.tensor_parallel, self.calibration
+        b = float(m.dtype_bytes)
+        # Non-attention operators (ms -> s), then the terms linear in the token count, then constants.
+        ops = self.curves.step_curve_ms(m.num_layers).scaled(1e-3 * cal.linear_scale)
+        layers_const = m.num_layers * self._hw("layer_overhead_s") + self._hw("step_overhead_s")
+        ar_const = ar_slope = 0.0
+        if tp > 1:
+            n_calls = 2 * m.num_layers  # after attention and after the MLP (Megatron-style row-parallel)
+            bus = hw.nvlink_bandwidth_bytes_per_s * self._hw("allreduce_efficiency")
+            ar_const = n_calls * self._hw("allreduce_latency_s")
+            ar_slope = n_calls * (m.hidden_size * b * 2.0 * (tp - 1) / tp) / bus  # ring all-reduce per token
+        line = PiecewiseLinear((1.0, 2.0), (ar_const + ar_slope + layers_const, ar_const + 2 * ar_slope + layers_const), ar_slope)
+        total = add_curves([ops, line]).scaled(cal.scale)
+        self._xs, self._ys = total.xs, total.ys
+        self._slopes = tuple(total._slopes)  # type: ignore[attr-defined]
+        self._x0, self._y0 = total.xs[0], total.ys[0]
+        # LM head: vocab-parallel logits GEMM, one row per sequence in the batch; roofline of weights vs FLOPs.
+        lm_params = m.vocab_size * m.hidden_size / tp
+        self._lm_const = cal.scale * lm_params * b / (hw.hbm_bandwidth_bytes_per_s * hw.lm_head_bandwidth_efficiency)
+        self._lm_slope = cal.scale * 2.0 * lm_params / (hw.peak_bf16_flops * hw.lm_head_flops_efficiency)
+        # Attention. Prefill: 4 FLOPs x head_dim per (query, key) pair per head per layer, over peak x efficiency.
+        heads = m.num_heads / tp
+        flops_per_pair = 4.0 * m.head_dim * heads * m.num_layers
+        att = cal.scale * cal.attention_scale
+        self._c_prefill = att * flops_per_pair / (hw.peak_bf16_flops * self._hw("prefill_attention_efficiency"))
+        # Decode: every decoding sequence reads its whole KV cache (this GPU's share of the KV heads) once.
+        kv_heads = max(1.0, m.num_kv_heads / tp)
+        kv_bytes_gpu = m.kv_bytes_per_token * kv_heads / m.num_kv_heads
+        self._c_decode = att * kv_bytes_gpu / (hw.hbm_bandwidth_bytes_per_s * self._hw("decode_attention_efficiency"))
+
+    def step_time_s(self, batch: BatchShape) -> float:
+        """Seconds one engine step with this composition takes (0 for an empty batch)."""
+        p = batch.prefill_tokens
+        d = batch.decode_tokens
+        n = p + d
+        if n <= 0:
+            return 0.0
+        xs = self._xs
+        if n <= self._x0:
+            t = self._y0
+        else:
+            i = bisect_right(xs, n) - 1
+            t = self._ys[i] + self._slopes[i] * (n - xs[i])
+        k = batch.num_prefills
+        rows = d + (k if k > 0 else (1 if p > 0 else 0))
+        lm = self._lm_slope * rows
+        t += lm if lm > self._lm_const else self._lm_const
+        if p > 0:
+            ctx = batch.prefill_context_tokens
+            if ctx < p:
+                ctx = p
+            # Causal attention of chunks of (equal) size p/k over contexts summing to ctx: sum c_i*(L_i - c_i/2).
+            t += self._c_prefill * (p * ctx - 0.5 * p * p) / (k if k > 0 else 1)
+        return t + self._c_decode * batch.decode_context_tokens
+
+    def weight_bytes_per_gpu(self) -> float:
+        """Bytes of weights each of the `tensor_parallel` GPUs holds."""
+        return self.model.weight_bytes / self.tensor_parallel
+
+    def kv_bytes_per_token_per_gpu(self) -> float:
+        """KV-cache bytes one token occupies on each GPU (KV heads split over TP, replicated past it)."""
+        m = self.model
+        return m.kv_bytes_per_token * max(1.0, m.num_kv_heads / self.tensor_parallel) / m.num_kv_heads
+
+    def kv_capacity_tokens(self, gpu_memory_utilization: float = 0.9) -> int:
+        """Tokens of KV cache the instance holds: (memory x utilization - weights) / KV bytes per token, per GPU.
+
+        ValueError if the utilization is not in (0, 1] or the weights do not fit (naming the fix).
+        """
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        free = self.hardware.memory_bytes * gpu_memory_utilization - self.weight_bytes_per_gpu()
+        if free <= 0:
+            need = [t for t in valid_tensor_parallel(self.model) if self.model.weight_bytes / t < self.hardware.memory_bytes * gpu_memory_utilization]
+            raise ValueError(
+                f"{self.model.name} weights ({self.weight_bytes_per_gpu() / 1e9:.1f} GB per GPU) do not fit in "
+                f"{gpu_memory_utilization:.0%} of a {self.hardware.name}; use a larger tensor_parallel (fits: {need}) "
+                "or a higher gpu_memory_utilization"
+            )
+        return int(free // self.kv_bytes_per_token_per_gpu())
+
+    def __repr__(self) -> str:
+        return (
+            f"LLMPerfModel({self.model.name!r}, {self.hardware.name!r}, tensor_parallel={self.tensor_parallel}, "
+            f"source={self.source!r}, decode_step_s={self.decode_step_s:.4g})"
+        )
+
+
+class EmbeddingPerfModel:
+    """Batch time of a TEI instance serving an encoder `model` on one GPU of type `hardware`.
+
+    t = scale * ( max(FLOPs / (peak x flops_efficiency), bytes / (bandwidth x bandwidth_efficiency))
+                  + batch_overhead_s + per_input_overhead_s x inputs )
+    FLOPs = 2 x non-embedding params x tokens + 4 x layers x hidden x tokens x longest input (attention,
+    exact for equal-length inputs, an upper bound otherwise); bytes = non-embedding weights + activation
+    traffic per token. Attributes: `model`, `hardware`, `calibration`, `tokens_per_s` (nominal).
+    """
+
+    __slots__ = (
+        "_act_bytes_per_token",
+        "_attn_flops",
+        "_batch_overhead",
+        "_dense_flops",
+        "_input_overhead",
+        "_inv_bw",
+        "_inv_flops",
+        "_scale",
+        "_weight_bytes",
+        "calibration",
+        "hardware",
+        "model",
+        "tokens_per_s",
+    )
+
+    def __init__(self, model: ModelProfile, hardware: HardwareProfile, calibration: EmbeddingCalibration) -> None:
+        self.model = model
+        self.hardware = hardware
+        self.calibration = calibration
+        emb = hardware.embedding
+
+        def pick(name: str) -> float:
+            value = getattr(calibration, name)
+            return float(getattr(emb, name) if value is None else value)
+
+        b = float(model.dtype_bytes)
+        h, i, layers = model.hidden_size, model.intermediate_size, model.num_layers
+        dense_params = model.num_params - model.embedding_params - model.max_position_embeddings * h
+        self._dense_flops = 2.0 * dense_params
+        self._attn_flops = 4.0 * layers * h
+        self._weight_bytes = dense_params * b
+        # Each layer writes and reads back q, k, v, attention out, projection out, two residual sums and two
+        # norms (9 x hidden) and the FFN's up and activation outputs (2 x intermediate).
+        self._act_bytes_per_token = 2.0 * layers * (9 * h + 2 * i) * b
+        self._inv_flops = 1.0 / (hardware.peak_bf16_flops * pick("flops_efficiency"))
+        self._inv_bw = 1.0 / (hardware.hbm_bandwidth_bytes_per_s * pick("bandwidth_efficiency"))
+        self._batch_overhead = pick("batch_overhead_s")
+        self._input_overhead = pick("per_input_overhead_s")
+        self._scale = calibration.scale
+        n, length = NOMINAL_EMBEDDING_BATCH
+        self.tokens_per_s = n * length / self.batch_time_s(n, n * length, length)
+
+    @classmethod
+    def load(cls, model: str, hardware: str, calibration: str | Path | None = None) -> EmbeddingPerfModel:
+        """The model for encoder `model` on one `hardware` GPU; ValueError listing valid names / calibration keys."""
+        m, hw = _load_pair(model, hardware, "embedding")
+        cal = EmbeddingCalibration()
+        if calibration is not None:
+            data = read_calibration_file(calibration)
+            cal = parse_calibration(data, EmbeddingCalibration, str(calibration), {"model": model, "hardware": hardware})
+        return cls(m, hw, cal)
+
+    def batch_time_s(self, num_inputs: int, total_tokens: int, max_input_tokens: int) -> float:
+        """Seconds one batch of `num_inputs` inputs, `total_tokens` tokens in all, the longest `max_input_tokens`, takes."""
+        if num_inputs <= 0 or total_tokens <= 0:
+            return 0.0
+        longest = max_input_tokens
+        mean = total_tokens / num_inputs
+        if longest < mean:
+            longest = mean
+        flops = total_tokens * (self._dense_flops + self._attn_flops * longest)
+        compute = flops * self._inv_flops
+        memory = (self._weight_bytes + self._act_bytes_per_token * total_tokens) * self._inv_bw
+        roof = compute if compute > memory else memory
+        return self._scale * (roof + self._batch_overhead + self._input_overhead * num_inputs)
+
+    def __repr__(self) -> str:
+        return f"EmbeddingPerfModel({self.model.name!r}, {self.hardware.name!r}, tokens_per_s={self.tokens_per_s:.4g})"
+
+
+def _ensure_finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{what} is not finite: {value}")
+    return value
