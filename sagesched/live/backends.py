@@ -227,8 +227,10 @@ class SSEStream:
             except httpx.TimeoutException as exc:
                 raise UpstreamTimeout(f"backend {self.backend_id} stalled mid-stream: {exc!r}") from exc
             except (httpx.TransportError, httpx.StreamError) as exc:
-                cls = BackendUnavailable if self.events_read == 0 else UpstreamError
-                raise cls(f"backend {self.backend_id} broke the stream: {type(exc).__name__}: {exc}") from exc
+                message = f"backend {self.backend_id} broke the stream: {type(exc).__name__}: {exc}"
+                if self.events_read == 0:
+                    raise BackendUnavailable(message) from exc
+                raise UpstreamError(message, code="stream_broken") from exc
             if not line.strip():
                 if data:
                     return self._decode("\n".join(data))

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,12 @@ class GatewayMetrics:
         self.requests = Counter(
             "sagesched_requests", "HTTP requests answered by the gateway", ["endpoint", "status"], registry=r
         )
-        self.rejections = Counter(
-            "sagesched_rejections", "Requests refused or failed, by error code", ["code"], registry=r
-        )
-        self.decisions = Counter(
-            "sagesched_policy_decisions", "Requests placed by the policy, by the rule that acted", ["rule"], registry=r
-        )
+        # Decisions and rejections are counted by the executor (every decision, not only finished
+        # requests); the collector exposes its counters plus the gateway's own refusals at scrape time.
+        self.gateway_rejections: dict[str, int] = {}
+        self.executor_decisions: Mapping[str, int] = {}
+        self.executor_rejections: Mapping[str, int] = {}
+        self.registry.register(_DecisionCollector(self))
         self.outcomes = Counter(
             "sagesched_request_outcomes", "Finished requests by model and outcome", ["model", "outcome"], registry=r
         )
@@ -86,11 +88,7 @@ class GatewayMetrics:
             model = record.model or "unknown"
             self.outcomes.labels(model, record.outcome).inc()
             if record.outcome != "completed":
-                code = _code_from_reason(record)
-                self.rejections.labels(code).inc()
                 continue
-            if record.rule:
-                self.decisions.labels(record.rule).inc()
             e2e_ms = record.e2e_ms
             if record.type == "embedding":
                 if e2e_ms is not None:
@@ -107,10 +105,16 @@ class GatewayMetrics:
 
     def reject(self, code: str) -> None:
         """A request refused by the gateway itself before it reached the executor (auth, body, limits)."""
-        self.rejections.labels(code).inc()
+        self.gateway_rejections[code] = self.gateway_rejections.get(code, 0) + 1
 
     def update_gauges(self, snapshot: Mapping[str, Any]) -> None:
         """Set queue / in-flight / backend gauges from `LiveExecutor.snapshot()`."""
+        decisions = snapshot.get("decisions")
+        if isinstance(decisions, Mapping):
+            self.executor_decisions = dict(decisions)
+        rejections = snapshot.get("rejections")
+        if isinstance(rejections, Mapping):
+            self.executor_rejections = dict(rejections)
         queue = snapshot.get("queue_length", snapshot.get("queued"))
         if isinstance(queue, int | float):
             self.queue_length.set(queue)
@@ -135,10 +139,28 @@ def _backends(snapshot: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [b for b in backends if isinstance(b, Mapping)]
 
 
-def _code_from_reason(record: Any) -> str:
-    """A stable code for a failed/rejected record: the executor's reason prefix up to ':' if it is a code."""
-    reason = (record.reason or "").strip()
-    head = reason.split(":", 1)[0].strip()
-    if head and head.replace("_", "").isalnum() and " " not in head:
-        return head
-    return record.outcome
+class _DecisionCollector(Collector):
+    """Exposes the executor's decision/rejection counters (already cumulative) as Prometheus counters."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return [
+            CounterMetricFamily("sagesched_policy_decisions", "Requests decided by the policy, by rule", labels=["rule"]),
+            CounterMetricFamily("sagesched_rejections", "Requests refused, by code", labels=["code", "source"]),
+        ]
+
+    def collect(self) -> Iterable[Any]:
+        decisions = CounterMetricFamily(
+            "sagesched_policy_decisions", "Requests decided by the policy, by rule", labels=["rule"]
+        )
+        for rule, value in sorted(self.metrics.executor_decisions.items()):
+            decisions.add_metric([str(rule)], float(value))
+        rejections = CounterMetricFamily("sagesched_rejections", "Requests refused, by code", labels=["code", "source"])
+        for code, value in sorted(self.metrics.executor_rejections.items()):
+            rejections.add_metric([str(code), "executor"], float(value))
+        for code, value in sorted(self.metrics.gateway_rejections.items()):
+            rejections.add_metric([str(code), "gateway"], float(value))
+        yield decisions
+        yield rejections

@@ -233,7 +233,7 @@ def request_from_body(
     if raw_priority is None or raw_priority == "":
         priority = Priority.NORMAL
     else:
-        if isinstance(raw_priority, bool) or isinstance(raw_priority, float) and not raw_priority.is_integer():
+        if isinstance(raw_priority, bool) or (isinstance(raw_priority, float) and not raw_priority.is_integer()):
             raise InvalidRequest(
                 f"{priority_field} must be critical, high, normal, low, background or 0-4, got {raw_priority!r}",
                 param=priority_field,

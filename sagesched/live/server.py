@@ -274,7 +274,7 @@ class Gateway:
             "max_queue": cfg.max_queue,
             "request_timeout_s": cfg.request_timeout_s,
             "health_interval_s": cfg.health_interval_s,
-            "max_batch_inputs": cfg.max_batch_inputs,
+            "drain_timeout_s": cfg.drain_timeout_s,
         }
         kwargs = {k: v for k, v in wanted.items() if k in fields}
         kwargs.update(cfg.executor)
@@ -341,7 +341,7 @@ class Gateway:
             await self._send_error(send, MethodNotAllowed(f"use POST for {scope['path']}"), endpoint)
             return
         if self._api_keys and not self._authorized(scope, self._api_keys):
-            self.metrics.reject("invalid_api_key")
+            self.metrics.reject(AuthenticationError.code)
             await self._send_error(
                 send, AuthenticationError("missing or invalid API key; send 'Authorization: Bearer <key>'"), endpoint
             )
@@ -362,6 +362,7 @@ class Gateway:
 
     async def _api(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
+        submitted = False
         try:
             raw = await self._read_body(scope, receive)
             body = _loads(raw)
@@ -380,7 +381,10 @@ class Gateway:
             self.counters.accepted += 1
             stream = endpoint != "embeddings" and body.get("stream") is True
             payload: Any = None
-            async with asyncio.timeout(self.config.request_timeout_s), _DisconnectWatch(receive) as watch:
+            # The executor enforces request_timeout_s itself (a clean 504 wherever the request is);
+            # this outer deadline is only a backstop should a stream stall outside its control.
+            async with asyncio.timeout(self.config.request_timeout_s + 5.0), _DisconnectWatch(receive) as watch:
+                submitted = True
                 response = await self.executor.submit(request, body, endpoint)
                 chunks = getattr(response, "stream", None) if stream else None
                 if chunks is None:
@@ -412,16 +416,17 @@ class Gateway:
             log.debug("client disconnected; request cancelled")
         except TimeoutError:
             exc = UpstreamTimeout(f"the request did not finish within {self.config.request_timeout_s:g} s (request_timeout_s)")
-            await self._fail(send, exc, endpoint, started)
+            await self._fail(send, exc, endpoint, started, counted=False)
         except LiveError as exc:
-            await self._fail(send, exc, endpoint, started)
+            await self._fail(send, exc, endpoint, started, counted=submitted)
         except Exception as exc:  # a bug must still answer in OpenAI shape and never kill the connection
             log.exception("internal error while serving %s", scope.get("path"))
-            await self._fail(send, InternalError(f"internal gateway error: {type(exc).__name__}"), endpoint, started)
+            await self._fail(send, InternalError(f"internal gateway error: {type(exc).__name__}"), endpoint, started, counted=False)
 
-    async def _fail(self, send: Send, exc: LiveError, endpoint: str, started: bool) -> None:
+    async def _fail(self, send: Send, exc: LiveError, endpoint: str, started: bool, *, counted: bool) -> None:
+        """Answer `exc`; `counted` says the executor already recorded it (its rejections, its records)."""
         self.counters.errors += 1
-        if exc.status >= 500 or exc.status == 429:
+        if not counted:
             self.metrics.reject(exc.code)
         if started:
             # Headers are gone: the error travels as an SSE event the SDKs raise, then the stream ends.

@@ -150,10 +150,8 @@ class AdaptivePolicy(Policy):
             return "priority", f"load {m.load:.2f} >= {load_threshold:g} ({verb})"
         if _reaches(m.queue_per_instance, queue_threshold):
             return "priority", f"queue/instance {m.queue_per_instance:.1f} >= {queue_threshold:g} ({verb})"
-        return (
-            "fifo",
-            f"load {m.load:.2f} < {load_threshold:g} and queue/instance {m.queue_per_instance:.1f} < {queue_threshold:g}",
-        )
+        calm = f"load {m.load:.2f} < {load_threshold:g}"
+        return "fifo", f"{calm} and queue/instance {m.queue_per_instance:.1f} < {queue_threshold:g}"
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
         m = self.measure(now, queue, instances)

@@ -11,13 +11,14 @@ Starvation bound (what the property tests check). A request of priority ``p`` th
 ``t0`` has effective class 0 at every call with ``now >= t0 + p * aging_interval_s``. From then on
 the only requests ranked ahead of it are ones that arrived before it (ties broken by id): requests
 arriving later rank behind it whatever their class, so a steady stream of higher-priority arrivals
-can no longer pass it. Hence it is placed no later than the first call at or after ``t0 + p * aging_interval_s``
-at which its compatible instances have a free slot left after the queued requests that arrived
-before it have taken theirs. Behind a stream of higher-priority arrivals with no earlier backlog,
-on an instance that frees a slot between calls, it is placed no later than the first call at or
-after ``t0 + p * aging_interval_s``, i.e. it waits at most ``p * aging_interval_s`` plus one call
-interval. (Against a stream of class ``q > 0`` it gets through sooner, after ``(p - q)`` intervals,
-when it ties the stream's class and wins on arrival.)
+can no longer pass it. Hence it is placed no later than the first call at or after
+``t0 + p * aging_interval_s`` at which its compatible instances have a free slot left after the
+queued requests that arrived before it have taken theirs. Behind a stream of higher-priority
+arrivals with no earlier backlog, on an instance that frees a slot between calls, it is placed no
+later than the first call at or after ``t0 + p * aging_interval_s``, i.e. it waits at most
+``p * aging_interval_s`` plus one call interval; each request that arrived before it and still
+waits adds at most one slot's turn. (Against a stream of class ``q > 0`` it gets through sooner,
+after ``(p - q)`` intervals, when it ties the stream's class and wins on arrival.)
 
 Placement. Urgent work (effective class ``<= urgent_max_priority``) goes to the compatible instance
 with the lowest predicted wait (`LoadLedger.predicted_wait_s`, which counts this call's own

@@ -14,7 +14,8 @@ that could serve it. The queue is ranked:
 2. requests without an SLO, in arrival order;
 3. requests whose SLO can no longer be met on any healthy instance (best slack < 0), in arrival
    order, so they never block work that can still succeed. With ``shed_unattainable`` they are
-   rejected instead (`RejectCode.SLO_UNATTAINABLE`), freeing capacity for the rest.
+   rejected instead (`RejectCode.SLO_UNATTAINABLE`), freeing capacity for the rest; one that is
+   unattainable on every free instance but not on a full one waits for a slot there instead.
 
 Each request goes to the candidate with the most slack (i.e. the lowest predicted TTFT or
 completion time for the objective that binds); requests without an SLO to the one with the

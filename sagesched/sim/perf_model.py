@@ -20,7 +20,6 @@ traffic (weights + activations), plus a per-batch and a per-input overhead.
 from __future__ import annotations
 
 import logging
-import math
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +98,9 @@ def _load_pair(model: str, hardware: str, kind: str) -> tuple[ModelProfile, Hard
     valid = available_model_profiles(kind)
     if model not in valid:
         what = "an LLM" if kind == "llm" else "an embedding model"
-        raise ValueError(f"unknown {'LLM' if kind == 'llm' else 'embedding'} model {model!r} (need {what}); valid: {valid}")
+        raise ValueError(
+            f"unknown {'LLM' if kind == 'llm' else 'embedding'} model {model!r} (need {what}); valid: {valid}"
+        )
     return load_model(model), load_hardware(hardware)
 
 
@@ -118,10 +119,14 @@ class LLMPerfModel:
     """
 
     __slots__ = (
+        "_ar_latency",
+        "_ar_per_token",
         "_c_decode",
         "_c_prefill",
         "_lm_const",
         "_lm_slope",
+        "_ops",
+        "_overhead",
         "_slopes",
         "_x0",
         "_xs",
@@ -174,7 +179,10 @@ class LLMPerfModel:
         if calibration is not None:
             data = read_calibration_file(calibration)
             cal = parse_calibration(
-                data, LLMCalibration, str(calibration), {"model": model, "hardware": hardware, "tensor_parallel": tensor_parallel}
+                data,
+                LLMCalibration,
+                str(calibration),
+                {"model": model, "hardware": hardware, "tensor_parallel": tensor_parallel},
             )
         return cls(m, hw, tensor_parallel, cal)
 
@@ -182,39 +190,75 @@ class LLMPerfModel:
         value = getattr(self.calibration, name)
         return float(getattr(self.hardware, name) if value is None else value)
 
+    def allreduce_calls(self) -> int:
+        """All-reduce calls per step: after attention and after the MLP of every layer (0 without TP)."""
+        return 2 * self.model.num_layers if self.tensor_parallel > 1 else 0
+
+    def allreduce_hops(self) -> int:
+        """Latency-bound ring steps per step: 2 x (TP - 1) per all-reduce call."""
+        return self.allreduce_calls() * 2 * (self.tensor_parallel - 1)
+
     def _precompute(self) -> None:
         m, hw, tp, cal = self.model, self.hardware, self.tensor_parallel, self.calibration
         b = float(m.dtype_bytes)
-        # Non-attention operators (ms -> s), then the terms linear in the token count, then constants.
-        ops = self.curves.step_curve_ms(m.num_layers).scaled(1e-3 * cal.linear_scale)
-        layers_const = m.num_layers * self._hw("layer_overhead_s") + self._hw("step_overhead_s")
-        ar_const = ar_slope = 0.0
+        # Non-attention operators (ms -> s).
+        self._ops = self.curves.step_curve_ms(m.num_layers).scaled(1e-3 * cal.linear_scale)
+        # Constants per step: CPU/scheduling overhead, per-layer launch gaps, all-reduce latency (per ring step).
+        self._overhead = m.num_layers * self._hw("layer_overhead_s") + self._hw("step_overhead_s")
+        self._ar_latency = self.allreduce_hops() * self._hw("allreduce_latency_s")
+        # All-reduce bandwidth: a ring moves 2 (TP-1)/TP of the hidden-state bytes per token per call.
+        self._ar_per_token = 0.0
         if tp > 1:
-            n_calls = 2 * m.num_layers  # after attention and after the MLP (Megatron-style row-parallel)
             bus = hw.nvlink_bandwidth_bytes_per_s * self._hw("allreduce_efficiency")
-            ar_const = n_calls * self._hw("allreduce_latency_s")
-            ar_slope = n_calls * (m.hidden_size * b * 2.0 * (tp - 1) / tp) / bus  # ring all-reduce per token
-        line = PiecewiseLinear((1.0, 2.0), (ar_const + ar_slope + layers_const, ar_const + 2 * ar_slope + layers_const), ar_slope)
-        total = add_curves([ops, line]).scaled(cal.scale)
+            self._ar_per_token = self.allreduce_calls() * (m.hidden_size * b * 2.0 * (tp - 1) / tp) / bus
+        const = self._overhead + self._ar_latency
+        line = PiecewiseLinear(
+            (1.0, 2.0), (const + self._ar_per_token, const + 2 * self._ar_per_token), self._ar_per_token
+        )
+        total = add_curves([self._ops, line]).scaled(cal.scale)
         self._xs, self._ys = total.xs, total.ys
-        self._slopes = tuple(total._slopes)  # type: ignore[attr-defined]
+        self._slopes = total.slopes
         self._x0, self._y0 = total.xs[0], total.ys[0]
         # LM head: vocab-parallel logits GEMM, one row per sequence in the batch; roofline of weights vs FLOPs.
         lm_params = m.vocab_size * m.hidden_size / tp
         self._lm_const = cal.scale * lm_params * b / (hw.hbm_bandwidth_bytes_per_s * hw.lm_head_bandwidth_efficiency)
         self._lm_slope = cal.scale * 2.0 * lm_params / (hw.peak_bf16_flops * hw.lm_head_flops_efficiency)
         # Attention. Prefill: 4 FLOPs x head_dim per (query, key) pair per head per layer, over peak x efficiency.
-        heads = m.num_heads / tp
-        flops_per_pair = 4.0 * m.head_dim * heads * m.num_layers
+        flops_per_pair = 4.0 * m.head_dim * (m.num_heads / tp) * m.num_layers
         att = cal.scale * cal.attention_scale
         self._c_prefill = att * flops_per_pair / (hw.peak_bf16_flops * self._hw("prefill_attention_efficiency"))
         # Decode: every decoding sequence reads its whole KV cache (this GPU's share of the KV heads) once.
-        kv_heads = max(1.0, m.num_kv_heads / tp)
-        kv_bytes_gpu = m.kv_bytes_per_token * kv_heads / m.num_kv_heads
-        self._c_decode = att * kv_bytes_gpu / (hw.hbm_bandwidth_bytes_per_s * self._hw("decode_attention_efficiency"))
+        bw = hw.hbm_bandwidth_bytes_per_s * self._hw("decode_attention_efficiency")
+        self._c_decode = att * self.kv_bytes_per_token_per_gpu() / bw
+
+    def components(self, batch: BatchShape) -> dict[str, float]:
+        """The step time split into its terms (seconds, calibration applied); they sum to `step_time_s(batch)`.
+
+        For reports and fitting, not the hot path.
+        """
+        p, d, k = batch.prefill_tokens, batch.decode_tokens, batch.num_prefills
+        n = p + d
+        if n <= 0:
+            return {}
+        s = self.calibration.scale
+        rows = d + (k if k > 0 else (1 if p > 0 else 0))
+        ctx = max(batch.prefill_context_tokens, p)
+        return {
+            "operators": s * self._ops(n),
+            "allreduce_latency": s * self._ar_latency,
+            "allreduce_bandwidth": s * self._ar_per_token * max(n, 1.0),
+            "lm_head": max(self._lm_const, self._lm_slope * rows),
+            "prefill_attention": self._c_prefill * (p * ctx - 0.5 * p * p) / max(k, 1) if p > 0 else 0.0,
+            "decode_attention": self._c_decode * batch.decode_context_tokens,
+            "overhead": s * self._overhead,
+        }
 
     def step_time_s(self, batch: BatchShape) -> float:
-        """Seconds one engine step with this composition takes (0 for an empty batch)."""
+        """Seconds one engine step with this composition takes (0 for an empty batch).
+
+        Guarantees the simulator relies on: non-decreasing in every field, and, for fixed token counts,
+        exactly affine in `decode_context_tokens` (so a run of decode-only steps sums in closed form).
+        """
         p = batch.prefill_tokens
         d = batch.decode_tokens
         n = p + d
@@ -256,7 +300,11 @@ class LLMPerfModel:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         free = self.hardware.memory_bytes * gpu_memory_utilization - self.weight_bytes_per_gpu()
         if free <= 0:
-            need = [t for t in valid_tensor_parallel(self.model) if self.model.weight_bytes / t < self.hardware.memory_bytes * gpu_memory_utilization]
+            need = [
+                t
+                for t in valid_tensor_parallel(self.model)
+                if self.model.weight_bytes / t < self.hardware.memory_bytes * gpu_memory_utilization
+            ]
             raise ValueError(
                 f"{self.model.name} weights ({self.weight_bytes_per_gpu() / 1e9:.1f} GB per GPU) do not fit in "
                 f"{gpu_memory_utilization:.0%} of a {self.hardware.name}; use a larger tensor_parallel (fits: {need}) "
@@ -331,8 +379,14 @@ class EmbeddingPerfModel:
         cal = EmbeddingCalibration()
         if calibration is not None:
             data = read_calibration_file(calibration)
-            cal = parse_calibration(data, EmbeddingCalibration, str(calibration), {"model": model, "hardware": hardware})
+            cal = parse_calibration(
+                data, EmbeddingCalibration, str(calibration), {"model": model, "hardware": hardware}
+            )
         return cls(m, hw, cal)
+
+    def flops(self, total_tokens: int, max_input_tokens: int) -> float:
+        """Encoder FLOPs of a batch: dense layers on every token plus attention up to the longest input."""
+        return total_tokens * (self._dense_flops + self._attn_flops * max_input_tokens)
 
     def batch_time_s(self, num_inputs: int, total_tokens: int, max_input_tokens: int) -> float:
         """Seconds one batch of `num_inputs` inputs, `total_tokens` tokens in all, the longest `max_input_tokens`, takes."""
@@ -350,9 +404,3 @@ class EmbeddingPerfModel:
 
     def __repr__(self) -> str:
         return f"EmbeddingPerfModel({self.model.name!r}, {self.hardware.name!r}, tokens_per_s={self.tokens_per_s:.4g})"
-
-
-def _ensure_finite(value: float, what: str) -> float:
-    if not math.isfinite(value):
-        raise ValueError(f"{what} is not finite: {value}")
-    return value

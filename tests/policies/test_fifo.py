@@ -10,7 +10,11 @@ from sagesched.policies.fifo import FifoPolicy
 
 
 def test_arrival_order_decides_who_gets_the_only_slot(make_request, make_view, check_decisions):
-    queue = [make_request("late", arrival_s=3.0), make_request("first", arrival_s=1.0), make_request("mid", arrival_s=2.0)]
+    queue = [
+        make_request("late", arrival_s=3.0),
+        make_request("first", arrival_s=1.0),
+        make_request("mid", arrival_s=2.0),
+    ]
     instances = [make_view("a", max_inflight=1)]
     decisions = FifoPolicy().schedule(5.0, queue, instances)
     assigned, rejected = check_decisions(decisions, queue, instances)
@@ -38,7 +42,11 @@ def test_model_and_kind_match(make_request, make_view, check_decisions):
         make_request("emb", kind="embedding", model="E"),
         make_request("chat-a", model="A"),
     ]
-    instances = [make_view("llm-a", models=["A"]), make_view("llm-b", models=["B"]), make_view("tei", "embedding", ["E"])]
+    instances = [
+        make_view("llm-a", models=["A"]),
+        make_view("llm-b", models=["B"]),
+        make_view("tei", "embedding", ["E"]),
+    ]
     decisions = FifoPolicy().schedule(0.0, queue, instances)
     check_decisions(decisions, queue, instances)
     placed = {d.request_ids[0]: d.instance_id for d in decisions}

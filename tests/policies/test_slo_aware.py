@@ -47,7 +47,10 @@ def test_placed_where_predicted_ttft_is_lowest(make_request, make_view):
 
 
 def test_e2e_slo_weighs_decode_speed(make_request, make_view):
-    instances = [make_view("fast-prefill", prefill_tokens_per_s=100_000, decode_step_s=0.05), make_view("fast-decode", decode_step_s=0.01)]
+    instances = [
+        make_view("fast-prefill", prefill_tokens_per_s=100_000, decode_step_s=0.05),
+        make_view("fast-decode", decode_step_s=0.01),
+    ]
     (d,) = SloAwarePolicy().schedule(0.0, [make_request("r", max_tokens=200, e2e_ms=20_000)], instances)
     assert d.instance_id == "fast-decode"
 
@@ -95,12 +98,18 @@ def test_shedding_keeps_what_a_busy_instance_could_still_make(make_request, make
 
 def test_all_compatible_down_keeps_queued_even_when_shedding(make_request, make_view):
     instances = [make_view("a", healthy=False), make_view("b", models=["B"])]
-    assert SloAwarePolicy(shed_unattainable=True).schedule(5.0, [make_request("r", ttft_ms=1, arrival_s=0)], instances) == []
+    assert (
+        SloAwarePolicy(shed_unattainable=True).schedule(5.0, [make_request("r", ttft_ms=1, arrival_s=0)], instances)
+        == []
+    )
 
 
 def test_one_call_spreads_and_respects_model_kind_capacity(make_request, make_view, check_decisions):
     queue = [make_request(f"r{i}", ttft_ms=1000 + i, arrival_s=i * 0.01) for i in range(8)]
-    queue += [make_request("e", kind="embedding", model="E", ttft_ms=50, arrival_s=0.09), make_request("b", model="B", e2e_ms=10_000)]
+    queue += [
+        make_request("e", kind="embedding", model="E", ttft_ms=50, arrival_s=0.09),
+        make_request("b", model="B", e2e_ms=10_000),
+    ]
     instances = [
         make_view("a1"),
         make_view("a2"),

@@ -24,7 +24,10 @@ class Pacer:
         self.engine_now = 0.0
 
     def sync_after_idle(self) -> float:
-        """Bring the engine clock up to the wall clock after an idle spell; return engine now."""
+        """Bring the engine clock up to the wall clock after an idle spell; return engine now.
+
+        Called when work arrives at an idle engine, so that the next step is timed from now.
+        """
         if self.time_scale > 0:
             wall = time.monotonic()
             self.engine_now = max(self.engine_now, (wall - self._t0) / self.time_scale)
@@ -37,7 +40,8 @@ class Pacer:
         if self.time_scale == 0:
             await asyncio.sleep(0)
             return self.engine_now
-        wall = time.monotonic()
-        self._deadline = max(self._deadline, wall) + engine_seconds * self.time_scale
-        await asyncio.sleep(max(0.0, self._deadline - wall))
+        # Deadlines chain from the previous one, not from "now": a late wake-up (timer granularity,
+        # a busy CPU) shortens the next sleep instead of shifting every later token.
+        self._deadline += engine_seconds * self.time_scale
+        await asyncio.sleep(max(0.0, self._deadline - time.monotonic()))
         return self.engine_now

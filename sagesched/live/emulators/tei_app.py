@@ -19,7 +19,7 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.applications import Starlette
@@ -31,7 +31,8 @@ from sagesched.live.emulators import text as tx
 from sagesched.live.emulators.http import new_id
 from sagesched.live.emulators.pacer import Pacer
 from sagesched.live.emulators.promtext import Registry
-from sagesched.sim.engines import EngineRejected, EngineRequest, TeiEngineConfig, TeiEngineCore
+from sagesched.sim.config import TeiEngineConfig
+from sagesched.sim.engines import EngineRejected, EngineRequest, TeiBatch, TeiEngineCore
 from sagesched.sim.perf_model import EmbeddingPerfModel
 
 logger = logging.getLogger(__name__)
@@ -55,17 +56,19 @@ class TeiEmulatorConfig:
 
     model / hardware: embedding performance-model keys (`bge-base`, `bge-m3`, `all-minilm-l6-v2`; `a100`, `h100`).
     served_model_name: the model id clients see (defaults to `model`).
-    embedding_dim: vector length (defaults to the model profile's).
-    max_input_length: tokens per input; longer inputs are truncated if `truncate`, else 413.
+    embedding_dim: vector length; None = the model profile's.
+    max_input_length: tokens per input; longer inputs are truncated if `truncate`, else 413; None = the model's.
     time_scale: wall seconds per engine second; 0 answers at once.
+    calibration: passed to `EmbeddingPerfModel.load`.
     """
 
     model: str = "bge-base"
     hardware: str = "a100"
     served_model_name: str | None = None
-    embedding_dim: int = 768
-    max_input_length: int = 512
+    embedding_dim: int | None = None
+    max_input_length: int | None = None
     time_scale: float = 1.0
+    calibration: str | None = None
 
     @property
     def name(self) -> str:
@@ -109,21 +112,15 @@ class TeiEngineLoop:
 
     @property
     def queue_size(self) -> int:
-        return len(self._pending) - self.current_batch_size if self._pending else 0
+        """Inputs waiting for a batch (TEI queues inputs, not calls)."""
+        return int(self.core.queue_size)
 
     def submit(self, request_id: str, inputs: list[tuple[str, int]]) -> _Pending:
         """Admit one call (all its inputs) or raise TeiError 429/413 as the core decides."""
-        tokens = [t for _, t in inputs]
-        now = self.pacer.sync_after_idle() if not self._pending else self.pacer.engine_now
-        engine_request = EngineRequest(
-            id=request_id,
-            prompt_tokens=sum(tokens),
-            max_tokens=0,
-            arrival_s=now,
-            embedding_inputs=len(inputs),
-            embedding_tokens=sum(tokens),
-            max_input_tokens=max(tokens),
-        )
+        if not self._pending:
+            self.pacer.sync_after_idle()
+        tokens = tuple(t for _, t in inputs)
+        engine_request = EngineRequest(id=request_id, prompt_tokens=sum(tokens), input_tokens=tokens)
         try:
             self.core.submit(engine_request)
         except EngineRejected as exc:
@@ -134,6 +131,15 @@ class TeiEngineLoop:
         self._wakeup.set()
         return pending
 
+    def _start(self, batch: TeiBatch) -> None:
+        self.current_batch_size = batch.num_inputs
+        self.current_batch_tokens = batch.total_tokens
+        wall = time.monotonic()
+        for call, _ in batch.entries:
+            pending = self._pending.get(call.id)
+            if pending is not None and pending.started_wall is None:
+                pending.started_wall = wall
+
     async def _run(self) -> None:
         while True:
             batch = self.core.next_batch()
@@ -143,20 +149,13 @@ class TeiEngineLoop:
                 await self._wakeup.wait()
                 self.pacer.sync_after_idle()
                 continue
-            ids = [getattr(item, "id", item) for item in batch]
-            self.current_batch_size = len(ids)
-            self.current_batch_tokens = sum(int(getattr(item, "embedding_tokens", 0)) for item in batch)
-            wall = time.monotonic()
-            for request_id in ids:
-                if request_id in self._pending:
-                    self._pending[request_id].started_wall = wall
+            self._start(batch)
             duration = float(self.core.batch_time_s(batch))
             await self.pacer.advance(duration)
-            done = self.core.finish_batch(batch)
+            finished = self.core.finish_batch(batch)
             self.batches += 1
             for hook in self.on_batch:
-                hook(len(ids), self.current_batch_tokens, duration)
-            finished = ids if done is None else [getattr(item, "id", item) for item in done]
+                hook(batch.num_inputs, batch.total_tokens, duration)
             for request_id in finished:
                 pending = self._pending.pop(request_id, None)
                 if pending is not None and not pending.future.done():
@@ -167,7 +166,11 @@ class TeiEmulator:
     """The app's state and handlers."""
 
     def __init__(self, config: TeiEmulatorConfig, loop: TeiEngineLoop, limits: dict[str, int]) -> None:
+        if config.embedding_dim is None or config.max_input_length is None:
+            raise ValueError("resolve embedding_dim and max_input_length first (build_tei_app does)")
         self.config = config
+        self.embedding_dim: int = config.embedding_dim
+        self.max_input_length: int = config.max_input_length
         self.loop = loop
         self.limits = limits
         self.metrics = Registry()
@@ -176,15 +179,15 @@ class TeiEmulator:
         self.request_success = m.counter("te_request_success", "Embedding requests served.")
         self.request_failure = m.counter("te_request_failure", "Embedding requests refused or failed.")
         self.embed_count = m.counter("te_embed_count", "Inputs embedded.")
-        m.gauge("te_queue_size", "Requests queued for a batch.", lambda: loop.queue_size)
-        m.gauge("te_batch_current_size", "Inputs... requests in the batch now running.", lambda: loop.current_batch_size)
+        m.gauge("te_queue_size", "Inputs queued for a batch.", lambda: loop.queue_size)
+        m.gauge("te_batch_current_size", "Inputs in the batch now running.", lambda: loop.current_batch_size)
         m.gauge("te_batch_current_max_tokens", "Tokens in the batch now running.", lambda: loop.current_batch_tokens)
         m.counter("te_batch_count", "Batches executed.", lambda: loop.batches)
         self.request_duration = m.histogram("te_request_duration", "Request duration (s).", DURATION_BUCKETS)
         self.queue_duration = m.histogram("te_request_queue_duration", "Time queued (s).", DURATION_BUCKETS)
         self.inference_duration = m.histogram("te_request_inference_duration", "Inference time (s).", DURATION_BUCKETS)
         self.input_length = m.histogram("te_request_input_length", "Tokens per input.", TOKEN_BUCKETS)
-        self.batch_size = m.histogram("te_batch_next_size", "Requests per batch.", SIZE_BUCKETS)
+        self.batch_size = m.histogram("te_batch_next_size", "Inputs per batch.", SIZE_BUCKETS)
         self.batch_tokens = m.histogram("te_batch_next_tokens", "Tokens per batch.", TOKEN_BUCKETS)
         self.batch_duration = m.histogram("te_batch_inference_duration", "Batch inference time (s).", DURATION_BUCKETS)
         loop.on_batch.append(self._observe_batch)
@@ -203,7 +206,7 @@ class TeiEmulator:
                 raise TeiError(422, str(exc), "Tokenizer") from None
             if any(tokens == 0 for _, tokens in inputs):
                 raise TeiError(400, "`inputs` cannot be empty", "Empty")
-            limit = self.config.max_input_length
+            limit = self.max_input_length
             if any(tokens > limit for _, tokens in inputs):
                 if not truncate:
                     longest = max(tokens for _, tokens in inputs)
@@ -223,7 +226,7 @@ class TeiEmulator:
         self.inference_duration.observe(end - started)
         for _, tokens in inputs:
             self.input_length.observe(tokens)
-        return [tx.embed_text(key, self.config.embedding_dim) for key, _ in inputs]
+        return [tx.embed_text(key, self.embedding_dim) for key, _ in inputs]
 
     @staticmethod
     def _resize(vector: list[float], dimensions: int | None, normalize: bool) -> list[float]:
@@ -239,8 +242,8 @@ class TeiEmulator:
     def _dimensions(self, value: Any) -> int | None:
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.config.embedding_dim:
-            raise TeiError(400, f"dimensions must be an integer in 1..{self.config.embedding_dim}", "Validation")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.embedding_dim:
+            raise TeiError(400, f"dimensions must be an integer in 1..{self.embedding_dim}", "Validation")
         return value
 
     async def embed(self, request: Request) -> Response:
@@ -291,7 +294,7 @@ class TeiEmulator:
                 "model_sha": None,
                 "model_dtype": "float16",
                 "model_type": {"embedding": {"pooling": "cls"}},
-                "max_input_length": self.config.max_input_length,
+                "max_input_length": self.max_input_length,
                 "tokenization_workers": 1,
                 "version": "sagesched-emulator",
                 "auto_truncate": False,
@@ -319,8 +322,14 @@ async def _json(request: Request) -> dict[str, Any]:
 def build_tei_app(config: TeiEmulatorConfig, **engine_config: Any) -> Starlette:
     """A Starlette app emulating TEI; `engine_config` goes to `TeiEngineConfig`
     (max_batch_tokens, max_concurrent_requests, max_client_batch_size, ...)."""
-    perf = EmbeddingPerfModel.load(config.model, config.hardware)
-    core_config = TeiEngineConfig(**engine_config)
+    perf = EmbeddingPerfModel.load(config.model, config.hardware, config.calibration)
+    profile = perf.model
+    config = replace(
+        config,
+        embedding_dim=config.embedding_dim or int(profile.embedding_dim or profile.hidden_size),
+        max_input_length=config.max_input_length or int(profile.max_position_embeddings),
+    )
+    core_config = TeiEngineConfig.from_dict(engine_config)
     loop = TeiEngineLoop(TeiEngineCore(core_config, perf), time_scale=config.time_scale)
     limits = {
         name: int(getattr(core_config, name))

@@ -18,7 +18,7 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.applications import Starlette
@@ -30,6 +30,8 @@ from sagesched.live.emulators import text as tx
 from sagesched.live.emulators.http import HttpError, error_response, int_field, json_body, new_id, sse
 from sagesched.live.emulators.promtext import Registry
 from sagesched.live.emulators.vllm_loop import RequestHandle, VllmEngineLoop
+from sagesched.sim.engines import EngineRejected
+from sagesched.sim.perf_model import LLMPerfModel
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,6 @@ logger = logging.getLogger(__name__)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0)
-EMBEDDING_DIMS = {"bge-base": 768, "bge-m3": 1024, "all-minilm-l6-v2": 384}
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,10 @@ class VllmEmulatorConfig:
 
     model / hardware: performance-model keys (`sagesched.sim.perf_model.available_models()`).
     served_model_name: the name clients send in `model` (defaults to `model`).
-    max_model_len: longest prompt + output accepted (vLLM returns 400 past it).
+    max_model_len: longest prompt + output accepted (vLLM returns 400 past it); None = the model's.
     time_scale: wall seconds per engine second; 0 answers at once (a zero-latency backend).
-    embedding_dim: vector length returned by `/v1/embeddings`.
+    embedding_dim: vector length returned by `/v1/embeddings`; None = the model's hidden size.
+    tensor_parallel / calibration: passed to `LLMPerfModel.load`.
     legacy_metrics: also export pre-v1 metric names (`vllm:gpu_cache_usage_perc`, ...).
     default_max_tokens: completions' `max_tokens` when absent (OpenAI's default is 16).
     """
@@ -56,12 +58,13 @@ class VllmEmulatorConfig:
     model: str = "llama-2-7b"
     hardware: str = "a100"
     served_model_name: str | None = None
-    max_model_len: int = 4096
+    max_model_len: int | None = None
     time_scale: float = 1.0
-    embedding_dim: int = 4096
+    embedding_dim: int | None = None
     legacy_metrics: bool = True
     default_max_tokens: int = 16
-    block_size: int = 16
+    tensor_parallel: int = 1
+    calibration: str | None = None
 
     @property
     def name(self) -> str:
@@ -72,28 +75,34 @@ class VllmEmulator:
     """The app's state: the engine loop, the metrics registry and the request handlers."""
 
     def __init__(self, config: VllmEmulatorConfig, loop: VllmEngineLoop) -> None:
+        if config.max_model_len is None or config.embedding_dim is None:
+            raise ValueError("resolve max_model_len and embedding_dim first (build_vllm_app does)")
         self.config = config
         self.loop = loop
+        self.max_model_len: int = config.max_model_len
+        self.embedding_dim: int = config.embedding_dim
+        # Prompts are hashed in blocks of the size the core's prefix cache keys on.
+        self.hash_block_tokens = int(loop.core.config.prefix_hash_block_tokens)
         self.started = int(time.time())
         self.metrics = Registry({"model_name": config.name, "engine": "0"})
         self._register_metrics()
 
     # -- metrics -----------------------------------------------------------------------------------
     def _register_metrics(self) -> None:
-        m, loop, core = self.metrics, self.loop, self.loop.core
+        m, loop = self.metrics, self.loop
         m.gauge("vllm:num_requests_running", "Requests in model execution batches.", lambda: loop.num_running)
         m.gauge("vllm:num_requests_waiting", "Requests waiting to be processed.", lambda: loop.num_waiting)
         m.gauge("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.", lambda: loop.kv_usage)
-        m.counter("vllm:prefix_cache_queries_total", "Prefix-cache queries, in tokens.", lambda: core.prefix_cache_queries)
-        m.counter("vllm:prefix_cache_hits_total", "Prefix-cache hits, in tokens.", lambda: core.prefix_cache_hits)
-        m.counter("vllm:num_preemptions_total", "Cumulative preemptions.", lambda: core.num_preemptions)
+        m.counter("vllm:prefix_cache_queries_total", "Prefix-cache queries, in tokens.", lambda: loop.prefix_cache_queries_tokens)
+        m.counter("vllm:prefix_cache_hits_total", "Prefix-cache hits, in tokens.", lambda: loop.prefix_cache_hits_tokens)
+        m.counter("vllm:num_preemptions_total", "Cumulative preemptions.", lambda: loop.preemptions)
         m.counter("vllm:prompt_tokens_total", "Prefill tokens processed.", lambda: loop.stats.prompt_tokens)
         m.counter("vllm:generation_tokens_total", "Generation tokens processed.", lambda: loop.stats.generation_tokens)
         m.counter("vllm:request_success_total", "Successfully processed requests.")
         if self.config.legacy_metrics:
             m.gauge("vllm:gpu_cache_usage_perc", "KV-cache usage (pre-v1 name).", lambda: loop.kv_usage)
-            m.counter("vllm:gpu_prefix_cache_queries_total", "Prefix-cache queries (pre-v1 name).", lambda: core.prefix_cache_queries)
-            m.counter("vllm:gpu_prefix_cache_hits_total", "Prefix-cache hits (pre-v1 name).", lambda: core.prefix_cache_hits)
+            m.counter("vllm:gpu_prefix_cache_queries_total", "Prefix-cache queries (pre-v1 name).", lambda: loop.prefix_cache_queries_tokens)
+            m.counter("vllm:gpu_prefix_cache_hits_total", "Prefix-cache hits (pre-v1 name).", lambda: loop.prefix_cache_hits_tokens)
         self.ttft = m.histogram("vllm:time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
         self.itl = m.histogram("vllm:inter_token_latency_seconds", "Inter-token latency.", ITL_BUCKETS)
         self.tpot = m.histogram("vllm:time_per_output_token_seconds", "Time per output token.", ITL_BUCKETS)
@@ -126,11 +135,11 @@ class VllmEmulator:
         if max_tokens is None:
             max_tokens = int_field(body, "max_tokens", default_max, minimum=1)
         if max_tokens is None:  # chat default: whatever room the context leaves
-            max_tokens = max(1, self.config.max_model_len - prompt_tokens)
-        if prompt_tokens + max_tokens > self.config.max_model_len:
+            max_tokens = max(1, self.max_model_len - prompt_tokens)
+        if prompt_tokens + max_tokens > self.max_model_len:
             raise HttpError(
                 400,
-                f"This model's maximum context length is {self.config.max_model_len} tokens. However, you requested "
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). "
                 "Please reduce the length of the messages or completion.",
                 param="max_tokens",
@@ -180,13 +189,16 @@ class VllmEmulator:
         priority = body.get("priority", 0)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise HttpError(400, "priority must be an integer (smaller is served first)", param="priority")
-        return self.loop.submit(
-            new_id("req"),
-            prompt_tokens,
-            max_tokens,
-            prefix_hashes=tx.prefix_hashes(prompt, self.config.block_size),
-            priority=priority,
-        )
+        try:
+            return self.loop.submit(
+                new_id("req"),
+                prompt_tokens,
+                max_tokens,
+                prefix_hashes=tx.prefix_hashes(prompt, self.hash_block_tokens),
+                priority=priority,
+            )
+        except EngineRejected as exc:
+            raise HttpError(exc.status, exc.reason) from None
 
     @staticmethod
     def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -297,27 +309,28 @@ class VllmEmulator:
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
             raise HttpError(400, f"encoding_format {encoding!r} is not one of 'float', 'base64'", param="encoding_format")
-        dim = int_field(body, "dimensions", self.config.embedding_dim, minimum=1) or self.config.embedding_dim
-        if dim > self.config.embedding_dim:
-            raise HttpError(400, f"dimensions must be <= {self.config.embedding_dim}", param="dimensions")
+        dim = int_field(body, "dimensions", self.embedding_dim, minimum=1) or self.embedding_dim
+        if dim > self.embedding_dim:
+            raise HttpError(400, f"dimensions must be <= {self.embedding_dim}", param="dimensions")
         for _, tokens in inputs:
-            if tokens > self.config.max_model_len:
-                raise HttpError(400, f"an input has {tokens} tokens; the limit is {self.config.max_model_len}", param="input")
+            if tokens > self.max_model_len:
+                raise HttpError(400, f"an input has {tokens} tokens; the limit is {self.max_model_len}", param="input")
         # A pooling pass is a prefill: one engine request per input, finished at its first token.
-        handles = [
-            self.loop.submit(new_id("embd"), max(1, tokens), 1, prefix_hashes=tx.prefix_hashes(key, self.config.block_size))
-            for key, tokens in inputs
-        ]
+        handles: list[RequestHandle] = []
         try:
+            for _, tokens in inputs:
+                handles.append(self.loop.submit(new_id("embd"), max(1, tokens), 0, pooling=True))
             await asyncio.gather(*(self._drain(h) for h in handles))
+        except EngineRejected as exc:
+            raise HttpError(exc.status, exc.reason) from None
         finally:
             for h in handles:
                 if not h.done:
                     self.loop.abort(h.id)
         data = []
         for index, (key, _) in enumerate(inputs):
-            vector = tx.embed_text(key, self.config.embedding_dim)[:dim]
-            if dim < self.config.embedding_dim:  # Matryoshka-style truncation is renormalised
+            vector = tx.embed_text(key, self.embedding_dim)[:dim]
+            if dim < self.embedding_dim:  # Matryoshka-style truncation is renormalised
                 norm = sum(v * v for v in vector) ** 0.5
                 vector = [v / norm for v in vector]
             value: Any = base64.b64encode(struct.pack(f"<{dim}f", *vector)).decode() if encoding == "base64" else vector
@@ -351,7 +364,7 @@ class VllmEmulator:
             "owned_by": "sagesched-emulator",
             "root": self.config.model,
             "parent": None,
-            "max_model_len": self.config.max_model_len,
+            "max_model_len": self.max_model_len,
         }
         return JSONResponse({"object": "list", "data": [card]})
 
@@ -375,12 +388,22 @@ def _wrap(handler):  # type: ignore[no-untyped-def]
     return endpoint
 
 
-def build_vllm_app(config: VllmEmulatorConfig, **engine_config: object) -> Starlette:
+def build_vllm_app(config: VllmEmulatorConfig, **engine_config: Any) -> Starlette:
     """A Starlette app emulating vLLM; the engine loop starts and stops with the app's lifespan.
 
-    `engine_config` goes to `VllmEngineConfig` (max_num_seqs, max_num_batched_tokens, ...).
+    `engine_config` holds `VllmEngineConfig` fields (max_num_seqs, max_num_batched_tokens,
+    num_gpu_blocks, scheduling_policy, ...). Prefix hashes default to one per KV block
+    (`prefix_hash_block_tokens = block_size`), so prefix caching works at vLLM's granularity.
     """
-    loop = VllmEngineLoop.build(config.model, config.hardware, time_scale=config.time_scale, **engine_config)
+    perf = LLMPerfModel.load(config.model, config.hardware, config.tensor_parallel, config.calibration)
+    profile = perf.model
+    config = replace(
+        config,
+        max_model_len=config.max_model_len or int(profile.max_position_embeddings),
+        embedding_dim=config.embedding_dim or int(profile.hidden_size),
+    )
+    engine_config.setdefault("prefix_hash_block_tokens", engine_config.get("block_size", 16))
+    loop = VllmEngineLoop.build(perf, time_scale=config.time_scale, **engine_config)
     emulator = VllmEmulator(config, loop)
 
     @asynccontextmanager

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 
 from sagesched.live.emulators.pacer import Pacer
-from sagesched.sim.engines import EngineRequest, VllmEngineConfig, VllmEngineCore
-from sagesched.sim.perf_model import LLMPerfModel
+from sagesched.sim.config import VllmEngineConfig
+from sagesched.sim.engines import EngineRequest, StepOutcome, VllmEngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -75,19 +75,9 @@ class VllmEngineLoop:
         self.on_finish: list = []
 
     @classmethod
-    def build(
-        cls,
-        model: str,
-        hardware: str,
-        *,
-        tensor_parallel: int = 1,
-        calibration: str | None = None,
-        time_scale: float = 1.0,
-        **engine_config: object,
-    ) -> VllmEngineLoop:
-        """Load the performance model and build the core from `VllmEngineConfig` keyword fields."""
-        perf = LLMPerfModel.load(model, hardware, tensor_parallel=tensor_parallel, calibration=calibration)
-        config = VllmEngineConfig(**engine_config)  # type: ignore[arg-type]
+    def build(cls, perf: object, time_scale: float = 1.0, **engine_config: object) -> VllmEngineLoop:
+        """A loop over a fresh core; `engine_config` are `VllmEngineConfig` fields (ValueError names unknown ones)."""
+        config = VllmEngineConfig.from_dict(engine_config)
         return cls(VllmEngineCore(config, perf), time_scale=time_scale)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -113,21 +103,29 @@ class VllmEngineLoop:
         *,
         prefix_hashes: tuple[int, ...] = (),
         priority: int = 0,
+        pooling: bool = False,
     ) -> RequestHandle:
-        """Queue a request in the engine; its tokens arrive on `handle.queue`."""
-        handle = RequestHandle(request_id, prompt_tokens, max_tokens)
-        self._handles[request_id] = handle
-        now = self.pacer.sync_after_idle() if not self._busy() else self.pacer.engine_now
+        """Queue a request in the engine; its tokens arrive on `handle.queue`.
+
+        The output length is `max_tokens` (an emulator never samples an end-of-sequence token).
+        `pooling=True` is an embedding pass: prefill only, finished with no token. Raises the core's
+        `EngineRejected(400)` if the request could never fit in the KV cache.
+        """
+        if not self._handles:
+            self.pacer.sync_after_idle()
         self.core.add(
             EngineRequest(
                 id=request_id,
                 prompt_tokens=prompt_tokens,
+                output_tokens=max_tokens,
                 max_tokens=max_tokens,
-                arrival_s=now,
-                prefix_hashes=prefix_hashes,
                 priority=priority,
+                pooling=pooling,
+                prefix_hashes=prefix_hashes,
             )
         )
+        handle = RequestHandle(request_id, prompt_tokens, max_tokens)
+        self._handles[request_id] = handle
         self.stats.prompt_tokens += prompt_tokens
         self._wakeup.set()
         return handle
@@ -156,8 +154,18 @@ class VllmEngineLoop:
     def kv_usage(self) -> float:
         return float(self.core.kv_usage)
 
-    def _busy(self) -> bool:
-        return bool(self._handles)
+    @property
+    def prefix_cache_queries_tokens(self) -> int:
+        """Prefix-cache lookups in tokens (the core counts blocks; vLLM's metric counts tokens)."""
+        return int(self.core.prefix_queries) * int(self.core.bs)
+
+    @property
+    def prefix_cache_hits_tokens(self) -> int:
+        return int(self.core.prefix_hits) * int(self.core.bs)
+
+    @property
+    def preemptions(self) -> int:
+        return int(self.core.preemptions)
 
     # -- the engine --------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -175,10 +183,10 @@ class VllmEngineLoop:
             self.stats.busy_engine_s += duration
             self._dispatch(outcome)
 
-    def _dispatch(self, outcome: object) -> None:
-        tokens: dict[str, int] = dict(outcome.tokens)  # type: ignore[attr-defined]
-        finished = set(outcome.finished)  # type: ignore[attr-defined]
-        for request_id in set(tokens) | finished:
+    def _dispatch(self, outcome: StepOutcome) -> None:
+        tokens = outcome.emitted
+        finished = set(outcome.finished_ids)
+        for request_id in list(tokens) + [f for f in outcome.finished_ids if f not in tokens]:
             handle = self._handles.get(request_id)
             if handle is None:  # aborted while the step ran
                 continue

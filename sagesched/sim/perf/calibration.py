@@ -80,9 +80,7 @@ def read_calibration_file(path: str | Path) -> dict[str, Any]:
 C = TypeVar("C", LLMCalibration, EmbeddingCalibration)
 
 
-def parse_calibration(
-    data: dict[str, Any], cls: type[C], where: str, expect: dict[str, Any]
-) -> C:
+def parse_calibration(data: dict[str, Any], cls: type[C], where: str, expect: dict[str, Any]) -> C:
     """Validate `data` against `cls`'s fields and the metadata in `expect`; return the calibration."""
     valid = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - valid - METADATA_KEYS)

@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from sagesched.sim.perf.piecewise import PiecewiseLinear, add_curves, fit_hinges
-from sagesched.sim.perf.profiles import PROFILES_DIR, HardwareProfile, ModelProfile, load_hardware, load_model
+from sagesched.sim.perf.profiles import (
+    PROFILES_DIR,
+    HardwareProfile,
+    ModelProfile,
+    available_model_profiles,
+    load_hardware,
+    load_model,
+)
 
 VIDUR_DIR: Path = PROFILES_DIR / "vidur"
 
@@ -65,7 +72,9 @@ def read_vidur(file_name: str) -> dict[int, OpTable]:
 @functools.cache
 def fit_vidur(file_name: str) -> dict[int, dict[str, PiecewiseLinear]]:
     """Per TP degree, per operator: a monotone piecewise-linear fit (ms vs tokens) minimising relative error."""
-    return {tp: {op: fit_hinges(t, y, KNOTS) for op, (t, y) in table.items()} for tp, table in read_vidur(file_name).items()}
+    return {
+        tp: {op: fit_hinges(t, y, KNOTS) for op, (t, y) in table.items()} for tp, table in read_vidur(file_name).items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,17 +157,19 @@ def roofline_op_curve(shape: OpShape, hw: HardwareProfile, params: RooflineParam
         return _max_of_lines(floor + mem_a, mem_b, floor, 1e3 * shape.flops_per_token / fl)
     bw = hw.hbm_bandwidth_bytes_per_s * params.elementwise_bandwidth_efficiency
     slope = 1e3 * shape.act_bytes_per_token / bw
-    return PiecewiseLinear((1.0, 2.0), (params.elementwise_floor_ms + slope, params.elementwise_floor_ms + 2 * slope), slope)
+    return PiecewiseLinear(
+        (1.0, 2.0), (params.elementwise_floor_ms + slope, params.elementwise_floor_ms + 2 * slope), slope
+    )
 
 
-def roofline_op_curves(model: ModelProfile, hw: HardwareProfile, tp: int, params: RooflineParams) -> dict[str, PiecewiseLinear]:
+def roofline_op_curves(
+    model: ModelProfile, hw: HardwareProfile, tp: int, params: RooflineParams
+) -> dict[str, PiecewiseLinear]:
     """Every operator's roofline curve (ms vs tokens) for `model` on one of `tp` GPUs of type `hw`."""
     return {op: roofline_op_curve(s, hw, params, op in GEMM_OPS) for op, s in op_shapes(model, tp).items()}
 
 
 def _vidur_files_for(hw_name: str) -> list[tuple[ModelProfile, str]]:
-    from sagesched.sim.perf.profiles import available_model_profiles
-
     out = []
     for name in available_model_profiles():
         m = load_model(name)

@@ -33,8 +33,15 @@ class PiecewiseLinear:
         if any(b <= a for a, b in zip(self.xs, self.xs[1:], strict=False)):
             raise ValueError(f"PiecewiseLinear xs must be strictly increasing, got {self.xs}")
         # Precomputed per-segment slopes, so that evaluation is one bisect and one multiply-add.
-        slopes = [(y1 - y0) / (x1 - x0) for x0, x1, y0, y1 in zip(self.xs, self.xs[1:], self.ys, self.ys[1:], strict=False)]
+        slopes = [
+            (y1 - y0) / (x1 - x0) for x0, x1, y0, y1 in zip(self.xs, self.xs[1:], self.ys, self.ys[1:], strict=False)
+        ]
         object.__setattr__(self, "_slopes", (*slopes, self.tail_slope))
+
+    @property
+    def slopes(self) -> tuple[float, ...]:
+        """Slope of each segment: between xs[i] and xs[i+1], and past xs[-1] (the tail) last."""
+        return self._slopes  # type: ignore[attr-defined]
 
     def __call__(self, x: float) -> float:
         xs = self.xs
@@ -84,6 +91,8 @@ def fit_hinges(x: np.ndarray, y: np.ndarray, knots: Sequence[float], relative: b
     w = 1.0 / np.maximum(y, 1e-12) if relative else np.ones_like(y)
     coef, *_ = np.linalg.lstsq(a * w[:, None], y * w, rcond=None)
     pts = [lo, *ks, hi]
-    vals = [float(coef[0] + coef[1] * p + sum(c * max(0.0, p - k) for c, k in zip(coef[2:], ks, strict=True))) for p in pts]
+    vals = [
+        float(coef[0] + coef[1] * p + sum(c * max(0.0, p - k) for c, k in zip(coef[2:], ks, strict=True))) for p in pts
+    ]
     tail = float(coef[1] + sum(coef[2:]))
     return PiecewiseLinear(tuple(pts), tuple(vals), tail).monotone()

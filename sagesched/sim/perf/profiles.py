@@ -159,7 +159,11 @@ def load_hardware(name: str) -> HardwareProfile:
     emb = data.pop("embedding")
     _check_keys(path, emb, EmbeddingRoofline)
     try:
-        numbers = {k: _number(path, k, v, int if k == "memory_bytes" else float) for k, v in data.items() if k not in ("name", "description")}
+        numbers = {
+            k: _number(path, k, v, int if k == "memory_bytes" else float)
+            for k, v in data.items()
+            if k not in ("name", "description")
+        }
         embedding = EmbeddingRoofline(**{k: _number(path, k, v, float) for k, v in emb.items()})
         return HardwareProfile(embedding=embedding, name=data["name"], description=data["description"], **numbers)
     except (TypeError, KeyError) as exc:

@@ -19,8 +19,6 @@ from functools import lru_cache
 
 import numpy as np
 
-
-
 # -- inter-arrival families matched to a mean and a CV -----------------------------------------
 
 
@@ -98,7 +96,9 @@ def renewal_arrivals(
 
 def _bounded(end_s: float, limit: int | None) -> None:
     if not math.isfinite(end_s) and limit is None:
-        raise ValueError("an unbounded arrival process needs an end time (duration_s) or a request limit (max_requests)")
+        raise ValueError(
+            "an unbounded arrival process needs an end time (duration_s) or a request limit (max_requests)"
+        )
 
 
 def poisson_arrivals(

@@ -33,8 +33,17 @@ from sagesched.sim.workloads.traces import MOONCAKE_BLOCK_TOKENS, RequestTrace, 
 
 log = logging.getLogger(__name__)
 
-_STREAMS = {"arrivals": 1, "lengths": 2, "types": 3, "classes": 4, "tenants": 5, "rag": 6, "embedding": 7,
-            "embedding_stream": 8, "ingest": 9}  # fmt: skip
+_STREAMS = {
+    "arrivals": 1,
+    "lengths": 2,
+    "types": 3,
+    "classes": 4,
+    "tenants": 5,
+    "rag": 6,
+    "embedding": 7,
+    "embedding_stream": 8,
+    "ingest": 9,
+}
 _TYPE_ORDER = (RequestType.LLM_CHAT, RequestType.LLM_GENERATE, RequestType.EMBEDDING)
 
 
@@ -100,7 +109,9 @@ def _primary(config: WorkloadConfig, source: _Source, seed: int) -> _Primary:
         prompts, outputs = trace.prompt_tokens[rows], trace.output_tokens[rows]
         if trace.prefix_hashes is not None:
             hashes = [trace.prefix_hashes[r] for r in rows.tolist()]
-        horizon = (min(end, trace.duration_s) - start) / scale if math.isfinite(end) else (times[-1] if len(times) else 0.0)
+        horizon = (
+            (min(end, trace.duration_s) - start) / scale if math.isfinite(end) else (times[-1] if len(times) else 0.0)
+        )
     else:
         rng = _rng(seed, "arrivals")
         if arrival.process == "trace":  # ServeGen: regenerate arrivals from its windows
@@ -132,9 +143,15 @@ def _primary(config: WorkloadConfig, source: _Source, seed: int) -> _Primary:
         prompts = np.full(len(times), config.lengths.prompt_tokens, dtype=np.int64)
         outputs = np.full(len(times), config.lengths.output_tokens, dtype=np.int64)
         hashes = None
-    return _Primary(ids, np.asarray(times, dtype=np.float64), np.asarray(trace_times, dtype=np.float64),
-                    np.asarray(prompts, dtype=np.int64), np.asarray(outputs, dtype=np.int64), hashes,
-                    float(horizon))  # fmt: skip
+    return _Primary(
+        ids,
+        np.asarray(times, dtype=np.float64),
+        np.asarray(trace_times, dtype=np.float64),
+        np.asarray(prompts, dtype=np.int64),
+        np.asarray(outputs, dtype=np.int64),
+        hashes,
+        float(horizon),
+    )
 
 
 def _synthetic(rng: np.random.Generator, config: WorkloadConfig, start: float, end: float, limit: int | None):
@@ -251,6 +268,12 @@ def build_workload(config: WorkloadConfig | Mapping[str, Any] | None, seed: int)
     source = _Source(config)
     primary = _primary(config, source, seed)
     n = len(primary.times)
+    if n == 0:
+        hint = ""
+        if source.servegen is not None:
+            busy = source.servegen.window_start_s[source.servegen.rate_rps > 0]
+            hint = f"; ServeGen's first busy window starts at start_s={busy[0]:g}" if len(busy) else ""
+        log.warning("workload window [%g s, +%s) has no primary arrivals%s", config.start_s, config.duration_s, hint)
     factory = _Factory(config, source, seed)
 
     fractions = config.mix.fractions()
@@ -272,19 +295,44 @@ def build_workload(config: WorkloadConfig | Mapping[str, Any] | None, seed: int)
         if rtype is RequestType.EMBEDDING:
             inputs, tokens = factory.embedding_tokens(prompts[i], float(primary.trace_times[i]))
             items.append(
-                factory.embedding(rid, t, inputs, tokens, factory.priorities[cls.name], tenant, factory.slos[cls.name],
-                                  {"class": cls.name})  # fmt: skip
+                factory.embedding(
+                    rid,
+                    t,
+                    inputs,
+                    tokens,
+                    factory.priorities[cls.name],
+                    tenant,
+                    factory.slos[cls.name],
+                    {"class": cls.name},
+                )
             )
             continue
         hashes = primary.hashes[i] if primary.hashes is not None else None
         if rtype is RequestType.LLM_CHAT and rag_turn[i]:
             items.append(
-                factory.embedding(f"{rid}-q", t, 1, rag.query_tokens, factory.priorities[cls.name], tenant,
-                                  factory.slos[cls.name], {"class": cls.name, "rag": "query", "rag_pair": rid})  # fmt: skip
+                factory.embedding(
+                    f"{rid}-q",
+                    t,
+                    1,
+                    rag.query_tokens,
+                    factory.priorities[cls.name],
+                    tenant,
+                    factory.slos[cls.name],
+                    {"class": cls.name, "rag": "query", "rag_pair": rid},
+                )
             )
             items.append(
-                factory.llm(rid, rtype, t + rag.delay_s, prompts[i] + rag.context_tokens, outputs[i], cls, tenant,
-                            hashes, {"rag": "answer", "rag_pair": rid})  # fmt: skip
+                factory.llm(
+                    rid,
+                    rtype,
+                    t + rag.delay_s,
+                    prompts[i] + rag.context_tokens,
+                    outputs[i],
+                    cls,
+                    tenant,
+                    hashes,
+                    {"rag": "answer", "rag_pair": rid},
+                )
             )
             continue
         items.append(factory.llm(rid, rtype, t, prompts[i], outputs[i], cls, tenant, hashes, {}))
@@ -301,8 +349,16 @@ def build_workload(config: WorkloadConfig | Mapping[str, Any] | None, seed: int)
             trace_time = config.start_s + t * (config.rate_scale if config.arrival.process == "trace" else 1.0)
             inputs, tokens = factory.embedding_tokens(None, trace_time)
             items.append(
-                factory.embedding(f"embed-{j:06d}", t, inputs, tokens, factory.priorities[cls.name],
-                                  tenant_names[stream_tenants[j]], factory.slos[cls.name], {"class": cls.name})  # fmt: skip
+                factory.embedding(
+                    f"embed-{j:06d}",
+                    t,
+                    inputs,
+                    tokens,
+                    factory.priorities[cls.name],
+                    tenant_names[stream_tenants[j]],
+                    factory.slos[cls.name],
+                    {"class": cls.name},
+                )
             )
     if rag.ingest_rate_rps > 0 and horizon > 0:
         rng = _rng(seed, "ingest")
@@ -311,8 +367,16 @@ def build_workload(config: WorkloadConfig | Mapping[str, Any] | None, seed: int)
         tokens = rag.ingest_inputs * rag.ingest_tokens_per_input
         for j, t in enumerate(ingest.tolist()):
             items.append(
-                factory.embedding(f"ingest-{j:06d}", t, rag.ingest_inputs, tokens, priority, rag.ingest_tenant, SLO(),
-                                  {"class": rag.ingest_class, "rag": "ingest"})  # fmt: skip
+                factory.embedding(
+                    f"ingest-{j:06d}",
+                    t,
+                    rag.ingest_inputs,
+                    tokens,
+                    priority,
+                    rag.ingest_tenant,
+                    SLO(),
+                    {"class": rag.ingest_class, "rag": "ingest"},
+                )
             )
 
     order = sorted(range(len(items)), key=lambda k: items[k].arrival_s)  # stable: ties keep generation order

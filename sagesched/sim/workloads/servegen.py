@@ -137,15 +137,23 @@ def _parse_rates(path: Path):
                 continue
             if len(row) != len(SERVEGEN_COLUMNS):
                 raise TraceFormatError(
-                    path, line, None, f"expected {len(SERVEGEN_COLUMNS)} fields ({','.join(SERVEGEN_COLUMNS)}), got {len(row)}"
+                    path,
+                    line,
+                    None,
+                    f"expected {len(SERVEGEN_COLUMNS)} fields ({','.join(SERVEGEN_COLUMNS)}), got {len(row)}",
                 )
             start = _float_cell(row[0], path, line, "window_start_s")
             if starts and start <= starts[-1]:
-                raise TraceFormatError(path, line, "window_start_s", f"windows must increase; {row[0]} after {starts[-1]:g}")
+                raise TraceFormatError(
+                    path, line, "window_start_s", f"windows must increase; {row[0]} after {starts[-1]:g}"
+                )
             pattern = row[3].strip()
             if pattern and pattern not in SERVEGEN_PATTERNS:
                 raise TraceFormatError(
-                    path, line, "pattern", f"unknown arrival pattern {pattern!r}; use {', '.join(SERVEGEN_PATTERNS)} or empty"
+                    path,
+                    line,
+                    "pattern",
+                    f"unknown arrival pattern {pattern!r}; use {', '.join(SERVEGEN_PATTERNS)} or empty",
                 )
             starts.append(start)
             rates.append(_float_cell(row[1], path, line, "rate_rps"))
@@ -185,7 +193,9 @@ def _parse_pmf(literal: str, path: Path, line: int | None, column: str) -> Lengt
                 raise ValueError
             length, prob = int(key), float(value)
         except ValueError:
-            raise TraceFormatError(path, line, column, f"expected 'length: probability', got {item.strip()[:40]!r}") from None
+            raise TraceFormatError(
+                path, line, column, f"expected 'length: probability', got {item.strip()[:40]!r}"
+            ) from None
         if length < 0 or not (prob >= 0 and math.isfinite(prob)):
             raise TraceFormatError(path, line, column, f"negative or invalid entry {item.strip()[:40]!r}")
         values.append(length)
@@ -220,7 +230,10 @@ def _parse_lengths(path: Path):
             ) from None
         if not isinstance(fields, dict):
             raise TraceFormatError(
-                path, _line_of(text, f'"{key}"'), None, f"window {key}: expected an object with {', '.join(LENGTH_FIELDS)}"
+                path,
+                _line_of(text, f'"{key}"'),
+                None,
+                f"window {key}: expected an object with {', '.join(LENGTH_FIELDS)}",
             )
         pmfs = []
         for name in LENGTH_FIELDS:
@@ -229,7 +242,9 @@ def _parse_lengths(path: Path):
             try:
                 pmfs.append(_parse_pmf(fields[name], path, None, name))
             except TraceFormatError as exc:
-                raise TraceFormatError(path, _field_line(text, key, name), name, f"window {key}: {exc.detail}") from None
+                raise TraceFormatError(
+                    path, _field_line(text, key, name), name, f"window {key}: {exc.detail}"
+                ) from None
         if pmfs[0] is None or pmfs[1] is None:
             continue  # ServeGen's convention: a window without data reuses the previous one
         windows.append((start, pmfs[0], pmfs[1]))
@@ -243,7 +258,9 @@ def lengths_path_for(rates_path: Path) -> Path:
     """ServeGen pairs `<name>-trace.csv` with `<name>-dataset.json` in the same folder."""
     name = rates_path.name
     if not name.endswith("-trace.csv"):
-        raise ValueError(f"a ServeGen rate file must be named '<client>-trace.csv' beside '<client>-dataset.json', got {name!r}")
+        raise ValueError(
+            f"a ServeGen rate file must be named '<client>-trace.csv' beside '<client>-dataset.json', got {name!r}"
+        )
     return rates_path.with_name(name[: -len("-trace.csv")] + "-dataset.json")
 
 

@@ -193,7 +193,9 @@ def parse_azure_csv(path: Path, name: str = "azure") -> RequestTrace:
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
             if len(row) != width:
-                raise TraceFormatError(path, line, None, f"expected {width} fields ({','.join(header)}), got {len(row)}")
+                raise TraceFormatError(
+                    path, line, None, f"expected {width} fields ({','.join(header)}), got {len(row)}"
+                )
             times.append(_parse_azure_time(row[i_time].strip(), path, line))
             prompts.append(_parse_int(row[i_ctx], path, line, "ContextTokens"))
             outputs.append(_parse_int(row[i_gen], path, line, "GeneratedTokens"))

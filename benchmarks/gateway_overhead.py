@@ -1,0 +1,577 @@
+"""How much latency and throughput the gateway costs, against a zero-latency backend.
+
+    python benchmarks/gateway_overhead.py --json            # writes benchmarks/results/gateway_overhead.json
+
+One run starts, as separate processes on 127.0.0.1: a zero-latency OpenAI backend (`sagesched
+emulate vllm --time-scale 0`, or the minimal app at the bottom of this file if the emulator is
+missing), the gateway in front of it (`sagesched inference start`, policy and workers as given),
+and a load generator. The same generator then drives the backend directly and through the gateway:
+
+- open loop at fixed rates: requests leave at their scheduled times whatever the answers do, and
+  latency counts from the scheduled time (so a stalled server cannot hide its queueing);
+- closed loop with 64 concurrent clients, each on its own keep-alive connection: the throughput.
+
+The load generator is a raw-HTTP/1.1 asyncio client (uvloop when installed) that costs a few
+microseconds per request; its own ceiling is measured against a null server that answers from a
+canned buffer, and reported. When `wrk` is installed it also measures the closed-loop throughput
+of both paths as a cross-check (`apt-get install -y wrk`).
+
+Everything shares this machine's cores (2 here, with other work): numbers are for comparison
+within one run. `added_*` are the gateway's latency minus the direct latency at the same rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "gateway_overhead.json"
+MODEL = "llama-2-7b"
+BODY = json.dumps(
+    {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4, "temperature": 0}
+).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+# -- the load generator (runs in its own process) ---------------------------------------------------
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection; parses Content-Length and chunked responses."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[int] | None = None
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("connection lost"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buf[:end]).lower()
+        status = int(head[9:12])
+        match = re.search(rb"\r\ncontent-length: *(\d+)", head)
+        if match:
+            total = end + 4 + int(match.group(1))
+            if len(self.buf) < total:
+                return
+        elif b"transfer-encoding: chunked" in head:
+            tail = self.buf.find(b"\r\n0\r\n\r\n", end)
+            if tail < 0:
+                return
+            total = tail + 7
+        else:
+            total = end + 4
+        del self.buf[:total]
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(status)
+
+    async def request(self, payload: bytes) -> int:
+        self.waiter = asyncio.get_running_loop().create_future()
+        assert self.transport is not None
+        self.transport.write(payload)
+        return await self.waiter
+
+
+def _request_bytes(port: int) -> bytes:
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(BODY)}\r\n\r\n"
+    ).encode() + BODY
+
+
+async def _connect(port: int) -> _Conn:
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(_Conn, "127.0.0.1", port)
+    return conn
+
+
+async def closed_loop(port: int, clients: int, duration_s: float) -> dict[str, Any]:
+    payload = _request_bytes(port)
+    conns = [await _connect(port) for _ in range(clients)]
+    for c in conns:  # warm up every connection (and the server's code paths)
+        await c.request(payload)
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + duration_s
+
+    async def client(conn: _Conn) -> None:
+        nonlocal errors
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                return
+            status = await conn.request(payload)
+            latencies.append(time.perf_counter() - t0)
+            if status != 200:
+                errors += 1
+
+    t_start = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in conns))
+    elapsed = time.perf_counter() - t_start
+    for c in conns:
+        c.transport.close()  # type: ignore[union-attr]
+    ms = [x * 1000 for x in latencies]
+    return {
+        "mode": "closed",
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors,
+        "duration_s": round(elapsed, 3),
+        "rps": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(percentile(ms, 50), 3),
+        "p99_ms": round(percentile(ms, 99), 3),
+    }
+
+
+async def open_loop(port: int, rate: float, duration_s: float) -> dict[str, Any]:
+    """Requests leave at t0 + i/rate; latency counts from that scheduled time, not from the send."""
+    payload = _request_bytes(port)
+    idle = [await _connect(port) for _ in range(32)]
+    for c in idle:
+        await c.request(payload)
+    loop = asyncio.get_running_loop()
+    count = int(rate * duration_s)
+    latencies: list[float] = []
+    service: list[float] = []
+    lateness: list[float] = []
+    errors = 0
+    opened = 0
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(scheduled: float) -> None:
+        nonlocal errors, opened
+        if idle:
+            conn = idle.pop()
+        else:
+            opened += 1
+            conn = await _connect(port)
+        sent = time.perf_counter()
+        lateness.append(sent - scheduled)
+        try:
+            status = await conn.request(payload)
+        except ConnectionError:
+            errors += 1
+            return
+        done = time.perf_counter()
+        latencies.append(done - scheduled)
+        service.append(done - sent)
+        if status != 200:
+            errors += 1
+        if not conn.closed:
+            idle.append(conn)
+
+    t0 = time.perf_counter() + 0.05
+    i = 0
+    while i < count:
+        now = time.perf_counter()
+        while i < count and t0 + i / rate <= now:
+            task = loop.create_task(one(t0 + i / rate))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            i += 1
+        if i < count:
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+    if pending:
+        await asyncio.wait(pending, timeout=30)
+    for c in idle:
+        c.transport.close()  # type: ignore[union-attr]
+    ms = [x * 1000 for x in latencies]
+    svc = [x * 1000 for x in service]
+    return {
+        "mode": "open",
+        "rate": rate,
+        "requests": len(latencies),
+        "errors": errors,
+        "extra_connections": opened,
+        "p50_ms": round(percentile(ms, 50), 3),
+        "p90_ms": round(percentile(ms, 90), 3),
+        "p99_ms": round(percentile(ms, 99), 3),
+        "service_p50_ms": round(percentile(svc, 50), 3),
+        "service_p99_ms": round(percentile(svc, 99), 3),
+        "send_lateness_p99_ms": round(percentile([x * 1000 for x in lateness], 99), 3),
+    }
+
+
+def _install_uvloop() -> str:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        return "uvloop"
+    except ImportError:
+        return "asyncio"
+
+
+def _load_main(args: argparse.Namespace) -> None:
+    loop_name = _install_uvloop()
+    if args.mode == "closed":
+        result = asyncio.run(closed_loop(args.port, args.clients, args.duration))
+    else:
+        result = asyncio.run(open_loop(args.port, args.rate, args.duration))
+    result["loop"] = loop_name
+    print(json.dumps(result))
+
+
+# -- servers used only by the benchmark --------------------------------------------------------------
+
+
+class _NullServer(asyncio.Protocol):
+    """Answers every request with one canned response: the load generator's ceiling."""
+
+    RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.buf = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", bytes(self.buf[:end]))
+            total = end + 4 + (int(match.group(1)) if match else 0)
+            if len(self.buf) < total:
+                return
+            del self.buf[:total]
+            self.transport.write(self.RESPONSE)  # type: ignore[attr-defined]
+
+
+def _null_main(args: argparse.Namespace) -> None:
+    _install_uvloop()
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(_NullServer, "127.0.0.1", args.port, backlog=1024)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def _fallback_backend_main(args: argparse.Namespace) -> None:
+    """A minimal zero-latency OpenAI chat backend, used when `sagesched emulate` is unavailable."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def chat(request: Request) -> JSONResponse:
+        body = await request.json()
+        return JSONResponse(
+            {
+                "id": "cmpl-0",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", MODEL),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5},
+            }
+        )
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/health", health)])
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+# -- orchestration -----------------------------------------------------------------------------------
+
+
+def _wait_http(url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not become healthy within {timeout_s} s")
+
+
+def _wait_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+class Procs:
+    """Child processes, stopped (SIGTERM, then SIGKILL) when the benchmark ends."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[bytes]:
+        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def run_load(port: int, mode: str, *, rate: float = 0, clients: int = 64, duration: float = 5.0) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "_load", "--port", str(port), "--mode", mode, "--duration", str(duration)]
+    cmd += ["--rate", str(rate), "--clients", str(clients)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration * 4 + 60, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+_WRK_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [[{body}]]
+"""
+
+
+def run_wrk(port: int, connections: int, duration: float, script: Path) -> dict[str, Any] | None:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return None
+    cmd = [wrk, "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-s", str(script)]
+    out = subprocess.run([*cmd, f"http://127.0.0.1:{port}/v1/chat/completions"], capture_output=True, text=True, timeout=duration + 60)
+    text = out.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+
+    def latency(q: str) -> float | None:
+        m = re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+        if not m:
+            return None
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+        return round(float(m.group(1)) * scale, 3)
+
+    return {
+        "connections": connections,
+        "threads": 1,
+        "rps": float(rps.group(1)) if rps else None,
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+    }
+
+
+def _start_backend(procs: Procs, port: int, tmp: Path) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    emulate = [sys.executable, "-m", "sagesched.cli", "emulate", "vllm", "--model", MODEL, "--time-scale", "0"]
+    emulate += ["--port", str(port), "--log-level", "warning"]
+    try:
+        import sagesched.live.emulators.cli  # noqa: F401
+
+        proc = procs.start(emulate, env, tmp / "backend.log")
+        try:
+            _wait_http(f"http://127.0.0.1:{port}/health", 60)
+            return "sagesched emulate vllm --time-scale 0"
+        except RuntimeError:
+            proc.kill()
+    except ImportError:
+        pass
+    procs.start([sys.executable, __file__, "_backend", "--port", str(port)], env, tmp / "backend.log")
+    _wait_http(f"http://127.0.0.1:{port}/health", 60)
+    return "minimal Starlette zero-latency app (benchmarks/gateway_overhead.py)"
+
+
+def _start_gateway(procs: Procs, backend_port: int, port: int, tmp: Path, policy: str, workers: int) -> None:
+    config = tmp / "gateway.yaml"
+    config.write_text(
+        f"policy: {policy}\n"
+        f"backends:\n  - {{url: 'http://127.0.0.1:{backend_port}', kind: llm, models: [{MODEL}], max_inflight: 512}}\n"
+        "max_queue: 100000\nlog_level: warning\n"
+    )
+    env = {**os.environ, "SAGESCHED_STATE_DIR": str(tmp / f"state-{port}"), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "sagesched.cli", "inference", "start", "--config", str(config), "--port", str(port)]
+    cmd += ["--workers", str(workers)]
+    procs.start(cmd, env, tmp / f"gateway-{port}.log")
+    _wait_http(f"http://127.0.0.1:{port}/health", 60)
+    # Wait until the backend is marked healthy (first probe) so no request meets an empty pool.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError("gateway never became ready")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help=f"print the result JSON and write {RESULTS.relative_to(ROOT)}")
+    parser.add_argument("--rates", default="200,500,1000", help="open-loop rates (requests/s), comma-separated")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--clients", type=int, default=64, help="closed-loop concurrent clients")
+    parser.add_argument("--policy", default="hybrid", help="gateway policy")
+    parser.add_argument("--workers", default="1", help="gateway worker counts to measure, comma-separated (e.g. 1,2)")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where --json writes the result")
+    args = parser.parse_args(argv)
+    rates = [float(r) for r in args.rates.split(",") if r]
+    worker_counts = [int(w) for w in args.workers.split(",") if w]
+
+    procs = Procs()
+    with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        try:
+            null_port, backend_port = free_port(), free_port()
+            procs.start([sys.executable, __file__, "_null", "--port", str(null_port)])
+            _wait_port(null_port)
+            backend = _start_backend(procs, backend_port, tmp)
+            gateway_ports = {}
+            for w in worker_counts:
+                gateway_ports[w] = free_port()
+                _start_gateway(procs, backend_port, gateway_ports[w], tmp, args.policy, w)
+            script = tmp / "post.lua"
+            script.write_text(_WRK_LUA.format(body=BODY.decode()))
+
+            result: dict[str, Any] = {
+                "benchmark": "gateway_overhead",
+                "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+                "backend": backend,
+                "policy": args.policy,
+                "request": json.loads(BODY),
+                "load_generator": "raw HTTP/1.1 asyncio client in its own process (" + ("uvloop" if _has("uvloop") else "asyncio") + ")",
+                "duration_s": args.duration,
+            }
+            ceiling = run_load(null_port, "closed", clients=args.clients, duration=args.duration)
+            result["load_generator_ceiling"] = {"closed_loop_rps": ceiling["rps"], "p50_ms": ceiling["p50_ms"], "p99_ms": ceiling["p99_ms"]}
+            result["load_generator_floor_open"] = run_load(null_port, "open", rate=rates[0], duration=args.duration)
+
+            g1 = gateway_ports[worker_counts[0]]
+            open_rows = []
+            for rate in rates:
+                direct = run_load(backend_port, "open", rate=rate, duration=args.duration)
+                via = run_load(g1, "open", rate=rate, duration=args.duration)
+                open_rows.append(
+                    {
+                        "rate": rate,
+                        "direct": direct,
+                        "gateway": via,
+                        "added_p50_ms": round(via["p50_ms"] - direct["p50_ms"], 3),
+                        "added_p99_ms": round(via["p99_ms"] - direct["p99_ms"], 3),
+                    }
+                )
+            result["open_loop"] = open_rows
+            direct_closed = run_load(backend_port, "closed", clients=args.clients, duration=args.duration)
+            closed = {"direct": direct_closed}
+            for w, port in gateway_ports.items():
+                closed[f"gateway_workers_{w}"] = run_load(port, "closed", clients=args.clients, duration=args.duration)
+            result["closed_loop"] = closed
+            if shutil.which("wrk"):
+                wrk = {"ceiling_null_server": run_wrk(null_port, args.clients, args.duration, script)}
+                wrk["direct"] = run_wrk(backend_port, args.clients, args.duration, script)
+                for w, port in gateway_ports.items():
+                    wrk[f"gateway_workers_{w}"] = run_wrk(port, args.clients, args.duration, script)
+                result["wrk"] = wrk
+            else:
+                result["wrk"] = "not installed (apt-get install -y wrk)"
+
+            headline = open_rows[0]
+            gw = closed[f"gateway_workers_{worker_counts[0]}"]
+            result.update(
+                added_p50_ms=headline["added_p50_ms"],
+                added_p99_ms=headline["added_p99_ms"],
+                added_at_rate=headline["rate"],
+                gateway_rps=gw["rps"],
+                direct_rps=direct_closed["rps"],
+                ratio=round(gw["rps"] / direct_closed["rps"], 3) if direct_closed["rps"] else None,
+                targets={"added_p50_ms": 1.0, "added_p99_ms": 5.0, "ratio": 0.4},
+            )
+            result["meets_targets"] = bool(
+                result["added_p50_ms"] <= 1.0 and result["added_p99_ms"] <= 5.0 and (result["ratio"] or 0) >= 0.4
+            )
+        finally:
+            procs.stop_all()
+
+    keys = ("added_p50_ms", "added_p99_ms", "gateway_rps", "direct_rps", "ratio")
+    if args.json:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+    else:
+        for key in keys:
+            print(f"{key}: {result[key]}")
+        print(f"load generator ceiling: {result['load_generator_ceiling']['closed_loop_rps']} req/s")
+        for row in open_rows:
+            print(f"open loop {row['rate']:.0f}/s: direct p50 {row['direct']['p50_ms']} ms, gateway p50 {row['gateway']['p50_ms']} ms")
+    return 0
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in {"_load", "_null", "_backend"}:
+        sub = argparse.ArgumentParser()
+        sub.add_argument("role")
+        sub.add_argument("--port", type=int, required=True)
+        sub.add_argument("--mode", default="closed")
+        sub.add_argument("--rate", type=float, default=100)
+        sub.add_argument("--clients", type=int, default=64)
+        sub.add_argument("--duration", type=float, default=5.0)
+        a = sub.parse_args()
+        {"_load": _load_main, "_null": _null_main, "_backend": _fallback_backend_main}[a.role](a)
+        raise SystemExit(0)
+    raise SystemExit(main())

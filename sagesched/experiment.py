@@ -1,0 +1,173 @@
+"""The experiment entry point: `python -m sagesched.experiment policy=hybrid [overrides...]`.
+
+Hydra composes the config tree in `conf/` (groups: policy, cluster, workload, model, sim), this
+module builds the typed configs from it, runs the simulator, and writes into Hydra's run directory:
+`requests.parquet` (one row per request), `timeline.parquet`, `summary.json` and plots. With `-m`
+the same command runs a sweep through whichever Hydra launcher is selected (joblib locally, Ray or
+SLURM on a cluster: see docs/experiments.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("sagesched.experiment")
+
+
+class ExperimentError(ValueError):
+    """A config or input problem; the message names the fix."""
+
+
+def conf_dir() -> Path:
+    """The config tree: inside the package when installed as a wheel, at the repo root in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise ExperimentError(f"sagesched's Hydra config tree (conf/config.yaml) is missing next to {here}; reinstall")
+
+
+def _plain(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def build_policy(policy_cfg: dict[str, Any]):
+    from sagesched.policies import make_policy
+
+    cfg = dict(policy_cfg)
+    name = cfg.pop("name", None)
+    if not name:
+        raise ExperimentError("the policy config has no `name`; choose one with policy=<name>")
+    return make_policy(str(name), **cfg)
+
+
+def run(cfg: Any, out_dir: str | Path, *, progress: bool | None = None) -> dict[str, Any]:
+    """Run one experiment from a composed config; write outputs into `out_dir`; return the summary."""
+    from sagesched.bounds import bound_summary
+    from sagesched.sim import ClusterConfig, SimConfig, simulate
+    from sagesched.sim.workloads import WorkloadConfig, build_workload
+
+    resolved = _plain(cfg)
+    seed = int(resolved.get("seed", 0))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        policy = build_policy(resolved["policy"])
+        workload_dict = dict(resolved["workload"])
+        workload_dict.pop("name", None)  # a report label, not a workload field
+        workload = WorkloadConfig.from_dict(workload_dict)
+        cluster = ClusterConfig.from_dict(resolved["cluster"])
+        sim_dict = dict(resolved.get("sim") or {})
+        if progress is not None:
+            sim_dict["progress"] = progress
+        sim_cfg = SimConfig.from_dict({**sim_dict, "seed": seed})
+    except KeyError as exc:
+        raise ExperimentError(f"config group {exc} is missing; check conf/config.yaml's defaults list") from None
+
+    started = time.perf_counter()
+    requests = build_workload(workload, seed)
+    if not requests:
+        raise ExperimentError("the workload produced no requests; widen workload.duration_s or raise rate_scale")
+    log.info("workload: %d requests over %.0f s (%s)", len(requests), requests[-1].arrival_s, workload.trace)
+    result = simulate(requests, cluster, policy, sim_cfg)
+
+    summary = result.summary()
+    offered_s = max(requests[-1].arrival_s - requests[0].arrival_s, 1e-9)
+    summary.update(
+        policy=policy.name,
+        policy_config=policy.describe(),
+        seed=seed,
+        offered_rps=len(requests) / offered_s,
+        sim_wall_s=result.wall_s,
+        total_wall_s=time.perf_counter() - started,
+        bound=bound_summary(requests, cluster, duration_s=summary.get("duration_s")),
+        config=resolved,
+    )
+    result.records.to_parquet(out / "requests.parquet", index=False)
+    if result.timeline is not None and len(result.timeline):
+        result.timeline.to_parquet(out / "timeline.parquet", index=False)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    from sagesched.plots import plot_run
+
+    plot_run(result.records, result.timeline, out)
+    return summary
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+SUMMARY_TABLE = (
+    ("requests", "requests", "{:d}"),
+    ("completed", "completed", "{:d}"),
+    ("rejected", "rejected", "{:d}"),
+    ("ttft_p50_ms", "TTFT p50 (ms)", "{:.1f}"),
+    ("ttft_p99_ms", "TTFT p99 (ms)", "{:.1f}"),
+    ("tpot_p50_ms", "TPOT p50 (ms)", "{:.1f}"),
+    ("tpot_p99_ms", "TPOT p99 (ms)", "{:.1f}"),
+    ("e2e_p99_ms", "end-to-end p99 (ms)", "{:.1f}"),
+    ("embedding_p99_ms", "embedding p99 (ms)", "{:.1f}"),
+    ("slo_attainment", "SLO attainment", "{:.3f}"),
+    ("goodput_rps", "goodput (req/s)", "{:.2f}"),
+    ("throughput_tokens_per_s", "throughput (tok/s)", "{:.0f}"),
+    ("sim_wall_s", "simulation wall time (s)", "{:.2f}"),
+)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A compact two-column table for the terminal."""
+    rows = [("policy", str(summary.get("policy")))]
+    for key, label, fmt in SUMMARY_TABLE:
+        value = summary.get(key)
+        rows.append((label, "–" if value is None else fmt.format(value)))
+    bound = summary.get("bound") or {}
+    if bound.get("slo_attainment_upper") is not None:
+        rows.append(("SLO attainment bound", f"{bound['slo_attainment_upper']:.3f}"))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)
+
+
+def _hydra_main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
+    def task(cfg) -> float | None:
+        out_dir = HydraConfig.get().runtime.output_dir
+        multirun = HydraConfig.get().mode.name == "MULTIRUN"
+        try:
+            summary = run(cfg, out_dir, progress=None if not multirun else False)
+        except (ValueError, FileNotFoundError) as exc:
+            if multirun:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(format_summary(summary), file=sys.stderr if multirun else sys.stdout)
+        print(f"outputs: {out_dir}", file=sys.stderr if multirun else sys.stdout)
+        return summary.get("goodput_rps")
+
+    task()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point shared by `python -m sagesched.experiment` and `sagesched experiment`."""
+    if argv is not None:
+        sys.argv = ["sagesched experiment", *argv]
+    _hydra_main()
+    return 0
+
+
+if __name__ == "__main__":
+    main()

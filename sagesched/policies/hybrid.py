@@ -1,0 +1,582 @@
+"""Hybrid scheduling: LLM and embedding work on one pool, embeddings merged into real batches.
+
+One call to `HybridPolicy.schedule` does this (docs/policies/hybrid.md has the long form):
+
+1. Reject what can never be served: no instance of a compatible kind serves the model
+   (``no_compatible_instance``), or an embedding request carries more inputs than every compatible
+   instance's ``max_client_batch_size`` (``too_large``). Everything else is split by type.
+2. Decide which type claims shared (``llm_embedding``) capacity first, from ``embedding_priority``:
+   ``high`` embeddings first, ``low`` LLM first, ``normal`` the type whose oldest request arrived
+   first, ``adaptive`` the type under more pressure (sum over its queued requests of wait / target
+   wait, so that both age and queue size count).
+3. With ``prefer_specialized_instances``, LLM work first goes to LLM-only instances through the
+   fallback policy; embedding batches always try embedding-only instances first. Mixed instances
+   absorb only what the specialized ones cannot take.
+4. Claim rounds on mixed instances: first type, second type, first type again. While the other type
+   still has queued work a mixed instance could serve, LLM requests may hold at most
+   ``floor(ratio * max_inflight)`` of its slots and embeddings at most
+   ``floor((1 - ratio) * max_inflight)``; once the other type has nothing left waiting, the
+   remaining slots are free for all (work-conserving). The third round is what hands those slots
+   over within the same call.
+
+Embedding batches are formed per model, in (aged priority, arrival, id) order, bounded by
+``embedding_batch_size`` texts (never above the target's ``max_client_batch_size``),
+``embedding_batch_token_budget`` tokens and the target's free slots (one slot per request, as the
+views count them). A batch is released when it is full, when the oldest request of its model has
+waited ``max_embedding_wait_ms``, or (with ``release_when_idle``) when its target is idle; a batch
+that could still grow is never released below ``min_embedding_batch_size`` texts before the wait
+expires. `next_wakeup` returns the earliest window close among held embeddings.
+
+LLM requests are scheduled by the ``llm_fallback_policy`` (built with `make_policy`) over views that
+already include this call's embedding placements and whose ``max_inflight`` is lowered to the LLM
+share where the ratio applies; its assignments are re-labelled ``hybrid/llm/<fallback>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagesched.core import (
+    Assignment,
+    Decision,
+    InstanceKind,
+    InstanceView,
+    Priority,
+    RejectCode,
+    Rejection,
+    Request,
+    RequestType,
+)
+from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable
+from sagesched.policies.priority import effective_priority
+from sagesched.policies.registry import config_fields, make_policy, register
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_PRIORITIES = ("high", "normal", "low", "adaptive")
+LLM_FALLBACK_POLICIES = ("fifo", "priority", "slo_aware", "adaptive")
+
+EMBEDDING = "embedding"
+LLM = "llm"
+
+RULE_FULL = "hybrid/embedding-batch-full"
+RULE_EXPIRED = "hybrid/embedding-wait-expired"
+RULE_IDLE = "hybrid/embedding-idle"
+RULE_OVERSIZE = "hybrid/embedding-oversize"
+RULE_TOO_LARGE = "hybrid/embedding-too-large"
+
+HOLD_CUT = "cut below min_embedding_batch_size by free slots"
+HOLD_PARTIAL = "partial batch inside its window"
+
+# Slack for float rounding: a wait of exactly the window (in real numbers) counts as expired, and a
+# share of exactly k slots (0.7 * 10) is k, not k - 1.
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class HybridConfig(PolicyConfig):
+    """Configuration of the hybrid policy (the seed's five fields plus the knobs they need).
+
+    embedding_batch_size: most texts (summed ``embedding_inputs``) one merged embedding call may
+        carry. The target instance's ``max_client_batch_size`` caps it further. A single request with
+        more texts goes alone (rule ``hybrid/embedding-oversize``); it is rejected (``too_large``)
+        only if it exceeds every compatible instance's ``max_client_batch_size``.
+    embedding_batch_token_budget: most input tokens one merged call may carry (default 16384,
+        TEI's ``max_batch_tokens``). A single request above it goes alone.
+    min_embedding_batch_size: fewest texts a batch that could still grow is released with before
+        its wait expires (applies to idle release and to batches cut short by the target's free
+        slots). A full batch is always released: waiting cannot make it larger.
+    max_embedding_wait_ms: the batching window. Once the oldest queued embedding request of a model
+        has waited this long, that model's requests are released in batches of whatever size they
+        have. `next_wakeup` reports when the earliest window closes.
+    release_when_idle: release a partial batch of at least ``min_embedding_batch_size`` texts at
+        once when its target instance has nothing in flight (batching only pays while the instance
+        is busy). Off by default: batches then wait for full or expired, as the seed describes.
+    embedding_priority: how embedding batches rank against LLM requests for mixed capacity and in
+        the backend's ``priority_hint``: ``high`` (embeddings claim first, hint 0), ``normal`` (the
+        type whose oldest request arrived first claims first; hint = the batch's best request
+        priority), ``low`` (LLM claims first, hint 4) or ``adaptive`` (the type with the larger
+        queue pressure claims first; leading embeddings get hint 0, trailing ones their priority).
+    embedding_aging_ms: waiting this long promotes a queued embedding request by one priority class
+        when ranking which requests are batched and released first, so a low-priority embedding is
+        never starved by a stream of urgent ones (it is class 0 after ``priority * aging``).
+    embedding_target_wait_ms / llm_target_wait_ms: the waits that count as "on target" in the
+        adaptive pressure ``sum(wait / target)`` over a type's queued requests. A request's own SLO
+        (``ttft_ms``, else ``e2e_ms``) replaces the default target.
+    llm_fallback_policy: the policy that orders and places LLM requests: fifo, priority, slo_aware
+        or adaptive. With ``fifo``, LLM requests go in arrival order; their priority then reaches
+        only the backend (``priority_hint`` = request priority), not the gateway order.
+    llm_fallback_config: config keys for the fallback policy (checked against its Config).
+    hybrid_instance_ratio: the LLM share of a mixed instance's ``max_inflight`` slots while
+        embedding work waits for it; embeddings get ``1 - ratio`` while LLM work waits. When only one
+        type waits, it may use the whole instance.
+    prefer_specialized_instances: embedding-only instances first for embeddings, LLM-only first
+        for LLM work, mixed instances only for what those cannot take. False: every compatible
+        instance is ranked alike by load (predicted wait).
+    """
+
+    embedding_batch_size: int = 32
+    embedding_batch_token_budget: int = 16384
+    min_embedding_batch_size: int = 1
+    max_embedding_wait_ms: float = 10.0
+    release_when_idle: bool = False
+    embedding_priority: str = "normal"
+    embedding_aging_ms: float = 1000.0
+    embedding_target_wait_ms: float = 50.0
+    llm_target_wait_ms: float = 500.0
+    llm_fallback_policy: str = "fifo"
+    llm_fallback_config: Mapping[str, Any] = field(default_factory=dict)
+    hybrid_instance_ratio: float = 0.7
+    prefer_specialized_instances: bool = True
+
+    def __post_init__(self) -> None:
+        if self.embedding_batch_size < 1:
+            raise ValueError(f"embedding_batch_size must be >= 1 text, got {self.embedding_batch_size!r}")
+        if self.embedding_batch_token_budget < 1:
+            raise ValueError(
+                f"embedding_batch_token_budget must be >= 1 token, got {self.embedding_batch_token_budget!r}"
+            )
+        if not 1 <= self.min_embedding_batch_size <= self.embedding_batch_size:
+            raise ValueError(
+                f"min_embedding_batch_size must be between 1 and embedding_batch_size "
+                f"({self.embedding_batch_size}), got {self.min_embedding_batch_size!r}"
+            )
+        for name in ("max_embedding_wait_ms", "embedding_aging_ms", "embedding_target_wait_ms", "llm_target_wait_ms"):
+            value = getattr(self, name)
+            positive = name != "max_embedding_wait_ms"
+            if not (value > 0 if positive else value >= 0):
+                raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} ms, got {value!r}")
+        if not 0.0 <= self.hybrid_instance_ratio <= 1.0:
+            raise ValueError(f"hybrid_instance_ratio must be within [0, 1], got {self.hybrid_instance_ratio!r}")
+        priority = str(self.embedding_priority).strip().lower()
+        if priority not in EMBEDDING_PRIORITIES:
+            raise ValueError(
+                f"unknown embedding_priority {self.embedding_priority!r}; use one of {', '.join(EMBEDDING_PRIORITIES)}"
+            )
+        object.__setattr__(self, "embedding_priority", priority)
+        fallback = str(self.llm_fallback_policy).strip().lower()
+        if fallback not in LLM_FALLBACK_POLICIES:
+            raise ValueError(
+                f"unknown llm_fallback_policy {self.llm_fallback_policy!r}; "
+                f"use one of {', '.join(LLM_FALLBACK_POLICIES)}"
+            )
+        object.__setattr__(self, "llm_fallback_policy", fallback)
+        sub_config = dict(self.llm_fallback_config or {})
+        valid = set(config_fields(fallback))
+        unknown = sorted(set(sub_config) - valid)
+        if unknown:
+            raise ValueError(
+                f"unknown llm_fallback_config key(s) {', '.join(map(repr, unknown))} for fallback {fallback!r}; "
+                f"valid keys: {', '.join(sorted(valid)) or '(none)'}"
+            )
+        object.__setattr__(self, "llm_fallback_config", sub_config)
+
+    # -- derived -----------------------------------------------------------------------------------
+    @property
+    def window_s(self) -> float:
+        return self.max_embedding_wait_ms / 1000.0
+
+    def share(self, kind: str, max_inflight: int) -> int:
+        """Slots of a mixed instance `kind` may hold while the other type waits for it."""
+        fraction = self.hybrid_instance_ratio if kind == LLM else 1.0 - self.hybrid_instance_ratio
+        return max(0, math.floor(fraction * max_inflight + _EPS))
+
+
+@dataclass
+class _Call:
+    """The working state of one `schedule` call: load so far and what is still queued."""
+
+    now: float
+    views: list[InstanceView]
+    ledger: LoadLedger
+    decisions: list[Decision]
+    # Embedding requests still queued, per model, in ranking order.
+    groups: dict[str, list[Request]]
+    rank: dict[str, tuple[int, float, str]]
+    # Arrival of the oldest queued embedding request per model at the start of the call: once it has
+    # waited the window, the model's queue is flushed in batches for the whole call.
+    oldest: dict[str, float]
+    llm: list[Request]
+    waiting: dict[str, Counter[str]]
+    embedding_hint: int | None
+    order_reason: str
+
+    def unqueue(self, kind: str, requests: Iterable[Request]) -> None:
+        for request in requests:
+            self.waiting[kind][request.model] -= 1
+
+    def other_waits(self, kind: str, view: InstanceView) -> bool:
+        """Whether the other type has queued work `view` could serve (it then caps `kind`)."""
+        other = self.waiting[LLM if kind == EMBEDDING else EMBEDDING]
+        return any(other[model] > 0 for model in view.models)
+
+
+@register
+class HybridPolicy(Policy):
+    name = "hybrid"
+    Config = HybridConfig
+    config: HybridConfig
+
+    def __init__(self, config: PolicyConfig | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        c = self.config
+        # Two fallback instances, each always shown the same kind of instance set, so that a stateful
+        # fallback (adaptive) measures consistent things: the main one sees LLM-only instances (all
+        # LLM-capable ones without prefer_specialized_instances), the other the mixed overflow.
+        self.llm_main = make_policy(c.llm_fallback_policy, **c.llm_fallback_config)
+        self.llm_mixed = make_policy(c.llm_fallback_policy, **c.llm_fallback_config)
+        self._held_deadlines: list[float] = []
+        self.last_first: str | None = None
+        self.last_pressure: dict[str, float] = {}
+
+    # -- the contract ------------------------------------------------------------------------------
+    def next_wakeup(self, now: float) -> float | None:
+        """When the earliest held embedding's batching window closes (after `now`), else None.
+
+        Requests whose window already closed but that found no free capacity are not reported: the
+        driver calls again when capacity frees (a completion), which is when they can go.
+        """
+        upcoming = [t for t in self._held_deadlines if t > now + _EPS]
+        return min(upcoming) if upcoming else None
+
+    def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
+        c = self.config
+        rejected, servable = reject_unservable(queue, instances, self.name)
+        decisions: list[Decision] = list(rejected)
+        embeddings: list[Request] = []
+        llm: list[Request] = []
+        input_limit: dict[str, int] = {}  # per model: the largest max_client_batch_size serving it
+        for view in instances:
+            if view.kind.serves(RequestType.EMBEDDING):
+                for model in view.models:
+                    input_limit[model] = max(input_limit.get(model, 0), view.max_client_batch_size)
+        for request in servable:
+            if not request.is_embedding:
+                llm.append(request)
+                continue
+            limit = input_limit[request.model]
+            if request.embedding_inputs > limit:
+                decisions.append(
+                    Rejection(
+                        request.id,
+                        f"{request.embedding_inputs} inputs exceed the largest max_client_batch_size ({limit}) of "
+                        f"any instance serving {request.model!r}; split the request into calls of at most {limit}",
+                        RejectCode.TOO_LARGE,
+                        RULE_TOO_LARGE,
+                    )
+                )
+                continue
+            embeddings.append(request)
+
+        first, order_reason = self._claim_order(now, embeddings, llm)
+        self.last_first = first
+        rank = {r.id: self._rank(r, now) for r in embeddings}
+        groups: dict[str, list[Request]] = {}
+        for request in sorted(embeddings, key=lambda r: rank[r.id]):
+            groups.setdefault(request.model, []).append(request)
+        call = _Call(
+            now=now,
+            views=list(instances),
+            ledger=LoadLedger(instances),
+            decisions=decisions,
+            groups=groups,
+            rank=rank,
+            oldest={model: min(r.arrival_s for r in group) for model, group in groups.items()},
+            llm=sorted(llm, key=lambda r: (r.arrival_s, r.id)),
+            waiting={EMBEDDING: Counter(r.model for r in embeddings), LLM: Counter(r.model for r in llm)},
+            embedding_hint=None,
+            order_reason=order_reason,
+        )
+        call.embedding_hint = self._embedding_hint_base(first)
+
+        if c.prefer_specialized_instances:
+            # LLM-only instances compete with nothing: fill them before any claim on mixed ones.
+            self._place_llm(call, self.llm_main, [v for v in instances if v.kind is InstanceKind.LLM])
+        mixed_llm_views = [
+            v
+            for v in instances
+            if v.kind is InstanceKind.LLM_EMBEDDING
+            or (not c.prefer_specialized_instances and v.kind is InstanceKind.LLM)
+        ]
+        mixed_llm_policy = self.llm_mixed if c.prefer_specialized_instances else self.llm_main
+        second = LLM if first == EMBEDDING else EMBEDDING
+        for kind in (first, second, first):
+            if kind == EMBEDDING:
+                self._place_embeddings(call)
+            else:
+                self._place_llm(call, mixed_llm_policy, mixed_llm_views)
+
+        held = [r for group in call.groups.values() for r in group]
+        self._held_deadlines = [r.arrival_s + c.window_s for r in held]
+        return decisions
+
+    def describe(self) -> dict[str, Any]:
+        """Config plus what the last call decided about the claim order (for summaries and /admin)."""
+        return {**super().describe(), "last_first": self.last_first, "last_pressure": dict(self.last_pressure)}
+
+    # -- claim order and hints ---------------------------------------------------------------------
+    def _target_wait_s(self, request: Request) -> float:
+        slo_ms = request.slo.ttft_ms if request.slo.ttft_ms is not None else request.slo.e2e_ms
+        if slo_ms is not None and slo_ms > 0:
+            return slo_ms / 1000.0
+        default = self.config.embedding_target_wait_ms if request.is_embedding else self.config.llm_target_wait_ms
+        return default / 1000.0
+
+    def pressure(self, now: float, requests: Iterable[Request]) -> float:
+        """Sum over `requests` of wait / target wait: grows with both the queue's age and its size."""
+        return sum(max(0.0, now - r.arrival_s) / self._target_wait_s(r) for r in requests)
+
+    def _claim_order(self, now: float, embeddings: Sequence[Request], llm: Sequence[Request]) -> tuple[str, str]:
+        """Which type claims mixed capacity first this call, and why (in words for the records)."""
+        mode = self.config.embedding_priority
+        self.last_pressure = {}
+        if mode == "high":
+            return EMBEDDING, "embedding_priority=high: embeddings claim mixed capacity first"
+        if mode == "low":
+            return LLM, "embedding_priority=low: LLM claims mixed capacity first"
+        if not embeddings or not llm:
+            only = EMBEDDING if embeddings else LLM
+            return only, f"embedding_priority={mode}: only {only} work is queued"
+        if mode == "normal":
+            oldest_e = min((r.arrival_s, r.id) for r in embeddings)
+            oldest_l = min((r.arrival_s, r.id) for r in llm)
+            first = EMBEDDING if oldest_e[0] <= oldest_l[0] else LLM
+            return first, f"embedding_priority=normal: oldest queued request is {first} ({first} claims first)"
+        p_emb, p_llm = self.pressure(now, embeddings), self.pressure(now, llm)
+        self.last_pressure = {EMBEDDING: p_emb, LLM: p_llm}
+        first = EMBEDDING if p_emb >= p_llm else LLM
+        return first, (
+            f"embedding_priority=adaptive: pressure embedding {p_emb:.2f} vs llm {p_llm:.2f} "
+            f"(sum of wait/target): {first} claims first"
+        )
+
+    def _embedding_hint_base(self, first: str) -> int | None:
+        """The hint every embedding batch gets this call; None means "the batch's best priority"."""
+        mode = self.config.embedding_priority
+        if mode == "high" or (mode == "adaptive" and first == EMBEDDING and self.last_pressure):
+            return int(Priority.CRITICAL)
+        if mode == "low":
+            return int(Priority.BACKGROUND)
+        return None
+
+    def _rank(self, request: Request, now: float) -> tuple[int, float, str]:
+        aging_s = self.config.embedding_aging_ms / 1000.0
+        return (effective_priority(request, now, aging_s), request.arrival_s, request.id)
+
+    # -- capacity ----------------------------------------------------------------------------------
+    def _room(self, call: _Call, view: InstanceView, kind: str) -> int:
+        """Slots `kind` may still claim on `view` in this call (ratio applied on mixed instances)."""
+        if not view.healthy:
+            return 0
+        free = call.ledger.free_slots(view.id)
+        if view.kind is not InstanceKind.LLM_EMBEDDING or not call.other_waits(kind, view):
+            return free
+        used = call.ledger.llm_inflight(view.id) if kind == LLM else call.ledger.embedding_inflight(view.id)
+        return max(0, min(free, self.config.share(kind, view.max_inflight) - used))
+
+    def _adjusted(self, call: _Call, view: InstanceView) -> InstanceView:
+        """`view` as the fallback must see it: this call's load folded in, capacity cut to the LLM room."""
+        ledger = call.ledger
+        added = ledger.added_requests[view.id]
+        inflight = view.inflight + added
+        room = self._room(call, view, LLM)
+        return dataclasses.replace(
+            view,
+            waiting=view.waiting + added,
+            embedding_inflight=view.embedding_inflight + ledger.added_embedding[view.id],
+            queued_prefill_tokens=view.queued_prefill_tokens + ledger.added_prefill[view.id],
+            queued_decode_tokens=view.queued_decode_tokens + ledger.added_decode[view.id],
+            max_inflight=min(view.max_inflight, inflight + room),
+        )
+
+    # -- LLM ---------------------------------------------------------------------------------------
+    def _place_llm(self, call: _Call, policy: Policy, views: Sequence[InstanceView]) -> None:
+        """Delegate the queued LLM requests `views` could serve to the fallback, over adjusted views."""
+        if not call.llm or not views:
+            return
+        sub_queue = [r for r in call.llm if any(v.can_serve(r) for v in views)]
+        if not sub_queue:
+            return
+        adjusted = [self._adjusted(call, v) for v in views]
+        if not any(v.healthy and v.free_slots > 0 for v in adjusted):
+            return
+        by_id = {r.id: r for r in sub_queue}
+        view_ids = {v.id for v in views}
+        mixed_can_serve = {
+            r.id: any(v.healthy and v.kind is InstanceKind.LLM_EMBEDDING and v.can_serve(r) for v in call.views)
+            for r in sub_queue
+        }
+        rule = f"{self.name}/llm/{self.config.llm_fallback_policy}"
+        done: set[str] = set()
+        for decision in policy.schedule(call.now, sub_queue, adjusted):
+            if isinstance(decision, Assignment):
+                if decision.instance_id not in view_ids or any(i not in by_id for i in decision.request_ids):
+                    raise RuntimeError(
+                        f"fallback {policy.name!r} assigned outside what it was given: {decision}; this is a bug in it"
+                    )
+                requests = [by_id[i] for i in decision.request_ids]
+                call.ledger.add(decision.instance_id, requests)
+                hint = decision.priority_hint
+                if hint is None:
+                    hint = min(int(r.priority) for r in requests)
+                sub_rule = f" [{decision.rule}]" if decision.rule and decision.rule != policy.name else ""
+                call.decisions.append(
+                    dataclasses.replace(
+                        decision,
+                        rule=rule,
+                        priority_hint=hint,
+                        reason=f"{decision.reason}{sub_rule}; {call.order_reason}",
+                    )
+                )
+                done.update(decision.request_ids)
+                call.unqueue(LLM, requests)
+            elif isinstance(decision, Rejection):
+                request = by_id.get(decision.request_id)
+                if request is None:
+                    continue
+                # A rejection made while seeing LLM-only instances is not final if a mixed instance
+                # may still serve the request: the overflow pass decides (it stays queued till then).
+                if policy is self.llm_main and self.config.prefer_specialized_instances and mixed_can_serve[request.id]:
+                    continue
+                call.decisions.append(dataclasses.replace(decision, rule=rule))
+                done.add(request.id)
+                call.unqueue(LLM, [request])
+        if done:
+            call.llm = [r for r in call.llm if r.id not in done]
+
+    # -- embeddings --------------------------------------------------------------------------------
+    def _embedding_targets(self, call: _Call, head: Request, ignore_inputs: bool = False) -> list[InstanceView]:
+        """Instances that can take a batch starting with `head` now, best first."""
+        ledger = call.ledger
+        candidates = [
+            v
+            for v in call.views
+            if v.can_serve(head)
+            and (ignore_inputs or v.max_client_batch_size >= head.embedding_inputs)
+            and self._room(call, v, EMBEDDING) > 0
+        ]
+        specialized_first = self.config.prefer_specialized_instances
+
+        def key(v: InstanceView) -> tuple:
+            tier = 0 if (not specialized_first or v.kind is InstanceKind.EMBEDDING) else 1
+            return (tier, ledger.predicted_wait_s(v.id), ledger.inflight(v.id), v.id)
+
+        return sorted(candidates, key=key)
+
+    def _place_embeddings(self, call: _Call) -> None:
+        """Form and release batches, model by model, best-ranked head first, until all are held or placed."""
+        held_models: set[str] = set()
+        aside: set[str] = set()  # heads no instance can take now (no room / too many inputs)
+        while True:
+            heads = []
+            for model, group in call.groups.items():
+                if model in held_models:
+                    continue
+                head = next((r for r in group if r.id not in aside), None)
+                if head is not None:
+                    heads.append((call.rank[head.id], model, head))
+            if not heads:
+                return
+            _, model, head = min(heads, key=lambda x: x[0])
+            group = call.groups[model]
+            targets = self._embedding_targets(call, head)
+            if not targets:
+                if self._embedding_targets(call, head, ignore_inputs=True):
+                    aside.add(head.id)  # room exists, but not for this many inputs: the rest may still go
+                else:
+                    held_models.add(model)  # no room for this model anywhere: all of it waits
+                continue
+            for target in targets:
+                batch, rule, why = self._form_batch(call, group, head, target, aside)
+                if rule or why != HOLD_CUT:
+                    break
+                # Held only because this target's free slots cut it below the minimum: try the next.
+            if not rule:
+                # A partial batch waits for company; only requests too large to join it may still go.
+                aside.update(r.id for r in batch)
+                continue
+            hint = call.embedding_hint if call.embedding_hint is not None else min(int(r.priority) for r in batch)
+            texts = sum(r.embedding_inputs for r in batch)
+            tokens = sum(r.work_tokens for r in batch)
+            call.decisions.append(
+                call.ledger.assign(
+                    target,
+                    batch,
+                    rule,
+                    f"{len(batch)} request(s), {texts} texts, {tokens} tokens of {model!r} to {target.kind.value} "
+                    f"instance: {why}; {call.order_reason}",
+                    priority_hint=hint,
+                )
+            )
+            ids = {r.id for r in batch}
+            call.groups[model] = [r for r in group if r.id not in ids]
+            if not call.groups[model]:
+                del call.groups[model]
+            call.unqueue(EMBEDDING, batch)
+
+    def _form_batch(
+        self, call: _Call, group: list[Request], head: Request, target: InstanceView, aside: set[str]
+    ) -> tuple[list[Request], str, str]:
+        """The batch to release on `target` now, with its rule and reason.
+
+        An empty rule means "hold": the returned requests form a partial batch that must wait, and
+        the reason says whether only the target's free slots held it (`HOLD_CUT`).
+        """
+        c = self.config
+        text_bound = min(c.embedding_batch_size, target.max_client_batch_size)
+        room = self._room(call, target, EMBEDDING)
+        if head.embedding_inputs > text_bound or head.work_tokens > c.embedding_batch_token_budget:
+            return (
+                [head],
+                RULE_OVERSIZE,
+                f"one request larger than a batch ({head.embedding_inputs} texts / {head.work_tokens} tokens vs "
+                f"{text_bound} / {c.embedding_batch_token_budget}) goes alone",
+            )
+        natural: list[Request] = []
+        texts = tokens = 0
+        skipped = False
+        budget = c.embedding_batch_token_budget
+        for request in group:  # first fit, in ranking order, starting at the head
+            if texts >= text_bound or tokens >= budget:
+                break  # nothing more can fit: stop scanning a long backlog
+            if request.id in aside:
+                continue
+            if texts + request.embedding_inputs <= text_bound and tokens + request.work_tokens <= budget:
+                natural.append(request)
+                texts += request.embedding_inputs
+                tokens += request.work_tokens
+            elif request.embedding_inputs <= text_bound and request.work_tokens <= budget:
+                # A batchable request left out: demand exceeds one batch. (An oversized one, which
+                # goes alone anyway, does not make this batch full.)
+                skipped = True
+        full = skipped or texts >= text_bound or tokens >= budget
+        batch = natural[:room]
+        cut = len(batch) < len(natural)
+        batch_texts = sum(r.embedding_inputs for r in batch)
+        waited = call.now - call.oldest[head.model]
+        if waited + _EPS >= c.window_s:
+            return (
+                batch,
+                RULE_EXPIRED,
+                f"oldest request waited {waited * 1000:.1f} ms >= {c.max_embedding_wait_ms:g} ms",
+            )
+        if full and (not cut or batch_texts >= c.min_embedding_batch_size):
+            limit = f", cut to the {room} free slot(s)" if cut else ""
+            return batch, RULE_FULL, f"batch full ({text_bound} texts / {c.embedding_batch_token_budget} tokens){limit}"
+        if (
+            c.release_when_idle
+            and not cut
+            and batch_texts >= c.min_embedding_batch_size
+            and call.ledger.inflight(target.id) == 0
+        ):
+            return batch, RULE_IDLE, f"target idle and {batch_texts} >= min_embedding_batch_size texts"
+        return natural, "", HOLD_CUT if cut else HOLD_PARTIAL
+
+
+__all__ = ["EMBEDDING_PRIORITIES", "LLM_FALLBACK_POLICIES", "HybridConfig", "HybridPolicy"]

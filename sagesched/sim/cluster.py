@@ -1,0 +1,671 @@
+"""The SimPy cluster driver: a gateway queue, the policy, and simulated vLLM / TEI instances.
+
+Arrivals enter the gateway queue; the policy (any `sagesched.policies` object, unchanged) is called
+on every arrival, every completion and every wake-up it asks for, whenever something is queued and
+some instance has a free slot. Its `Assignment`s are dispatched (a multi-id assignment is one
+backend call), its `Rejection`s recorded. Every request ends exactly once: completed, rejected
+(policy, backend 4xx/429/413, incompatible placement) or failed (unfinished when the clock stops).
+
+Speed: an engine spends one SimPy event per *change of batch*, not per step or token. A run of pure
+decode steps (see `VllmEngineCore.decode_run_limit`) is one event; when new work reaches the
+instance mid-run, the run is cut after the step in progress (a real engine also picks new requests
+up at the next step), and instance snapshots taken mid-run are computed from the run's closed form
+(steps done by now, KV blocks allocated by then), so `mode="step"` (one event per step) sees the
+same states and gives the same per-request latencies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Any
+
+import simpy
+
+from sagesched.core import (
+    Assignment,
+    InstanceKind,
+    InstanceView,
+    Outcome,
+    Rejection,
+    Request,
+    RequestRecord,
+)
+from sagesched.policies.base import Policy
+from sagesched.sim.config import ClusterConfig, InstanceConfig, SimConfig
+from sagesched.sim.engines import (
+    EngineRejected,
+    EngineRequest,
+    SharedGpu,
+    TeiEngineCore,
+    VllmEngineCore,
+)
+from sagesched.sim.results import SimResult, records_to_frame, timeline_frame
+
+log = logging.getLogger(__name__)
+
+PerfProvider = Callable[[InstanceConfig], tuple[Any, Any]]
+"""(instance config) -> (LLM perf model or None, embedding perf model or None)."""
+
+
+@lru_cache(maxsize=64)
+def _load_llm(model: str, hardware: str, tp: int, calibration: str | None):
+    from sagesched.sim.perf_model import LLMPerfModel
+
+    return LLMPerfModel.load(model, hardware, tensor_parallel=tp, calibration=calibration)
+
+
+@lru_cache(maxsize=64)
+def _load_embedding(model: str, hardware: str, calibration: str | None):
+    from sagesched.sim.perf_model import EmbeddingPerfModel
+
+    return EmbeddingPerfModel.load(model, hardware, calibration=calibration)
+
+
+def default_perf_provider(cfg: InstanceConfig) -> tuple[Any, Any]:
+    """Load (and cache) the fitted performance models an instance needs."""
+    llm = emb = None
+    if cfg.kind is not InstanceKind.EMBEDDING:
+        llm = _load_llm(cfg.model, cfg.hardware, cfg.tensor_parallel, cfg.calibration)
+    if cfg.kind is not InstanceKind.LLM and cfg.embedding_model and (
+        cfg.kind is InstanceKind.EMBEDDING or cfg.shared.embedding_backend == "tei"
+    ):
+        emb = _load_embedding(cfg.embedding_model, cfg.hardware, cfg.calibration)
+    return llm, emb
+
+
+def split_tokens(total: int, n: int) -> tuple[int, ...]:
+    """Spread `total` tokens over `n` inputs as evenly as integers allow."""
+    base, extra = divmod(total, n)
+    return tuple(base + 1 if i < extra else base for i in range(n))
+
+
+class _Instance:
+    """Driver-side state of one instance: its engine cores, the segment in flight, counters."""
+
+    def __init__(self, cfg: InstanceConfig, llm_perf: Any, emb_perf: Any) -> None:
+        self.cfg = cfg
+        self.id = cfg.id
+        self.kind = cfg.kind
+        self.models = cfg.models
+        self.max_inflight = cfg.max_inflight
+        self.llm = VllmEngineCore(cfg.vllm, llm_perf) if llm_perf is not None else None
+        self.tei = TeiEngineCore(cfg.tei, emb_perf) if emb_perf is not None else None
+        self.gpu = SharedGpu(cfg.shared) if (self.llm is not None and self.tei is not None) else None
+        self.pooling = self.kind is InstanceKind.LLM_EMBEDDING and self.tei is None
+        self.inflight = 0
+        self.emb_inflight = 0
+        self.tei_requests = 0
+        self.seqs: dict[str, Any] = {}  # request id -> engine Seq (for preemption/cache counts at completion)
+        # The vLLM segment in flight: a planned step or a decode run, started at llm_t0.
+        self.llm_plan = None
+        self.llm_run = None
+        self.llm_t0 = 0.0
+        self.llm_gen = 0
+        self.tei_batch = None
+        self.tei_gen = 0
+        # Utilisation: time with at least one engine busy.
+        self.busy_since: float | None = None
+        self.busy_acc = 0.0
+        self.sample_busy = 0.0
+        self.sample_t = 0.0
+        self.version = 0
+        self.cached_view: InstanceView | None = None
+        if self.llm is not None:
+            self.prefill_rate = float(llm_perf.prefill_tokens_per_s)
+            self.decode_step = float(llm_perf.decode_step_s)
+            self.max_num_seqs = cfg.vllm.max_num_seqs
+            self.max_batch_tokens = cfg.vllm.max_num_batched_tokens
+        else:
+            self.prefill_rate = float(emb_perf.tokens_per_s)
+            self.decode_step = InstanceView.decode_step_s
+            self.max_num_seqs = cfg.tei.max_concurrent_requests
+            self.max_batch_tokens = cfg.tei.max_batch_tokens
+        self.emb_rate = float(emb_perf.tokens_per_s) if emb_perf is not None else self.prefill_rate
+        self.max_client_batch = cfg.tei.max_client_batch_size if self.tei is not None else InstanceView.max_client_batch_size
+
+    @property
+    def llm_active(self) -> bool:
+        return self.llm_plan is not None or self.llm_run is not None
+
+    def serves(self, request: Request) -> bool:
+        return self.kind.serves(request.type) and request.model in self.models
+
+    def busy_total(self, now: float) -> float:
+        return self.busy_acc + (now - self.busy_since if self.busy_since is not None else 0.0)
+
+
+class Simulator:
+    """One simulation run. Use `simulate(...)`; this class holds the run's state."""
+
+    def __init__(
+        self,
+        requests: Sequence[Request],
+        cluster: ClusterConfig,
+        policy: Policy,
+        sim: SimConfig,
+        perf_provider: PerfProvider | None = None,
+    ) -> None:
+        self.requests = sorted(requests, key=lambda r: r.arrival_s)
+        ids = [r.id for r in self.requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("request ids must be unique")
+        self.cluster = cluster
+        self.policy = policy
+        self.sim = sim
+        self.step_mode = sim.mode == "step"
+        provider = perf_provider or default_perf_provider
+        self.instances = [_Instance(cfg, *provider(cfg)) for cfg in cluster.instances]
+        self.by_id = {inst.id: inst for inst in self.instances}
+        self.env = simpy.Environment()
+        self.records: dict[str, RequestRecord] = {r.id: RequestRecord.from_request(r) for r in self.requests}
+        self.queue: dict[str, Request] = {}
+        self.calls: dict[str, list[str]] = {}  # TEI call / pooling group id -> request ids
+        self.group_left: dict[str, int] = {}
+        self.group_of: dict[str, str] = {}
+        self._call_seq = 0
+        self.ended = 0
+        self.wakeups: set[float] = set()
+        self.policy_calls = 0
+        self.policy_s = 0.0
+        self.events = 0
+        self.timeline: list[tuple] = []
+        self._progress = None
+
+    # -- running -----------------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        start = time.perf_counter()
+        env = self.env
+        env.process(self._arrivals())
+        if self.sim.timeline_interval_s > 0:
+            env.process(self._sampler())
+        if self.sim.progress:
+            from tqdm import tqdm
+
+            self._progress = tqdm(total=len(self.requests), unit="req", desc="simulate")
+        try:
+            if self.sim.max_time_s is not None:
+                env.run(until=self.sim.max_time_s)
+            else:
+                env.run()
+        finally:
+            if self._progress is not None:
+                self._progress.close()
+        self._close_out()
+        wall = time.perf_counter() - start
+        return SimResult(
+            records=records_to_frame(self.records.values()),
+            timeline=timeline_frame(self.timeline),
+            wall_s=wall,
+            stats=self._stats(),
+        )
+
+    def _arrivals(self):
+        env = self.env
+        reqs = self.requests
+        n = len(reqs)
+        i = 0
+        progress = self._progress
+        while i < n:
+            t = reqs[i].arrival_s
+            if t > env.now:
+                yield env.timeout(t - env.now)
+            queue = self.queue
+            while i < n and reqs[i].arrival_s <= t:
+                queue[reqs[i].id] = reqs[i]
+                i += 1
+            if progress is not None:
+                progress.n = i
+                if i % 1000 == 0 or i == n:
+                    progress.refresh()
+            self._schedule()
+
+    def _sampler(self):
+        env = self.env
+        interval = self.sim.timeline_interval_s
+        total = len(self.requests)
+        while self.ended < total:
+            yield env.timeout(interval)
+            self._sample(env.now)
+
+    def _sample(self, now: float) -> None:
+        for inst in self.instances:
+            busy = inst.busy_total(now)
+            span = now - inst.sample_t
+            frac = (busy - inst.sample_busy) / span if span > 0 else 0.0
+            inst.sample_busy, inst.sample_t = busy, now
+            running = waiting = batch = 0
+            kv = 0.0
+            if inst.llm is not None:
+                running, waiting = inst.llm.num_running, inst.llm.num_waiting
+                kv = self._kv_usage(inst, now)
+                if inst.llm_run is not None:
+                    batch = inst.llm_run.n
+                elif inst.llm_plan is not None:
+                    batch = inst.llm_plan.batch_size
+            if inst.tei is not None:
+                waiting_t = inst.tei.waiting_requests()
+                running += inst.tei_requests - waiting_t
+                waiting += waiting_t
+                if inst.tei_batch is not None:
+                    batch += inst.tei_batch.num_inputs
+            self.timeline.append((now, inst.id, running, waiting, kv, batch, frac))
+
+    # -- policy ------------------------------------------------------------------------------------
+    def _schedule(self) -> None:
+        if not self.queue:
+            return
+        for inst in self.instances:
+            if inst.inflight < inst.max_inflight:
+                break
+        else:
+            return
+        env = self.env
+        now = env.now
+        views = [self._view(inst, now) for inst in self.instances]
+        t0 = time.perf_counter()
+        decisions = self.policy.schedule(now, list(self.queue.values()), views)
+        self.policy_s += time.perf_counter() - t0
+        self.policy_calls += 1
+        for d in decisions:
+            if isinstance(d, Assignment):
+                self._dispatch(d, now)
+            elif isinstance(d, Rejection):
+                req = self.queue.pop(d.request_id, None)
+                if req is None:
+                    log.warning("policy rejected %s, which is not queued; ignored", d.request_id)
+                    continue
+                rec = self.records[req.id]
+                rec.rule = d.rule
+                self._reject(rec, f"{d.code}: {d.reason}")
+            else:
+                raise TypeError(f"policy {self.policy.name} returned {type(d).__name__}; expected Assignment or Rejection")
+        wake = self.policy.next_wakeup(now)
+        if wake is not None and wake > now and wake not in self.wakeups:
+            self.wakeups.add(wake)
+            ev = env.timeout(wake - now)
+            ev.callbacks.append(lambda _e, w=wake: self._wake(w))
+
+    def _wake(self, when: float) -> None:
+        self.wakeups.discard(when)
+        self._schedule()
+
+    def _kv_usage(self, inst: _Instance, now: float) -> float:
+        core = inst.llm
+        run = inst.llm_run
+        if run is None:
+            return core.kv.used / core.kv.num_blocks
+        m = run.steps_done_by(now - inst.llm_t0)
+        return core.kv_used_during(run, m) / core.kv.num_blocks
+
+    def _view(self, inst: _Instance, now: float) -> InstanceView:
+        run = inst.llm_run
+        cached = inst.cached_view
+        if run is None and cached is not None and inst.version == cached[0]:
+            return cached[1]
+        running = waiting = prefill = decode = 0
+        kv = 0.0
+        core = inst.llm
+        if core is not None:
+            running, waiting = len(core.running), len(core.waiting)
+            prefill, decode = core.queued_tokens()
+            if run is not None:
+                m = run.steps_done_by(now - inst.llm_t0)
+                kv = core.kv_used_during(run, m) / core.kv.num_blocks
+                decode -= run.n * m  # the run's steps done so far are not applied to the core yet
+            else:
+                kv = core.kv.used / core.kv.num_blocks
+        tei = inst.tei
+        if tei is not None:
+            waiting_t = tei.waiting_requests()
+            running += inst.tei_requests - waiting_t
+            waiting += waiting_t
+            prefill += tei.queued_tokens + (tei.batch.total_tokens if tei.batch is not None else 0)
+        view = InstanceView(
+            id=inst.id,
+            kind=inst.kind,
+            models=inst.models,
+            healthy=True,
+            running=running,
+            waiting=waiting,
+            embedding_inflight=inst.emb_inflight,
+            kv_usage=kv,
+            queued_prefill_tokens=prefill,
+            queued_decode_tokens=decode,
+            max_inflight=inst.max_inflight,
+            max_num_seqs=inst.max_num_seqs,
+            max_batch_tokens=inst.max_batch_tokens,
+            max_client_batch_size=inst.max_client_batch,
+            prefill_tokens_per_s=inst.prefill_rate,
+            decode_step_s=inst.decode_step,
+            embedding_tokens_per_s=inst.emb_rate,
+            age_s=0.0,
+        )
+        if run is None:
+            inst.cached_view = (inst.version, view)
+        return view
+
+    # -- dispatch ----------------------------------------------------------------------------------
+    def _dispatch(self, a: Assignment, now: float) -> None:
+        inst = self.by_id.get(a.instance_id)
+        reqs: list[Request] = []
+        for rid in a.request_ids:
+            req = self.queue.pop(rid, None)
+            if req is None:
+                log.warning("policy assigned %s, which is not queued; ignored", rid)
+                continue
+            rec = self.records[rid]
+            rec.dispatch_s = now if now > req.arrival_s else req.arrival_s
+            rec.rule = a.rule
+            rec.batch_size = len(a.request_ids)
+            if inst is None:
+                self._reject(rec, f"policy assigned unknown instance {a.instance_id!r}")
+            elif not inst.serves(req):
+                rec.instance_id = inst.id
+                self._reject(rec, f"instance {inst.id} ({inst.kind.value}) cannot serve {req.type.value} for {req.model!r}")
+            else:
+                rec.instance_id = inst.id
+                reqs.append(req)
+        if not reqs:
+            return
+        inst.version += 1
+        priority = a.priority_hint
+        llm_added = False
+        embeddings: list[Request] = []
+        for req in reqs:
+            if req.is_embedding:
+                embeddings.append(req)
+                continue
+            out = req.output_tokens if req.output_tokens else req.max_tokens
+            if req.max_tokens and out > req.max_tokens:
+                out = req.max_tokens
+            ereq = EngineRequest(
+                id=req.id,
+                prompt_tokens=req.prompt_tokens,
+                output_tokens=max(1, out),
+                max_tokens=req.max_tokens,
+                priority=int(req.priority) if priority is None else priority,
+                prefix_hashes=req.prefix_hashes,
+            )
+            if self._add_llm(inst, ereq):
+                llm_added = True
+        if embeddings:
+            if inst.tei is not None:
+                self._submit_tei(inst, embeddings, a)
+            else:
+                group = self._new_call_id(inst)
+                members: list[str] = []
+                for req in embeddings:
+                    ereq = EngineRequest(
+                        id=req.id,
+                        prompt_tokens=req.embedding_tokens or req.prompt_tokens,
+                        output_tokens=0,
+                        priority=int(req.priority) if priority is None else priority,
+                        pooling=True,
+                    )
+                    if self._add_llm(inst, ereq, embedding=True):
+                        llm_added = True
+                        members.append(req.id)
+                        self.group_of[req.id] = group
+                if members:
+                    self.calls[group] = members
+                    self.group_left[group] = len(members)
+        if llm_added:
+            if not inst.llm_active:
+                self._llm_start(inst)
+            elif inst.llm_run is not None:
+                self._cut_run(inst)
+
+    def _new_call_id(self, inst: _Instance) -> str:
+        self._call_seq += 1
+        return f"{inst.id}/call-{self._call_seq}"
+
+    def _add_llm(self, inst: _Instance, ereq: EngineRequest, embedding: bool = False) -> bool:
+        try:
+            inst.llm.add(ereq)
+        except EngineRejected as exc:
+            self._reject(self.records[ereq.id], f"backend {exc.status}: {exc.reason}")
+            return False
+        inst.seqs[ereq.id] = inst.llm.seq(ereq.id)
+        inst.inflight += 1
+        if embedding:
+            inst.emb_inflight += 1
+        return True
+
+    def _submit_tei(self, inst: _Instance, reqs: list[Request], a: Assignment) -> None:
+        call_id = self._new_call_id(inst)
+        tokens: list[int] = []
+        for req in reqs:
+            tokens.extend(split_tokens(req.embedding_tokens or req.prompt_tokens, max(1, req.embedding_inputs)))
+        try:
+            inst.tei.submit(EngineRequest(id=call_id, input_tokens=tuple(tokens), num_requests=len(reqs)))
+        except EngineRejected as exc:
+            for req in reqs:
+                self._reject(self.records[req.id], f"backend {exc.status}: {exc.reason}")
+            return
+        self.calls[call_id] = [r.id for r in reqs]
+        inst.inflight += len(reqs)
+        inst.emb_inflight += len(reqs)
+        inst.tei_requests += len(reqs)
+        if inst.tei_batch is None:
+            self._tei_start(inst)
+
+    # -- request endings ---------------------------------------------------------------------------
+    def _reject(self, rec: RequestRecord, reason: str) -> None:
+        rec.outcome = Outcome.REJECTED.value
+        rec.reason = reason
+        self._ended()
+
+    def _ended(self) -> None:
+        self.ended += 1
+        if self._progress is not None and self.ended % 1000 == 0:
+            self._progress.set_postfix(done=self.ended, refresh=False)
+
+    def _complete(self, rid: str, now: float, inst: _Instance) -> None:
+        rec = self.records[rid]
+        seq = inst.seqs.pop(rid, None)
+        if seq is not None:
+            rec.output_tokens = seq.generated
+            rec.preemptions = seq.preemptions
+            rec.cached_prompt_tokens = seq.cached_tokens
+        if rec.first_token_s is None:
+            rec.first_token_s = now
+        rec.finish_s = now
+        rec.outcome = Outcome.COMPLETED.value
+        inst.inflight -= 1
+        self._ended()
+
+    # -- the vLLM engine ---------------------------------------------------------------------------
+    def _llm_start(self, inst: _Instance) -> None:
+        """Start the next segment (a step, or a jump over pure-decode steps) if there is work."""
+        core = inst.llm
+        env = self.env
+        now = env.now
+        factor = inst.gpu.llm_stretch(inst.tei_batch is not None) if inst.gpu is not None else 1.0
+        inst.version += 1
+        inst.llm_gen += 1
+        gen = inst.llm_gen
+        if not self.step_mode:
+            k = core.decode_run_limit()
+            if k >= 2:
+                run = core.start_decode_run(k, factor)
+                if run.k >= 1:
+                    inst.llm_run = run
+                    inst.llm_t0 = now
+                    self._set_busy(inst, now)
+                    ev = env.timeout(run.cum_time(run.k))
+                    ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
+                    return
+                core.run = None
+        plan = core.plan_step()
+        if plan is None:
+            inst.llm_plan = None
+            self._set_busy(inst, now)
+            if inst.gpu is not None and inst.tei_batch is not None:
+                pass  # the partner's batch factor was fixed at its start
+            return
+        for seq in plan.preempted:
+            self.records[seq.id].preemptions = seq.preemptions
+        inst.llm_plan = plan
+        inst.llm_t0 = now
+        self._set_busy(inst, now)
+        ev = env.timeout(core.step_time_s(plan) * factor)
+        ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
+
+    def _cut_run(self, inst: _Instance) -> None:
+        """New work (or a change on the shared GPU) mid-run: end the run after the step in progress."""
+        run = inst.llm_run
+        now = self.env.now
+        m = run.steps_done_by(now - inst.llm_t0)
+        if m >= run.k - 1:
+            return  # the step in progress is the run's last: its end event is already due
+        run.k = m + 1
+        inst.llm_gen += 1
+        gen = inst.llm_gen
+        ev = self.env.timeout(inst.llm_t0 + run.cum_time(m + 1) - now)
+        ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
+
+    def _llm_done(self, inst: _Instance, gen: int) -> None:
+        if gen != inst.llm_gen:
+            return  # superseded by a cut
+        self.events += 1
+        core = inst.llm
+        now = self.env.now
+        run = inst.llm_run
+        if run is not None:
+            out = core.finish_decode_run(run, run.k)
+            inst.llm_run = None
+        else:
+            out = core.finish_step(inst.llm_plan, now)
+            inst.llm_plan = None
+        records = self.records
+        for rid in out.first_token_ids:
+            rec = records[rid]
+            if rec.first_token_s is None and rid not in self.group_of:
+                rec.first_token_s = now
+        for rid in out.finished_ids:
+            group = self.group_of.pop(rid, None)
+            if group is None:
+                self._complete(rid, now, inst)
+                continue
+            left = self.group_left[group] - 1
+            self.group_left[group] = left
+            if left == 0:
+                del self.group_left[group]
+                for member in self.calls.pop(group):
+                    self._complete(member, now, inst)
+                    inst.emb_inflight -= 1
+        self._llm_start(inst)
+        if out.finished_ids:
+            self._schedule()
+
+    # -- the TEI engine ----------------------------------------------------------------------------
+    def _tei_start(self, inst: _Instance) -> None:
+        tei = inst.tei
+        now = self.env.now
+        was_busy = inst.tei_batch is not None
+        batch = tei.next_batch()
+        inst.tei_batch = batch
+        inst.version += 1
+        self._set_busy(inst, now)
+        if inst.gpu is not None and was_busy != (batch is not None) and inst.llm_run is not None:
+            self._cut_run(inst)
+        if batch is None:
+            return
+        factor = inst.gpu.embedding_stretch(inst.llm_active) if inst.gpu is not None else 1.0
+        inst.tei_gen += 1
+        ev = self.env.timeout(tei.batch_time_s(batch) * factor)
+        ev.callbacks.append(lambda _e: self._tei_done(inst))
+
+    def _tei_done(self, inst: _Instance) -> None:
+        self.events += 1
+        now = self.env.now
+        done = inst.tei.finish_batch(inst.tei_batch)
+        for call_id in done:
+            for rid in self.calls.pop(call_id):
+                self._complete(rid, now, inst)
+                inst.emb_inflight -= 1
+                inst.tei_requests -= 1
+        self._tei_start(inst)
+        if done:
+            self._schedule()
+
+    def _set_busy(self, inst: _Instance, now: float) -> None:
+        busy = inst.llm_active or inst.tei_batch is not None
+        if busy and inst.busy_since is None:
+            inst.busy_since = now
+        elif not busy and inst.busy_since is not None:
+            inst.busy_acc += now - inst.busy_since
+            inst.busy_since = None
+
+    # -- the end -----------------------------------------------------------------------------------
+    def _close_out(self) -> None:
+        """Give every request without an ending one (failed), so that each request ends exactly once."""
+        now = self.env.now
+        for rec in self.records.values():
+            if rec.outcome == Outcome.COMPLETED.value and rec.finish_s is None:
+                rec.outcome = Outcome.FAILED.value
+                if rec.request_id in self.queue:
+                    rec.reason = "still queued at the gateway when the simulation ended (the policy never placed it)"
+                elif rec.dispatch_s is None:
+                    rec.reason = "had not arrived when the simulation ended"
+                else:
+                    rec.reason = f"unfinished at the end of the simulation (t={now:.3f}s)"
+                self.ended += 1
+        for inst in self.instances:
+            self._set_busy_final(inst, now)
+
+    def _set_busy_final(self, inst: _Instance, now: float) -> None:
+        if inst.busy_since is not None:
+            inst.busy_acc += now - inst.busy_since
+            inst.busy_since = now
+
+    def _stats(self) -> dict[str, Any]:
+        horizon = self.env.now
+        per_instance: dict[str, dict[str, Any]] = {}
+        for inst in self.instances:
+            s: dict[str, Any] = {
+                "kind": inst.kind.value,
+                "utilization": inst.busy_acc / horizon if horizon > 0 else 0.0,
+            }
+            if inst.llm is not None:
+                core = inst.llm
+                s.update(
+                    steps=core.steps,
+                    preemptions=core.preemptions,
+                    prefix_cache_queries=core.prefix_queries,
+                    prefix_cache_hits=core.prefix_hits,
+                    kv_blocks=core.kv.num_blocks,
+                    peak_kv_blocks=core.kv.peak_used,
+                    peak_kv_usage=core.kv.peak_used / core.kv.num_blocks,
+                )
+            if inst.tei is not None:
+                tei = inst.tei
+                s.update(batches=tei.batches, rejected_429=tei.rejected_429, rejected_413=tei.rejected_413)
+            per_instance[inst.id] = s
+        return {
+            "sim_time_s": horizon,
+            "mode": self.sim.mode,
+            "events": self.events,
+            "policy": self.policy.name,
+            "policy_calls": self.policy_calls,
+            "policy_s": self.policy_s,
+            "instances": per_instance,
+        }
+
+
+def simulate(
+    requests: Sequence[Request],
+    cluster: ClusterConfig,
+    policy: Policy,
+    sim: SimConfig | None = None,
+    *,
+    perf_provider: PerfProvider | None = None,
+) -> SimResult:
+    """Replay `requests` on `cluster` under `policy`; one record per request.
+
+    `perf_provider` replaces the fitted performance models (tests use tiny deterministic ones).
+    """
+    return Simulator(requests, cluster, policy, sim or SimConfig(), perf_provider).run()

@@ -1,0 +1,279 @@
+"""Typed configuration of simulated engines, instances, clusters and of the simulation itself.
+
+Every knob is a field with the default the real software uses (vLLM v1 on an A100, TEI's CLI
+defaults). `from_dict` builds a config from plain YAML/OmegaConf data and raises `ValueError` naming
+any unknown key together with the valid ones, so a typo in a Hydra override is an error, not a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagesched.core import InstanceKind
+
+
+def _check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {', '.join(map(repr, unknown))} in {where}; valid keys: {', '.join(sorted(valid))}"
+        )
+
+
+def _plain(data: Any) -> dict[str, Any]:
+    """Accept dicts and OmegaConf DictConfigs alike."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        try:
+            from omegaconf import OmegaConf
+
+            data = OmegaConf.to_container(data, resolve=True)
+        except Exception as exc:  # pragma: no cover - only for exotic inputs
+            raise ValueError(f"expected a mapping, got {type(data).__name__}") from exc
+    return dict(data)
+
+
+@dataclass(frozen=True)
+class VllmEngineConfig:
+    """vLLM v1 engine knobs (defaults: vLLM's for an A100-class GPU).
+
+    max_num_batched_tokens: token budget of one engine step (prefill chunks + one token per decode).
+    max_num_seqs: at most this many sequences run in one step.
+    block_size: tokens per paged-KV block.
+    gpu_memory_utilization: share of GPU memory vLLM may use; KV capacity is that minus the weights.
+    num_gpu_blocks: KV capacity in blocks; None derives it from the performance model
+        (`kv_capacity_tokens(gpu_memory_utilization) // block_size`), an int overrides it.
+    enable_prefix_caching: reuse computed KV blocks of identical prompt prefixes (by block hash).
+    prefix_hash_block_tokens: tokens covered by one entry of `Request.prefix_hashes` (Mooncake: 512);
+        must be a multiple of `block_size`.
+    scheduling_policy: "fcfs" (preempt the most recently admitted request) or "priority" (waiting
+        queue ordered by (priority, arrival); preempt the lowest-priority, latest request).
+    """
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    prefix_hash_block_tokens: int = 512
+    scheduling_policy: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.block_size < 1:
+            raise ValueError("max_num_batched_tokens, max_num_seqs and block_size must be >= 1")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy {self.scheduling_policy!r}: use 'fcfs' or 'priority'")
+        if self.prefix_hash_block_tokens % self.block_size:
+            raise ValueError(
+                f"prefix_hash_block_tokens={self.prefix_hash_block_tokens} must be a multiple of "
+                f"block_size={self.block_size}"
+            )
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
+            raise ValueError("num_gpu_blocks must be >= 1 (or None to derive it from GPU memory)")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> VllmEngineConfig:
+        d = _plain(data)
+        _check_keys(cls, d, "vllm engine config")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TeiEngineConfig:
+    """text-embeddings-inference router knobs (defaults: TEI's CLI defaults).
+
+    max_batch_tokens: a batch is packed from the queue head while its total tokens stay within this.
+    max_batch_requests: optional cap on inputs per batch (None: no cap).
+    max_concurrent_requests: more inputs than this in flight -> the call is refused with 429.
+    max_client_batch_size: a call with more inputs than this is refused with 413.
+    """
+
+    max_batch_tokens: int = 16384
+    max_batch_requests: int | None = None
+    max_concurrent_requests: int = 512
+    max_client_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < 1 or self.max_concurrent_requests < 1 or self.max_client_batch_size < 1:
+            raise ValueError("max_batch_tokens, max_concurrent_requests and max_client_batch_size must be >= 1")
+        if self.max_batch_requests is not None and self.max_batch_requests < 1:
+            raise ValueError("max_batch_requests must be >= 1 or None")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> TeiEngineConfig:
+        d = _plain(data)
+        _check_keys(cls, d, "tei engine config")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class SharedGpuConfig:
+    """How the two engines of an `llm_embedding` instance share one GPU (see docs/simulator.md).
+
+    embedding_backend: "tei" runs a TEI-like engine next to vLLM on the GPU; "vllm" sends embedding
+        requests into the vLLM engine itself as prefill-only pooling requests (no interference term).
+    llm_weight, embedding_weight: time-sharing weights; while both engines have a step/batch on the
+        GPU, each gets the share weight / (llm_weight + embedding_weight) of it.
+    overlap: extra throughput from running both at once (0 = pure time-slicing; 1 = each engine runs
+        as if alone); a share is (1 + overlap) x weight share, capped at 1.
+    """
+
+    embedding_backend: str = "tei"
+    llm_weight: float = 0.7
+    embedding_weight: float = 0.3
+    overlap: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.embedding_backend not in ("tei", "vllm"):
+            raise ValueError(f"embedding_backend {self.embedding_backend!r}: use 'tei' or 'vllm'")
+        if self.llm_weight <= 0 or self.embedding_weight <= 0:
+            raise ValueError("llm_weight and embedding_weight must be > 0")
+        if not 0.0 <= self.overlap <= 1.0:
+            raise ValueError(f"overlap must be in [0, 1], got {self.overlap}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> SharedGpuConfig:
+        d = _plain(data)
+        _check_keys(cls, d, "shared gpu config")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """One serving instance.
+
+    id: unique name (appears in records and timelines).
+    kind: "llm" (vLLM), "embedding" (TEI) or "llm_embedding" (both on one GPU).
+    model: the LLM served (llm, llm_embedding), e.g. "llama-2-7b".
+    embedding_model: the encoder served (embedding, llm_embedding), e.g. "bge-base".
+    hardware: GPU type ("a100", "h100"); tensor_parallel: GPUs per vLLM engine.
+    max_inflight: requests the driver lets be outstanding at the instance (InstanceView.max_inflight).
+    calibration: optional calibration file for the performance model.
+    vllm / tei / shared: engine knobs (see their classes).
+    """
+
+    id: str
+    kind: InstanceKind = InstanceKind.LLM
+    model: str | None = "llama-2-7b"
+    embedding_model: str | None = None
+    hardware: str = "a100"
+    tensor_parallel: int = 1
+    max_inflight: int = 256
+    calibration: str | None = None
+    vllm: VllmEngineConfig = field(default_factory=VllmEngineConfig)
+    tei: TeiEngineConfig = field(default_factory=TeiEngineConfig)
+    shared: SharedGpuConfig = field(default_factory=SharedGpuConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", InstanceKind.parse(self.kind))
+        if not self.id:
+            raise ValueError("an instance needs a non-empty id")
+        if self.kind is not InstanceKind.EMBEDDING and not self.model:
+            raise ValueError(f"instance {self.id}: kind {self.kind.value} needs `model` (an LLM)")
+        if self.kind is not InstanceKind.LLM and not self.embedding_model:
+            if self.kind is InstanceKind.EMBEDDING or self.shared.embedding_backend == "tei":
+                raise ValueError(f"instance {self.id}: kind {self.kind.value} needs `embedding_model` (e.g. 'bge-base')")
+        if self.max_inflight < 1:
+            raise ValueError(f"instance {self.id}: max_inflight must be >= 1")
+
+    @property
+    def models(self) -> frozenset[str]:
+        """Model names the instance answers for."""
+        names: set[str] = set()
+        if self.kind is not InstanceKind.EMBEDDING and self.model:
+            names.add(self.model)
+        if self.kind is not InstanceKind.LLM and self.embedding_model:
+            names.add(self.embedding_model)
+        return frozenset(names)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InstanceConfig:
+        d = _plain(data)
+        _check_keys(cls, d, f"instance config {d.get('id', '?')!r}")
+        for key, sub in (("vllm", VllmEngineConfig), ("tei", TeiEngineConfig), ("shared", SharedGpuConfig)):
+            if key in d and not isinstance(d[key], sub):
+                d[key] = sub.from_dict(d[key])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The instances of a simulated cluster.
+
+    `from_dict({"instances": [...]})`; an instance entry may carry `count: N` to expand into N
+    identical instances named `<id>-0 .. <id>-(N-1)`.
+    """
+
+    instances: tuple[InstanceConfig, ...]
+
+    def __post_init__(self) -> None:
+        if not self.instances:
+            raise ValueError("a cluster needs at least one instance")
+        ids = [i.id for i in self.instances]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate instance ids: {dupes}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ClusterConfig:
+        d = _plain(data)
+        _check_keys(cls, d, "cluster config")
+        out: list[InstanceConfig] = []
+        for entry in d.get("instances") or ():
+            if isinstance(entry, InstanceConfig):
+                out.append(entry)
+                continue
+            e = _plain(entry)
+            count = e.pop("count", None)
+            if count is None:
+                out.append(InstanceConfig.from_dict(e))
+            else:
+                if int(count) < 1:
+                    raise ValueError(f"instance {e.get('id')!r}: count must be >= 1")
+                out.extend(InstanceConfig.from_dict({**e, "id": f"{e.get('id', 'instance')}-{k}"}) for k in range(int(count)))
+        return cls(tuple(out))
+
+    @classmethod
+    def uniform(cls, n: int, kind: str | InstanceKind = InstanceKind.LLM, prefix: str = "llm", **kwargs: Any) -> ClusterConfig:
+        """`n` identical instances `<prefix>-0..`; a convenience for tests and benchmarks."""
+        return cls(tuple(InstanceConfig(id=f"{prefix}-{k}", kind=kind, **kwargs) for k in range(n)))
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """How to run a simulation.
+
+    mode: "jump" (default) advances runs of pure-decode steps in one event; "step" spends one event
+        per engine step (the reference: it must give the same per-request latencies).
+    seed: reserved for stochastic elements; the simulator itself is deterministic.
+    progress: show a tqdm progress bar over arrivals.
+    timeline_interval_s: sample each instance's state at most this often (0 disables the timeline).
+    max_time_s: stop the clock here; requests still unfinished become `failed` records.
+    """
+
+    mode: str = "jump"
+    seed: int = 0
+    progress: bool = False
+    timeline_interval_s: float = 1.0
+    max_time_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("jump", "step"):
+            raise ValueError(f"sim mode {self.mode!r}: use 'jump' (fast) or 'step' (reference)")
+        if self.timeline_interval_s < 0:
+            raise ValueError("timeline_interval_s must be >= 0")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> SimConfig:
+        d = _plain(data)
+        _check_keys(cls, d, "sim config")
+        return cls(**d)

@@ -1,0 +1,146 @@
+"""The text-embeddings-inference router as a pure state machine.
+
+TEI admits a call if it carries at most `max_client_batch_size` inputs (else 413) and the inputs in
+flight stay within `max_concurrent_requests` (else 429); each input becomes one queue entry. The
+batching task packs entries from the FIFO head greedily while the batch's total tokens stay within
+`max_batch_tokens` (a single larger entry still forms a batch of its own) and, if set, its entry
+count within `max_batch_requests`; one batch runs at a time. A call is answered when its last input
+is embedded, and only then are its permits returned.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from sagesched.sim.config import TeiEngineConfig
+from sagesched.sim.engines.types import EngineRejected, EngineRequest
+
+
+class TeiCall:
+    """One admitted call: its inputs left to finish and whether any has started."""
+
+    __slots__ = ("id", "num_inputs", "num_requests", "remaining", "started", "tokens")
+
+    def __init__(self, req: EngineRequest) -> None:
+        self.id = req.id
+        self.num_inputs = len(req.input_tokens)
+        self.num_requests = req.num_requests
+        self.remaining = self.num_inputs
+        self.tokens = sum(req.input_tokens)
+        self.started = False
+
+
+class TeiBatch:
+    """Entries (call, input tokens) forming one forward pass."""
+
+    __slots__ = ("entries", "max_input_tokens", "num_inputs", "total_tokens")
+
+    def __init__(self, entries: list[tuple[TeiCall, int]]) -> None:
+        self.entries = entries
+        self.num_inputs = len(entries)
+        self.total_tokens = sum(t for _, t in entries)
+        self.max_input_tokens = max(t for _, t in entries)
+
+
+class TeiEngineCore:
+    """TEI's queue, admission limits and batcher, timed by an `EmbeddingPerfModel` (`batch_time_s`).
+
+    Counters: `rejected_429`, `rejected_413`, `batches`, `inputs_done`.
+    """
+
+    def __init__(self, config: TeiEngineConfig, perf) -> None:
+        self.config = config
+        self.perf = perf
+        self.queue: deque[tuple[TeiCall, int]] = deque()
+        self.calls: dict[str, TeiCall] = {}
+        self.inflight_inputs = 0
+        self.queued_tokens = 0
+        self.batch: TeiBatch | None = None
+        self.rejected_429 = 0
+        self.rejected_413 = 0
+        self.batches = 0
+        self.inputs_done = 0
+
+    # -- gauges ----------------------------------------------------------------------------------
+    @property
+    def queue_size(self) -> int:
+        """Inputs waiting for a batch."""
+        return len(self.queue)
+
+    @property
+    def num_calls(self) -> int:
+        return len(self.calls)
+
+    def waiting_requests(self) -> int:
+        """Gateway requests in calls none of whose inputs has started."""
+        return sum(c.num_requests for c in self.calls.values() if not c.started)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.queue)
+
+    # -- calls -----------------------------------------------------------------------------------
+    def submit(self, req: EngineRequest) -> None:
+        """Admit a call (inputs in `req.input_tokens`) or raise EngineRejected(413 | 429, reason)."""
+        n = len(req.input_tokens)
+        cfg = self.config
+        if n < 1:
+            raise EngineRejected(400, f"call {req.id} has no inputs")
+        if n > cfg.max_client_batch_size:
+            self.rejected_413 += 1
+            raise EngineRejected(
+                413, f"batch size {n} > maximum allowed batch size {cfg.max_client_batch_size} (max_client_batch_size)"
+            )
+        if self.inflight_inputs + n > cfg.max_concurrent_requests:
+            self.rejected_429 += 1
+            raise EngineRejected(
+                429,
+                f"model is overloaded: {self.inflight_inputs} inputs in flight + {n} > "
+                f"max_concurrent_requests={cfg.max_concurrent_requests}",
+            )
+        call = TeiCall(req)
+        self.calls[req.id] = call
+        self.inflight_inputs += n
+        for t in req.input_tokens:
+            self.queue.append((call, t))
+            self.queued_tokens += t
+
+    def next_batch(self) -> TeiBatch | None:
+        """Pack the next batch from the queue head (None if the queue is empty)."""
+        queue = self.queue
+        if not queue:
+            return None
+        cap_tokens = self.config.max_batch_tokens
+        cap_n = self.config.max_batch_requests or (1 << 60)
+        entries: list[tuple[TeiCall, int]] = []
+        total = 0
+        while queue and len(entries) < cap_n:
+            t = queue[0][1]
+            if entries and total + t > cap_tokens:
+                break
+            entry = queue.popleft()
+            entry[0].started = True
+            entries.append(entry)
+            total += t
+            if total >= cap_tokens:
+                break
+        self.queued_tokens -= total
+        self.batch = TeiBatch(entries)
+        return self.batch
+
+    def batch_time_s(self, batch: TeiBatch) -> float:
+        return self.perf.batch_time_s(batch.num_inputs, batch.total_tokens, batch.max_input_tokens)
+
+    def finish_batch(self, batch: TeiBatch) -> list[str]:
+        """Mark the batch done; returns the ids of calls now complete (their permits released)."""
+        done: list[str] = []
+        for call, _ in batch.entries:
+            call.remaining -= 1
+            if call.remaining == 0:
+                done.append(call.id)
+                del self.calls[call.id]
+                self.inflight_inputs -= call.num_inputs
+        self.inputs_done += batch.num_inputs
+        self.batches += 1
+        self.batch = None
+        return done

@@ -1,0 +1,521 @@
+"""The vLLM v1 engine as a pure state machine: one scheduler step at a time, or a jump over many.
+
+Step semantics follow vLLM v1's scheduler: a token budget (`max_num_batched_tokens`) and a sequence
+cap (`max_num_seqs`) per step; running requests first (a decode takes one token, an unfinished
+prefill the rest of its prompt up to the budget: always chunked), then waiting requests while budget
+remains and no request was preempted in this step; KV blocks are allocated as tokens are scheduled
+and, when none are left, the most recently admitted request (in priority mode: the least urgent,
+latest one) is preempted by recompute: its blocks are freed and it goes back to the head of the
+waiting queue to recompute its prompt and the tokens it already generated.
+
+The jump (`decode_run_limit` / `start_decode_run` / `finish_decode_run`) is what makes the
+simulator fast: when every running sequence is decoding and nothing waiting can be admitted, the
+next steps differ only in their KV lengths, so k of them are advanced at once with the sum of their
+step times in closed form (the decode step time is affine in the total KV length, checked at run
+time; otherwise the k step times are summed explicitly). The run stops before the first step whose
+KV allocations would not fit, and at the first completion, so it is exactly what k calls of
+`plan_step`/`finish_step` would do.
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import insort
+from collections import deque
+from collections.abc import Hashable
+
+from sagesched.sim.config import VllmEngineConfig
+from sagesched.sim.engines.kv_cache import KvCache
+from sagesched.sim.engines.types import EngineRejected, EngineRequest, StepOutcome
+from sagesched.sim.perf_model import BatchShape
+
+log = logging.getLogger(__name__)
+
+
+class Seq:
+    """Engine-side state of one request (vLLM's `Request`)."""
+
+    __slots__ = (
+        "blocks",
+        "cached_tokens",
+        "generated",
+        "held",
+        "id",
+        "keys",
+        "max_tokens",
+        "num_computed",
+        "num_tokens",
+        "order",
+        "pooling",
+        "preemptions",
+        "priority",
+        "prompt_tokens",
+        "reg_stop",
+        "target",
+    )
+
+    def __init__(self, req: EngineRequest, order: int, keys: list[Hashable]) -> None:
+        self.id = req.id
+        self.prompt_tokens = req.prompt_tokens
+        self.pooling = req.pooling
+        self.target = 0 if req.pooling else max(1, req.output_tokens)
+        self.max_tokens = req.max_tokens if req.max_tokens > 0 else self.target
+        self.priority = req.priority
+        self.order = order
+        self.keys = keys
+        self.num_tokens = req.prompt_tokens
+        self.num_computed = 0
+        self.generated = 0
+        self.blocks = 0
+        self.held: list[Hashable] = []
+        self.reg_stop = False
+        self.preemptions = 0
+        self.cached_tokens = 0
+
+    def sort_key(self) -> tuple[int, int]:
+        return (self.priority, self.order)
+
+
+class StepPlan:
+    """What `plan_step` scheduled: (sequence, new tokens) pairs, the batch shape and the preempted."""
+
+    __slots__ = ("preempted", "scheduled", "shape")
+
+    def __init__(self, scheduled: list[tuple[Seq, int]], shape: BatchShape, preempted: list[Seq]) -> None:
+        self.scheduled = scheduled
+        self.shape = shape
+        self.preempted = preempted
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.scheduled)
+
+
+class DecodeRun:
+    """k pure-decode steps of n sequences, timed in closed form (or from an explicit list of sums).
+
+    `cum_time(m)` is the time of the first m steps; `steps_done_by(elapsed)` how many have ended by
+    then. `alloc_cum(j)` counts the KV blocks allocated in steps 0..j (block boundaries are periodic
+    in the step index, so a histogram of KV lengths modulo the block size is enough).
+    """
+
+    __slots__ = ("a", "bs", "cnt", "cum", "d", "factor", "k", "n", "queued_decode0", "used0")
+
+    def __init__(self, n: int, k: int, cnt: list[int], bs: int, used0: int, queued_decode0: int) -> None:
+        self.n = n
+        self.k = k
+        self.cnt = cnt
+        self.bs = bs
+        self.used0 = used0
+        self.queued_decode0 = queued_decode0
+        self.a = 0.0
+        self.d = 0.0
+        self.factor = 1.0
+        self.cum: list[float] | None = None
+
+    def cum_time(self, m: int) -> float:
+        if self.cum is not None:
+            return self.cum[m]
+        return self.factor * (m * self.a + self.d * (m * (m - 1) * 0.5))
+
+    def steps_done_by(self, elapsed: float) -> int:
+        """Largest m <= k with cum_time(m) <= elapsed."""
+        lo, hi = 0, self.k
+        if self.cum_time(hi) <= elapsed:
+            return hi
+        while hi - lo > 1:
+            mid = (lo + hi) >> 1
+            if self.cum_time(mid) <= elapsed:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def alloc_cum(self, j: int) -> int:
+        """Blocks allocated by steps 0..j (j < 0: none)."""
+        if j < 0:
+            return 0
+        bs = self.bs
+        total = 0
+        for r, c in enumerate(self.cnt):
+            if c and r <= j:
+                total += c * ((j - r) // bs + 1)
+        return total
+
+
+class VllmEngineCore:
+    """vLLM v1 scheduler + KV cache, timed by an `LLMPerfModel` (anything with `step_time_s` and
+    `kv_capacity_tokens`). No clock inside: the caller times steps and passes results back.
+
+    Counters: `preemptions`, `prefix_queries` / `prefix_hits` (blocks), `steps`, `peak_kv_blocks`.
+    """
+
+    def __init__(self, config: VllmEngineConfig, perf) -> None:
+        self.config = config
+        self.perf = perf
+        bs = config.block_size
+        if config.num_gpu_blocks is not None:
+            blocks = config.num_gpu_blocks
+        else:
+            blocks = int(perf.kv_capacity_tokens(config.gpu_memory_utilization)) // bs
+        if blocks < 1:
+            raise ValueError(f"KV cache has no blocks ({blocks}); raise gpu_memory_utilization or set num_gpu_blocks")
+        self.kv = KvCache(blocks, bs)
+        self.bs = bs
+        self.budget = config.max_num_batched_tokens
+        self.max_seqs = config.max_num_seqs
+        self.priority_mode = config.scheduling_policy == "priority"
+        self.caching = config.enable_prefix_caching
+        self.hash_ratio = config.prefix_hash_block_tokens // bs
+        self.running: list[Seq] = []
+        self.waiting: deque[Seq] | list[Seq] = [] if self.priority_mode else deque()
+        self.seqs: dict[str, Seq] = {}
+        self._order = 0
+        self.preemptions = 0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self.steps = 0
+        self.run: DecodeRun | None = None
+
+    # -- gauges ----------------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv.used / self.kv.num_blocks
+
+    @property
+    def peak_kv_blocks(self) -> int:
+        return self.kv.peak_used
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def queued_tokens(self) -> tuple[int, int]:
+        """(prompt tokens not yet computed, decode tokens still expected by max_tokens) over all requests."""
+        prefill = decode = 0
+        for seq in self.seqs.values():
+            if not (seq.generated and seq.num_computed == seq.num_tokens - 1):
+                prefill += seq.num_tokens - seq.num_computed
+            if not seq.pooling and seq.max_tokens > seq.generated:
+                decode += seq.max_tokens - seq.generated
+        return prefill, decode
+
+    # -- requests --------------------------------------------------------------------------------
+    def add(self, req: EngineRequest) -> None:
+        """Queue a request (vLLM's add_request). EngineRejected(400) if it could never fit in the KV cache."""
+        if req.id in self.seqs:
+            raise ValueError(f"request {req.id} already in the engine")
+        if req.prompt_tokens < 1:
+            raise EngineRejected(400, f"request {req.id}: empty prompt")
+        total = req.prompt_tokens + (0 if req.pooling else max(1, req.output_tokens))
+        if -(-total // self.bs) > self.kv.num_blocks:
+            raise EngineRejected(
+                400,
+                f"request needs {total} tokens of KV cache but the engine holds {self.kv.num_blocks * self.bs}",
+            )
+        keys: list[Hashable] = []
+        if self.caching and req.prefix_hashes and not req.pooling:
+            ratio = self.hash_ratio
+            hashes = req.prefix_hashes
+            n = min(len(hashes) * ratio, req.prompt_tokens // self.bs)
+            keys = [(hashes[i // ratio], i % ratio) for i in range(n)]
+        seq = Seq(req, self._order, keys)
+        self._order += 1
+        self.seqs[req.id] = seq
+        self._enqueue(seq, front=False)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is, freeing its blocks; False if unknown."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        if seq in self.running:
+            self.running.remove(seq)
+            self._free(seq)
+        else:
+            self.waiting.remove(seq)
+        return True
+
+    def seq(self, request_id: str) -> Seq:
+        return self.seqs[request_id]
+
+    def _enqueue(self, seq: Seq, front: bool) -> None:
+        if self.priority_mode:
+            insort(self.waiting, seq, key=Seq.sort_key)  # type: ignore[arg-type]
+        elif front:
+            self.waiting.appendleft(seq)  # type: ignore[union-attr]
+        else:
+            self.waiting.append(seq)
+
+    def _free(self, seq: Seq) -> None:
+        if seq.held:
+            self.kv.release(seq.held)
+        self.kv.free_private(seq.blocks - len(seq.held))
+        seq.blocks = 0
+        seq.held = []
+
+    def _preempt(self, seq: Seq) -> None:
+        self._free(seq)
+        seq.num_computed = 0
+        seq.reg_stop = False
+        seq.preemptions += 1
+        self.preemptions += 1
+        self._enqueue(seq, front=True)
+
+    def _victim(self) -> Seq:
+        if self.priority_mode:
+            return max(self.running, key=Seq.sort_key)
+        return self.running[-1]
+
+    def _admission(self, seq: Seq, budget: int) -> tuple[int, int, int] | None:
+        """(cache hits in blocks, new tokens, new blocks) to admit `seq` now, or None if the KV cache can't."""
+        hits = evictable = 0
+        if seq.keys:
+            hits, evictable = self.kv.lookup(seq.keys, (seq.num_tokens - 1) // self.bs)
+        computed = hits * self.bs
+        num_new = seq.num_tokens - computed
+        if num_new > budget:
+            num_new = budget
+        need = -(-(computed + num_new) // self.bs) - hits
+        if need + evictable > self.kv.free_blocks:
+            return None
+        return hits, num_new, need
+
+    # -- one step --------------------------------------------------------------------------------
+    def plan_step(self) -> StepPlan | None:
+        """Schedule the next step (allocating KV, preempting if needed); None when there is nothing to run."""
+        running = self.running
+        if not running and not self.waiting:
+            return None
+        kv = self.kv
+        bs = self.bs
+        budget = self.budget
+        scheduled: list[tuple[Seq, int]] = []
+        preempted: list[Seq] = []
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            num_new = seq.num_tokens - seq.num_computed
+            if num_new > budget:
+                num_new = budget
+            need = -(-(seq.num_computed + num_new) // bs) - seq.blocks
+            ok = True
+            while need > kv.free_blocks:
+                victim = self._victim()
+                j = running.index(victim)
+                running.pop(j)
+                if any(s is victim for s, _ in scheduled):
+                    budget += next(t for s, t in scheduled if s is victim)
+                    scheduled = [(s, t) for s, t in scheduled if s is not victim]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    ok = False
+                    break
+                if j < i:
+                    i -= 1
+            if not ok:
+                continue
+            if need > 0:
+                kv.allocate(need)
+                seq.blocks += need
+            scheduled.append((seq, num_new))
+            budget -= num_new
+            i += 1
+        if not preempted:
+            waiting = self.waiting
+            while waiting and budget > 0 and len(running) < self.max_seqs:
+                seq = waiting[0]
+                admit = self._admission(seq, budget)
+                if seq.keys and seq.num_computed == 0:
+                    self.prefix_queries += len(seq.keys)
+                if admit is None:
+                    break
+                hits, num_new, need = admit
+                if self.priority_mode:
+                    waiting.pop(0)  # type: ignore[call-arg]
+                else:
+                    waiting.popleft()  # type: ignore[union-attr]
+                if hits:
+                    held = seq.keys[:hits]
+                    kv.acquire(held)
+                    seq.held = list(held)
+                    seq.blocks = hits
+                    seq.num_computed = hits * bs
+                    self.prefix_hits += hits
+                    if seq.preemptions == 0:
+                        seq.cached_tokens = hits * bs
+                kv.allocate(need)
+                seq.blocks += need
+                running.append(seq)
+                scheduled.append((seq, num_new))
+                budget -= num_new
+        if not scheduled:
+            if preempted:
+                return StepPlan([], BatchShape(), preempted)
+            return None
+        pf = pf_ctx = n_pf = dec = dec_ctx = 0
+        for seq, num_new in scheduled:
+            if seq.generated and seq.num_computed == seq.num_tokens - 1:
+                dec += 1
+                dec_ctx += seq.num_tokens
+            else:
+                pf += num_new
+                pf_ctx += seq.num_computed + num_new
+                n_pf += 1
+        shape = BatchShape(
+            prefill_tokens=pf,
+            decode_tokens=dec,
+            prefill_context_tokens=pf_ctx,
+            decode_context_tokens=dec_ctx,
+            num_prefills=n_pf,
+        )
+        return StepPlan(scheduled, shape, preempted)
+
+    def step_time_s(self, plan: StepPlan) -> float:
+        return self.perf.step_time_s(plan.shape)
+
+    def finish_step(self, plan: StepPlan, now: float = 0.0) -> StepOutcome:
+        """Apply a planned step's results: computed tokens, emitted tokens, completions (blocks freed)."""
+        out = StepOutcome(preempted_ids=[s.id for s in plan.preempted])
+        emitted = out.emitted
+        finished: list[Seq] = []
+        for seq, num_new in plan.scheduled:
+            seq.num_computed += num_new
+            if seq.keys and not seq.reg_stop and len(seq.held) < len(seq.keys):
+                self._register(seq)
+            if seq.num_computed >= seq.num_tokens:
+                if seq.pooling:
+                    out.first_token_ids.append(seq.id)
+                    finished.append(seq)
+                    continue
+                seq.generated += 1
+                seq.num_tokens += 1
+                emitted[seq.id] = 1
+                if seq.generated == 1:
+                    out.first_token_ids.append(seq.id)
+                if seq.generated >= seq.target:
+                    finished.append(seq)
+        for seq in finished:
+            self.running.remove(seq)
+            self._free(seq)
+            del self.seqs[seq.id]
+            out.finished_ids.append(seq.id)
+        self.steps += 1
+        return out
+
+    def _register(self, seq: Seq) -> None:
+        upto = min(seq.num_computed // self.bs, len(seq.keys))
+        for idx in range(len(seq.held), upto):
+            key = seq.keys[idx]
+            if self.kv.register(key):
+                seq.held.append(key)
+            else:
+                seq.reg_stop = True
+                return
+
+    # -- a jump over pure-decode steps -----------------------------------------------------------
+    def decode_run_limit(self) -> int:
+        """How many next steps are pure decode with an unchanged batch (0: plan a normal step).
+
+        Every running sequence must be decoding, the waiting head must be inadmissible (it stays so
+        while blocks only get used up), and the run stops at the first completion and before the
+        first step whose block allocations would exceed the free blocks (that step preempts).
+        """
+        running = self.running
+        n = len(running)
+        if n == 0 or n > self.budget:
+            return 0
+        k = 1 << 60
+        for seq in running:
+            if not seq.generated or seq.num_tokens - seq.num_computed != 1:
+                return 0
+            r = seq.target - seq.generated
+            if r < k:
+                k = r
+        if self.waiting and n < self.max_seqs and self._admission(self.waiting[0], self.budget - n) is not None:
+            return 0
+        return k
+
+    def start_decode_run(self, k: int, factor: float = 1.0) -> DecodeRun:
+        """Prepare up to `k` pure-decode steps (fewer if KV blocks run out first) and time them."""
+        bs = self.bs
+        cnt = [0] * bs
+        ctx = 0
+        for seq in self.running:
+            cnt[-seq.num_computed % bs] += 1
+            ctx += seq.num_tokens
+        n = len(self.running)
+        _, queued_decode = self.queued_tokens()
+        run = DecodeRun(n, k, cnt, bs, self.kv.used, queued_decode)
+        free = self.kv.free_blocks
+        if run.alloc_cum(k - 1) > free:
+            lo, hi = 0, k - 1  # steps 0..lo-1 fit; step hi-... find largest m with alloc_cum(m-1) <= free
+            while hi - lo > 0:
+                mid = (lo + hi + 1) >> 1
+                if run.alloc_cum(mid - 1) <= free:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            run.k = k = lo
+        if k == 0:
+            return run
+        step = self.perf.step_time_s
+        a = step(BatchShape(decode_tokens=n, decode_context_tokens=ctx))
+        run.factor = factor
+        if k > 1:
+            b = step(BatchShape(decode_tokens=n, decode_context_tokens=ctx + n))
+            d = b - a
+            last = step(BatchShape(decode_tokens=n, decode_context_tokens=ctx + n * (k - 1)))
+            if abs(a + d * (k - 1) - last) <= 1e-9 * max(abs(last), 1e-12):
+                run.a, run.d = a, d
+            else:  # not affine in the KV length: sum the step times explicitly
+                cum = [0.0]
+                total = 0.0
+                for j in range(k):
+                    total += factor * step(BatchShape(decode_tokens=n, decode_context_tokens=ctx + n * j))
+                    cum.append(total)
+                run.cum = cum
+        else:
+            run.a = a
+        self.run = run
+        return run
+
+    def kv_used_during(self, run: DecodeRun, steps_done: int) -> int:
+        """Blocks in use while step `steps_done` of the run is executing (its allocation done)."""
+        return run.used0 + run.alloc_cum(min(steps_done, run.k - 1))
+
+    def finish_decode_run(self, run: DecodeRun, m: int) -> StepOutcome:
+        """Apply the first `m` steps of `run` (m <= run.k): every sequence gains m tokens."""
+        self.run = None
+        out = StepOutcome(steps=m)
+        if m <= 0:
+            return out
+        bs = self.bs
+        kv = self.kv
+        kv.allocate(run.alloc_cum(m - 1))
+        emitted = out.emitted
+        finished: list[Seq] = []
+        for seq in self.running:
+            seq.num_computed += m
+            seq.num_tokens += m
+            seq.generated += m
+            seq.blocks = -(-seq.num_computed // bs)
+            emitted[seq.id] = m
+            if seq.generated >= seq.target:
+                finished.append(seq)
+        for seq in finished:
+            self.running.remove(seq)
+            self._free(seq)
+            del self.seqs[seq.id]
+            out.finished_ids.append(seq.id)
+        self.steps += m
+        return out

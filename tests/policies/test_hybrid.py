@@ -1,0 +1,610 @@
+"""Hybrid: real embedding batches, the batching window, mixed-instance shares and the LLM fallback."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sagesched.core import Assignment, RejectCode, Rejection
+from sagesched.policies import make_policy
+from sagesched.policies.hybrid import (
+    LLM_FALLBACK_POLICIES,
+    RULE_EXPIRED,
+    RULE_FULL,
+    RULE_IDLE,
+    RULE_OVERSIZE,
+    HybridConfig,
+    HybridPolicy,
+)
+
+WINDOW_S = 0.010  # the default max_embedding_wait_ms
+
+
+def emb(make_request, rid, inputs=1, tokens=None, **kw):
+    return make_request(
+        rid, "embedding", inputs=inputs, prompt_tokens=tokens if tokens is not None else 10 * inputs, **kw
+    )
+
+
+def assignments(decisions):
+    return [d for d in decisions if isinstance(d, Assignment)]
+
+
+def batch_stats(decision, by_id):
+    reqs = [by_id[i] for i in decision.request_ids]
+    return sum(r.embedding_inputs for r in reqs), sum(r.work_tokens for r in reqs), {r.model for r in reqs}
+
+
+def slots_by_type(decisions, by_id, instance_id):
+    """(llm, embedding) requests this call put on `instance_id`."""
+    kinds = Counter(
+        "emb" if by_id[i].is_embedding else "llm"
+        for d in assignments(decisions)
+        if d.instance_id == instance_id
+        for i in d.request_ids
+    )
+    return kinds["llm"], kinds["emb"]
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+def test_defaults_match_the_seed():
+    c = HybridConfig()
+    assert (c.embedding_batch_size, c.embedding_priority, c.llm_fallback_policy) == (32, "normal", "fifo")
+    assert (c.hybrid_instance_ratio, c.prefer_specialized_instances) == (0.7, True)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        ({"embedding_priority": "urgent"}, "high, normal, low, adaptive"),
+        ({"llm_fallback_policy": "hybrid"}, "fifo, priority, slo_aware, adaptive"),
+        ({"hybrid_instance_ratio": 1.5}, "[0, 1]"),
+        ({"min_embedding_batch_size": 40}, "embedding_batch_size"),
+        ({"embedding_batch_size": 0}, ">= 1"),
+        ({"max_embedding_wait_ms": -1}, ">= 0"),
+        ({"llm_fallback_policy": "priority", "llm_fallback_config": {"bogus": 1}}, "aging_interval_s"),
+    ],
+)
+def test_bad_config_names_the_fix(overrides, names):
+    with pytest.raises(ValueError, match=None) as err:
+        make_policy("hybrid", **overrides)
+    assert names in str(err.value)
+
+
+def test_fallback_config_reaches_the_fallback():
+    policy = make_policy("hybrid", llm_fallback_policy="priority", llm_fallback_config={"aging_interval_s": 3.0})
+    assert policy.llm_main.config.aging_interval_s == 3.0
+    assert policy.describe()["llm_fallback_config"] == {"aging_interval_s": 3.0}
+
+
+# -- batch bounds ----------------------------------------------------------------------------------
+
+
+def test_text_bound_is_never_exceeded_and_full_batches_go(make_request, make_view, check_decisions):
+    # 10 requests x 5 texts = 50 texts: one full batch of 30 (a 7th would make 35 > 32) goes now,
+    # the other 20 texts are a partial batch held for the window.
+    queue = [emb(make_request, f"e{i}", inputs=5, arrival_s=0.0) for i in range(10)]
+    instances = [make_view("tei", "embedding")]
+    decisions = HybridPolicy().schedule(0.001, queue, instances)
+    assigned, _ = check_decisions(decisions, queue, instances)
+    (batch,) = assignments(decisions)
+    assert batch.rule == RULE_FULL and batch.is_batch
+    assert batch.request_ids == tuple(f"e{i}" for i in range(6))  # arrival order, ties by id
+    assert len(assigned) == 6
+
+
+def test_token_budget_is_never_exceeded(make_request, make_view, check_decisions):
+    queue = [emb(make_request, f"e{i}", inputs=1, tokens=300) for i in range(7)]
+    instances = [make_view("tei", "embedding")]
+    policy = make_policy("hybrid", embedding_batch_token_budget=1000)
+    decisions = policy.schedule(0.001, queue, instances)
+    check_decisions(decisions, queue, instances)
+    by_id = {r.id: r for r in queue}
+    sizes = [batch_stats(d, by_id)[1] for d in assignments(decisions)]
+    assert sizes == [900, 900]  # two full batches of 3; the 7th (300 tokens) waits for company
+
+
+def test_max_client_batch_size_of_the_target_caps_the_batch(make_request, make_view):
+    queue = [emb(make_request, f"e{i}", inputs=3) for i in range(6)]
+    instances = [make_view("tei", "embedding", max_client_batch_size=8)]
+    decisions = HybridPolicy().schedule(0.001, queue, instances)
+    by_id = {r.id: r for r in queue}
+    batches = assignments(decisions)
+    # Two of 3 texts per batch (a third would make 9 > 8); the last pair could still grow: held.
+    assert [batch_stats(b, by_id)[0] for b in batches] == [6, 6]
+    assert {b.rule for b in batches} == {RULE_FULL}
+
+
+def test_an_exactly_full_batch_is_one_backend_call(make_request, make_view):
+    queue = [emb(make_request, f"e{i}", inputs=4) for i in range(8)]  # 32 texts
+    decisions = HybridPolicy().schedule(0.0, queue, [make_view("tei", "embedding")])
+    (batch,) = decisions
+    assert set(batch.request_ids) == {r.id for r in queue} and batch.rule == RULE_FULL
+
+
+def test_oversized_request_goes_alone_and_too_large_is_rejected(make_request, make_view, check_decisions):
+    queue = [emb(make_request, "big", inputs=40), emb(make_request, "huge", inputs=100), emb(make_request, "small")]
+    instances = [make_view("tei", "embedding", max_client_batch_size=64), make_view("mix", "llm_embedding")]
+    decisions = HybridPolicy().schedule(0.0, queue, instances)
+    check_decisions(decisions, queue, instances)
+    by_rid = {i: d for d in decisions for i in (d.request_ids if isinstance(d, Assignment) else (d.request_id,))}
+    assert by_rid["big"].request_ids == ("big",) and by_rid["big"].rule == RULE_OVERSIZE
+    assert by_rid["big"].instance_id == "tei"  # the only instance whose max_client_batch_size fits 40
+    assert isinstance(by_rid["huge"], Rejection) and by_rid["huge"].code == RejectCode.TOO_LARGE
+    assert "64" in by_rid["huge"].reason
+    assert "small" not in by_rid  # a partial batch of one: held for the window
+
+
+def test_batches_never_mix_models(make_request, make_view, check_decisions):
+    queue = [emb(make_request, f"a{i}", model="A", inputs=8) for i in range(5)]
+    queue += [emb(make_request, f"b{i}", model="B", inputs=8) for i in range(5)]
+    instances = [make_view("tei", "embedding", models=("A", "B"))]
+    decisions = HybridPolicy().schedule(1.0, queue, instances)  # every window expired: all go
+    assigned, _ = check_decisions(decisions, queue, instances)
+    by_id = {r.id: r for r in queue}
+    assert sorted(assigned) == sorted(by_id)
+    for d in assignments(decisions):
+        assert len(batch_stats(d, by_id)[2]) == 1
+        assert batch_stats(d, by_id)[0] <= 32
+
+
+# -- the window and next_wakeup ---------------------------------------------------------------------
+
+
+def test_partial_batch_waits_for_the_window_then_goes(make_request, make_view):
+    policy = HybridPolicy()
+    instances = [make_view("tei", "embedding")]
+    queue = [emb(make_request, "e0", arrival_s=1.000), emb(make_request, "e1", arrival_s=1.004)]
+    assert policy.schedule(1.005, queue, instances) == []
+    assert policy.next_wakeup(1.005) == pytest.approx(1.000 + WINDOW_S)
+    (batch,) = policy.schedule(1.010, queue, instances)
+    assert batch.rule == RULE_EXPIRED and set(batch.request_ids) == {"e0", "e1"}
+    assert policy.next_wakeup(1.010) is None
+
+
+def test_next_wakeup_is_the_oldest_held_arrival_plus_window(make_request, make_view):
+    policy = make_policy("hybrid", max_embedding_wait_ms=50)
+    instances = [make_view("tei", "embedding", models=("A", "B"))]
+    queue = [
+        emb(make_request, "b", model="B", arrival_s=2.03),
+        emb(make_request, "a", model="A", arrival_s=2.01),
+        emb(make_request, "a2", model="A", arrival_s=2.04),
+    ]
+    assert policy.schedule(2.05, queue, instances) == []
+    assert policy.next_wakeup(2.05) == pytest.approx(2.06)
+    # At 2.06 model A's window closes (both A requests go); B's closes at 2.08.
+    (batch,) = policy.schedule(2.06, queue, instances)
+    assert set(batch.request_ids) == {"a", "a2"}
+    assert policy.next_wakeup(2.06) == pytest.approx(2.08)
+
+
+def test_no_wakeup_without_held_embeddings(make_request, make_view):
+    policy = HybridPolicy()
+    policy.schedule(0.0, [make_request("chat")], [make_view("gpu", "llm")])
+    assert policy.next_wakeup(0.0) is None
+
+
+def test_min_size_holds_an_idle_release_until_reached(make_request, make_view):
+    policy = make_policy("hybrid", min_embedding_batch_size=4, release_when_idle=True)
+    instances = [make_view("tei", "embedding")]
+    few = [emb(make_request, f"e{i}", arrival_s=0.0) for i in range(3)]
+    assert policy.schedule(0.002, few, instances) == []  # idle target, but 3 < 4 texts
+    enough = [*few, emb(make_request, "e3", arrival_s=0.001)]
+    (batch,) = policy.schedule(0.002, enough, instances)
+    assert batch.rule == RULE_IDLE and len(batch.request_ids) == 4
+    # A busy target gives no idle release: the batch waits for full or the window.
+    busy = [make_view("tei", "embedding", running=1, embedding_inflight=1)]
+    assert policy.schedule(0.002, enough, busy) == []
+
+
+def test_min_size_holds_a_batch_cut_by_free_slots_until_the_window(make_request, make_view):
+    policy = make_policy("hybrid", min_embedding_batch_size=4, embedding_batch_size=8)
+    instances = [make_view("tei", "embedding", max_inflight=4, running=2, embedding_inflight=2)]
+    queue = [emb(make_request, f"e{i}", arrival_s=0.0) for i in range(8)]  # a full batch of 8...
+    assert policy.schedule(0.005, queue, instances) == []  # ...but only 2 slots: 2 texts < min 4
+    (batch,) = policy.schedule(0.010, queue, instances)
+    assert batch.rule == RULE_EXPIRED and batch.request_ids == ("e0", "e1")
+
+
+def test_higher_priority_embeddings_are_batched_and_released_first(make_request, make_view):
+    queue = [emb(make_request, f"n{i}", inputs=8, arrival_s=0.0, priority="normal") for i in range(4)]
+    queue += [emb(make_request, f"h{i}", inputs=8, arrival_s=0.005, priority="high") for i in range(4)]
+    instances = [make_view("tei", "embedding", max_inflight=5)]
+    decisions = HybridPolicy().schedule(0.006, queue, instances)
+    (first, second) = assignments(decisions)
+    assert set(first.request_ids) == {f"h{i}" for i in range(4)}  # the full high batch first
+    assert first.priority_hint == 1  # normal embedding_priority: the batch's best request priority
+    assert second.request_ids == ("n0",)  # one slot left: the cut normal batch (min 1) goes too
+
+
+def test_aging_keeps_low_priority_embeddings_from_starving(make_request, make_view):
+    policy = make_policy("hybrid", embedding_aging_ms=100, embedding_batch_size=1)
+    instances = [make_view("tei", "embedding", max_inflight=1)]
+    low = emb(make_request, "low", priority="low", arrival_s=0.0)
+    stream = [emb(make_request, f"h{i}", priority="high", arrival_s=0.15) for i in range(3)]
+    (d,) = policy.schedule(0.15, [low, *stream], instances)
+    assert d.request_ids == ("h0",)  # low (3) has aged to class 2 only: the high (1) stream goes first
+    (d,) = policy.schedule(0.30, [low, *stream[1:]], instances)
+    assert d.request_ids == ("low",)  # class 0 after 3 x 100 ms: ahead of every later arrival
+
+
+# -- instance preference and the mixed-instance ratio ----------------------------------------------
+
+
+def test_specialized_instances_first_then_mixed_overflow(make_request, make_view, check_decisions):
+    instances = [
+        make_view("mix", "llm_embedding"),
+        make_view("tei", "embedding", max_inflight=2),
+        make_view("gpu", "llm", max_inflight=2),
+    ]
+    queue = [emb(make_request, f"e{i}", inputs=16) for i in range(4)]
+    queue += [make_request(f"c{i}", arrival_s=float(i) / 100) for i in range(3)]
+    decisions = HybridPolicy().schedule(1.0, queue, instances)
+    check_decisions(decisions, queue, instances)
+    placed = {i: d.instance_id for d in assignments(decisions) for i in d.request_ids}
+    assert [placed[f"c{i}"] for i in range(3)] == ["gpu", "gpu", "mix"]  # arrival order; LLM-only first
+    assert Counter(placed[f"e{i}"] for i in range(4)) == {"tei": 2, "mix": 2}  # 2 slots on tei, rest overflow
+
+
+def test_without_preference_load_decides(make_request, make_view):
+    instances = [
+        make_view("tei", "embedding", queued_prefill_tokens=500_000),  # 10 s of work queued
+        make_view("mix", "llm_embedding"),
+    ]
+    queue = [emb(make_request, "e", inputs=32)]
+    (d,) = make_policy("hybrid", prefer_specialized_instances=False).schedule(0.0, queue, instances)
+    assert d.instance_id == "mix"
+    (d,) = HybridPolicy().schedule(0.0, queue, instances)
+    assert d.instance_id == "tei"
+
+
+def test_ratio_caps_both_types_on_a_mixed_instance_while_both_wait(make_request, make_view, check_decisions):
+    instances = [make_view("mix", "llm_embedding", max_inflight=10)]
+    queue = [make_request(f"c{i}", arrival_s=0.0) for i in range(20)]
+    queue += [emb(make_request, f"e{i}", arrival_s=0.0) for i in range(20)]
+    decisions = make_policy("hybrid", embedding_batch_size=2).schedule(1.0, queue, instances)
+    check_decisions(decisions, queue, instances)
+    by_id = {r.id: r for r in queue}
+    assert slots_by_type(decisions, by_id, "mix") == (7, 3)
+    # Load already there counts: 6 LLM in flight leave room for 1 more LLM, 3 embeddings.
+    busy = [make_view("mix", "llm_embedding", max_inflight=10, running=6)]
+    decisions = make_policy("hybrid", embedding_batch_size=2).schedule(1.0, queue, busy)
+    assert slots_by_type(decisions, by_id, "mix") == (1, 3)
+    # Over its share already (9 LLM): no more LLM, embeddings get the one free slot.
+    over = [make_view("mix", "llm_embedding", max_inflight=10, running=9)]
+    decisions = make_policy("hybrid", embedding_batch_size=2).schedule(1.0, queue, over)
+    assert slots_by_type(decisions, by_id, "mix") == (0, 1)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 1.0])
+def test_ratio_is_honoured_at_every_setting(ratio, make_request, make_view):
+    instances = [make_view("mix", "llm_embedding", max_inflight=8)]
+    queue = [make_request(f"c{i}") for i in range(10)] + [emb(make_request, f"e{i}") for i in range(10)]
+    decisions = make_policy("hybrid", hybrid_instance_ratio=ratio).schedule(1.0, queue, instances)
+    llm, embs = slots_by_type(decisions, {r.id: r for r in queue}, "mix")
+    assert llm <= ratio * 8 and embs <= (1 - ratio) * 8
+    assert llm + embs == int(ratio * 8) + int((1 - ratio) * 8)
+
+
+def test_one_type_alone_uses_the_whole_mixed_instance(make_request, make_view):
+    instances = [make_view("mix", "llm_embedding", max_inflight=10)]
+    llm_only = [make_request(f"c{i}") for i in range(12)]
+    decisions = HybridPolicy().schedule(1.0, llm_only, instances)
+    assert slots_by_type(decisions, {r.id: r for r in llm_only}, "mix") == (10, 0)
+    emb_only = [emb(make_request, f"e{i}") for i in range(12)]
+    decisions = make_policy("hybrid", embedding_batch_size=3).schedule(1.0, emb_only, instances)
+    assert slots_by_type(decisions, {r.id: r for r in emb_only}, "mix") == (0, 10)
+
+
+def test_slots_the_other_type_leaves_are_handed_over_in_the_same_call(make_request, make_view):
+    # Embeddings claim first (capped at 3 while 2 LLM requests wait); once those 2 are placed
+    # nothing LLM waits, so the third round gives embeddings the remaining 5 slots.
+    instances = [make_view("mix", "llm_embedding", max_inflight=10)]
+    queue = [make_request("c0"), make_request("c1")] + [emb(make_request, f"e{i}") for i in range(20)]
+    for priority in ("high", "low"):
+        policy = make_policy("hybrid", embedding_priority=priority, embedding_batch_size=1)
+        decisions = policy.schedule(1.0, queue, instances)
+        assert slots_by_type(decisions, {r.id: r for r in queue}, "mix") == (2, 8)
+
+
+def test_held_embeddings_reserve_their_share(make_request, make_view):
+    # A partial batch held for its window still counts as waiting: LLM may take only 7 of 10.
+    instances = [make_view("mix", "llm_embedding", max_inflight=10)]
+    queue = [make_request(f"c{i}") for i in range(12)] + [emb(make_request, "e", arrival_s=0.999)]
+    decisions = HybridPolicy().schedule(1.0, queue, instances)
+    assert slots_by_type(decisions, {r.id: r for r in queue}, "mix") == (7, 0)
+
+
+# -- embedding_priority ----------------------------------------------------------------------------
+
+
+def _mixed_case(make_request, make_view, emb_arrival=0.0, llm_arrival=0.0, n_emb=4, n_llm=4):
+    instances = [make_view("mix", "llm_embedding", max_inflight=20)]
+    queue = [make_request(f"c{i}", arrival_s=llm_arrival) for i in range(n_llm)]
+    queue += [emb(make_request, f"e{i}", inputs=8, arrival_s=emb_arrival) for i in range(n_emb)]
+    return queue, instances
+
+
+def _first_type(decisions, by_id):
+    return "embedding" if by_id[decisions[0].request_ids[0]].is_embedding else "llm"
+
+
+@pytest.mark.parametrize(
+    ("mode", "first", "emb_hint", "llm_hint"),
+    [("high", "embedding", 0, 2), ("low", "llm", 4, 2), ("normal", "embedding", 2, 2)],
+)
+def test_embedding_priority_sets_claim_order_and_hints(mode, first, emb_hint, llm_hint, make_request, make_view):
+    queue, instances = _mixed_case(make_request, make_view)
+    decisions = make_policy("hybrid", embedding_priority=mode).schedule(1.0, queue, instances)
+    by_id = {r.id: r for r in queue}
+    assert _first_type(decisions, by_id) == first
+    hints = {("embedding" if by_id[d.request_ids[0]].is_embedding else "llm"): d.priority_hint for d in decisions}
+    assert hints == {"embedding": emb_hint, "llm": llm_hint}
+
+
+def test_normal_priority_lets_the_older_type_claim_first(make_request, make_view):
+    queue, instances = _mixed_case(make_request, make_view, emb_arrival=0.5, llm_arrival=0.4)
+    decisions = HybridPolicy().schedule(1.0, queue, instances)
+    assert _first_type(decisions, {r.id: r for r in queue}) == "llm"
+
+
+def test_adaptive_priority_follows_queue_ages(make_request, make_view):
+    by_age = {}
+    for emb_age_ms in (5.0, 200.0):
+        # One LLM request 1 s old (2.0 on its 500 ms target) vs 4 embeddings (target 50 ms each).
+        queue, instances = _mixed_case(
+            make_request, make_view, emb_arrival=10.0 - emb_age_ms / 1000, llm_arrival=9.0, n_llm=1
+        )
+        policy = make_policy("hybrid", embedding_priority="adaptive")
+        decisions = policy.schedule(10.0, queue, instances)
+        by_id = {r.id: r for r in queue}
+        by_age[emb_age_ms] = (_first_type(decisions, by_id), policy.last_pressure)
+        emb_hints = {d.priority_hint for d in decisions if by_id[d.request_ids[0]].is_embedding}
+        assert emb_hints == ({0} if by_age[emb_age_ms][0] == "embedding" else {2})
+    assert by_age[5.0][0] == "llm" and by_age[5.0][1]["embedding"] == pytest.approx(0.4)
+    assert by_age[200.0][0] == "embedding" and by_age[200.0][1]["embedding"] == pytest.approx(16.0)
+
+
+def test_adaptive_pressure_counts_queue_size(make_request, make_view):
+    policy = make_policy("hybrid", embedding_priority="adaptive")
+    one = [emb(make_request, "e0", arrival_s=0.0)]
+    many = [emb(make_request, f"e{i}", arrival_s=0.0) for i in range(10)]
+    assert policy.pressure(0.05, many) == pytest.approx(10 * policy.pressure(0.05, one))
+
+
+# -- LLM fallback ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fallback", LLM_FALLBACK_POLICIES)
+def test_every_fallback_places_llm_work_under_the_ratio(fallback, make_request, make_view, check_decisions):
+    instances = [make_view("gpu", "llm", max_inflight=3), make_view("mix", "llm_embedding", max_inflight=10)]
+    queue = [make_request(f"c{i}", arrival_s=i / 100, priority=i % 5, ttft_ms=5000.0) for i in range(15)]
+    queue += [emb(make_request, f"e{i}", inputs=8) for i in range(8)]
+    policy = make_policy("hybrid", llm_fallback_policy=fallback)
+    decisions = policy.schedule(1.0, queue, instances)
+    assigned, rejected = check_decisions(decisions, queue, instances)
+    by_id = {r.id: r for r in queue}
+    llm_rules = {d.rule for d in assignments(decisions) if not by_id[d.request_ids[0]].is_embedding}
+    assert llm_rules == {f"hybrid/llm/{fallback}"}
+    assert slots_by_type(decisions, by_id, "gpu") == (3, 0)
+    assert slots_by_type(decisions, by_id, "mix") == (7, 3)
+    # 3 on gpu, 7 LLM on mix, and one batch of 3 embeddings (a full 4-request batch cut to the 3 free
+    # embedding slots); the other 5 LLM requests and 5 embeddings wait.
+    assert not rejected and len(assigned) == 3 + 7 + 3
+    for d in assignments(decisions):
+        assert d.priority_hint is not None and d.reason
+
+
+def test_priority_fallback_orders_llm_by_class(make_request, make_view):
+    instances = [make_view("gpu", "llm", max_inflight=1)]
+    queue = [
+        make_request("old-low", priority="low", arrival_s=0.0),
+        make_request("new-high", priority="high", arrival_s=0.5),
+    ]
+    (d,) = make_policy("hybrid", llm_fallback_policy="priority").schedule(1.0, queue, instances)
+    assert d.request_ids == ("new-high",)
+    (d,) = HybridPolicy().schedule(1.0, queue, instances)  # fifo: arrival order; priority is only a hint
+    assert d.request_ids == ("old-low",) and d.priority_hint == 3
+
+
+def test_fallback_sees_this_calls_embedding_load(make_request, make_view):
+    # Two mixed instances, no preference: embeddings claim first and land on m1 (lower id on a tie);
+    # the fallback must see that load and put the LLM request on m2.
+    instances = [make_view("m1", "llm_embedding"), make_view("m2", "llm_embedding")]
+    queue = [emb(make_request, "e0", inputs=32, tokens=3000), make_request("c", arrival_s=0.5)]
+    decisions = make_policy("hybrid", embedding_priority="high").schedule(0.9, queue, instances)
+    placed = {i: d.instance_id for d in assignments(decisions) for i in d.request_ids}
+    assert placed == {"e0": "m1", "c": "m2"}
+
+
+def test_shed_by_llm_only_pass_is_not_final_while_a_mixed_instance_could_serve(make_request, make_view):
+    # The LLM-only instance is hopelessly slow for this SLO; the mixed one is fast.
+    instances = [
+        make_view("slow", "llm", prefill_tokens_per_s=10.0),
+        make_view("fast", "llm_embedding", prefill_tokens_per_s=1e6),
+    ]
+    queue = [make_request("c", prompt_tokens=1000, max_tokens=1, ttft_ms=100.0)]
+    policy = make_policy("hybrid", llm_fallback_policy="slo_aware", llm_fallback_config={"shed_unattainable": True})
+    (d,) = policy.schedule(0.0, queue, instances)
+    assert isinstance(d, Assignment) and d.instance_id == "fast"
+
+
+# -- the seed's traps: keyed by id, nothing dropped ------------------------------------------------
+
+
+def test_every_request_is_decided_or_held_never_dropped(make_request, make_view, check_decisions):
+    instances = [make_view("tei", "embedding", models=("E",)), make_view("gpu", "llm", models=("L",))]
+    queue = [
+        make_request("chat", model="L"),
+        make_request("nobody", model="X"),
+        emb(make_request, "held", model="E", arrival_s=0.999),
+        emb(make_request, "gone", model="E", arrival_s=0.0),
+        make_request("wrong-kind", "embedding", model="L", inputs=1, prompt_tokens=5),
+    ]
+    policy = HybridPolicy()
+    decisions = policy.schedule(1.0, queue, instances)
+    assigned, rejected = check_decisions(decisions, queue, instances)
+    assert set(assigned) == {"chat", "gone", "held"}  # the expired window takes 'held' along
+    assert set(rejected) == {"nobody", "wrong-kind"}
+    assert all(d.code == RejectCode.NO_COMPATIBLE_INSTANCE for d in decisions if isinstance(d, Rejection))
+
+
+def test_unhealthy_instances_hold_rather_than_reject(make_request, make_view):
+    instances = [make_view("tei", "embedding", healthy=False)]
+    policy = HybridPolicy()
+    assert policy.schedule(1.0, [emb(make_request, "e", arrival_s=0.0)], instances) == []
+
+
+def test_decisions_are_keyed_by_id_not_queue_order(make_request, make_view):
+    instances = [make_view("mix", "llm_embedding", max_inflight=6), make_view("tei", "embedding", max_inflight=2)]
+    queue = [make_request(f"c{i}", arrival_s=i / 10) for i in range(6)]
+    queue += [emb(make_request, f"e{i}", inputs=5, arrival_s=i / 100) for i in range(9)]
+    a = HybridPolicy().schedule(1.0, queue, instances)
+    b = HybridPolicy().schedule(1.0, list(reversed(queue)), instances)
+    assert a == b
+
+
+# -- property: batch bounds on random embedding queues ----------------------------------------------
+
+emb_specs = st.lists(
+    st.tuples(
+        st.sampled_from(["A", "B"]),
+        st.integers(1, 48),  # inputs
+        st.integers(1, 6000),  # tokens
+        st.integers(0, 4),  # priority
+        st.floats(0.0, 0.05).map(lambda x: round(x, 4)),  # arrival
+    ),
+    max_size=40,
+)
+view_specs = st.lists(
+    st.tuples(
+        st.sampled_from(["embedding", "llm_embedding"]),
+        st.integers(4, 64),  # max_client_batch_size
+        st.integers(1, 12),  # max_inflight
+        st.integers(0, 4),  # running (LLM)
+        st.sets(st.sampled_from(["A", "B"]), min_size=1),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    specs=emb_specs,
+    views=view_specs,
+    batch=st.integers(1, 40),
+    budget=st.integers(500, 20_000),
+    min_size=st.integers(1, 8),
+    ratio=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    prefer=st.booleans(),
+    now=st.sampled_from([0.051, 0.055, 0.07]),
+    n_llm=st.integers(0, 5),
+)
+def test_batches_respect_every_bound(
+    specs, views, batch, budget, min_size, ratio, prefer, now, n_llm, make_request, make_view, check_decisions
+):
+    queue = [
+        emb(make_request, f"e{k}", inputs=n, tokens=t, model=m, priority=p, arrival_s=a)
+        for k, (m, n, t, p, a) in enumerate(specs)
+    ]
+    queue += [make_request(f"c{k}", model="A", arrival_s=0.0) for k in range(n_llm)]
+    instances = [
+        make_view(f"i{k}", kind, models=models, max_client_batch_size=mcbs, max_inflight=cap, running=run)
+        for k, (kind, mcbs, cap, run, models) in enumerate(views)
+    ]
+    policy = make_policy(
+        "hybrid",
+        embedding_batch_size=max(batch, min_size),
+        embedding_batch_token_budget=budget,
+        min_embedding_batch_size=min_size,
+        hybrid_instance_ratio=ratio,
+        prefer_specialized_instances=prefer,
+    )
+    decisions = policy.schedule(now, queue, instances)
+    assigned, rejected = check_decisions(decisions, queue, instances)  # includes: no id twice, capacity
+    by_id = {r.id: r for r in queue}
+    views_by_id = {v.id: v for v in instances}
+    for d in assignments(decisions):
+        texts, tokens, models = batch_stats(d, by_id)
+        if by_id[d.request_ids[0]].is_embedding:
+            assert len(models) == 1
+            assert texts <= views_by_id[d.instance_id].max_client_batch_size
+            if d.is_batch:
+                assert texts <= max(batch, min_size) and tokens <= budget
+            else:
+                assert d.rule in (RULE_OVERSIZE, RULE_FULL, RULE_EXPIRED, RULE_IDLE)
+    for r in queue:  # only what no instance can take is rejected, and only for a stated reason
+        if r.id in rejected and r.is_embedding and any(v.can_serve(r) for v in instances):
+            assert r.embedding_inputs > max(v.max_client_batch_size for v in instances if v.can_serve(r))
+    # The window: every embedding held at `now` >= arrival + 10 ms is held only for lack of capacity.
+    held = [r for r in queue if r.is_embedding and r.id not in assigned and r.id not in rejected]
+    for r in held:
+        if now - r.arrival_s >= WINDOW_S:
+            free = [
+                v
+                for v in instances
+                if v.can_serve(r)
+                and v.max_client_batch_size >= r.embedding_inputs
+                and v.inflight + sum(len(d.request_ids) for d in assignments(decisions) if d.instance_id == v.id)
+                < v.max_inflight
+            ]
+            mixed_capped = [v for v in free if v.kind.value == "llm_embedding"]
+            assert len(free) == len(mixed_capped), f"{r.id} expired yet held with free specialized capacity"
+
+
+def test_an_oversized_neighbour_does_not_make_a_batch_full(make_request, make_view):
+    # 'big' goes alone at once; 'small' is a partial batch of one and waits for company.
+    queue = [emb(make_request, "small", arrival_s=0.0), emb(make_request, "big", inputs=40, arrival_s=0.001)]
+    decisions = HybridPolicy().schedule(0.002, queue, [make_view("tei", "embedding", max_client_batch_size=64)])
+    assert [(d.request_ids, d.rule) for d in decisions] == [(("big",), RULE_OVERSIZE)]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arrivals=st.lists(st.floats(0.0, 0.2).map(lambda x: round(x, 4)), min_size=1, max_size=60),
+    inputs=st.data(),
+    window_ms=st.sampled_from([0.0, 2.0, 10.0, 25.0]),
+)
+def test_a_driver_following_next_wakeup_meets_every_window(arrivals, inputs, window_ms, make_request, make_view):
+    """With ample capacity, a driver that calls at arrivals and at `next_wakeup` dispatches every
+    embedding no later than its arrival plus the window: the wake-up contract is enough."""
+    queue = [
+        emb(make_request, f"e{k}", inputs=inputs.draw(st.integers(1, 12)), arrival_s=t) for k, t in enumerate(arrivals)
+    ]
+    instances = [make_view("tei", "embedding", max_inflight=10_000)]
+    policy = make_policy("hybrid", max_embedding_wait_ms=window_ms)
+    dispatched: dict[str, float] = {}
+    now = min(arrivals)
+    for _ in range(10 * len(queue) + 10):
+        pending = [r for r in queue if r.arrival_s <= now and r.id not in dispatched]
+        for d in policy.schedule(now, pending, instances):
+            assert isinstance(d, Assignment)
+            dispatched.update(dict.fromkeys(d.request_ids, now))
+        later = [r.arrival_s for r in queue if r.arrival_s > now]
+        wake = policy.next_wakeup(now)
+        if wake is not None:
+            assert wake > now
+            later.append(wake)
+        if not later:
+            break
+        now = min(later)
+    assert set(dispatched) == {r.id for r in queue}
+    for r in queue:
+        assert dispatched[r.id] - r.arrival_s <= window_ms / 1000 + 1e-9
+
+
+def test_a_batch_cut_below_min_on_the_preferred_instance_tries_the_next(make_request, make_view):
+    instances = [
+        make_view("tei", "embedding", max_inflight=3, running=2, embedding_inflight=2),  # 1 slot
+        make_view("mix", "llm_embedding"),
+    ]
+    queue = [emb(make_request, f"e{i}", inputs=4) for i in range(8)]  # one full batch of 32 texts
+    policy = make_policy("hybrid", min_embedding_batch_size=8)
+    (d,) = policy.schedule(0.001, queue, instances)
+    assert d.instance_id == "mix" and d.rule == RULE_FULL and len(d.request_ids) == 8
