@@ -237,6 +237,25 @@ async def open_loop(port: int, rate: float, duration_s: float) -> dict[str, Any]
     }
 
 
+async def httpx_closed_loop(port: int, clients: int, duration_s: float) -> dict[str, Any]:
+    """The same closed loop through `httpx.AsyncClient` (what the executor's backend client uses)."""
+    body = json.loads(BODY)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits) as client:
+        count = 0
+        t0 = time.perf_counter()
+
+        async def worker() -> None:
+            nonlocal count
+            while time.perf_counter() - t0 < duration_s:
+                (await client.post("/v1/chat/completions", json=body)).read()
+                count += 1
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.perf_counter() - t0
+    return {"mode": "httpx", "clients": clients, "requests": count, "rps": round(count / elapsed, 1)}
+
+
 def _install_uvloop() -> str:
     try:
         import uvloop
@@ -251,6 +270,8 @@ def _load_main(args: argparse.Namespace) -> None:
     loop_name = _install_uvloop()
     if args.mode == "closed":
         result = asyncio.run(closed_loop(args.port, args.clients, args.duration))
+    elif args.mode == "httpx":
+        result = asyncio.run(httpx_closed_loop(args.port, args.clients, args.duration))
     else:
         result = asyncio.run(open_loop(args.port, args.rate, args.duration))
     result["loop"] = loop_name
@@ -493,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
             ceiling = run_load(null_port, "closed", clients=args.clients, duration=args.duration)
             result["load_generator_ceiling"] = {"closed_loop_rps": ceiling["rps"], "p50_ms": ceiling["p50_ms"], "p99_ms": ceiling["p99_ms"]}
             result["load_generator_floor_open"] = run_load(null_port, "open", rate=rates[0], duration=args.duration)
+            # The executor relays through httpx.AsyncClient: its own ceiling bounds the gateway's.
+            result["httpx_client_ceiling"] = run_load(null_port, "httpx", clients=args.clients, duration=args.duration)
 
             g1 = gateway_ports[worker_counts[0]]
             open_rows = []

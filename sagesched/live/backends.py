@@ -398,7 +398,9 @@ class BackendClient:
             body: dict[str, Any] = {"inputs": list(inputs), **extra}
             data = await self.post_json("/embed", body)
             if not isinstance(data, list) or len(data) != len(inputs):
-                raise UpstreamError(f"backend {self.id}: /embed returned {type(data).__name__}, not {len(inputs)} vectors")
+                raise UpstreamError(
+                    f"backend {self.id}: /embed returned {type(data).__name__}, not {len(inputs)} vectors"
+                )
             return [[float(x) for x in vec] for vec in data], None
         body = {**extra, "model": model, "input": list(inputs), "encoding_format": "float"}
         data = await self.post_json("/v1/embeddings", body)
@@ -438,7 +440,9 @@ class BackendClient:
             logger.debug("metrics scrape of %s failed: %r", self.id, exc)
             return None
         if response.status_code in (404, 405, 501):
-            logger.info("backend %s has no /metrics (HTTP %s); using in-flight accounting only", self.id, response.status_code)
+            logger.info(
+                "backend %s has no /metrics (HTTP %s); using in-flight accounting only", self.id, response.status_code
+            )
             self._metrics_enabled = False
             return None
         if response.status_code != 200:

@@ -253,7 +253,9 @@ class UnifiedInferenceClient:
         chat_url = env.get(ENV_CHAT_URL) or None
         embedding_url = env.get(ENV_EMBEDDING_URL) or None
         if chat_url or embedding_url:
-            logger.info("create_auto: simple mode via %s=%s, %s=%s", ENV_CHAT_URL, chat_url, ENV_EMBEDDING_URL, embedding_url)
+            logger.info(
+                "create_auto: simple mode via %s=%s, %s=%s", ENV_CHAT_URL, chat_url, ENV_EMBEDDING_URL, embedding_url
+            )
             return cls(
                 chat_url,
                 chat_model,
@@ -463,7 +465,9 @@ class UnifiedInferenceClient:
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"{endpoint.url} did not answer within {self.timeout_s:g}s") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"cannot reach {endpoint.url}: {type(exc).__name__}: {exc}", code="connection_error") from exc
+            raise UpstreamError(
+                f"cannot reach {endpoint.url}: {type(exc).__name__}: {exc}", code="connection_error"
+            ) from exc
         if response.status_code >= 400:
             try:
                 payload: Any = response.json()
@@ -500,7 +504,9 @@ class UnifiedInferenceClient:
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"{endpoint.url} did not answer within {self.timeout_s:g}s") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"cannot reach {endpoint.url}: {type(exc).__name__}: {exc}", code="connection_error") from exc
+            raise UpstreamError(
+                f"cannot reach {endpoint.url}: {type(exc).__name__}: {exc}", code="connection_error"
+            ) from exc
         sse = SSEStream(response, endpoint.url)
         try:
             if response.status_code >= 400:
@@ -547,7 +553,9 @@ class UnifiedInferenceClient:
         body, headers = self._sampling({"model": model, key: value}, kw)
         async for chunk in self._stream(endpoint_name, body, headers):
             for choice in chunk.get("choices") or ():
-                text = choice.get("text") if endpoint_name == "completions" else (choice.get("delta") or {}).get("content")
+                text = (
+                    choice.get("text") if endpoint_name == "completions" else (choice.get("delta") or {}).get("content")
+                )
                 if text:
                     yield text
 

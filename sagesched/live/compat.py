@@ -98,9 +98,7 @@ class IntelligentEmbeddingClient(_Facade):
         if client is None:
             if base_url is None:
                 raise ValueError("give base_url (and model_name), an existing client, or use create_auto()")
-            client = UnifiedInferenceClient(
-                None, None, base_url, model_name, api_key=api_key, timeout_s=timeout_s
-            )
+            client = UnifiedInferenceClient(None, None, base_url, model_name, api_key=api_key, timeout_s=timeout_s)
         super().__init__(client, owns_client=owns_client)
 
     @property

@@ -360,9 +360,7 @@ class LiveExecutor:
     def models(self, endpoint: str | None = None) -> list[str]:
         """Models served by at least one backend (for `endpoint`'s request type, if given)."""
         rtype = ENDPOINTS.get(endpoint) if endpoint else None
-        found = {
-            m for cfg in self.backend_configs if rtype is None or cfg.kind.serves(rtype) for m in cfg.models
-        }
+        found = {m for cfg in self.backend_configs if rtype is None or cfg.kind.serves(rtype) for m in cfg.models}
         return sorted(found)
 
     def backend_for(self, instance_id: str) -> BackendConfig:
@@ -428,9 +426,13 @@ class LiveExecutor:
         if request is None:
             request = request_from_body(endpoint, body, headers, self.now())
         if request.type is not ENDPOINTS[endpoint]:
-            raise ValueError(f"request {request.id} is {request.type.value}, but endpoint {endpoint!r} serves {ENDPOINTS[endpoint].value}")
+            raise ValueError(
+                f"request {request.id} is {request.type.value}, but endpoint {endpoint!r} serves {ENDPOINTS[endpoint].value}"
+            )
         if request.id in self._pending:
-            raise InvalidRequest(f"request id {request.id!r} is already in flight; ids must be unique", param="X-Request-Id")
+            raise InvalidRequest(
+                f"request id {request.id!r} is already in flight; ids must be unique", param="X-Request-Id"
+            )
         record = RequestRecord.from_request(request)
         if not any(b.serves(request) for b in self._backends.values()):
             served = self.models(endpoint)
@@ -516,7 +518,9 @@ class LiveExecutor:
         self.rejections[decision.code] += 1
         self.decisions[decision.rule or self._policy.name] += 1
         p.record.rule = decision.rule
-        error = RequestRejected(decision.reason or "rejected by the scheduling policy", code=decision.code, rule=decision.rule)
+        error = RequestRejected(
+            decision.reason or "rejected by the scheduling policy", code=decision.code, rule=decision.rule
+        )
         self._finish(p, Outcome.REJECTED, f"{decision.code}: {error.message}", error=error)
 
     def _apply_assignment(self, decision: Assignment) -> None:
@@ -533,7 +537,9 @@ class LiveExecutor:
             problem = f"instance {backend.id} cannot serve every request (kind or model)"
         if problem:
             self.invalid_decisions += 1
-            logger.warning("ignoring assignment %s by %s: %s (requests stay queued)", decision.request_ids, decision.rule, problem)
+            logger.warning(
+                "ignoring assignment %s by %s: %s (requests stay queued)", decision.request_ids, decision.rule, problem
+            )
             return
         assert backend is not None
         if len(members) != len(decision.request_ids):

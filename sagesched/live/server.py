@@ -502,7 +502,8 @@ class Gateway:
 
     async def health(self, request: HttpRequest) -> Response:
         status = "draining" if self.draining else "ok"
-        return JSONResponse({"status": status, "uptime_s": round(time.time() - self.started_at, 3)}, 503 if self.draining else 200)
+        body = {"status": status, "uptime_s": round(time.time() - self.started_at, 3), "pid": os.getpid()}
+        return JSONResponse(body, 503 if self.draining else 200)
 
     def _backend_health(self) -> list[dict[str, Any]]:
         snapshot = self.executor.snapshot()

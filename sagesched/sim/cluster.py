@@ -302,9 +302,10 @@ class Simulator:
 
     def _view(self, inst: _Instance, now: float) -> InstanceView:
         run = inst.llm_run
+        m = run.steps_done_by(now - inst.llm_t0) if run is not None else -1
         cached = inst.cached_view
-        if run is None and cached is not None and inst.version == cached[0]:
-            return cached[1]
+        if cached is not None and cached[0] == inst.version and cached[1] == m:
+            return cached[2]
         running = waiting = prefill = decode = 0
         kv = 0.0
         core = inst.llm
@@ -312,7 +313,6 @@ class Simulator:
             running, waiting = len(core.running), len(core.waiting)
             prefill, decode = core.queued_tokens()
             if run is not None:
-                m = run.steps_done_by(now - inst.llm_t0)
                 kv = core.kv_used_during(run, m) / core.kv.num_blocks
                 decode -= run.n * m  # the run's steps done so far are not applied to the core yet
             else:
@@ -343,8 +343,7 @@ class Simulator:
             embedding_tokens_per_s=inst.emb_rate,
             age_s=0.0,
         )
-        if run is None:
-            inst.cached_view = (inst.version, view)
+        inst.cached_view = (inst.version, m, view)
         return view
 
     # -- dispatch ----------------------------------------------------------------------------------

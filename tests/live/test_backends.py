@@ -34,6 +34,7 @@ def _emulators_or_skip(kind: str) -> None:
     except ImportError as exc:
         pytest.skip(f"the {kind} emulator cannot load yet: {exc}")
 
+
 VLLM_CURRENT = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -169,7 +170,9 @@ async def test_vllm_emulator_metrics_current_names(emulator) -> None:
     client = BackendClient(BackendConfig(vllm.url, "llm", [vllm.model]))
     try:
         task = asyncio.create_task(
-            client.post_json("/v1/completions", {"model": vllm.model, "prompt": "hi", "max_tokens": 64, "ignore_eos": True})
+            client.post_json(
+                "/v1/completions", {"model": vllm.model, "prompt": "hi", "max_tokens": 64, "ignore_eos": True}
+            )
         )
         await asyncio.sleep(0.05)
         metrics = await client.scrape()

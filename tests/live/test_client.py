@@ -36,14 +36,21 @@ def gateway(llm_server, embedding_server) -> Iterator[str]:
 
 def _client(mode: str, llm_server, embedding_server, gateway_url: str | None) -> UnifiedInferenceClient:
     if mode == "simple":
-        return UnifiedInferenceClient(llm_server.url, llm_server.model, embedding_server.url + "/v1", embedding_server.model)
+        return UnifiedInferenceClient(
+            llm_server.url, llm_server.model, embedding_server.url + "/v1", embedding_server.model
+        )
     if mode == "gateway":
         return UnifiedInferenceClient.create_gateway(
             gateway_url, llm_model=llm_server.model, embedding_model=embedding_server.model
         )
     instances = [
         {"host": "127.0.0.1", "port": llm_server.port, "model_name": llm_server.model, "instance_type": "llm"},
-        {"host": "127.0.0.1", "port": embedding_server.port, "model_name": embedding_server.model, "instance_type": "embedding"},
+        {
+            "host": "127.0.0.1",
+            "port": embedding_server.port,
+            "model_name": embedding_server.model,
+            "instance_type": "embedding",
+        },
     ]
     return UnifiedInferenceClient.create_with_control_plane(
         instances, scheduling_policy="hybrid", policy_config={"max_embedding_wait_ms": 1.0}
@@ -69,8 +76,8 @@ def test_every_operation_in_every_mode(mode: str, llm_server, embedding_server, 
         single = client.embed("second text")
         assert np.allclose(vectors[1], single[0], atol=1e-3)
         # temperature=0 is sent as 0: greedy decoding repeats itself.
-        assert client.generate("Once upon a time", max_tokens=4, temperature=0) == client.generate(
-            "Once upon a time", max_tokens=4, temperature=0
+        assert client.generate("Once upon a time", max_tokens=2, temperature=0) == client.generate(
+            "Once upon a time", max_tokens=2, temperature=0
         )
         if mode == "control_plane":
             snap = client.snapshot()
@@ -102,12 +109,14 @@ def test_errors_are_live_errors(llm_server) -> None:
     with UnifiedInferenceClient(f"http://127.0.0.1:{free_port()}", "m", timeout_s=2) as client:
         with pytest.raises(LiveError, match="cannot reach"):
             client.generate("x")
-        with pytest.raises(LiveError, match="no an embedding endpoint|no embedding endpoint|SAGE_EMBEDDING_BASE_URL"):
+        with pytest.raises(LiveError, match="SAGE_EMBEDDING_BASE_URL"):
             client.embed("x")
     instances = [{"host": "127.0.0.1", "port": llm_server.port, "model_name": llm_server.model, "instance_type": "llm"}]
-    with UnifiedInferenceClient.create_with_control_plane(instances, scheduling_policy="fifo") as client:
-        with pytest.raises(ModelNotFound, match=llm_server.model):
-            client.generate("x", model="other-model")
+    with (
+        UnifiedInferenceClient.create_with_control_plane(instances, scheduling_policy="fifo") as client,
+        pytest.raises(ModelNotFound, match=llm_server.model),
+    ):
+        client.generate("x", model="other-model")
     with pytest.raises(ValueError, match="unknown policy"):
         UnifiedInferenceClient.create_with_control_plane(instances, scheduling_policy="hybird")
     with pytest.raises(ValueError, match="host, port, model_name, instance_type"):
@@ -130,7 +139,7 @@ def test_create_auto_precedence(monkeypatch, llm_server, embedding_server) -> No
     for var in AUTO_VARS:
         monkeypatch.delenv(var, raising=False)
     no_ports = (free_port(),)
-    with pytest.raises(LiveError, match="SAGE_UNIFIED_BASE_URL.*SAGE_CHAT_BASE_URL.*SAGE_EMBEDDING_BASE_URL"):
+    with pytest.raises(LiveError, match=r"SAGE_UNIFIED_BASE_URL.*SAGE_CHAT_BASE_URL.*SAGE_EMBEDDING_BASE_URL"):
         UnifiedInferenceClient.create_auto(ports=no_ports)
 
     # Probing: servers found on local ports, classified by their model names.

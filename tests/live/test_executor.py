@@ -102,7 +102,12 @@ async def test_completion_chat_stream_and_records(llm_server) -> None:
         assert resp.json["choices"][0]["text"]
         assert resp.instance_id == llm_server.url.removeprefix("http://")
 
-        body = {"model": llm_server.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
+        body = {
+            "model": llm_server.model,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 3,
+            "stream": True,
+        }
         resp = await ex.submit(None, body, "chat")
         chunks = [c async for c in resp.stream]
         assert any(c["choices"] and c["choices"][0]["delta"].get("content") for c in chunks)
@@ -280,3 +285,76 @@ async def test_set_policy_and_wakeup_and_stop(llm_server) -> None:
             await held
         with pytest.raises(ServiceStopping):
             await ex.submit(None, completion(llm_server), "completions")
+
+
+async def test_same_policy_and_config_in_simulator_and_live(llm_server, embedding_server) -> None:
+    """One policy class and config, two drivers: the same decisions, records in one schema."""
+    from sagesched.core import RECORD_COLUMNS, RequestType
+    from sagesched.sim import ClusterConfig, SimConfig, simulate
+
+    config = {"min_embedding_batch_size": 3, "max_embedding_wait_ms": 5000.0}
+    # Simulated twins of the live pool: the LLM is the same model, the encoder a profiled one.
+    sim_models = {"llm": "gemma-3-270m", "emb": "bge-base"}
+    live_models = {"llm": llm_server.model, "emb": embedding_server.model}
+
+    def workload(models: dict[str, str]) -> list[Request]:
+        reqs = [
+            Request(
+                f"l{i}", RequestType.LLM_GENERATE, models["llm"], 0.0, prompt_tokens=4, max_tokens=2, output_tokens=2
+            )
+            for i in range(2)
+        ]
+        reqs += [
+            Request(
+                f"e{i}",
+                RequestType.EMBEDDING,
+                models["emb"],
+                0.0,
+                prompt_tokens=2,
+                embedding_inputs=1,
+                embedding_tokens=2,
+            )
+            for i in range(3)
+        ]
+        return reqs
+
+    cluster = ClusterConfig.from_dict(
+        {
+            "instances": [
+                {"id": "llm", "kind": "llm", "model": sim_models["llm"]},
+                {"id": "emb", "kind": "embedding", "model": None, "embedding_model": sim_models["emb"]},
+            ]
+        }
+    )
+    simulated = simulate(workload(sim_models), cluster, make_policy("hybrid", **config), SimConfig()).records
+
+    backends = [
+        llm(llm_server, id="llm"),
+        BackendConfig(embedding_server.url, "embedding", [embedding_server.model], id="emb"),
+    ]
+    async with LiveExecutor(make_policy("hybrid", **config), backends, FAST) as ex:
+        bodies = {
+            "l": lambda: ({"model": live_models["llm"], "prompt": "Hi", "max_tokens": 2}, "completions"),
+            "e": lambda: ({"model": live_models["emb"], "input": "hello"}, "embeddings"),
+        }
+        submits = []
+        for r in workload(live_models):
+            body, endpoint = bodies[r.id[0]]()
+            submits.append(ex.submit(Request(**{**_fields(r), "arrival_s": ex.now()}), body, endpoint))
+        await asyncio.gather(*submits)
+        live = records_frame(ex)
+
+    assert list(live.columns) == list(simulated.columns) == list(RECORD_COLUMNS)
+    for frame in (simulated, live):
+        frame = frame.set_index("request_id").sort_index()
+        assert set(frame.outcome) == {"completed"}
+        assert set(frame.loc[["l0", "l1"], "instance_id"]) == {"llm"}
+        assert set(frame.loc[["e0", "e1", "e2"], "instance_id"]) == {"emb"}
+        assert set(frame.loc[["e0", "e1", "e2"], "batch_size"]) == {3}, "hybrid merged the three embeddings in both"
+        assert all(rule.startswith("hybrid/") for rule in frame.rule)
+
+
+def _fields(request: Request) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}

@@ -12,8 +12,19 @@ from sagesched.live.requests import DEFAULT_MAX_TOKENS, backend_body, request_fr
 
 
 def test_chat_estimates_and_headers_take_precedence() -> None:
-    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 7, "priority": "low", "user": "u1"}
-    headers = {"x-request-priority": "critical", "X-SLO-Deadline-Ms": "1500", "X-SLO-TTFT-Ms": "200", "X-SLO-TPOT-Ms": "50"}
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "x" * 40}],
+        "max_tokens": 7,
+        "priority": "low",
+        "user": "u1",
+    }
+    headers = {
+        "x-request-priority": "critical",
+        "X-SLO-Deadline-Ms": "1500",
+        "X-SLO-TTFT-Ms": "200",
+        "X-SLO-TPOT-Ms": "50",
+    }
     r = request_from_body("chat", body, headers, now=3.5)
     assert r.type is RequestType.LLM_CHAT and r.model == "m" and r.arrival_s == 3.5
     assert r.prompt_tokens == 10 + 4  # 40 chars / 4 + per-message framing
@@ -86,7 +97,9 @@ def test_backend_body_drops_scheduler_fields_only() -> None:
 @given(
     st.dictionaries(
         st.sampled_from(["model", "prompt", "max_tokens", "n", "priority", "deadline_ms", "stream", "user"]),
-        st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=5), st.lists(st.integers(0, 9), max_size=3)),
+        st.one_of(
+            st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=5), st.lists(st.integers(0, 9), max_size=3)
+        ),
     )
 )
 def test_any_body_gives_a_request_or_invalid_request(body: dict) -> None:

@@ -20,6 +20,7 @@ KV allocations would not fit, and at the first completion, so it is exactly what
 from __future__ import annotations
 
 import logging
+import math
 from bisect import insort
 from collections import deque
 from collections.abc import Hashable
@@ -76,6 +77,20 @@ class Seq:
         return (self.priority, self.order)
 
 
+class _DecodeShape:
+    """A mutable stand-in for `BatchShape` (same attributes) for the many pure-decode evaluations of a
+    run: building a frozen dataclass per evaluation would cost more than the evaluation itself."""
+
+    __slots__ = ("decode_context_tokens", "decode_tokens", "num_prefills", "prefill_context_tokens", "prefill_tokens")
+
+    def __init__(self, n: int, ctx: int) -> None:
+        self.prefill_tokens = 0
+        self.decode_tokens = n
+        self.prefill_context_tokens = 0
+        self.decode_context_tokens = ctx
+        self.num_prefills = 0
+
+
 class StepPlan:
     """What `plan_step` scheduled: (sequence, new tokens) pairs, the batch shape and the preempted."""
 
@@ -99,15 +114,14 @@ class DecodeRun:
     in the step index, so a histogram of KV lengths modulo the block size is enough).
     """
 
-    __slots__ = ("a", "bs", "cnt", "cum", "d", "factor", "k", "n", "queued_decode0", "used0")
+    __slots__ = ("a", "bs", "cum", "d", "factor", "k", "n", "res", "used0")
 
-    def __init__(self, n: int, k: int, cnt: list[int], bs: int, used0: int, queued_decode0: int) -> None:
+    def __init__(self, n: int, k: int, cnt: list[int], bs: int, used0: int) -> None:
         self.n = n
         self.k = k
-        self.cnt = cnt
+        self.res = [(r, c) for r, c in enumerate(cnt) if c]
         self.bs = bs
         self.used0 = used0
-        self.queued_decode0 = queued_decode0
         self.a = 0.0
         self.d = 0.0
         self.factor = 1.0
@@ -120,9 +134,27 @@ class DecodeRun:
 
     def steps_done_by(self, elapsed: float) -> int:
         """Largest m <= k with cum_time(m) <= elapsed."""
-        lo, hi = 0, self.k
-        if self.cum_time(hi) <= elapsed:
-            return hi
+        k = self.k
+        if self.cum_time(k) <= elapsed:
+            return k
+        if elapsed <= 0.0:
+            return 0
+        if self.cum is None and self.d >= 0.0:
+            # Solve factor * (a m + d m (m - 1) / 2) = elapsed for m, then correct the rounding.
+            a, d = self.a, self.d
+            e = elapsed / self.factor
+            if d > 0.0:
+                b = a - 0.5 * d
+                m = int((-b + math.sqrt(b * b + 2.0 * d * e)) / d)
+            else:
+                m = int(e / a) if a > 0.0 else k
+            m = min(max(m, 0), k)
+            while m > 0 and self.cum_time(m) > elapsed:
+                m -= 1
+            while m < k and self.cum_time(m + 1) <= elapsed:
+                m += 1
+            return m
+        lo, hi = 0, k
         while hi - lo > 1:
             mid = (lo + hi) >> 1
             if self.cum_time(mid) <= elapsed:
@@ -137,8 +169,8 @@ class DecodeRun:
             return 0
         bs = self.bs
         total = 0
-        for r, c in enumerate(self.cnt):
-            if c and r <= j:
+        for r, c in self.res:
+            if r <= j:
                 total += c * ((j - r) // bs + 1)
         return total
 
@@ -176,6 +208,10 @@ class VllmEngineCore:
         self.prefix_hits = 0
         self.steps = 0
         self.run: DecodeRun | None = None
+        # Bumped by every state change, so that derived gauges can be cached between changes.
+        self.version = 0
+        self._qt_version = -1
+        self._qt = (0, 0)
 
     # -- gauges ----------------------------------------------------------------------------------
     @property
@@ -200,17 +236,22 @@ class VllmEngineCore:
 
     def queued_tokens(self) -> tuple[int, int]:
         """(prompt tokens not yet computed, decode tokens still expected by max_tokens) over all requests."""
+        if self._qt_version == self.version:
+            return self._qt
         prefill = decode = 0
         for seq in self.seqs.values():
             if not (seq.generated and seq.num_computed == seq.num_tokens - 1):
                 prefill += seq.num_tokens - seq.num_computed
             if not seq.pooling and seq.max_tokens > seq.generated:
                 decode += seq.max_tokens - seq.generated
-        return prefill, decode
+        self._qt = (prefill, decode)
+        self._qt_version = self.version
+        return self._qt
 
     # -- requests --------------------------------------------------------------------------------
     def add(self, req: EngineRequest) -> None:
         """Queue a request (vLLM's add_request). EngineRejected(400) if it could never fit in the KV cache."""
+        self.version += 1
         if req.id in self.seqs:
             raise ValueError(f"request {req.id} already in the engine")
         if req.prompt_tokens < 1:
@@ -234,6 +275,7 @@ class VllmEngineCore:
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is, freeing its blocks; False if unknown."""
+        self.version += 1
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
@@ -292,6 +334,7 @@ class VllmEngineCore:
     # -- one step --------------------------------------------------------------------------------
     def plan_step(self) -> StepPlan | None:
         """Schedule the next step (allocating KV, preempting if needed); None when there is nothing to run."""
+        self.version += 1
         running = self.running
         if not running and not self.waiting:
             return None
@@ -385,6 +428,7 @@ class VllmEngineCore:
 
     def finish_step(self, plan: StepPlan, now: float = 0.0) -> StepOutcome:
         """Apply a planned step's results: computed tokens, emitted tokens, completions (blocks freed)."""
+        self.version += 1
         out = StepOutcome(preempted_ids=[s.id for s in plan.preempted])
         emitted = out.emitted
         finished: list[Seq] = []
@@ -454,12 +498,13 @@ class VllmEngineCore:
             cnt[-seq.num_computed % bs] += 1
             ctx += seq.num_tokens
         n = len(self.running)
-        _, queued_decode = self.queued_tokens()
-        run = DecodeRun(n, k, cnt, bs, self.kv.used, queued_decode)
+        run = DecodeRun(n, k, cnt, bs, self.kv.used)
         free = self.kv.free_blocks
-        if run.alloc_cum(k - 1) > free:
-            lo, hi = 0, k - 1  # steps 0..lo-1 fit; step hi-... find largest m with alloc_cum(m-1) <= free
-            while hi - lo > 0:
+        # Each sequence allocates at most (k - 1) // bs + 1 blocks in k steps; only near a full cache
+        # is the exact count (and a search for the last step that fits) needed.
+        if n * ((k - 1) // bs + 1) > free and run.alloc_cum(k - 1) > free:
+            lo, hi = 0, k - 1  # the largest m with alloc_cum(m - 1) <= free
+            while hi > lo:
                 mid = (lo + hi + 1) >> 1
                 if run.alloc_cum(mid - 1) <= free:
                     lo = mid
@@ -469,19 +514,22 @@ class VllmEngineCore:
         if k == 0:
             return run
         step = self.perf.step_time_s
-        a = step(BatchShape(decode_tokens=n, decode_context_tokens=ctx))
+        shape = _DecodeShape(n, ctx)
+        a = step(shape)
         run.factor = factor
         if k > 1:
-            b = step(BatchShape(decode_tokens=n, decode_context_tokens=ctx + n))
-            d = b - a
-            last = step(BatchShape(decode_tokens=n, decode_context_tokens=ctx + n * (k - 1)))
+            shape.decode_context_tokens = ctx + n
+            d = step(shape) - a
+            shape.decode_context_tokens = ctx + n * (k - 1)
+            last = step(shape)
             if abs(a + d * (k - 1) - last) <= 1e-9 * max(abs(last), 1e-12):
                 run.a, run.d = a, d
             else:  # not affine in the KV length: sum the step times explicitly
                 cum = [0.0]
                 total = 0.0
                 for j in range(k):
-                    total += factor * step(BatchShape(decode_tokens=n, decode_context_tokens=ctx + n * j))
+                    shape.decode_context_tokens = ctx + n * j
+                    total += factor * step(shape)
                     cum.append(total)
                 run.cum = cum
         else:
@@ -495,6 +543,7 @@ class VllmEngineCore:
 
     def finish_decode_run(self, run: DecodeRun, m: int) -> StepOutcome:
         """Apply the first `m` steps of `run` (m <= run.k): every sequence gains m tokens."""
+        self.version += 1
         self.run = None
         out = StepOutcome(steps=m)
         if m <= 0:

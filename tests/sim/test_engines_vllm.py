@@ -1,0 +1,230 @@
+"""The vLLM v1 engine core: budget, chunking, KV accounting, preemption, prefix caching, pooling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sagesched.core import Request, RequestType
+from sagesched.policies.fifo import FifoPolicy
+from sagesched.sim import ClusterConfig, InstanceConfig, SimConfig, VllmEngineConfig, simulate
+from sagesched.sim.engines import EngineRejected, EngineRequest, VllmEngineCore
+from sagesched.sim.perf_model import BatchShape, LLMPerfModel
+
+
+class TinyLLMPerf:
+    """A deterministic stand-in with the LLMPerfModel interface (affine in every batch term)."""
+
+    prefill_tokens_per_s = 10_000.0
+    decode_step_s = 0.01
+
+    def step_time_s(self, b) -> float:
+        if b.prefill_tokens + b.decode_tokens == 0:
+            return 0.0
+        return 0.004 + 1e-5 * b.prefill_tokens + 1e-4 * b.decode_tokens + 1e-7 * b.decode_context_tokens
+
+    def kv_capacity_tokens(self, gpu_memory_utilization: float = 0.9) -> int:
+        return int(200_000 * gpu_memory_utilization)
+
+
+def engine(**kw) -> VllmEngineCore:
+    return VllmEngineCore(VllmEngineConfig(**kw), TinyLLMPerf())
+
+
+def run_to_end(core: VllmEngineCore, limit: int = 100_000):
+    """Drive plan/finish until idle; yields (plan, outcome, free blocks before planning)."""
+    for _ in range(limit):
+        free = core.kv.free_blocks
+        plan = core.plan_step()
+        if plan is None:
+            return
+        assert core.kv.used <= core.kv.num_blocks
+        yield plan, core.finish_step(plan), free
+    raise AssertionError("engine did not drain")
+
+
+def test_step_respects_token_budget_and_sequence_cap():
+    core = engine(max_num_batched_tokens=64, max_num_seqs=3)
+    for i in range(6):
+        core.add(EngineRequest(id=f"r{i}", prompt_tokens=40, output_tokens=5))
+    for plan, _, _ in run_to_end(core):
+        assert sum(t for _, t in plan.scheduled) <= 64
+        assert plan.batch_size <= 3
+        assert core.num_running <= 3
+
+
+def test_prefill_is_chunked_and_first_token_comes_with_the_last_chunk():
+    core = engine(max_num_batched_tokens=100)
+    core.add(EngineRequest(id="a", prompt_tokens=250, output_tokens=3))
+    steps = list(run_to_end(core))
+    assert [p.shape.prefill_tokens for p, _, _ in steps[:3]] == [100, 100, 50]
+    assert [o.first_token_ids for _, o, _ in steps[:3]] == [[], [], ["a"]]
+    assert [p.shape.decode_tokens for p, _, _ in steps[3:]] == [1, 1]
+    assert steps[-1][1].finished_ids == ["a"]
+    assert len(steps) == 5  # 3 prefill chunks + 2 decodes for 3 output tokens
+    assert core.kv.used == 0
+
+
+def test_running_decodes_go_before_waiting_prefills():
+    core = engine(max_num_batched_tokens=50)
+    core.add(EngineRequest(id="a", prompt_tokens=10, output_tokens=20))
+    list(zip(range(2), run_to_end(core)))  # a is decoding now
+    core.add(EngineRequest(id="b", prompt_tokens=200, output_tokens=2))
+    plan = core.plan_step()
+    assert [(s.id, t) for s, t in plan.scheduled] == [("a", 1), ("b", 49)]
+
+
+def test_kv_capacity_never_exceeded_and_preemption_exactly_when_blocks_run_out():
+    core = engine(num_gpu_blocks=10, block_size=16, max_num_batched_tokens=512)
+    for i in range(4):
+        core.add(EngineRequest(id=f"r{i}", prompt_tokens=30, output_tokens=60))
+    saw_preemption = False
+    for _ in range(2000):
+        if not core.has_work:
+            break
+        free = core.kv.free_blocks
+        # What the running requests need this step if nobody is preempted.
+        need = 0
+        budget = core.budget
+        for seq in core.running:
+            new = min(seq.num_tokens - seq.num_computed, budget)
+            budget -= new
+            need += math.ceil((seq.num_computed + new) / 16) - seq.blocks
+        plan = core.plan_step()
+        assert core.kv.used <= core.kv.num_blocks
+        if plan.preempted:
+            saw_preemption = True
+            assert need > free, "preempted although the running requests fitted"
+        else:
+            assert need <= free
+        core.finish_step(plan)
+    assert saw_preemption
+    assert core.preemptions > 0
+    assert core.kv.peak_used <= 10
+    assert not core.has_work and core.kv.used == 0
+
+
+def test_no_admission_in_a_step_that_preempted():
+    core = engine(num_gpu_blocks=6, block_size=16)
+    core.add(EngineRequest(id="a", prompt_tokens=32, output_tokens=40))
+    core.add(EngineRequest(id="b", prompt_tokens=32, output_tokens=40))
+    while True:
+        plan = core.plan_step()
+        if plan.preempted:
+            break
+        core.finish_step(plan)
+    # b (admitted last) is the victim; it stays waiting in this step
+    assert [s.id for s in plan.preempted] == ["b"]
+    assert [s.id for s, _ in plan.scheduled] == ["a"]
+    assert core.num_waiting == 1
+
+
+def test_priority_mode_preempts_the_least_urgent_request():
+    core = engine(num_gpu_blocks=9, block_size=16, scheduling_policy="priority")
+    core.add(EngineRequest(id="low", prompt_tokens=32, output_tokens=60, priority=4))
+    core.add(EngineRequest(id="high", prompt_tokens=32, output_tokens=60, priority=0))
+    core.add(EngineRequest(id="mid", prompt_tokens=32, output_tokens=60, priority=2))
+    first = core.plan_step()
+    assert [s.id for s, _ in first.scheduled] == ["high", "mid", "low"]
+    core.finish_step(first)
+    victims = []
+    for _ in range(500):
+        plan = core.plan_step()
+        if plan is None:
+            break
+        victims += [s.id for s in plan.preempted]
+        core.finish_step(plan)
+    assert victims and victims[0] == "low"
+
+
+def test_prefix_cache_hits_cost_no_budget():
+    core = engine(block_size=16, prefix_hash_block_tokens=64)
+    hashes = (11, 22, 33)  # 3 x 64 tokens = 12 blocks of 16
+    core.add(EngineRequest(id="a", prompt_tokens=200, output_tokens=2, prefix_hashes=hashes))
+    list(run_to_end(core))
+    core.add(EngineRequest(id="b", prompt_tokens=200, output_tokens=2, prefix_hashes=hashes))
+    plan = core.plan_step()
+    assert plan.shape.prefill_tokens == 200 - 12 * 16
+    assert core.seq("b").cached_tokens == 12 * 16
+    assert core.prefix_hits == 12
+    # a full-prompt hit still recomputes the last token (vLLM caps hits at prompt - 1)
+    core.finish_step(plan)
+    core.add(EngineRequest(id="c", prompt_tokens=192, output_tokens=2, prefix_hashes=hashes))
+    plan = core.plan_step()
+    c_new = dict((s.id, t) for s, t in plan.scheduled)["c"]
+    assert c_new == 16  # 11 blocks hit, the last block recomputed
+
+
+def test_pooling_request_is_prefill_only():
+    core = engine()
+    core.add(EngineRequest(id="e", prompt_tokens=300, pooling=True))
+    steps = list(run_to_end(core))
+    assert len(steps) == 1
+    assert steps[0][1].finished_ids == ["e"] and steps[0][1].emitted == {}
+    assert steps[0][0].shape.prefill_tokens == 300
+
+
+def test_request_that_can_never_fit_is_rejected():
+    core = engine(num_gpu_blocks=4, block_size=16)
+    with pytest.raises(EngineRejected) as err:
+        core.add(EngineRequest(id="big", prompt_tokens=60, output_tokens=10))
+    assert err.value.status == 400
+
+
+def test_decode_run_matches_step_by_step():
+    def fresh():
+        core = engine(num_gpu_blocks=40, block_size=16)
+        for i, (p, o) in enumerate([(30, 50), (70, 80), (5, 120)]):
+            core.add(EngineRequest(id=f"r{i}", prompt_tokens=p, output_tokens=o))
+        return core
+
+    a, b = fresh(), fresh()
+    t_a = t_b = 0.0
+    finish_a: dict[str, float] = {}
+    finish_b: dict[str, float] = {}
+    while a.has_work:
+        k = a.decode_run_limit()
+        run = a.start_decode_run(k) if k >= 2 else None
+        if run is not None and run.k >= 1:
+            t_a += run.cum_time(run.k)
+            out = a.finish_decode_run(run, run.k)
+        else:
+            plan = a.plan_step()
+            t_a += a.step_time_s(plan)
+            out = a.finish_step(plan)
+        finish_a.update(dict.fromkeys(out.finished_ids, t_a))
+    while b.has_work:
+        plan = b.plan_step()
+        t_b += b.step_time_s(plan)
+        finish_b.update(dict.fromkeys(b.finish_step(plan).finished_ids, t_b))
+    assert a.steps == b.steps and a.preemptions == b.preemptions
+    assert finish_a.keys() == finish_b.keys()
+    for rid in finish_a:
+        assert finish_a[rid] == pytest.approx(finish_b[rid], abs=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["jump", "step"])
+@pytest.mark.parametrize("prompt", [300, 5000])
+def test_lone_request_latency_equals_the_perf_model_prediction(mode, prompt):
+    perf = LLMPerfModel.load("llama-2-7b", "a100")
+    out_tokens = 57
+    budget = 2048
+    # prediction: chunked prefill steps, then one decode step per further token
+    ttft, done = 0.0, 0
+    while done < prompt:
+        chunk = min(budget, prompt - done)
+        ttft += perf.step_time_s(BatchShape(prefill_tokens=chunk, prefill_context_tokens=done + chunk, num_prefills=1))
+        done += chunk
+    e2e = ttft + sum(
+        perf.step_time_s(BatchShape(decode_tokens=1, decode_context_tokens=prompt + j + 1)) for j in range(out_tokens - 1)
+    )
+    req = Request(
+        id="solo", type=RequestType.LLM_CHAT, model="llama-2-7b", arrival_s=1.5, prompt_tokens=prompt,
+        max_tokens=out_tokens, output_tokens=out_tokens,
+    )
+    cluster = ClusterConfig((InstanceConfig(id="gpu0", model="llama-2-7b"),))
+    rec = simulate([req], cluster, FifoPolicy(), SimConfig(mode=mode)).records.iloc[0]
+    assert rec.outcome == "completed" and rec.output_tokens == out_tokens
+    assert rec.ttft_ms == pytest.approx(ttft * 1000, abs=1e-6)
+    assert rec.e2e_ms == pytest.approx(e2e * 1000, abs=1e-6)
