@@ -32,7 +32,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -371,7 +370,9 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None
+    ) -> subprocess.Popen[bytes]:
         out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.procs.append(proc)
@@ -409,7 +410,9 @@ def run_wrk(port: int, connections: int, duration: float, script: Path) -> dict[
     if wrk is None:
         return None
     cmd = [wrk, "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-s", str(script)]
-    out = subprocess.run([*cmd, f"http://127.0.0.1:{port}/v1/chat/completions"], capture_output=True, text=True, timeout=duration + 60)
+    out = subprocess.run(
+        [*cmd, f"http://127.0.0.1:{port}/v1/chat/completions"], capture_output=True, text=True, timeout=duration + 60
+    )
     text = out.stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
@@ -475,7 +478,9 @@ def _start_gateway(procs: Procs, backend_port: int, port: int, tmp: Path, policy
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", action="store_true", help=f"print the result JSON and write {RESULTS.relative_to(ROOT)}")
+    parser.add_argument(
+        "--json", action="store_true", help=f"print the result JSON and write {RESULTS.relative_to(ROOT)}"
+    )
     parser.add_argument("--rates", default="200,500,1000", help="open-loop rates (requests/s), comma-separated")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--clients", type=int, default=64, help="closed-loop concurrent clients")
@@ -504,15 +509,25 @@ def main(argv: list[str] | None = None) -> int:
             result: dict[str, Any] = {
                 "benchmark": "gateway_overhead",
                 "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "platform": platform.platform(),
+                },
                 "backend": backend,
                 "policy": args.policy,
                 "request": json.loads(BODY),
-                "load_generator": "raw HTTP/1.1 asyncio client in its own process (" + ("uvloop" if _has("uvloop") else "asyncio") + ")",
+                "load_generator": "raw HTTP/1.1 asyncio client in its own process ("
+                + ("uvloop" if _has("uvloop") else "asyncio")
+                + ")",
                 "duration_s": args.duration,
             }
             ceiling = run_load(null_port, "closed", clients=args.clients, duration=args.duration)
-            result["load_generator_ceiling"] = {"closed_loop_rps": ceiling["rps"], "p50_ms": ceiling["p50_ms"], "p99_ms": ceiling["p99_ms"]}
+            result["load_generator_ceiling"] = {
+                "closed_loop_rps": ceiling["rps"],
+                "p50_ms": ceiling["p50_ms"],
+                "p99_ms": ceiling["p99_ms"],
+            }
             result["load_generator_floor_open"] = run_load(null_port, "open", rate=rates[0], duration=args.duration)
             # The executor relays through httpx.AsyncClient: its own ceiling bounds the gateway's.
             result["httpx_client_ceiling"] = run_load(null_port, "httpx", clients=args.clients, duration=args.duration)
@@ -573,7 +588,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key}: {result[key]}")
         print(f"load generator ceiling: {result['load_generator_ceiling']['closed_loop_rps']} req/s")
         for row in open_rows:
-            print(f"open loop {row['rate']:.0f}/s: direct p50 {row['direct']['p50_ms']} ms, gateway p50 {row['gateway']['p50_ms']} ms")
+            print(
+                f"open loop {row['rate']:.0f}/s: direct p50 {row['direct']['p50_ms']} ms, gateway p50 {row['gateway']['p50_ms']} ms"
+            )
     return 0
 
 

@@ -99,7 +99,11 @@ def isolated_latencies(requests: Sequence[Request], cluster: ClusterConfig) -> n
             seen_blocks.update(request.prefix_hashes)
         if not candidates:
             continue
-        best_ttft, best_e2e = min(isolated_latency_s(request, inst, cached) for inst in candidates)
+        # Each bound is its own minimum: the fastest first token and the fastest finish may come
+        # from different instances (different hardware or chunk budgets).
+        latencies = [isolated_latency_s(request, inst, cached) for inst in candidates]
+        best_ttft = min(t for t, _ in latencies)
+        best_e2e = min(e for _, e in latencies)
         outputs = request.output_tokens if request.output_tokens is not None else request.max_tokens
         tpot = (best_e2e - best_ttft) / (outputs - 1) if not request.is_embedding and outputs >= 2 else np.nan
         out[i] = (best_ttft * 1000.0, tpot * 1000.0, best_e2e * 1000.0)

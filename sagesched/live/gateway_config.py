@@ -210,9 +210,7 @@ class _Parser:
             raise self.fail((), f"the top level must be a mapping with `policy:` and `backends:`, not {_kind(data)}")
         unknown = sorted(str(k) for k in data if k not in _TOP_KEYS)
         if unknown:
-            raise self.fail(
-                (unknown[0],), f"unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(_TOP_KEYS))}"
-            )
+            raise self.fail((unknown[0],), f"unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(_TOP_KEYS))}")
         values: dict[str, Any] = {"source": self.source}
         values["policy"], values["policy_config"] = self.policy(data.get("policy", DEFAULT_POLICY))
         values["backends"] = self.backends(data.get("backends"))
@@ -258,7 +256,9 @@ class _Parser:
                 raise self.fail(("policy",), "a policy mapping needs `name:` (e.g. {name: hybrid, ...})")
             name, config, path = value["name"], {k: v for k, v in value.items() if k != "name"}, ("policy", "name")
         else:
-            raise self.fail(("policy",), f"write a policy name (e.g. `policy: hybrid`) or a mapping, not {_kind(value)}")
+            raise self.fail(
+                ("policy",), f"write a policy name (e.g. `policy: hybrid`) or a mapping, not {_kind(value)}"
+            )
         from sagesched.policies import make_policy
 
         try:
@@ -278,14 +278,20 @@ class _Parser:
         for i, entry in enumerate(entries):
             key = entry.id or entry.url
             if key in seen:
-                raise self.fail(("backends", i), f"duplicate backend {key!r} (also backends[{seen[key]}]); give each a distinct url or id")
+                raise self.fail(
+                    ("backends", i),
+                    f"duplicate backend {key!r} (also backends[{seen[key]}]); give each a distinct url or id",
+                )
             seen[key] = i
         return tuple(entries)
 
     def backend(self, index: int, item: Any) -> BackendEntry:
         path: tuple[Any, ...] = ("backends", index)
         if not isinstance(item, Mapping):
-            raise self.fail(path, f"each backend is a mapping like {{url: http://127.0.0.1:8001, kind: llm, models: [m]}}, not {_kind(item)}")
+            raise self.fail(
+                path,
+                f"each backend is a mapping like {{url: http://127.0.0.1:8001, kind: llm, models: [m]}}, not {_kind(item)}",
+            )
         for key in ("url", "kind", "models"):
             if key not in item:
                 raise self.fail(path, f"missing `{key}`")
@@ -334,7 +340,9 @@ class _Parser:
         if valid is not None:
             for key in entry.extra:
                 if key not in valid:
-                    raise self.fail((*path, key), f"unknown backend key {key!r}; valid keys: {', '.join(sorted(valid))}")
+                    raise self.fail(
+                        (*path, key), f"unknown backend key {key!r}; valid keys: {', '.join(sorted(valid))}"
+                    )
         try:
             entry.to_backend_config()
         except (TypeError, ValueError) as exc:
@@ -350,7 +358,9 @@ class _Parser:
         valid = {f.name for f in dataclasses.fields(ExecutorConfig)}
         for key in values:
             if key not in valid:
-                raise self.fail(("executor", key), f"unknown executor key {key!r}; valid keys: {', '.join(sorted(valid))}")
+                raise self.fail(
+                    ("executor", key), f"unknown executor key {key!r}; valid keys: {', '.join(sorted(valid))}"
+                )
 
     # -- scalars -----------------------------------------------------------------------------------
     def host(self, value: Any) -> str:
@@ -395,4 +405,6 @@ def _path_name(path: tuple[Any, ...]) -> str:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(type(value), type(value).__name__)
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
+        type(value), type(value).__name__
+    )

@@ -206,7 +206,12 @@ def _start_background(args: argparse.Namespace, config: GatewayConfig) -> int:
         out.write(f"\n--- sagesched inference start {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
         out.flush()
         proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
         )
     deadline = time.monotonic() + args.wait_s
     while time.monotonic() < deadline:
@@ -257,7 +262,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"sagesched gateway: running (pid {state['pid']})",
             f"  url:      {url}",
             f"  healthy:  {info.get('healthy')}",
-            f"  ready:    {ready}" + (f" ({info.get('healthy_backends')}/{info.get('backends')} backends healthy)" if "backends" in info else ""),
+            f"  ready:    {ready}"
+            + (
+                f" ({info.get('healthy_backends')}/{info.get('backends')} backends healthy)"
+                if "backends" in info
+                else ""
+            ),
             f"  models:   {', '.join(info.get('models', [])) or '?'}",
             f"  config:   {state.get('config')}",
             f"  log:      {state.get('log')}",
@@ -343,7 +353,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sagesched inference", description="Run the sagesched OpenAI-compatible gateway.")
+    parser = argparse.ArgumentParser(
+        prog="sagesched inference", description="Run the sagesched OpenAI-compatible gateway."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="start the gateway (foreground unless --background)")
     start.add_argument("--config", required=True, help="gateway YAML file (policy, backends, limits)")

@@ -50,16 +50,32 @@ class GatewayMetrics:
             "sagesched_ttft_seconds", "Time to first content token", ["model"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.tpot = Histogram(
-            "sagesched_tpot_seconds", "Mean time per output token after the first", ["model"], buckets=TPOT_BUCKETS, registry=r
+            "sagesched_tpot_seconds",
+            "Mean time per output token after the first",
+            ["model"],
+            buckets=TPOT_BUCKETS,
+            registry=r,
         )
         self.e2e = Histogram(
-            "sagesched_e2e_seconds", "Arrival to last byte, LLM requests", ["model"], buckets=LATENCY_BUCKETS, registry=r
+            "sagesched_e2e_seconds",
+            "Arrival to last byte, LLM requests",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.embedding = Histogram(
-            "sagesched_embedding_seconds", "Arrival to result, embedding requests", ["model"], buckets=LATENCY_BUCKETS, registry=r
+            "sagesched_embedding_seconds",
+            "Arrival to result, embedding requests",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.embedding_batch = Histogram(
-            "sagesched_embedding_batch_size", "Requests merged into one embedding call", ["model"], buckets=BATCH_BUCKETS, registry=r
+            "sagesched_embedding_batch_size",
+            "Requests merged into one embedding call",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.queue_length = Gauge("sagesched_queue_length", "Requests waiting in the gateway queue", registry=r)
         self.inflight = Gauge("sagesched_inflight_requests", "Requests dispatched and not yet finished", registry=r)
@@ -70,7 +86,9 @@ class GatewayMetrics:
         self.backend_inflight = Gauge(
             "sagesched_backend_inflight_requests", "Requests outstanding at a backend", ["backend"], registry=r
         )
-        self.policy_info = Gauge("sagesched_policy_info", "The active scheduling policy (value 1)", ["policy"], registry=r)
+        self.policy_info = Gauge(
+            "sagesched_policy_info", "The active scheduling policy (value 1)", ["policy"], registry=r
+        )
         self._policy_name: str | None = None
 
     # -- feeding ---------------------------------------------------------------------------------
@@ -123,7 +141,9 @@ class GatewayMetrics:
             self.inflight.set(inflight)
         for backend in _backends(snapshot):
             backend_id = str(backend.get("id", backend.get("url", "?")))
-            self.backend_healthy.labels(backend_id, str(backend.get("kind", ""))).set(1 if backend.get("healthy") else 0)
+            self.backend_healthy.labels(backend_id, str(backend.get("kind", ""))).set(
+                1 if backend.get("healthy") else 0
+            )
             value = backend.get("inflight", backend.get("in_flight"))
             if isinstance(value, int | float):
                 self.backend_inflight.labels(backend_id).set(value)
@@ -147,7 +167,9 @@ class _DecisionCollector(Collector):
 
     def describe(self) -> list[Any]:
         return [
-            CounterMetricFamily("sagesched_policy_decisions", "Requests decided by the policy, by rule", labels=["rule"]),
+            CounterMetricFamily(
+                "sagesched_policy_decisions", "Requests decided by the policy, by rule", labels=["rule"]
+            ),
             CounterMetricFamily("sagesched_rejections", "Requests refused, by code", labels=["code", "source"]),
         ]
 

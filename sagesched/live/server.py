@@ -104,11 +104,15 @@ def _loads(raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid UTF-8 (byte {exc.start}); send UTF-8 encoded JSON") from None
+        raise InvalidRequest(
+            f"the request body is not valid UTF-8 (byte {exc.start}); send UTF-8 encoded JSON"
+        ) from None
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise InvalidRequest(
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
     except ValueError as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -170,7 +174,8 @@ def validate_body(endpoint: str, body: Any, max_batch_inputs: int) -> None:
         inputs = body.get("input")
         if isinstance(inputs, list) and len(inputs) > max_batch_inputs and not all(_is_int(t) for t in inputs):
             raise PayloadTooLarge(
-                f"'input' has {len(inputs)} items; at most {max_batch_inputs} per request (split the batch)", param="input"
+                f"'input' has {len(inputs)} items; at most {max_batch_inputs} per request (split the batch)",
+                param="input",
             )
         if isinstance(inputs, str) and not inputs:
             raise InvalidRequest("'input' must not be an empty string", param="input")
@@ -187,7 +192,9 @@ def validate_body(endpoint: str, body: Any, max_batch_inputs: int) -> None:
     options = body.get("stream_options")
     if options is not None:
         if not isinstance(options, dict):
-            raise InvalidRequest("'stream_options' must be an object like {\"include_usage\": true}", param="stream_options")
+            raise InvalidRequest(
+                "'stream_options' must be an object like {\"include_usage\": true}", param="stream_options"
+            )
         if not body.get("stream"):
             raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
         _check_bool(options, "include_usage")
@@ -200,9 +207,12 @@ def validate_body(endpoint: str, body: Any, max_batch_inputs: int) -> None:
     _check_number(body, "frequency_penalty", -2.0, 2.0)
     _check_int(body, "seed", -(2**63), 2**64 - 1)
     stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str):
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise InvalidRequest("'stop' must be a string or a list of strings", param="stop")
+    if (
+        stop is not None
+        and not isinstance(stop, str)
+        and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop))
+    ):
+        raise InvalidRequest("'stop' must be a string or a list of strings", param="stop")
     if "user" in body and body["user"] is not None and not isinstance(body["user"], str):
         raise InvalidRequest("'user' must be a string", param="user")
     if endpoint == "chat":
@@ -214,7 +224,9 @@ def validate_body(endpoint: str, body: Any, max_batch_inputs: int) -> None:
                 if isinstance(message, dict) and "content" in message:
                     content = message["content"]
                     if content is not None and not isinstance(content, str | list):
-                        raise InvalidRequest(f"messages[{i}].content must be a string or a list of parts", param="messages")
+                        raise InvalidRequest(
+                            f"messages[{i}].content must be a string or a list of parts", param="messages"
+                        )
     else:
         _check_bool(body, "echo")
         _check_int(body, "logprobs", 0, 20)
@@ -313,7 +325,9 @@ class Gateway:
         clock = getattr(self._executor, "now", None)
         return clock() if callable(clock) else time.monotonic()
 
-    async def _send_json(self, send: Send, status: int, payload: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def _send_json(
+        self, send: Send, status: int, payload: bytes, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         headers = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
         if extra:
             headers.extend(extra)
@@ -349,7 +363,9 @@ class Gateway:
         if self.draining:
             from sagesched.live.errors import ServiceStopping
 
-            await self._send_error(send, ServiceStopping("the gateway is shutting down; retry on another instance"), endpoint)
+            await self._send_error(
+                send, ServiceStopping("the gateway is shutting down; retry on another instance"), endpoint
+            )
             return
         self.inflight += 1
         self._idle.clear()
@@ -415,13 +431,17 @@ class Gateway:
             self.metrics.reject("client_disconnected")
             log.debug("client disconnected; request cancelled")
         except TimeoutError:
-            exc = UpstreamTimeout(f"the request did not finish within {self.config.request_timeout_s:g} s (request_timeout_s)")
+            exc = UpstreamTimeout(
+                f"the request did not finish within {self.config.request_timeout_s:g} s (request_timeout_s)"
+            )
             await self._fail(send, exc, endpoint, started, counted=False)
         except LiveError as exc:
             await self._fail(send, exc, endpoint, started, counted=submitted)
         except Exception as exc:  # a bug must still answer in OpenAI shape and never kill the connection
             log.exception("internal error while serving %s", scope.get("path"))
-            await self._fail(send, InternalError(f"internal gateway error: {type(exc).__name__}"), endpoint, started, counted=False)
+            await self._fail(
+                send, InternalError(f"internal gateway error: {type(exc).__name__}"), endpoint, started, counted=False
+            )
 
     async def _fail(self, send: Send, exc: LiveError, endpoint: str, started: bool, *, counted: bool) -> None:
         """Answer `exc`; `counted` says the executor already recorded it (its rejections, its records)."""
@@ -472,7 +492,11 @@ class Gateway:
 
     async def _sse_start(self, send: Send, request_id: str) -> None:
         await send(
-            {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, (b"x-request-id", request_id.encode())]}
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [*_SSE_HEADERS, (b"x-request-id", request_id.encode())],
+            }
         )
 
     async def _pump(self, send: Send, first: Any, iterator: Any, watch: _DisconnectWatch) -> None:
@@ -532,7 +556,9 @@ class Gateway:
 
     async def models(self, request: HttpRequest) -> Response:
         if self._api_keys and not self._authorized(request.scope, self._api_keys):
-            return _error_response(AuthenticationError("missing or invalid API key; send 'Authorization: Bearer <key>'"))
+            return _error_response(
+                AuthenticationError("missing or invalid API key; send 'Authorization: Bearer <key>'")
+            )
         created = int(self.started_at)
         data = [{"id": m, "object": "model", "created": created, "owned_by": "sagesched"} for m in self._models()]
         return JSONResponse({"object": "list", "data": data})
@@ -563,7 +589,7 @@ class Gateway:
         try:
             body = _loads(await request.body())
             if not isinstance(body, dict):
-                raise InvalidRequest("send a JSON object like {\"name\": \"fifo\", \"config\": {}}")
+                raise InvalidRequest('send a JSON object like {"name": "fifo", "config": {}}')
             name = body.get("name", body.get("policy", body.get("policy_name")))
             if not isinstance(name, str) or not name:
                 raise InvalidRequest("'name' (the policy to switch to) is required", param="name")
@@ -813,7 +839,9 @@ def _serve_workers(config: GatewayConfig) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    workers = [ctx.Process(target=_worker_main, args=(config,), name=f"sagesched-gateway-{i}") for i in range(config.workers)]
+    workers = [
+        ctx.Process(target=_worker_main, args=(config,), name=f"sagesched-gateway-{i}") for i in range(config.workers)
+    ]
     for w in workers:
         w.start()
     log.info("sagesched gateway: %d workers on %s (SO_REUSEPORT)", len(workers), config.url)
@@ -841,7 +869,9 @@ class UnifiedAPIServer:
     >>> server.start(); server.url; server.stop()                         # doctest: +SKIP
     """
 
-    def __init__(self, config: GatewayConfig, *, host: str | None = None, port: int | None = None, executor: Any | None = None) -> None:
+    def __init__(
+        self, config: GatewayConfig, *, host: str | None = None, port: int | None = None, executor: Any | None = None
+    ) -> None:
         self.config = config.with_overrides(host=host, port=port)
         self.app = create_app(self.config, executor)
         self._server: Any = None

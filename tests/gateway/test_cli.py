@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,7 +19,11 @@ pytestmark = pytest.mark.backends
 
 def cli(env, *args, timeout=90):
     return subprocess.run(
-        [sys.executable, "-m", "sagesched.cli", "inference", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "sagesched.cli", "inference", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -54,7 +59,9 @@ def test_start_status_stop_logs(env, config_file, llm_server, tmp_path):
         body = {"model": llm_server.model, "prompt": "Hi", "max_tokens": 2}
         assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).status_code == 200
         again = cli(env, "start", "--config", str(config_file), "--port", str(free_port()), "--background")
-        assert again.returncode == 1 and "already running" in again.stderr and "sagesched inference stop" in again.stderr
+        assert (
+            again.returncode == 1 and "already running" in again.stderr and "sagesched inference stop" in again.stderr
+        )
         logs = cli(env, "logs", "-n", "200")
         assert "sagesched gateway ready" in logs.stdout
     finally:
@@ -79,7 +86,10 @@ def test_port_taken_and_invalid_config_are_clear(env, config_file, tmp_path):
     bad.write_text(config_file.read_text().replace("kind: llm", "kind: lm"))
     result = cli(env, "start", "--config", str(bad))
     assert result.returncode == 2
-    assert f"{bad} line 3: backends[0].kind: unknown instance kind 'lm'; use one of llm, embedding, llm_embedding" in result.stderr
+    assert (
+        f"{bad} line 3: backends[0].kind: unknown instance kind 'lm'; use one of llm, embedding, llm_embedding"
+        in result.stderr
+    )
 
 
 def test_workers_share_the_port(env, config_file, llm_server):
@@ -101,4 +111,5 @@ def test_workers_share_the_port(env, config_file, llm_server):
         stopped = cli(env, "stop")
     assert stopped.returncode == 0
     for pid in pids:
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z"
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z"

@@ -63,7 +63,9 @@ def test_backend_dying_mid_stream_is_an_sse_error_event(start_gateway, start_llm
     doomed = start_llm_server(parallel=1)
     gw = start_gateway([{"url": doomed.url, "kind": "llm", "models": [doomed.model]}])
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
-    stream = client.completions.create(model=doomed.model, prompt="Once", max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=doomed.model, prompt="Once", max_tokens=400, stream=True, extra_body={"ignore_eos": True}
+    )
     chunks = []
     with pytest.raises(openai.APIError) as info:
         for chunk in stream:

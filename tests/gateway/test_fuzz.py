@@ -27,7 +27,16 @@ NOT_BOOL = [1, 0, "true", None.__class__.__name__, [], {}]
 CORRUPTIONS = {
     "/v1/chat/completions": {
         "model": [None, 1, "", "  ", [], {}],
-        "messages": [None, "hi", [], [1], [{"content": "no role"}], [{"role": 1}], [{"role": "user", "content": 5}], {}],
+        "messages": [
+            None,
+            "hi",
+            [],
+            [1],
+            [{"content": "no role"}],
+            [{"role": 1}],
+            [{"role": "user", "content": 5}],
+            {},
+        ],
         "max_tokens": [-1, 1.5, "4", True, []],
         "max_completion_tokens": [-5, "x", 2.5],
         "n": [0, -1, 1.5, "2", True, 1000],
@@ -57,7 +66,9 @@ CORRUPTIONS = {
         "dimensions": [0, -3, "8", 1.5, True],
     },
 }
-CASES = [(path, field, value) for path, fields in CORRUPTIONS.items() for field, values in fields.items() for value in values]
+CASES = [
+    (path, field, value) for path, fields in CORRUPTIONS.items() for field, values in fields.items() for value in values
+]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +175,11 @@ def test_random_json_documents(gateway, path, value):
 @FUZZ
 @given(
     path=st.sampled_from(sorted(VALID)),
-    extra=st.dictionaries(st.sampled_from(["model", "messages", "prompt", "input", "n", "stream", "max_tokens", "dimensions"]), json_values, min_size=1),
+    extra=st.dictionaries(
+        st.sampled_from(["model", "messages", "prompt", "input", "n", "stream", "max_tokens", "dimensions"]),
+        json_values,
+        min_size=1,
+    ),
 )
 def test_valid_bodies_with_random_overrides_never_500(gateway, path, extra):
     response = gateway.post(path, json={**VALID[path], **extra})

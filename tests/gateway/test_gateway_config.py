@@ -65,13 +65,25 @@ def test_api_key_from_environment(monkeypatch):
 @pytest.mark.parametrize(
     ("text", "pattern"),
     [
-        (MINIMAL.replace("kind: embedding", "kind: gpu"), r"g\.yaml line 4: backends\[1\]\.kind: unknown instance kind 'gpu'; use one of llm, embedding, llm_embedding"),
-        (MINIMAL.replace("policy: hybrid", "policy: hybird"), r"line 1: policy: unknown policy 'hybird'; available: .*hybrid"),
+        (
+            MINIMAL.replace("kind: embedding", "kind: gpu"),
+            r"g\.yaml line 4: backends\[1\]\.kind: unknown instance kind 'gpu'; use one of llm, embedding, llm_embedding",
+        ),
+        (
+            MINIMAL.replace("policy: hybrid", "policy: hybird"),
+            r"line 1: policy: unknown policy 'hybird'; available: .*hybrid",
+        ),
         (MINIMAL + "prot: 8000\n", r"line 5: prot: unknown key 'prot'; valid keys: .*port"),
         (MINIMAL + "port: 70000\n", r"line 5: port: 70000 is out of range; use a number between 1 and 65535"),
         (MINIMAL + "port: eighty\n", r"line 5: port: must be a whole number"),
-        (MINIMAL.replace('"http://127.0.0.1:8090"', "127.0.0.1:8090"), r"line 4: backends\[1\]\.url: .* is not an http\(s\) URL"),
-        (MINIMAL.replace("models: [bge-base]", "models: []"), r"line 4: backends\[1\]\.models: must be a non-empty list"),
+        (
+            MINIMAL.replace('"http://127.0.0.1:8090"', "127.0.0.1:8090"),
+            r"line 4: backends\[1\]\.url: .* is not an http\(s\) URL",
+        ),
+        (
+            MINIMAL.replace("models: [bge-base]", "models: []"),
+            r"line 4: backends\[1\]\.models: must be a non-empty list",
+        ),
         ("policy: hybrid\n", r"line 1: backends: missing; add `backends:`"),
         ("policy: hybrid\nbackends: [\n", r"g\.yaml line \d: invalid YAML"),
         ("", r"the file is empty"),
@@ -97,6 +109,8 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 
 def test_from_dict_and_overrides():
-    config = GatewayConfig.from_dict({"policy": "fifo", "backends": [{"url": "http://127.0.0.1:1", "kind": "llm", "models": ["m"]}]})
+    config = GatewayConfig.from_dict(
+        {"policy": "fifo", "backends": [{"url": "http://127.0.0.1:1", "kind": "llm", "models": ["m"]}]}
+    )
     changed = config.with_overrides(port=0, host=None)
     assert changed.port == 0 and changed.host == "127.0.0.1"

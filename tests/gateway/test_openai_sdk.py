@@ -34,7 +34,9 @@ def test_models_lists_the_union_of_backends(client, llm_server, embedding_server
 
 
 def test_completion_and_chat(client, llm_server):
-    completion = client.completions.create(model=llm_server.model, prompt="The capital of France is", max_tokens=4, temperature=0)
+    completion = client.completions.create(
+        model=llm_server.model, prompt="The capital of France is", max_tokens=4, temperature=0
+    )
     assert completion.choices[0].text
     assert completion.usage.completion_tokens == 4
     chat = client.chat.completions.create(
@@ -63,7 +65,9 @@ def test_streaming_with_usage_ends_with_an_empty_choices_usage_chunk(client, llm
     assert text
     # Without include_usage no chunk carries usage (the executor asks for it upstream, then strips it).
     plain = list(
-        client.completions.create(model=llm_server.model, prompt="Hello", max_tokens=3, stream=True, extra_body={"ignore_eos": True})
+        client.completions.create(
+            model=llm_server.model, prompt="Hello", max_tokens=3, stream=True, extra_body={"ignore_eos": True}
+        )
     )
     assert plain and all(c.usage is None for c in plain)
 

@@ -51,9 +51,12 @@ def test_lone_request_timing_matches_perf_model(emulator) -> None:  # type: igno
     perf = LLMPerfModel.load("llama-2-7b", "a100")
     # vLLM alone: one prefill step (the whole prompt fits the 2048-token budget) yields token 1,
     # then one decode step per further token, each reading the KV cache built so far.
-    ttft = perf.step_time_s(BatchShape(prefill_tokens=prompt_tokens, prefill_context_tokens=prompt_tokens, num_prefills=1))
+    ttft = perf.step_time_s(
+        BatchShape(prefill_tokens=prompt_tokens, prefill_context_tokens=prompt_tokens, num_prefills=1)
+    )
     decode = sum(
-        perf.step_time_s(BatchShape(decode_tokens=1, decode_context_tokens=prompt_tokens + i)) for i in range(1, max_tokens)
+        perf.step_time_s(BatchShape(decode_tokens=1, decode_context_tokens=prompt_tokens + i))
+        for i in range(1, max_tokens)
     )
     body = {"model": emu.model, "prompt": [7] * prompt_tokens, "max_tokens": max_tokens, "stream": True}
     client = httpx.Client()
@@ -101,7 +104,9 @@ def test_chat_stream_format_and_usage(emulator) -> None:  # type: ignore[no-unty
 
 def test_completion_stream_without_usage_has_no_usage_chunk(emulator) -> None:  # type: ignore[no-untyped-def]
     emu = emulator("vllm", time_scale=0)
-    lines, _ = _stream_lines(emu.url, "/v1/completions", {"model": emu.model, "prompt": "hi", "max_tokens": 3, "stream": True})
+    lines, _ = _stream_lines(
+        emu.url, "/v1/completions", {"model": emu.model, "prompt": "hi", "max_tokens": 3, "stream": True}
+    )
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert lines[-1] == "data: [DONE]"
     assert all("usage" not in c and c["object"] == "text_completion" for c in chunks)
@@ -207,7 +212,10 @@ def test_kv_limit_preempts_and_still_completes(emulator) -> None:  # type: ignor
     async def load() -> list[dict[str, Any]]:
         async with httpx.AsyncClient(timeout=30) as client:
             bodies = [{"model": emu.model, "prompt": [i] * 64, "max_tokens": 60} for i in range(4)]
-            return [r.json() for r in await asyncio.gather(*(client.post(f"{emu.url}/v1/completions", json=b) for b in bodies))]
+            return [
+                r.json()
+                for r in await asyncio.gather(*(client.post(f"{emu.url}/v1/completions", json=b) for b in bodies))
+            ]
 
     results = asyncio.run(load())
     assert [r["usage"]["completion_tokens"] for r in results] == [60] * 4
@@ -222,11 +230,15 @@ def test_errors_are_openai_shaped(emulator) -> None:  # type: ignore[no-untyped-
     wrong = httpx.post(f"{emu.url}/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=10)
     assert wrong.status_code == 404
     assert wrong.json()["error"]["code"] == 404 and "nope" in wrong.json()["error"]["message"]
-    long = httpx.post(f"{emu.url}/v1/completions", json={"model": emu.model, "prompt": "x", "max_tokens": 300}, timeout=10)
+    long = httpx.post(
+        f"{emu.url}/v1/completions", json={"model": emu.model, "prompt": "x", "max_tokens": 300}, timeout=10
+    )
     assert long.status_code == 400 and "maximum context length is 256" in long.json()["error"]["message"]
     bad = httpx.post(f"{emu.url}/v1/chat/completions", json={"model": emu.model, "messages": []}, timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
-    garbage = httpx.post(f"{emu.url}/v1/completions", content=b"{", headers={"content-type": "application/json"}, timeout=10)
+    garbage = httpx.post(
+        f"{emu.url}/v1/completions", content=b"{", headers={"content-type": "application/json"}, timeout=10
+    )
     assert garbage.status_code == 400
     models = httpx.get(f"{emu.url}/v1/models", timeout=10).json()
     assert [m["id"] for m in models["data"]] == [emu.model]
@@ -255,7 +267,9 @@ def test_embeddings_pooling_route(emulator) -> None:  # type: ignore[no-untyped-
 def test_zero_time_scale_is_fast(emulator) -> None:  # type: ignore[no-untyped-def]
     emu = emulator("vllm", time_scale=0)
     start = time.monotonic()
-    data = httpx.post(f"{emu.url}/v1/completions", json={"model": emu.model, "prompt": "go", "max_tokens": 200}, timeout=30).json()
+    data = httpx.post(
+        f"{emu.url}/v1/completions", json={"model": emu.model, "prompt": "go", "max_tokens": 200}, timeout=30
+    ).json()
     assert data["usage"]["completion_tokens"] == 200
     assert time.monotonic() - start < 1.0  # the model predicts ~3 s of A100 time for this
 

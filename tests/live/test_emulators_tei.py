@@ -15,9 +15,16 @@ from sagesched.live.emulators.promtext import parse_text
 from sagesched.sim.perf_model import EmbeddingPerfModel
 
 
+def _metrics(url: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in parse_text(httpx.get(f"{url}/metrics", timeout=5).text).items():
+        name = key.split("{", 1)[0]
+        out[name] = out.get(name, 0.0) + value
+    return out
+
+
 def _metric(url: str, name: str) -> float:
-    values = parse_text(httpx.get(f"{url}/metrics", timeout=5).text)
-    return sum(v for k, v in values.items() if k.split("{", 1)[0] == name)
+    return _metrics(url).get(name, 0.0)
 
 
 def test_embed_native_and_openai_routes_agree(emulator) -> None:  # type: ignore[no-untyped-def]
@@ -64,7 +71,12 @@ def test_429_past_max_concurrent_requests(emulator) -> None:  # type: ignore[no-
             await asyncio.sleep(0.05)
             second = await client.post(f"{emu.url}/embed", json={"inputs": inputs})
             one_more = await client.post(f"{emu.url}/embed", json={"inputs": "fits"})
-            return [(await first).status_code, second.status_code, one_more.status_code, second.json()["error_type"] == "Overloaded"]
+            return [
+                (await first).status_code,
+                second.status_code,
+                one_more.status_code,
+                second.json()["error_type"] == "Overloaded",
+            ]
 
     first, second, one_more, overloaded = asyncio.run(flood())
     assert (first, second, one_more, overloaded) == (200, 429, 200, True)
@@ -89,9 +101,10 @@ def test_lone_call_timing_and_batching_of_queued_calls(emulator) -> None:  # typ
             first = asyncio.create_task(ac.post(f"{emu.url}/embed", json={"inputs": [text] * 4}))
             await asyncio.sleep(0.05)  # the first batch is running; the next five calls queue behind it
             rest = [asyncio.create_task(ac.post(f"{emu.url}/embed", json={"inputs": [text] * 4})) for _ in range(5)]
-            await asyncio.sleep(0.05)
-            assert _metric(emu.url, "te_queue_size") == 20
-            assert _metric(emu.url, "te_batch_current_size") == 4
+            await asyncio.sleep(0.03)
+            during = _metrics(emu.url)  # one scrape: both gauges at the same instant
+            assert during["te_queue_size"] == 20
+            assert during["te_batch_current_size"] == 4
             assert all(r.status_code == 200 for r in await asyncio.gather(first, *rest))
 
     asyncio.run(burst())
@@ -104,7 +117,9 @@ def test_lone_call_timing_and_batching_of_queued_calls(emulator) -> None:  # typ
 
 def test_cli_runs_emulator_process_and_kill_drops_it(emulator) -> None:  # type: ignore[no-untyped-def]
     emu = emulator("vllm", subprocess=True, time_scale=0, max_num_seqs=8)
-    response = httpx.post(f"{emu.url}/v1/completions", json={"model": "llama-2-7b", "prompt": "hi", "max_tokens": 5}, timeout=10)
+    response = httpx.post(
+        f"{emu.url}/v1/completions", json={"model": "llama-2-7b", "prompt": "hi", "max_tokens": 5}, timeout=10
+    )
     assert response.json()["usage"]["completion_tokens"] == 5
     emu.kill()
     with pytest.raises(httpx.ConnectError):

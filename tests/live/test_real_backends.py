@@ -33,7 +33,13 @@ def test_llm_server_health_completion_and_metrics(llm_server: rb.RunningServer) 
 
 
 def test_llm_server_streams_sse(llm_server: rb.RunningServer) -> None:
-    body = {"model": llm_server.model, "prompt": "Once upon a time", "max_tokens": 5, "ignore_eos": True, "stream": True}
+    body = {
+        "model": llm_server.model,
+        "prompt": "Once upon a time",
+        "max_tokens": 5,
+        "ignore_eos": True,
+        "stream": True,
+    }
     lines = []
     with httpx.stream("POST", f"{llm_server.url}/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
@@ -45,7 +51,9 @@ def test_llm_server_streams_sse(llm_server: rb.RunningServer) -> None:
 
 def test_embedding_server_returns_one_vector_per_input(embedding_server: rb.RunningServer) -> None:
     texts = ["a cat sat on the mat", "stock markets fell today", "a cat sat on the mat"]
-    response = httpx.post(f"{embedding_server.url}/v1/embeddings", json={"model": embedding_server.model, "input": texts}, timeout=60)
+    response = httpx.post(
+        f"{embedding_server.url}/v1/embeddings", json={"model": embedding_server.model, "input": texts}, timeout=60
+    )
     assert response.status_code == 200, response.text
     data = sorted(response.json()["data"], key=lambda d: d["index"])
     assert len(data) == 3

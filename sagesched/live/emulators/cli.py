@@ -1,7 +1,7 @@
 """`sagesched emulate vllm|tei ...`: serve an emulated backend on 127.0.0.1 until interrupted.
 
-    sagesched emulate vllm --model llama-2-7b --hardware a100 --port 8000 [--max-num-seqs 256] [--time-scale 1.0]
-    sagesched emulate tei --model bge-base --port 8080 [--max-batch-tokens 16384] [--max-client-batch-size 32]
+sagesched emulate vllm --model llama-2-7b --hardware a100 --port 8000 [--max-num-seqs 256] [--time-scale 1.0]
+sagesched emulate tei --model bge-base --port 8080 [--max-batch-tokens 16384] [--max-client-batch-size 32]
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="kind", required=True)
 
     def common(p: argparse.ArgumentParser, model: str) -> None:
-        p.add_argument("--model", default=model, help="performance-model key (see sagesched.sim.perf_model.available_models())")
+        p.add_argument(
+            "--model", default=model, help="performance-model key (see sagesched.sim.perf_model.available_models())"
+        )
         p.add_argument("--hardware", default="a100", help="a100 or h100")
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--host", default="127.0.0.1", help="loopback only: 127.0.0.1, localhost or ::1")
@@ -45,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     tei.add_argument("--max-input-length", type=int, default=None, help="tokens per input (default: the model's)")
     tei.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per batch (TEI default 16384)")
     tei.add_argument("--max-concurrent-requests", type=int, default=None, help="past this: 429 (TEI default 512)")
-    tei.add_argument("--max-client-batch-size", type=int, default=None, help="inputs per call; past this: 413 (default 32)")
+    tei.add_argument(
+        "--max-client-batch-size", type=int, default=None, help="inputs per call; past this: 413 (default 32)"
+    )
     tei.add_argument("--max-batch-requests", type=int, default=None)
     return parser
 

@@ -24,7 +24,9 @@ class HttpError(Exception):
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
     """vLLM's error body (the OpenAI shape: message, type, param, code)."""
-    body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "ServerError"), "param": param, "code": status}}
+    body = {
+        "error": {"message": message, "type": _ERROR_TYPES.get(status, "ServerError"), "param": param, "code": status}
+    }
     return JSONResponse(body, status_code=status)
 
 

@@ -99,7 +99,7 @@ class Histogram:
         yield f"# TYPE {self.name} histogram"
         for bound, count in zip(self.buckets, self.counts, strict=True):
             yield f"{self.name}_bucket{_labels(self.base_labels, (('le', _number(bound)),))} {count}"
-        yield f'{self.name}_bucket{_labels(self.base_labels, (("le", "+Inf"),))} {self.count}'
+        yield f"{self.name}_bucket{_labels(self.base_labels, (('le', '+Inf'),))} {self.count}"
         yield f"{self.name}_sum{_labels(self.base_labels)} {_number(self.total)}"
         yield f"{self.name}_count{_labels(self.base_labels)} {self.count}"
 

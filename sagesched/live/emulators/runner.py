@@ -120,7 +120,9 @@ def build_app(kind: str, **options: Any) -> tuple[Any, str]:
     raise ValueError(f"unknown emulator kind {kind!r}; use 'vllm' or 'tei'")
 
 
-def start_emulator(kind: str = "vllm", *, port: int | None = None, subprocess: bool = False, **options: Any) -> RunningEmulator:
+def start_emulator(
+    kind: str = "vllm", *, port: int | None = None, subprocess: bool = False, **options: Any
+) -> RunningEmulator:
     """Start an emulator on 127.0.0.1 (a free port if none given) and wait for `/health`."""
     port = port or free_port()
     url = f"http://{HOST}:{port}"
@@ -151,7 +153,9 @@ def _start_process(kind: str, port: int, url: str, options: dict[str, Any]) -> R
         else:
             args += [flag, str(value)]
     process = sp.Popen(args, stdin=sp.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    model = str(options.get("served_model_name") or options.get("model") or ("llama-2-7b" if kind == "vllm" else "bge-base"))
+    model = str(
+        options.get("served_model_name") or options.get("model") or ("llama-2-7b" if kind == "vllm" else "bge-base")
+    )
     running = RunningEmulator(kind, url, model, port, process=process, options=options)
     try:
         wait_healthy(url, timeout_s=60, process=process)

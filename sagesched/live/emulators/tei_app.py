@@ -210,7 +210,11 @@ class TeiEmulator:
             if any(tokens > limit for _, tokens in inputs):
                 if not truncate:
                     longest = max(tokens for _, tokens in inputs)
-                    raise TeiError(413, f"Input validation error: `inputs` must have less than {limit} tokens. Given: {longest}", "Validation")
+                    raise TeiError(
+                        413,
+                        f"Input validation error: `inputs` must have less than {limit} tokens. Given: {longest}",
+                        "Validation",
+                    )
                 inputs = [(key, min(tokens, limit)) for key, tokens in inputs]
             pending = self.loop.submit(new_id("embed"), inputs)
             await pending.future
@@ -280,12 +284,19 @@ class TeiEmulator:
                 data.append({"object": "embedding", "embedding": value, "index": index})
             total = sum(t for _, t in inputs)
             return JSONResponse(
-                {"object": "list", "data": data, "model": self.config.name, "usage": {"prompt_tokens": total, "total_tokens": total}}
+                {
+                    "object": "list",
+                    "data": data,
+                    "model": self.config.name,
+                    "usage": {"prompt_tokens": total, "total_tokens": total},
+                }
             )
         except ValueError as exc:
             return JSONResponse({"message": str(exc), "code": 422, "type": "Tokenizer"}, status_code=422)
         except TeiError as exc:
-            return JSONResponse({"message": exc.message, "code": exc.status, "type": exc.error_type}, status_code=exc.status)
+            return JSONResponse(
+                {"message": exc.message, "code": exc.status, "type": exc.error_type}, status_code=exc.status
+            )
 
     async def info(self, request: Request) -> Response:
         return JSONResponse(

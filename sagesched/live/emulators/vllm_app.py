@@ -36,8 +36,48 @@ from sagesched.sim.perf_model import LLMPerfModel
 logger = logging.getLogger(__name__)
 
 # vLLM's own bucket bounds for its latency histograms (seconds).
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0)
 
 
@@ -93,22 +133,40 @@ class VllmEmulator:
         m.gauge("vllm:num_requests_running", "Requests in model execution batches.", lambda: loop.num_running)
         m.gauge("vllm:num_requests_waiting", "Requests waiting to be processed.", lambda: loop.num_waiting)
         m.gauge("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.", lambda: loop.kv_usage)
-        m.counter("vllm:prefix_cache_queries_total", "Prefix-cache queries, in tokens.", lambda: loop.prefix_cache_queries_tokens)
-        m.counter("vllm:prefix_cache_hits_total", "Prefix-cache hits, in tokens.", lambda: loop.prefix_cache_hits_tokens)
+        m.counter(
+            "vllm:prefix_cache_queries_total",
+            "Prefix-cache queries, in tokens.",
+            lambda: loop.prefix_cache_queries_tokens,
+        )
+        m.counter(
+            "vllm:prefix_cache_hits_total", "Prefix-cache hits, in tokens.", lambda: loop.prefix_cache_hits_tokens
+        )
         m.counter("vllm:num_preemptions_total", "Cumulative preemptions.", lambda: loop.preemptions)
         m.counter("vllm:prompt_tokens_total", "Prefill tokens processed.", lambda: loop.stats.prompt_tokens)
         m.counter("vllm:generation_tokens_total", "Generation tokens processed.", lambda: loop.stats.generation_tokens)
         m.counter("vllm:request_success_total", "Successfully processed requests.")
         if self.config.legacy_metrics:
             m.gauge("vllm:gpu_cache_usage_perc", "KV-cache usage (pre-v1 name).", lambda: loop.kv_usage)
-            m.counter("vllm:gpu_prefix_cache_queries_total", "Prefix-cache queries (pre-v1 name).", lambda: loop.prefix_cache_queries_tokens)
-            m.counter("vllm:gpu_prefix_cache_hits_total", "Prefix-cache hits (pre-v1 name).", lambda: loop.prefix_cache_hits_tokens)
+            m.counter(
+                "vllm:gpu_prefix_cache_queries_total",
+                "Prefix-cache queries (pre-v1 name).",
+                lambda: loop.prefix_cache_queries_tokens,
+            )
+            m.counter(
+                "vllm:gpu_prefix_cache_hits_total",
+                "Prefix-cache hits (pre-v1 name).",
+                lambda: loop.prefix_cache_hits_tokens,
+            )
         self.ttft = m.histogram("vllm:time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
         self.itl = m.histogram("vllm:inter_token_latency_seconds", "Inter-token latency.", ITL_BUCKETS)
         self.tpot = m.histogram("vllm:time_per_output_token_seconds", "Time per output token.", ITL_BUCKETS)
         self.e2e = m.histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.", E2E_BUCKETS)
         m.counter("sagesched_emulator_steps_total", "Engine steps the emulator has executed.", lambda: loop.stats.steps)
-        m.counter("sagesched_emulator_busy_seconds_total", "Engine-time seconds spent in steps.", lambda: loop.stats.busy_engine_s)
+        m.counter(
+            "sagesched_emulator_busy_seconds_total",
+            "Engine-time seconds spent in steps.",
+            lambda: loop.stats.busy_engine_s,
+        )
         loop.on_first_token.append(lambda h: self.ttft.observe(h.first_token_wall - h.submitted_wall))
         loop.on_tokens.append(self._observe_itl)
         loop.on_finish.append(self._observe_finish)
@@ -232,7 +290,9 @@ class VllmEmulator:
         max_tokens = self._limits(body, prompt_tokens, None)
         return await self._generate(body, prompt, prompt_tokens, max_tokens, chat=True)
 
-    async def _generate(self, body: dict[str, Any], prompt: Any, prompt_tokens: int, max_tokens: int, *, chat: bool) -> Response:
+    async def _generate(
+        self, body: dict[str, Any], prompt: Any, prompt_tokens: int, max_tokens: int, *, chat: bool
+    ) -> Response:
         stops = self._stops(body)
         seed = tx.text_seed(repr(prompt))
         handle = self._submit(body, prompt, prompt_tokens, max_tokens)
@@ -284,7 +344,9 @@ class VllmEmulator:
             return sse(payload)
 
         if chat:  # vLLM opens a chat stream with an empty role delta
-            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            yield chunk(
+                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            )
         completion_tokens = 0
         try:
             async for piece, finish in self._tokens(handle, seed, stops):
@@ -308,7 +370,9 @@ class VllmEmulator:
             raise HttpError(400, str(exc), param="input") from None
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
-            raise HttpError(400, f"encoding_format {encoding!r} is not one of 'float', 'base64'", param="encoding_format")
+            raise HttpError(
+                400, f"encoding_format {encoding!r} is not one of 'float', 'base64'", param="encoding_format"
+            )
         dim = int_field(body, "dimensions", self.embedding_dim, minimum=1) or self.embedding_dim
         if dim > self.embedding_dim:
             raise HttpError(400, f"dimensions must be <= {self.embedding_dim}", param="dimensions")

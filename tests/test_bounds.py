@@ -1,0 +1,135 @@
+"""The isolated-service bound: no simulated request may beat it, and its closed form is exact."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sagesched.bounds import _decode_s, bound_summary, isolated_latencies
+from sagesched.metrics import summarize
+from sagesched.policies import make_policy
+from sagesched.sim import ClusterConfig, SimConfig, simulate
+from sagesched.sim.perf_model import BatchShape, LLMPerfModel
+from sagesched.sim.workloads import WorkloadConfig, build_workload
+
+MIXED = ClusterConfig.from_dict(
+    {
+        "instances": [
+            {"id": "llm", "kind": "llm", "model": "llama-2-7b", "max_inflight": 32},
+            {"id": "mixed", "kind": "llm_embedding", "model": "llama-2-7b", "embedding_model": "bge-base"},
+            {"id": "tei", "kind": "embedding", "embedding_model": "bge-base", "model": None},
+        ]
+    }
+)
+CLASSES = {
+    "interactive": {"fraction": 0.5, "priority": "high", "ttft_ms": 300, "tpot_ms": 40, "types": ["chat"]},
+    "standard": {"fraction": 0.5, "priority": "normal", "ttft_ms": 2000, "types": ["chat"]},
+    "query": {"fraction": 1.0, "priority": "high", "e2e_ms": 20, "types": ["embedding"]},
+}
+
+
+def _workload(trace: str, rate_scale: float, duration_s: float, **extra) -> WorkloadConfig:
+    return WorkloadConfig.from_dict(
+        {
+            "trace": trace,
+            "rate_scale": rate_scale,
+            "duration_s": duration_s,
+            "llm_model": "llama-2-7b",
+            "embedding_model": "bge-base",
+            "classes": CLASSES,
+            **extra,
+        }
+    )
+
+
+def _check_not_beaten(requests, cluster, policy_name: str) -> dict:
+    result = simulate(requests, cluster, make_policy(policy_name), SimConfig(timeline_interval_s=0))
+    records = result.records.set_index("request_id")
+    bound = isolated_latencies(requests, cluster)
+    ids = [r.id for r in requests]
+    sim = records.loc[ids]
+    done = sim["status"].to_numpy() == "completed"
+    assert done.any()
+    eps = 1e-6  # ms; float summation order only
+    for col, k in (("ttft_ms", 0), ("e2e_ms", 2)):
+        got = sim[col].to_numpy(dtype=float)[done]
+        low = bound[done, k]
+        ok = np.isnan(got) | np.isnan(low) | (got >= low - eps)
+        worst = np.flatnonzero(~ok)
+        assert not len(worst), (
+            f"{policy_name}: {len(worst)} requests beat the {col} bound, e.g. "
+            f"{np.array(ids)[done][worst[0]]}: {got[worst[0]]:.3f} < {low[worst[0]]:.3f} ms"
+        )
+    summary = summarize(result.records)
+    upper = bound_summary(requests, cluster, duration_s=summary.get("duration_s"))
+    assert summary["slo_attainment"] <= upper["slo_attainment_upper"] + 1e-12
+    assert summary["goodput_rps"] <= upper["goodput_rps_upper"] + 1e-9
+    return upper
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    rate_scale=st.sampled_from([0.5, 2.0, 6.0]),
+    policy=st.sampled_from(["fifo", "hybrid", "least_loaded", "slo_aware"]),
+)
+def test_no_request_beats_its_isolated_latency_on_a_mixed_cluster(seed, rate_scale, policy):
+    """Chats and query embeddings over LLM-only, shared and TEI instances, light to overloaded."""
+    config = _workload(
+        "azure_conv", rate_scale, 30.0 * rate_scale, embedding={"stream_rps": 3.0, "inputs": 2, "max_inputs": 6}
+    )
+    requests = build_workload(config, seed)
+    assert any(r.is_embedding for r in requests) and any(not r.is_embedding for r in requests)
+    _check_not_beaten(requests, MIXED, policy)
+
+
+def test_bound_holds_with_long_prompts_and_shared_prefixes():
+    """Mooncake's shared prefixes: the bound credits every previously seen block as cached."""
+    cluster = ClusterConfig.uniform(2, model="llama-2-7b")
+    config = _workload("mooncake", 1.0, None, max_requests=120)
+    requests = build_workload(config, 3)
+    assert any(r.prefix_hashes for r in requests)
+    _check_not_beaten(requests, cluster, "fifo")
+
+
+def test_bound_holds_for_bursty_code_trace():
+    cluster = ClusterConfig.uniform(1, model="llama-2-7b")
+    requests = build_workload(_workload("azure_code", 1.0, 60.0), 1)
+    _check_not_beaten(requests, cluster, "fifo")
+
+
+def test_an_isolated_request_meets_its_bound_exactly():
+    """With nothing else running, the simulated latency of a lone request equals the bound (tightness)."""
+    cluster = ClusterConfig.uniform(1, model="llama-2-7b")
+    requests = build_workload(_workload("azure_conv", 1.0, 60.0, max_requests=1), 1)
+    assert len(requests) == 1
+    result = simulate(requests, cluster, make_policy("fifo"), SimConfig(timeline_interval_s=0))
+    row = result.records.iloc[0]
+    ttft, _, e2e = isolated_latencies(requests, cluster)[0]
+    assert row["ttft_ms"] == pytest.approx(ttft, rel=1e-6)
+    assert row["e2e_ms"] == pytest.approx(e2e, rel=1e-6)
+
+
+@pytest.mark.parametrize("model,hardware", [("llama-2-7b", "a100"), ("llama-3-8b", "h100"), ("gemma-3-270m", "a100")])
+@pytest.mark.parametrize("prompt,steps", [(1, 1), (17, 2), (512, 255), (3000, 1000)])
+def test_closed_form_decode_sum_equals_the_explicit_sum(model, hardware, prompt, steps):
+    perf = LLMPerfModel.load(model, hardware)
+    explicit = math.fsum(
+        perf.step_time_s(BatchShape(decode_tokens=1, decode_context_tokens=prompt + k)) for k in range(1, steps + 1)
+    )
+    assert _decode_s(perf, prompt, steps) == pytest.approx(explicit, rel=1e-9)
+
+
+def test_unservable_requests_are_nan_and_do_not_count_as_met():
+    llm_only = ClusterConfig.uniform(1, model="llama-2-7b")
+    config = _workload("azure_conv", 1.0, 20.0, embedding={"stream_rps": 2.0})
+    requests = build_workload(config, 2)
+    lat = isolated_latencies(requests, llm_only)
+    emb = np.array([r.is_embedding for r in requests])
+    assert emb.any() and np.isnan(lat[emb]).all() and not np.isnan(lat[~emb, 0]).any()
+    upper = bound_summary(requests, llm_only)
+    assert upper["slo_attainment_upper"] <= 1.0 - emb.mean() + 1e-12
