@@ -154,7 +154,8 @@ def test_client_disconnect_cancels_the_upstream_request(start_gateway, llm_serve
 
     body = chat_body(llm_server, max_tokens=500, stream=True)
     with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=60) as response:
-        first = next(line for line in response.iter_lines() if line.startswith("data: "))
+        lines = response.iter_lines()  # keep a reference: closing this iterator closes the connection
+        first = next(line for line in lines if line.startswith("data: "))
         assert '"error"' not in first, first
         assert inflight() == 1, (first, executor.records[-1:] if executor.records else None)
     assert wait_for(lambda: inflight() == 0, 5), "the streamed request kept running after the client left"
