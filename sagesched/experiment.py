@@ -83,6 +83,7 @@ def run(cfg: Any, out_dir: str | Path, *, progress: bool | None = None) -> dict[
     offered_s = max(requests[-1].arrival_s - requests[0].arrival_s, 1e-9)
     summary.update(
         policy=policy.name,
+        label=str(resolved.get("label") or policy.name),
         policy_config=policy.describe(),
         seed=seed,
         offered_rps=len(requests) / offered_s,
@@ -128,7 +129,9 @@ SUMMARY_TABLE = (
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A compact two-column table for the terminal."""
-    rows = [("policy", str(summary.get("policy")))]
+    label = summary.get("label")
+    policy = str(summary.get("policy"))
+    rows = [("policy", policy if not label or label == policy else f"{label} ({policy})")]
     for key, label, fmt in SUMMARY_TABLE:
         value = summary.get(key)
         rows.append((label, "–" if value is None else fmt.format(value)))

@@ -38,6 +38,16 @@ METRICS: dict[str, tuple[str, bool]] = {
     "rejected": ("rejected requests", False),
 }
 PLOTTED = ("slo_attainment", "goodput_rps", "ttft_p99_ms", "embedding_p99_ms")
+# The offline reference (sagesched.bounds) of each metric that has one: no online policy can beat it.
+BOUND_OF = {
+    "slo_attainment": "bound.slo_attainment_upper",
+    "goodput_rps": "bound.goodput_rps_upper",
+    "ttft_p50_ms": "bound.ttft_p50_ms_lower",
+    "ttft_p99_ms": "bound.ttft_p99_ms_lower",
+    "e2e_p99_ms": "bound.e2e_p99_ms_lower",
+    "embedding_p99_ms": "bound.embedding_p99_ms_lower",
+}
+BOUND_LABEL = "bound (isolated service)"
 
 
 class ReportError(ValueError):
@@ -74,7 +84,10 @@ def load_runs(sweep_dir: str | Path) -> pd.DataFrame:
         cfg = summary.get("config") or {}
         workload = cfg.get("workload") or {}
         row = {k: v for k, v in summary.items() if isinstance(v, int | float | str | type(None))}
+        # Runs group under their label (a tuned variant of a policy gets its own line), by default the policy name.
         row.update(
+            policy=str(summary.get("label") or summary.get("policy")),
+            policy_name=summary.get("policy"),
             run_dir=str(path.parent.relative_to(root)),
             scenario=_scenario(summary),
             rate_scale=float(workload.get("rate_scale", 1.0)),
@@ -82,6 +95,9 @@ def load_runs(sweep_dir: str | Path) -> pd.DataFrame:
         )
         for cls, value in (summary.get("slo_attainment_by_class") or {}).items():
             row[f"slo_attainment[{cls}]"] = value
+        for key, value in (summary.get("bound") or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                row[f"bound.{key}"] = value
         rows.append(row)
     if not rows:
         raise ReportError(f"no summary.json under {root}; run a sweep first (python -m sagesched.experiment -m ...)")
@@ -91,9 +107,7 @@ def load_runs(sweep_dir: str | Path) -> pd.DataFrame:
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean, CI half-width and run count per (scenario, policy, rate_scale) for every numeric column."""
     keys = ["scenario", "policy", "rate_scale"]
-    numeric = [
-        c for c in runs.columns if c not in keys and c != "seed" and pd.api.types.is_numeric_dtype(runs[c])
-    ]
+    numeric = [c for c in runs.columns if c not in keys and c != "seed" and pd.api.types.is_numeric_dtype(runs[c])]
     out = []
     for key, group in runs.groupby(keys, sort=True):
         row = dict(zip(keys, key, strict=True))
@@ -117,8 +131,22 @@ def _fmt(value, ci=None) -> str:
     return text
 
 
+def _bound_by_load(data: pd.DataFrame, metric: str) -> pd.Series | None:
+    """The reference value of `metric` per load (the same for every policy at a load and seed)."""
+    col = BOUND_OF.get(metric)
+    if col is None or col not in data or data[col].isna().all():
+        return None
+    return data.groupby("rate_scale", sort=True)[col].mean()
+
+
+def _class_columns(data: pd.DataFrame) -> list[str]:
+    return sorted(
+        c for c in data.columns if c.startswith("slo_attainment[") and not c.endswith("_ci") and data[c].notna().any()
+    )
+
+
 def plot_scenario(agg: pd.DataFrame, scenario: str, out_dir: Path) -> list[str]:
-    """One PNG per plotted metric against offered load, a line per policy; returns file names."""
+    """One PNG per plotted metric against offered load, a line per policy, plus the bound; returns file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,12 +157,17 @@ def plot_scenario(agg: pd.DataFrame, scenario: str, out_dir: Path) -> list[str]:
     for metric in PLOTTED:
         if metric not in data or data[metric].isna().all():
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(6.5, 4))
         for policy, group in data.groupby("policy", sort=True):
             group = group.sort_values("rate_scale")
             err = group.get(f"{metric}_ci")
             ax.errorbar(group["rate_scale"], group[metric], yerr=None if err is None else err.fillna(0),
                         marker="o", capsize=3, label=policy)  # fmt: skip
+        bound = _bound_by_load(data, metric)
+        if bound is not None:
+            ax.plot(bound.index, bound.to_numpy(), "k--", linewidth=1.2, label=BOUND_LABEL)
+        if metric.endswith("_ms"):
+            ax.set_yscale("log")
         ax.set_xlabel("offered load (x trace rate)")
         ax.set_ylabel(METRICS[metric][0])
         ax.set_title(f"{scenario}: {METRICS[metric][0]}")
@@ -145,20 +178,20 @@ def plot_scenario(agg: pd.DataFrame, scenario: str, out_dir: Path) -> list[str]:
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
         files.append(name)
-    class_cols = sorted(c for c in data.columns if c.startswith("slo_attainment[") and not c.endswith("_ci"))
+    class_cols = _class_columns(data)
     if class_cols:
-        top = data["rate_scale"].max()
-        at_top = data[data["rate_scale"] == top]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        width = 0.8 / max(1, len(at_top))
-        for i, (_, row) in enumerate(at_top.sort_values("policy").iterrows()):
-            xs = [j + i * width for j in range(len(class_cols))]
-            ax.bar(xs, [row[c] if row[c] is not None else 0 for c in class_cols], width, label=row["policy"])
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(class_cols))])
-        ax.set_xticklabels([c[len("slo_attainment[") : -1] for c in class_cols], rotation=30, fontsize=7)
-        ax.set_ylabel("SLO attainment")
-        ax.set_title(f"{scenario}: SLO attainment per class at load {top:g}")
-        ax.legend(fontsize=7)
+        fig, axes = plt.subplots(1, len(class_cols), figsize=(3.6 * len(class_cols), 3.6), sharey=True, squeeze=False)
+        for ax, col in zip(axes[0], class_cols, strict=True):
+            for policy, group in data.groupby("policy", sort=True):
+                group = group.sort_values("rate_scale")
+                ax.plot(group["rate_scale"], group[col], marker="o", label=policy)
+            ax.set_title(col[len("slo_attainment[") : -1], fontsize=9)
+            ax.set_xlabel("offered load")
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("SLO attainment")
+        axes[0][-1].legend(fontsize=6)
+        fig.suptitle(f"{scenario}: SLO attainment per class")
         fig.tight_layout()
         name = f"{scenario}_slo_by_class.png"
         fig.savefig(out_dir / name, dpi=110)
@@ -167,20 +200,47 @@ def plot_scenario(agg: pd.DataFrame, scenario: str, out_dir: Path) -> list[str]:
     return files
 
 
+def _table(data: pd.DataFrame, columns: list[tuple[str, str]]) -> list[str]:
+    """Markdown rows (load, policy, runs, then `columns`), with the bound's row after each load's policies."""
+    header = ["load", "policy", "runs", *(label for _, label in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for rate, group in data.groupby("rate_scale", sort=True):
+        for _, row in group.sort_values("policy").iterrows():
+            cells = [f"{rate:g}", str(row["policy"]), str(row["runs"])]
+            cells += [_fmt(row.get(col), row.get(f"{col}_ci")) for col, _ in columns]
+            lines.append("| " + " | ".join(cells) + " |")
+        bound_cells = [_fmt(group[BOUND_OF[col]].mean()) if BOUND_OF.get(col) in group else "–" for col, _ in columns]
+        if any(cell != "–" for cell in bound_cells):
+            lines.append("| " + " | ".join([f"{rate:g}", f"*{BOUND_LABEL}*", "", *bound_cells]) + " |")
+    return lines
+
+
 def findings(agg: pd.DataFrame, focus: str = "hybrid") -> list[str]:
-    """Plain statements computed from the table: who leads on goodput at each load, where `focus` ranks."""
+    """Plain statements computed from the table, one per scenario and load.
+
+    Who leads on goodput (ties within 0.5% listed together), the gap to the offline bound, and where
+    each policy whose label starts with `focus` ranks (a tie counts as the better rank).
+    """
     lines = []
     for scenario, data in agg.groupby("scenario", sort=True):
         for rate, group in data.groupby("rate_scale", sort=True):
-            ranked = group[group["policy"] != "bound"].sort_values("goodput_rps", ascending=False)
-            if ranked.empty or ranked["goodput_rps"].isna().all():
+            ranked = group.dropna(subset=["goodput_rps"]).sort_values(
+                ["goodput_rps", "policy"], ascending=[False, True]
+            )
+            if ranked.empty:
                 continue
-            best = ranked.iloc[0]
-            text = f"- **{scenario}, load {rate:g}**: best goodput {best['goodput_rps']:.2f} req/s by `{best['policy']}`"
-            if focus in set(ranked["policy"]):
-                pos = list(ranked["policy"]).index(focus) + 1
-                mine = ranked[ranked["policy"] == focus].iloc[0]
-                text += f"; `{focus}` ranks {pos}/{len(ranked)} ({mine['goodput_rps']:.2f} req/s"
+            top = float(ranked["goodput_rps"].iloc[0])
+            leaders = ranked[ranked["goodput_rps"] >= top * 0.995]["policy"].tolist()
+            names = ", ".join(f"`{p}`" for p in leaders[:4]) + (
+                f" and {len(leaders) - 4} more" if len(leaders) > 4 else ""
+            )
+            text = f"- **{scenario}, load {rate:g}**: best goodput {top:.2f} req/s by {names}"
+            bound = _bound_by_load(group, "goodput_rps")
+            if bound is not None and len(bound):
+                text += f" (bound {float(bound.iloc[0]):.2f})"
+            for _, mine in ranked[ranked["policy"].astype(str).str.startswith(focus)].iterrows():
+                rank = int((ranked["goodput_rps"] > mine["goodput_rps"] * 1.005).sum()) + 1
+                text += f"; `{mine['policy']}` ranks {rank}/{len(ranked)} ({mine['goodput_rps']:.2f} req/s"
                 text += f", SLO attainment {_fmt(mine.get('slo_attainment'))})"
             lines.append(text)
     return lines
@@ -211,14 +271,14 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, *, title: str | Non
         lines += [f"## {scenario}", ""]
         for name in plot_scenario(agg, scenario, out):
             lines += [f"![{name}]({name})", ""]
-        data = agg[agg["scenario"] == scenario].sort_values(["rate_scale", "policy"])
-        header = ["load", "policy", "runs", *(METRICS[m][0] for m in shown)]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for _, row in data.iterrows():
-            cells = [f"{row['rate_scale']:g}", str(row["policy"]), str(row["runs"])]
-            cells += [_fmt(row[m], row.get(f"{m}_ci")) for m in shown]
-            lines.append("| " + " | ".join(cells) + " |")
+        data = agg[agg["scenario"] == scenario]
+        lines += _table(data, [(m, METRICS[m][0]) for m in shown])
         lines.append("")
+        class_cols = _class_columns(data)
+        if class_cols:
+            lines += [f"SLO attainment per class ({scenario}):", ""]
+            lines += _table(data, [(c, c[len("slo_attainment[") : -1]) for c in class_cols])
+            lines.append("")
     readme = out / "README.md"
     readme.write_text("\n".join(lines))
     log.info("wrote %s", readme)
@@ -234,8 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--analysis", default=None, help="a markdown file whose text is placed above the findings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    analysis = Path(args.analysis).read_text() if args.analysis else None
     try:
+        if args.analysis and not Path(args.analysis).is_file():
+            raise ReportError(f"analysis file {args.analysis} does not exist; pass a markdown file or drop --analysis")
+        analysis = Path(args.analysis).read_text() if args.analysis else None
         readme = write_report(args.sweep_dir, args.out, title=args.title, command=args.command, analysis=analysis)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -69,8 +69,10 @@ def default_perf_provider(cfg: InstanceConfig) -> tuple[Any, Any]:
     llm = emb = None
     if cfg.kind is not InstanceKind.EMBEDDING:
         llm = _load_llm(cfg.model, cfg.hardware, cfg.tensor_parallel, cfg.calibration)
-    if cfg.kind is not InstanceKind.LLM and cfg.embedding_model and (
-        cfg.kind is InstanceKind.EMBEDDING or cfg.shared.embedding_backend == "tei"
+    if (
+        cfg.kind is not InstanceKind.LLM
+        and cfg.embedding_model
+        and (cfg.kind is InstanceKind.EMBEDDING or cfg.shared.embedding_backend == "tei")
     ):
         emb = _load_embedding(cfg.embedding_model, cfg.hardware, cfg.calibration)
     return llm, emb
@@ -80,6 +82,33 @@ def split_tokens(total: int, n: int) -> tuple[int, ...]:
     """Spread `total` tokens over `n` inputs as evenly as integers allow."""
     base, extra = divmod(total, n)
     return tuple(base + 1 if i < extra else base for i in range(n))
+
+
+def _slot_setter(name: str):
+    return getattr(InstanceView, name).__set__
+
+
+_set_running = _slot_setter("running")
+_set_waiting = _slot_setter("waiting")
+_set_embedding_inflight = _slot_setter("embedding_inflight")
+_set_kv_usage = _slot_setter("kv_usage")
+_set_queued_prefill = _slot_setter("queued_prefill_tokens")
+_set_queued_decode = _slot_setter("queued_decode_tokens")
+_ALL_SETTERS = tuple(_slot_setter(f) for f in InstanceView.__slots__)
+_DEFAULT_VIEW = InstanceView(id="_", kind=InstanceKind.LLM, models=frozenset({"_"}))
+
+
+def _new_view(template: tuple) -> InstanceView:
+    """A fresh snapshot with the template's values, to overwrite the load fields of.
+
+    Hot path: a policy call needs one view per instance, and the dataclass constructor (keyword
+    arguments, frozen setattr, __post_init__) costs more than the rest of a view's computation. The
+    template's values were validated once by the real constructor.
+    """
+    view = object.__new__(InstanceView)
+    for setter, value in zip(_ALL_SETTERS, template, strict=True):
+        setter(view, value)
+    return view
 
 
 class _Instance:
@@ -120,11 +149,29 @@ class _Instance:
             self.max_batch_tokens = cfg.vllm.max_num_batched_tokens
         else:
             self.prefill_rate = float(emb_perf.tokens_per_s)
-            self.decode_step = InstanceView.decode_step_s
+            self.decode_step = _DEFAULT_VIEW.decode_step_s
             self.max_num_seqs = cfg.tei.max_concurrent_requests
             self.max_batch_tokens = cfg.tei.max_batch_tokens
         self.emb_rate = float(emb_perf.tokens_per_s) if emb_perf is not None else self.prefill_rate
-        self.max_client_batch = cfg.tei.max_client_batch_size if self.tei is not None else InstanceView.max_client_batch_size
+        self.max_client_batch = (
+            cfg.tei.max_client_batch_size if self.tei is not None else _DEFAULT_VIEW.max_client_batch_size
+        )
+        # The constant part of this instance's snapshots (validated once by the constructor).
+        template = InstanceView(
+            id=self.id,
+            kind=self.kind,
+            models=self.models,
+            healthy=True,
+            max_inflight=self.max_inflight,
+            max_num_seqs=self.max_num_seqs,
+            max_batch_tokens=self.max_batch_tokens,
+            max_client_batch_size=self.max_client_batch,
+            prefill_tokens_per_s=self.prefill_rate,
+            decode_step_s=self.decode_step,
+            embedding_tokens_per_s=self.emb_rate,
+            age_s=0.0,
+        )
+        self.static_view = tuple(getattr(template, f) for f in InstanceView.__slots__)
 
     @property
     def llm_active(self) -> bool:
@@ -168,6 +215,7 @@ class Simulator:
         self._call_seq = 0
         self.ended = 0
         self.wakeups: set[float] = set()
+        self.arrivals_left = len(self.requests)
         self.policy_calls = 0
         self.policy_s = 0.0
         self.events = 0
@@ -216,6 +264,7 @@ class Simulator:
             while i < n and reqs[i].arrival_s <= t:
                 queue[reqs[i].id] = reqs[i]
                 i += 1
+            self.arrivals_left = n - i
             if progress is not None:
                 progress.n = i
                 if i % 1000 == 0 or i == n:
@@ -229,6 +278,8 @@ class Simulator:
         while self.ended < total:
             yield env.timeout(interval)
             self._sample(env.now)
+            if env.peek() == float("inf"):
+                return  # nothing else will ever happen (e.g. a policy holding requests forever)
 
     def _sample(self, now: float) -> None:
         for inst in self.instances:
@@ -281,12 +332,19 @@ class Simulator:
                 rec.rule = d.rule
                 self._reject(rec, f"{d.code}: {d.reason}")
             else:
-                raise TypeError(f"policy {self.policy.name} returned {type(d).__name__}; expected Assignment or Rejection")
+                raise TypeError(
+                    f"policy {self.policy.name} returned {type(d).__name__}; expected Assignment or Rejection"
+                )
         wake = self.policy.next_wakeup(now)
+        if wake is not None and not decisions and self.arrivals_left == 0 and not self._any_active():
+            wake = None  # a wake-up that changes nothing, with nothing else to come, would loop forever
         if wake is not None and wake > now and wake not in self.wakeups:
             self.wakeups.add(wake)
             ev = env.timeout(wake - now)
             ev.callbacks.append(lambda _e, w=wake: self._wake(w))
+
+    def _any_active(self) -> bool:
+        return any(inst.llm_active or inst.tei_batch is not None for inst in self.instances)
 
     def _wake(self, when: float) -> None:
         self.wakeups.discard(when)
@@ -323,26 +381,13 @@ class Simulator:
             running += inst.tei_requests - waiting_t
             waiting += waiting_t
             prefill += tei.queued_tokens + (tei.batch.total_tokens if tei.batch is not None else 0)
-        view = InstanceView(
-            id=inst.id,
-            kind=inst.kind,
-            models=inst.models,
-            healthy=True,
-            running=running,
-            waiting=waiting,
-            embedding_inflight=inst.emb_inflight,
-            kv_usage=kv,
-            queued_prefill_tokens=prefill,
-            queued_decode_tokens=decode,
-            max_inflight=inst.max_inflight,
-            max_num_seqs=inst.max_num_seqs,
-            max_batch_tokens=inst.max_batch_tokens,
-            max_client_batch_size=inst.max_client_batch,
-            prefill_tokens_per_s=inst.prefill_rate,
-            decode_step_s=inst.decode_step,
-            embedding_tokens_per_s=inst.emb_rate,
-            age_s=0.0,
-        )
+        view = _new_view(inst.static_view)
+        _set_running(view, running)
+        _set_waiting(view, waiting)
+        _set_embedding_inflight(view, inst.emb_inflight)
+        _set_kv_usage(view, kv)
+        _set_queued_prefill(view, prefill)
+        _set_queued_decode(view, decode)
         inst.cached_view = (inst.version, m, view)
         return view
 
@@ -363,7 +408,9 @@ class Simulator:
                 self._reject(rec, f"policy assigned unknown instance {a.instance_id!r}")
             elif not inst.serves(req):
                 rec.instance_id = inst.id
-                self._reject(rec, f"instance {inst.id} ({inst.kind.value}) cannot serve {req.type.value} for {req.model!r}")
+                self._reject(
+                    rec, f"instance {inst.id} ({inst.kind.value}) cannot serve {req.type.value} for {req.model!r}"
+                )
             else:
                 rec.instance_id = inst.id
                 reqs.append(req)
@@ -520,7 +567,7 @@ class Simulator:
         m = run.steps_done_by(now - inst.llm_t0)
         if m >= run.k - 1:
             return  # the step in progress is the run's last: its end event is already due
-        run.k = m + 1
+        run.truncate(m + 1)
         inst.llm_gen += 1
         gen = inst.llm_gen
         ev = self.env.timeout(inst.llm_t0 + run.cum_time(m + 1) - now)

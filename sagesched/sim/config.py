@@ -179,9 +179,9 @@ class InstanceConfig:
             raise ValueError("an instance needs a non-empty id")
         if self.kind is not InstanceKind.EMBEDDING and not self.model:
             raise ValueError(f"instance {self.id}: kind {self.kind.value} needs `model` (an LLM)")
-        if self.kind is not InstanceKind.LLM and not self.embedding_model:
-            if self.kind is InstanceKind.EMBEDDING or self.shared.embedding_backend == "tei":
-                raise ValueError(f"instance {self.id}: kind {self.kind.value} needs `embedding_model` (e.g. 'bge-base')")
+        needs_encoder = self.kind is InstanceKind.EMBEDDING or self.shared.embedding_backend == "tei"
+        if self.kind is not InstanceKind.LLM and not self.embedding_model and needs_encoder:
+            raise ValueError(f"instance {self.id}: kind {self.kind.value} needs `embedding_model` (e.g. 'bge-base')")
         if self.max_inflight < 1:
             raise ValueError(f"instance {self.id}: max_inflight must be >= 1")
 
@@ -239,11 +239,15 @@ class ClusterConfig:
             else:
                 if int(count) < 1:
                     raise ValueError(f"instance {e.get('id')!r}: count must be >= 1")
-                out.extend(InstanceConfig.from_dict({**e, "id": f"{e.get('id', 'instance')}-{k}"}) for k in range(int(count)))
+                out.extend(
+                    InstanceConfig.from_dict({**e, "id": f"{e.get('id', 'instance')}-{k}"}) for k in range(int(count))
+                )
         return cls(tuple(out))
 
     @classmethod
-    def uniform(cls, n: int, kind: str | InstanceKind = InstanceKind.LLM, prefix: str = "llm", **kwargs: Any) -> ClusterConfig:
+    def uniform(
+        cls, n: int, kind: str | InstanceKind = InstanceKind.LLM, prefix: str = "llm", **kwargs: Any
+    ) -> ClusterConfig:
         """`n` identical instances `<prefix>-0..`; a convenience for tests and benchmarks."""
         return cls(tuple(InstanceConfig(id=f"{prefix}-{k}", kind=kind, **kwargs) for k in range(n)))
 

@@ -55,11 +55,29 @@ def workload(n: int = 120) -> list[Request]:
     for i in range(n):
         t = 0.037 * i
         if i % 3 == 2:
-            reqs.append(Request(id=f"e{i}", type=RequestType.EMBEDDING, model="bge-base", arrival_s=t,
-                                prompt_tokens=64 * (1 + i % 5), embedding_inputs=1 + i % 4, embedding_tokens=64 * (1 + i % 5)))
+            reqs.append(
+                Request(
+                    id=f"e{i}",
+                    type=RequestType.EMBEDDING,
+                    model="bge-base",
+                    arrival_s=t,
+                    prompt_tokens=64 * (1 + i % 5),
+                    embedding_inputs=1 + i % 4,
+                    embedding_tokens=64 * (1 + i % 5),
+                )
+            )
         else:
-            reqs.append(Request(id=f"c{i}", type=RequestType.LLM_CHAT, model="llama-2-7b", arrival_s=t,
-                                prompt_tokens=50 + (i * 37) % 900, max_tokens=300, output_tokens=5 + (i * 53) % 250))
+            reqs.append(
+                Request(
+                    id=f"c{i}",
+                    type=RequestType.LLM_CHAT,
+                    model="llama-2-7b",
+                    arrival_s=t,
+                    prompt_tokens=50 + (i * 37) % 900,
+                    max_tokens=300,
+                    output_tokens=5 + (i * 53) % 250,
+                )
+            )
     return reqs
 
 
@@ -113,7 +131,9 @@ def test_step_mode_gives_the_same_latencies():
 
 
 def test_unservable_requests_are_rejected_with_a_reason():
-    reqs = [Request(id="x", type=RequestType.LLM_CHAT, model="gpt-unknown", arrival_s=0.0, prompt_tokens=10, max_tokens=5)]
+    reqs = [
+        Request(id="x", type=RequestType.LLM_CHAT, model="gpt-unknown", arrival_s=0.0, prompt_tokens=10, max_tokens=5)
+    ]
     row = run(reqs).records.iloc[0]
     assert row.outcome == "rejected" and "gpt-unknown" in row.reason and row.rule == "fifo"
 
@@ -136,8 +156,18 @@ class BatchEveryWindow(Policy):
 
 
 def test_multi_id_assignment_is_one_call_and_wakeups_are_honoured():
-    reqs = [Request(id=f"e{i}", type=RequestType.EMBEDDING, model="bge-base", arrival_s=0.01 + 0.02 * i,
-                    prompt_tokens=100, embedding_inputs=1, embedding_tokens=100) for i in range(4)]
+    reqs = [
+        Request(
+            id=f"e{i}",
+            type=RequestType.EMBEDDING,
+            model="bge-base",
+            arrival_s=0.01 + 0.02 * i,
+            prompt_tokens=100,
+            embedding_inputs=1,
+            embedding_tokens=100,
+        )
+        for i in range(4)
+    ]
     res = run(reqs, policy=BatchEveryWindow())
     df = res.records
     assert (df.outcome == "completed").all()

@@ -38,19 +38,40 @@ def provider(cfg):
 
 def shared_cluster(**shared) -> ClusterConfig:
     return ClusterConfig(
-        (InstanceConfig(id="mix", kind="llm_embedding", model="llama-2-7b", embedding_model="bge-base",
-                        shared=SharedGpuConfig(**shared)),)
+        (
+            InstanceConfig(
+                id="mix",
+                kind="llm_embedding",
+                model="llama-2-7b",
+                embedding_model="bge-base",
+                shared=SharedGpuConfig(**shared),
+            ),
+        )
     )
 
 
 def chat(t: float, out: int = 200) -> Request:
-    return Request(id=f"c{t}", type=RequestType.LLM_CHAT, model="llama-2-7b", arrival_s=t, prompt_tokens=100,
-                   max_tokens=out, output_tokens=out)
+    return Request(
+        id=f"c{t}",
+        type=RequestType.LLM_CHAT,
+        model="llama-2-7b",
+        arrival_s=t,
+        prompt_tokens=100,
+        max_tokens=out,
+        output_tokens=out,
+    )
 
 
 def emb(t: float, tokens: int = 2000) -> Request:
-    return Request(id=f"e{t}", type=RequestType.EMBEDDING, model="bge-base", arrival_s=t, prompt_tokens=tokens,
-                   embedding_inputs=1, embedding_tokens=tokens)
+    return Request(
+        id=f"e{t}",
+        type=RequestType.EMBEDDING,
+        model="bge-base",
+        arrival_s=t,
+        prompt_tokens=tokens,
+        embedding_inputs=1,
+        embedding_tokens=tokens,
+    )
 
 
 def test_stretch_factors_follow_weights_and_overlap():
@@ -88,7 +109,9 @@ def test_llm_slows_down_only_while_embedding_work_runs(mode):
 
 def test_jump_and_step_agree_on_a_shared_gpu():
     cl = shared_cluster()
-    reqs = [chat(0.1 * i, out=50 + 13 * i) for i in range(8)] + [emb(0.07 * i + 0.01, tokens=500 + 50 * i) for i in range(12)]
+    reqs = [chat(0.1 * i, out=50 + 13 * i) for i in range(8)] + [
+        emb(0.07 * i + 0.01, tokens=500 + 50 * i) for i in range(12)
+    ]
     a = simulate(reqs, cl, FifoPolicy(), SimConfig(mode="jump"), perf_provider=provider).records
     b = simulate(reqs, cl, FifoPolicy(), SimConfig(mode="step"), perf_provider=provider).records
     assert (a.outcome == "completed").all()
@@ -98,7 +121,9 @@ def test_jump_and_step_agree_on_a_shared_gpu():
 
 def test_pooling_backend_serves_embeddings_inside_vllm():
     cl = shared_cluster(embedding_backend="vllm")
-    df = simulate([chat(0.0), emb(0.2, tokens=300)], cl, FifoPolicy(), perf_provider=provider).records.set_index("request_id")
+    df = simulate([chat(0.0), emb(0.2, tokens=300)], cl, FifoPolicy(), perf_provider=provider).records.set_index(
+        "request_id"
+    )
     row = df.loc["e0.2"]
     assert row.outcome == "completed" and row.output_tokens == 0
     assert row.first_token_s == row.finish_s

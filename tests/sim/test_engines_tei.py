@@ -66,15 +66,28 @@ def test_413_and_429_are_raised_and_counted():
 
 def emb_request(i: int, t: float, inputs: int = 1, tokens: int = 100) -> Request:
     return Request(
-        id=f"e{i}", type=RequestType.EMBEDDING, model="bge-base", arrival_s=t, prompt_tokens=tokens,
-        embedding_inputs=inputs, embedding_tokens=tokens,
+        id=f"e{i}",
+        type=RequestType.EMBEDDING,
+        model="bge-base",
+        arrival_s=t,
+        prompt_tokens=tokens,
+        embedding_inputs=inputs,
+        embedding_tokens=tokens,
     )
 
 
 def tei_cluster(**tei) -> ClusterConfig:
     return ClusterConfig(
-        (InstanceConfig(id="tei0", kind="embedding", model=None, embedding_model="bge-base", max_inflight=100_000,
-                        tei=TeiEngineConfig(**tei)),)
+        (
+            InstanceConfig(
+                id="tei0",
+                kind="embedding",
+                model=None,
+                embedding_model="bge-base",
+                max_inflight=100_000,
+                tei=TeiEngineConfig(**tei),
+            ),
+        )
     )
 
 
@@ -83,7 +96,9 @@ def tiny_provider(cfg):
 
 
 def test_413_and_429_reach_the_records():
-    reqs = [emb_request(0, 0.0, inputs=40, tokens=400)] + [emb_request(i, 0.001, inputs=3, tokens=30) for i in range(1, 6)]
+    reqs = [emb_request(0, 0.0, inputs=40, tokens=400)] + [
+        emb_request(i, 0.001, inputs=3, tokens=30) for i in range(1, 6)
+    ]
     res = simulate(reqs, tei_cluster(max_concurrent_requests=7), FifoPolicy(), SimConfig(), perf_provider=tiny_provider)
     df = res.records.set_index("request_id")
     assert df.loc["e0", "outcome"] == "rejected" and df.loc["e0", "reason"].startswith("backend 413")
@@ -105,8 +120,13 @@ def test_tei_with_batch_size_one_matches_md1_mean_wait():
     rng = np.random.default_rng(7)
     times = np.cumsum(rng.exponential(service / rho, size=20_000))
     reqs = [emb_request(i, float(t)) for i, t in enumerate(times)]
-    res = simulate(reqs, tei_cluster(max_batch_requests=1, max_concurrent_requests=100_000), FifoPolicy(),
-                   SimConfig(timeline_interval_s=0), perf_provider=tiny_provider)
+    res = simulate(
+        reqs,
+        tei_cluster(max_batch_requests=1, max_concurrent_requests=100_000),
+        FifoPolicy(),
+        SimConfig(timeline_interval_s=0),
+        perf_provider=tiny_provider,
+    )
     df = res.records
     assert (df.outcome == "completed").all()
     waits = (df.finish_s - df.arrival_s - service).to_numpy()

@@ -69,7 +69,7 @@ def test_prefill_is_chunked_and_first_token_comes_with_the_last_chunk():
 def test_running_decodes_go_before_waiting_prefills():
     core = engine(max_num_batched_tokens=50)
     core.add(EngineRequest(id="a", prompt_tokens=10, output_tokens=20))
-    list(zip(range(2), run_to_end(core)))  # a is decoding now
+    list(zip(range(2), run_to_end(core), strict=False))  # a is decoding now
     core.add(EngineRequest(id="b", prompt_tokens=200, output_tokens=2))
     plan = core.plan_step()
     assert [(s.id, t) for s, t in plan.scheduled] == [("a", 1), ("b", 49)]
@@ -217,11 +217,17 @@ def test_lone_request_latency_equals_the_perf_model_prediction(mode, prompt):
         ttft += perf.step_time_s(BatchShape(prefill_tokens=chunk, prefill_context_tokens=done + chunk, num_prefills=1))
         done += chunk
     e2e = ttft + sum(
-        perf.step_time_s(BatchShape(decode_tokens=1, decode_context_tokens=prompt + j + 1)) for j in range(out_tokens - 1)
+        perf.step_time_s(BatchShape(decode_tokens=1, decode_context_tokens=prompt + j + 1))
+        for j in range(out_tokens - 1)
     )
     req = Request(
-        id="solo", type=RequestType.LLM_CHAT, model="llama-2-7b", arrival_s=1.5, prompt_tokens=prompt,
-        max_tokens=out_tokens, output_tokens=out_tokens,
+        id="solo",
+        type=RequestType.LLM_CHAT,
+        model="llama-2-7b",
+        arrival_s=1.5,
+        prompt_tokens=prompt,
+        max_tokens=out_tokens,
+        output_tokens=out_tokens,
     )
     cluster = ClusterConfig((InstanceConfig(id="gpu0", model="llama-2-7b"),))
     rec = simulate([req], cluster, FifoPolicy(), SimConfig(mode=mode)).records.iloc[0]

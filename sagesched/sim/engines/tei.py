@@ -30,16 +30,20 @@ class TeiCall:
         self.started = False
 
 
-class TeiBatch:
-    """Entries (call, input tokens) forming one forward pass."""
+class TeiBatch(list):
+    """One forward pass: a list of (call, input tokens) entries, with its totals as attributes."""
 
-    __slots__ = ("entries", "max_input_tokens", "num_inputs", "total_tokens")
+    __slots__ = ("max_input_tokens", "num_inputs", "total_tokens")
 
     def __init__(self, entries: list[tuple[TeiCall, int]]) -> None:
-        self.entries = entries
+        super().__init__(entries)
         self.num_inputs = len(entries)
         self.total_tokens = sum(t for _, t in entries)
         self.max_input_tokens = max(t for _, t in entries)
+
+    @property
+    def entries(self) -> list[tuple[TeiCall, int]]:
+        return self
 
 
 class TeiEngineCore:

@@ -114,7 +114,7 @@ class DecodeRun:
     in the step index, so a histogram of KV lengths modulo the block size is enough).
     """
 
-    __slots__ = ("a", "bs", "cum", "d", "factor", "k", "n", "res", "used0")
+    __slots__ = ("_hi", "_lo", "_m", "a", "bs", "cum", "d", "factor", "k", "n", "res", "used0")
 
     def __init__(self, n: int, k: int, cnt: list[int], bs: int, used0: int) -> None:
         self.n = n
@@ -126,6 +126,15 @@ class DecodeRun:
         self.d = 0.0
         self.factor = 1.0
         self.cum: list[float] | None = None
+        # Memo of the last `steps_done_by` answer: m for elapsed in [_lo, _hi).
+        self._m = -1
+        self._lo = 0.0
+        self._hi = -1.0
+
+    def truncate(self, k: int) -> None:
+        """Stop the run after its first `k` steps (new work arrived: it joins at the next step)."""
+        self.k = k
+        self._hi = -1.0
 
     def cum_time(self, m: int) -> float:
         if self.cum is not None:
@@ -134,6 +143,15 @@ class DecodeRun:
 
     def steps_done_by(self, elapsed: float) -> int:
         """Largest m <= k with cum_time(m) <= elapsed."""
+        if self._lo <= elapsed < self._hi:
+            return self._m
+        m = self._steps_done_by(elapsed)
+        self._m = m
+        self._lo = self.cum_time(m)
+        self._hi = self.cum_time(m + 1) if m < self.k else float("inf")
+        return m
+
+    def _steps_done_by(self, elapsed: float) -> int:
         k = self.k
         if self.cum_time(k) <= elapsed:
             return k
