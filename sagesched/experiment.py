@@ -24,6 +24,24 @@ class ExperimentError(ValueError):
     """A config or input problem; the message names the fix."""
 
 
+def _pick(items: Sequence[Any], index: Any) -> Any:
+    """`${pick:LIST,INDEX}`: the item at INDEX modulo the list's length (e.g. a trace window per seed)."""
+    if not len(items):
+        raise ExperimentError("${pick:...} got an empty list; give it at least one item")
+    return items[int(index) % len(items)]
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers the config tree may use; idempotent, run on import (also in sweep workers)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("pick"):
+        OmegaConf.register_new_resolver("pick", _pick)
+
+
+register_resolvers()
+
+
 def conf_dir() -> Path:
     """The config tree: inside the package when installed as a wheel, at the repo root in a checkout."""
     here = Path(__file__).resolve().parent
@@ -89,7 +107,7 @@ def run(cfg: Any, out_dir: str | Path, *, progress: bool | None = None) -> dict[
         offered_rps=len(requests) / offered_s,
         sim_wall_s=result.wall_s,
         total_wall_s=time.perf_counter() - started,
-        bound=bound_summary(requests, cluster, duration_s=summary.get("duration_s")),
+        bound=bound_summary(requests, cluster),
         config=resolved,
     )
     result.records.to_parquet(out / "requests.parquet", index=False)

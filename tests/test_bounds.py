@@ -65,7 +65,8 @@ def _check_not_beaten(requests, cluster, policy_name: str, rel: float = 0.0) -> 
             f"{np.array(ids)[done][worst[0]]}: {got[worst[0]]:.3f} < {low[worst[0]]:.3f} ms"
         )
     summary = summarize(result.records)
-    upper = bound_summary(requests, cluster, duration_s=summary.get("duration_s"))
+    upper = bound_summary(requests, cluster)
+    assert summary["duration_s"] >= upper["span_lower_s"] - 1e-9
     assert summary["slo_attainment"] <= upper["slo_attainment_upper"] + 1e-12
     assert summary["goodput_rps"] <= upper["goodput_rps_upper"] + 1e-9
     return upper

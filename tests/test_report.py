@@ -32,8 +32,12 @@ def _summary(policy: str, rate: float, seed: int, goodput: float, slo: float, *,
         "embedding_p99_ms": 12.0,
         "offered_rps": 10.0 * rate,
         "slo_attainment_by_class": classes or {"interactive": slo, "batch": 1.0},
-        "bound": {"kind": "isolated", "slo_attainment_upper": 1.0, "goodput_rps_upper": 10.0 * rate,
-                  "ttft_p99_ms_lower": 50.0},  # fmt: skip
+        "bound": {
+            "kind": "isolated",
+            "slo_attainment_upper": 1.0,
+            "goodput_rps_upper": 10.0 * rate,
+            "ttft_p99_ms_lower": 50.0,
+        },
         "config": {"scenario": scenario, "workload": {"name": scenario, "rate_scale": rate}},
     }
 
@@ -121,7 +125,7 @@ def test_scenarios_are_reported_separately(tmp_path):
 def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(ReportError, match="does not exist"):
         load_runs(tmp_path / "missing")
-    with pytest.raises(ReportError, match="no summary.json"):
+    with pytest.raises(ReportError, match=r"no summary\.json"):
         load_runs(tmp_path)
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "summary.json").write_text("{not json")
@@ -138,8 +142,16 @@ def test_command_line_writes_the_report_and_refuses_a_missing_analysis_file(swee
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "r" / "README.md").read_text().startswith("# CLI")
     bad = subprocess.run(
-        [sys.executable, "-m", "sagesched.report", str(sweep), "--out", str(tmp_path / "r2"),
-         "--analysis", str(tmp_path / "nope.md")],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sagesched.report",
+            str(sweep),
+            "--out",
+            str(tmp_path / "r2"),
+            "--analysis",
+            str(tmp_path / "nope.md"),
+        ],
         capture_output=True,
         text=True,
     )

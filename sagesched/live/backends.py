@@ -1,10 +1,11 @@
 """One async HTTP adapter per backend: OpenAI routes, TEI's /embed, health and /metrics scraping.
 
 The executor talks to vLLM, TEI, llama.cpp's llama-server and any OpenAI-compatible server through
-`BackendClient`. Each holds one pooled `httpx.AsyncClient` (keep-alive connections, bounded pool,
-connect/read timeouts) and maps transport failures onto the live errors: a failure before the
-backend sent any byte is `BackendUnavailable` (safe to retry elsewhere), an HTTP error status keeps
-its status, and a stream that breaks later is an `UpstreamError`.
+`BackendClient`. Each holds one `transport.ConnectionPool` (keep-alive connections, bounded pool,
+connect/read timeouts; a lean HTTP/1.1 client, since every gateway request pays its cost) and maps
+transport failures onto the live errors: a failure before the backend sent any byte is
+`BackendUnavailable` (safe to retry elsewhere), an HTTP error status keeps its status, and a stream
+that breaks later is an `UpstreamError`.
 
 Load metrics are scraped from Prometheus text. The servers name the same gauges differently:
 
@@ -36,6 +37,13 @@ import httpx
 
 from sagesched.core import InstanceKind
 from sagesched.live.errors import BackendUnavailable, LiveError, UpstreamError, UpstreamTimeout, error_from_response
+from sagesched.live.transport import (
+    ConnectFailed,
+    ConnectionPool,
+    ReadTimeout,
+    Response,
+    TransportError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -200,12 +208,14 @@ def metrics_from_text(text: str, taken_at: float | None = None) -> BackendMetric
 class SSEStream:
     """Reads OpenAI-style server-sent events (``data: {json}`` ... ``data: [DONE]``) from a response.
 
+    `response` is a streamed `httpx.Response` (the user-facing client) or a `transport.Response`
+    (the executor's backend calls); both offer ``aiter_lines()`` and ``aclose()``.
     `next_event()` returns the next JSON chunk, or None at the end. Errors sent inside the stream
     (an ``error`` object, or llama-server's ``error:`` lines) raise `UpstreamError`; a broken
     connection raises `BackendUnavailable` if no event was read yet, else `UpstreamError`.
     """
 
-    def __init__(self, response: httpx.Response, backend_id: str = "") -> None:
+    def __init__(self, response: httpx.Response | Response, backend_id: str = "") -> None:
         self.response = response
         self.backend_id = backend_id
         self.events_read = 0
@@ -224,9 +234,9 @@ class SSEStream:
                 if data:
                     return self._decode("\n".join(data))
                 return None
-            except httpx.TimeoutException as exc:
+            except (httpx.TimeoutException, ReadTimeout) as exc:
                 raise UpstreamTimeout(f"backend {self.backend_id} stalled mid-stream: {exc!r}") from exc
-            except (httpx.TransportError, httpx.StreamError) as exc:
+            except (httpx.TransportError, httpx.StreamError, TransportError) as exc:
                 message = f"backend {self.backend_id} broke the stream: {type(exc).__name__}: {exc}"
                 if self.events_read == 0:
                     raise BackendUnavailable(message) from exc
@@ -294,11 +304,23 @@ def decode_base64(data: str) -> list[float]:
     return np.frombuffer(base64.b64decode(data), dtype="<f4").astype(float).tolist()
 
 
+_JSON_HEADERS = {"Content-Type": "application/json"}
+_SSE_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # built once, not per call
+
+
+def _encode(body: Mapping[str, Any]) -> bytes:
+    return _ENCODER.encode(body).encode("utf-8")
+
+
 class BackendClient:
     """The HTTP side of one backend: pooled connections, timeouts, error mapping.
 
     `connect_timeout_s` bounds connection setup (a dead backend is found fast); `read_timeout_s`
-    bounds each read (the executor enforces the per-request deadline on top).
+    bounds each wait for the backend's next bytes (the executor enforces the per-request deadline
+    on top). The pool holds `max_inflight` connections plus a few for health and metrics probes.
     """
 
     def __init__(
@@ -308,18 +330,16 @@ class BackendClient:
         connect_timeout_s: float = 3.0,
         read_timeout_s: float = 600.0,
         probe_timeout_s: float = 2.0,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = config
         self.probe_timeout_s = probe_timeout_s
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        pool = config.max_inflight + 4  # in-flight requests plus health and metrics probes
-        self._client = httpx.AsyncClient(
-            base_url=config.url,
+        self._pool = ConnectionPool(
+            config.url,
+            max_connections=config.max_inflight + 4,  # in-flight requests plus health and metrics probes
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
             headers=headers,
-            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
-            transport=transport,
         )
         self._health_path = "/health"
         self._metrics_enabled = config.scrape_metrics
@@ -329,26 +349,26 @@ class BackendClient:
         return str(self.config.id)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._pool.aclose()
 
     # -- requests -----------------------------------------------------------------------------------
-    def _transport_error(self, exc: Exception) -> LiveError:
-        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+    def _transport_error(self, exc: TransportError) -> LiveError:
+        if isinstance(exc, ConnectFailed):
             return BackendUnavailable(f"backend {self.id} unreachable: {type(exc).__name__}: {exc}")
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, ReadTimeout):
             return UpstreamTimeout(f"backend {self.id} timed out: {type(exc).__name__}")
-        # ReadError / RemoteProtocolError / WriteError before any response byte: nothing reached
-        # the caller, so this is as safe to retry as a refused connection.
+        # ConnectionDropped / ProtocolError before any response byte reached the caller: as safe
+        # to retry as a refused connection.
         return BackendUnavailable(f"backend {self.id} dropped the connection: {type(exc).__name__}: {exc}")
 
-    async def _error_from(self, response: httpx.Response) -> LiveError:
-        raw = await response.aread()
+    async def _error_from(self, response: Response) -> LiveError:
+        raw = await response.read()
         try:
             body: Any = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             body = raw.decode(errors="replace")
-        error = error_from_response(response.status_code, body)
-        if response.status_code == 503:
+        error = error_from_response(response.status, body)
+        if response.status == 503:
             # Loading, overloaded or draining: nothing was served, another backend may serve it.
             return BackendUnavailable(f"backend {self.id} answered 503: {error.message}")
         if not isinstance(error, UpstreamError):
@@ -359,29 +379,33 @@ class BackendClient:
 
     async def post_json(self, path: str, body: Mapping[str, Any]) -> Any:
         """POST `body` and return the decoded JSON answer; errors as described in the class."""
+        return (await self.post_json_raw(path, body))[0]
+
+    async def post_json_raw(self, path: str, body: Mapping[str, Any]) -> tuple[Any, bytes]:
+        """Like `post_json`, also returning the body's bytes as received (for relaying them as-is)."""
         try:
-            response = await self._client.post(path, json=body)
-        except httpx.HTTPError as exc:
+            response = await self._pool.request("POST", path, _encode(body), headers=_JSON_HEADERS)
+            if response.status >= 400:
+                raise await self._error_from(response)
+            raw = await response.read()
+        except TransportError as exc:
             raise self._transport_error(exc) from exc
-        if response.status_code >= 400:
-            raise await self._error_from(response)
         try:
-            return response.json()
+            return json.loads(raw), raw
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UpstreamError(f"backend {self.id} sent invalid JSON: {response.text[:200]!r}") from exc
+            raise UpstreamError(f"backend {self.id} sent invalid JSON: {raw[:200]!r}") from exc
 
     async def open_stream(self, path: str, body: Mapping[str, Any]) -> SSEStream:
         """POST a streaming request; returns the event reader once the response status is in."""
-        request = self._client.build_request("POST", path, json=body, headers={"Accept": "text/event-stream"})
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self._pool.request("POST", path, _encode(body), headers=_SSE_HEADERS)
+            if response.status >= 400:
+                try:
+                    raise await self._error_from(response)
+                finally:
+                    await response.aclose()
+        except TransportError as exc:
             raise self._transport_error(exc) from exc
-        if response.status_code >= 400:
-            try:
-                raise await self._error_from(response)
-            finally:
-                await response.aclose()
         return SSEStream(response, self.id)
 
     async def embed(
@@ -418,36 +442,38 @@ class BackendClient:
         return vectors, int(tokens) if isinstance(tokens, (int, float)) else None
 
     # -- probes ---------------------------------------------------------------------------------------
+    async def _get(self, path: str) -> tuple[int, bytes]:
+        response = await self._pool.request("GET", path, timeout=self.probe_timeout_s)
+        return response.status, await response.read()
+
     async def health(self) -> bool:
         """True when the server answers its health route with 2xx (``/v1/models`` where there is none)."""
         try:
-            response = await self._client.get(self._health_path, timeout=self.probe_timeout_s)
-            if response.status_code in (404, 405) and self._health_path == "/health":
+            status, _ = await self._get(self._health_path)
+            if status in (404, 405) and self._health_path == "/health":
                 self._health_path = "/v1/models"
-                response = await self._client.get(self._health_path, timeout=self.probe_timeout_s)
-        except httpx.HTTPError as exc:
+                status, _ = await self._get(self._health_path)
+        except TransportError as exc:
             logger.debug("health probe of %s failed: %r", self.id, exc)
             return False
-        return 200 <= response.status_code < 300
+        return 200 <= status < 300
 
     async def scrape(self) -> BackendMetrics | None:
         """Load gauges from ``/metrics``, or None (no metrics route, or the scrape failed)."""
         if not self._metrics_enabled:
             return None
         try:
-            response = await self._client.get("/metrics", timeout=self.probe_timeout_s)
-        except httpx.HTTPError as exc:
+            status, raw = await self._get("/metrics")
+        except TransportError as exc:
             logger.debug("metrics scrape of %s failed: %r", self.id, exc)
             return None
-        if response.status_code in (404, 405, 501):
-            logger.info(
-                "backend %s has no /metrics (HTTP %s); using in-flight accounting only", self.id, response.status_code
-            )
+        if status in (404, 405, 501):
+            logger.info("backend %s has no /metrics (HTTP %s); using in-flight accounting only", self.id, status)
             self._metrics_enabled = False
             return None
-        if response.status_code != 200:
+        if status != 200:
             return None
-        return metrics_from_text(response.text)
+        return metrics_from_text(raw.decode("utf-8", "replace"))
 
 
 __all__ = [

@@ -123,12 +123,15 @@ class LiveResponse:
     """What `submit` returns: a complete JSON body, or a stream of OpenAI chunk dicts.
 
     Consume `stream` to the end or `aclose()` it; the request's record is finished when it ends.
+    `raw`, when set, is the backend's JSON body exactly as received (the same content as `json`),
+    so a gateway can relay it without encoding it again.
     """
 
     request_id: str
     instance_id: str
     json: dict[str, Any] | None = None
     stream: AsyncIterator[dict[str, Any]] | None = None
+    raw: bytes | None = None
 
     @property
     def is_stream(self) -> bool:
@@ -470,7 +473,9 @@ class LiveExecutor:
         self._idle.clear()
         self._kick()
         try:
-            return await asyncio.shield(pending.future)
+            # Awaited directly (no shield, no extra task): if the caller is cancelled the future is
+            # cancelled with it, and every place that resolves it checks `done()` first.
+            return await pending.future
         except asyncio.CancelledError:
             # The caller went away (client disconnect): stop the upstream work.
             self._fail(pending, LiveError("the caller cancelled the request", status=499, code="cancelled"))
@@ -626,7 +631,7 @@ class LiveExecutor:
         path = LLM_PATHS[p.endpoint]
         try:
             if not p.stream:
-                data = await backend.client.post_json(path, body)
+                data, raw = await backend.client.post_json_raw(path, body)
                 if not isinstance(data, dict):
                     raise UpstreamError(f"backend {backend.id} answered with {type(data).__name__}, not an object")
                 usage = data.get("usage") or {}
@@ -635,7 +640,7 @@ class LiveExecutor:
                     p.tokens_seen = tokens
                 p.first_token = True
                 p.record.first_token_s = self._first_token_from_timings(data)
-                self._complete(p, LiveResponse(p.request.id, backend.id, json=data))
+                self._complete(p, LiveResponse(p.request.id, backend.id, json=data, raw=raw))
                 return
             options = dict(body.get("stream_options") or {})
             want_usage = bool(options.get("include_usage"))

@@ -97,6 +97,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Built once: `json.loads`/`json.dumps` with options construct a new decoder/encoder on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def _loads(raw: bytes) -> Any:
     """Parse a body strictly: UTF-8 JSON, no NaN/Infinity, no absurd nesting; 400 otherwise."""
     if not raw:
@@ -108,7 +113,7 @@ def _loads(raw: bytes) -> Any:
             f"the request body is not valid UTF-8 (byte {exc.start}); send UTF-8 encoded JSON"
         ) from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(
             f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
@@ -120,7 +125,7 @@ def _loads(raw: bytes) -> Any:
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return _ENCODER.encode(obj).encode("utf-8")
 
 
 def _error_body(exc: LiveError) -> bytes:
@@ -269,6 +274,8 @@ class Gateway:
         self.started_at = time.time()
         self.policy_name = config.policy
         self.policy_config: dict[str, Any] = dict(config.policy_config)
+        # The per-request success counters, resolved once (a `labels()` lookup per request adds up).
+        self._ok = {endpoint: self.metrics.requests.labels(endpoint, "200") for endpoint in _ENDPOINT_BY_PATH.values()}
 
     # -- lifecycle -----------------------------------------------------------------------------------
     @property
@@ -397,35 +404,43 @@ class Gateway:
             self.counters.accepted += 1
             stream = endpoint != "embeddings" and body.get("stream") is True
             payload: Any = None
-            # The executor enforces request_timeout_s itself (a clean 504 wherever the request is);
-            # this outer deadline is only a backstop should a stream stall outside its control.
-            async with asyncio.timeout(self.config.request_timeout_s + 5.0), _DisconnectWatch(receive) as watch:
-                submitted = True
-                response = await self.executor.submit(request, body, endpoint)
-                chunks = getattr(response, "stream", None) if stream else None
-                if chunks is None:
-                    payload = response.json
-                else:
-                    iterator = chunks.__aiter__()
-                    try:
+            chunks = None
+            if not stream:
+                # The executor's deadline timer ends every non-streamed request (a clean 504), so no
+                # outer timeout is needed here: a request costs one timer, not two.
+                async with _DisconnectWatch(receive):
+                    submitted = True
+                    response = await self.executor.submit(request, body, endpoint)
+                raw_json = getattr(response, "raw", None)
+                out = raw_json if raw_json is not None else _dumps(response.json)
+                await self._send_json(send, 200, out, [(b"x-request-id", request_id.encode())])
+            else:
+                # The executor enforces request_timeout_s itself (a clean 504 wherever the request
+                # is); this outer deadline is only a backstop should a stream stall outside its control.
+                async with asyncio.timeout(self.config.request_timeout_s + 5.0), _DisconnectWatch(receive) as watch:
+                    submitted = True
+                    response = await self.executor.submit(request, body, endpoint)
+                    chunks = getattr(response, "stream", None)
+                    if chunks is None:
+                        payload = response.json
+                    else:
+                        iterator = chunks.__aiter__()
                         try:
-                            first = await iterator.__anext__()
-                        except StopAsyncIteration:
-                            first = None
-                        await self._sse_start(send, request_id)
-                        started = True
-                        await self._pump(send, first, iterator, watch)
-                    finally:
-                        await _aclose(iterator)
-            if chunks is None:
-                if stream:
+                            try:
+                                first = await iterator.__anext__()
+                            except StopAsyncIteration:
+                                first = None
+                            await self._sse_start(send, request_id)
+                            started = True
+                            await self._pump(send, first, iterator, watch)
+                        finally:
+                            await _aclose(iterator)
+                if chunks is None:
                     # A backend that ignored stream=true: its JSON goes out as one SSE chunk.
                     await self._sse_start(send, request_id)
                     await send({"type": "http.response.body", "body": b"data: " + _dumps(payload) + b"\n\n" + _DONE})
-                else:
-                    await self._send_json(send, 200, _dumps(payload), [(b"x-request-id", request_id.encode())])
             self.counters.completed += 1
-            self.metrics.requests.labels(endpoint, "200").inc()
+            self._ok[endpoint].inc()
         except ClientDisconnected:
             self.counters.disconnected += 1
             self.metrics.reject("client_disconnected")
@@ -740,13 +755,33 @@ def create_app(config: GatewayConfig, executor: Any | None = None) -> Starlette:
         Route("/admin/set_policy", gateway.put_policy, methods=["POST"]),
         Route("/admin/metrics", gateway.admin_metrics, methods=["GET"]),
     ]
-    app = Starlette(
+    app = _GatewayApp(
+        gateway,
         routes=routes,
         lifespan=gateway.lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
     )
     app.state.gateway = gateway
     return app
+
+
+class _GatewayApp(Starlette):
+    """Starlette, except that the three API routes skip its middleware and router.
+
+    Those wrappers cost tens of microseconds per request and do nothing for the API handler,
+    which answers every error itself; everything else (lifespan, admin, 404/405) goes through
+    Starlette as usual.
+    """
+
+    def __init__(self, gateway: Gateway, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._api = gateway.api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
+        if scope["type"] == "http" and scope["path"] in _ENDPOINT_BY_PATH:
+            await self._api(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 class _AsgiEndpoint:
@@ -776,13 +811,18 @@ def _uvicorn_config(config: GatewayConfig, app: Any, **extra: Any) -> Any:
         "timeout_graceful_shutdown": config.drain_timeout_s,
         "timeout_keep_alive": 30,
         "server_header": False,
+        "proxy_headers": False,  # the gateway reads no client address; skips a middleware per request
     }
-    for name, module in (("loop", "uvloop"), ("http", "httptools")):
-        try:
-            __import__(module)
-            kwargs[name] = module
-        except ImportError:
-            pass
+    try:
+        __import__("uvloop")
+        kwargs["loop"] = "uvloop"
+    except ImportError:
+        pass
+    from sagesched.live.http_protocol import protocol_class
+
+    protocol = None if os.environ.get("GW_AB") else protocol_class()  # httptools, one write per response (head and body together)
+    if protocol is not None:
+        kwargs["http"] = protocol
     kwargs.update(extra)
     return uvicorn.Config(app, **kwargs)
 

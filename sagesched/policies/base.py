@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from operator import attrgetter
 from typing import Any, ClassVar
 
 from sagesched.core import Assignment, Decision, InstanceView, RejectCode, Rejection, Request
@@ -51,6 +52,14 @@ class Policy(ABC):
 
 
 # -- shared helpers ------------------------------------------------------------------------------
+#
+# These run on every `schedule` call (in simulation: once per arrival and completion, tens of
+# thousands of times per replay), usually with a handful of queued requests and instances. They
+# are written as plain loops over local names rather than layered method calls for that reason;
+# what they compute is the same as the one-line definitions in their docstrings.
+
+arrival_order = attrgetter("arrival_s", "id")
+"""Sort key for "first come, first served" (ties by id); a C-level getter, so sorting stays cheap."""
 
 
 def reject_unservable(
@@ -58,13 +67,16 @@ def reject_unservable(
 ) -> tuple[list[Rejection], list[Request]]:
     """Split off requests no registered instance could ever serve (any health), with the reason.
 
-    Unhealthy-but-compatible instances keep a request queued: they may come back.
+    Unhealthy-but-compatible instances keep a request queued: they may come back. Both returned
+    lists are new, so callers may extend or sort them in place.
     """
     rejected: list[Rejection] = []
     servable: list[Request] = []
     for request in queue:
-        if any(view.can_serve(request) for view in instances):
-            servable.append(request)
+        for view in instances:
+            if view.can_serve(request):
+                servable.append(request)
+                break
         else:
             kinds = "llm or llm_embedding" if request.type.is_llm else "embedding or llm_embedding"
             rejected.append(
@@ -83,18 +95,31 @@ class LoadLedger:
 
     Every policy places through a ledger so that N requests placed in one call spread out
     instead of all landing on the instance that looked emptiest before the call.
+
+    `views` maps instance id to its snapshot; ``added_*`` hold, per instance id, what this call has
+    assigned so far (requests, of them embeddings, prefill tokens, decode tokens). All four counters
+    only ever grow together through `add`, so ``added_requests[id] == 0`` means the instance still
+    carries exactly its snapshot's load.
     """
+
+    __slots__ = ("added_decode", "added_embedding", "added_prefill", "added_requests", "views")
 
     def __init__(self, instances: Sequence[InstanceView]) -> None:
         self.views = {view.id: view for view in instances}
-        self.added_requests = dict.fromkeys(self.views, 0)
-        self.added_embedding = dict.fromkeys(self.views, 0)
-        self.added_prefill = dict.fromkeys(self.views, 0)
-        self.added_decode = dict.fromkeys(self.views, 0)
+        zeros = dict.fromkeys(self.views, 0)
+        self.added_requests = zeros
+        self.added_embedding = zeros.copy()
+        self.added_prefill = zeros.copy()
+        self.added_decode = zeros.copy()
 
     def candidates(self, request: Request) -> list[InstanceView]:
-        """Healthy, compatible instances with a free slot, in the caller's order."""
-        return [v for v in self.views.values() if v.healthy and v.can_serve(request) and self.free_slots(v.id) > 0]
+        """Healthy, compatible instances with a free slot (``free_slots(id) > 0``), in the caller's order."""
+        added = self.added_requests
+        return [
+            v
+            for v in self.views.values()
+            if v.healthy and v.inflight + added[v.id] < v.max_inflight and v.can_serve(request)
+        ]
 
     def inflight(self, instance_id: str) -> int:
         return self.views[instance_id].inflight + self.added_requests[instance_id]
@@ -106,7 +131,8 @@ class LoadLedger:
         return self.inflight(instance_id) - self.embedding_inflight(instance_id)
 
     def free_slots(self, instance_id: str) -> int:
-        return max(0, self.views[instance_id].max_inflight - self.inflight(instance_id))
+        view = self.views[instance_id]
+        return max(0, view.max_inflight - view.inflight - self.added_requests[instance_id])
 
     def outstanding_tokens(self, instance_id: str) -> int:
         view = self.views[instance_id]
@@ -134,14 +160,39 @@ class LoadLedger:
                 self.added_prefill[instance_id] += request.prompt_tokens
                 self.added_decode[instance_id] += request.max_tokens
 
-    def least_outstanding(self, request: Request, candidates: Sequence[InstanceView] | None = None) -> InstanceView | None:
-        """The candidate with the least outstanding token work (ties: fewer in flight, then id)."""
-        pool = self.candidates(request) if candidates is None else candidates
-        if not pool:
-            return None
-        return min(pool, key=lambda v: (self.outstanding_tokens(v.id), self.inflight(v.id), v.id))
+    def least_outstanding(
+        self, request: Request, candidates: Sequence[InstanceView] | None = None
+    ) -> InstanceView | None:
+        """The candidate with the least outstanding token work (ties: fewer in flight, then id).
 
-    def assign(self, instance: InstanceView, requests: Sequence[Request], rule: str, reason: str = "", priority_hint: int | None = None) -> Assignment:
+        Without `candidates`, the pool is `candidates(request)`. One pass over the pool both filters
+        and keeps the minimum of (`outstanding_tokens`, `inflight`, id), spelled out over the ledger's
+        dicts: this runs once per placed request, so it builds neither the candidate list nor a key
+        function call per instance.
+        """
+        filtering = candidates is None
+        pool = self.views.values() if candidates is None else candidates
+        added, prefill, decode = self.added_requests, self.added_prefill, self.added_decode
+        best: InstanceView | None = None
+        best_key: tuple[int, int, str] | None = None
+        for v in pool:
+            vid = v.id
+            inflight = v.inflight + added[vid]
+            if filtering and not (v.healthy and inflight < v.max_inflight and v.can_serve(request)):
+                continue
+            key = (v.queued_prefill_tokens + v.queued_decode_tokens + prefill[vid] + decode[vid], inflight, vid)
+            if best_key is None or key < best_key:
+                best, best_key = v, key
+        return best
+
+    def assign(
+        self,
+        instance: InstanceView,
+        requests: Sequence[Request],
+        rule: str,
+        reason: str = "",
+        priority_hint: int | None = None,
+    ) -> Assignment:
         """Record the load and build the Assignment in one step."""
         self.add(instance.id, requests)
-        return Assignment(instance.id, tuple(r.id for r in requests), priority_hint, rule, reason)
+        return Assignment(instance.id, tuple([r.id for r in requests]), priority_hint, rule, reason)

@@ -21,9 +21,10 @@ import random
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 from sagesched.core import Decision, InstanceView, Request
-from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable
+from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, arrival_order, reject_unservable
 from sagesched.policies.registry import register
 
 
@@ -33,11 +34,14 @@ class _PlacementBaseline(Policy):
     reason: str = ""
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
-        rejected, servable = reject_unservable(queue, instances, self.name)
-        decisions: list[Decision] = list(rejected)
+        decisions: list[Decision]
+        decisions, servable = reject_unservable(queue, instances, self.name)
+        if not servable:
+            return decisions
         ledger = LoadLedger(instances)
-        for request in sorted(servable, key=lambda r: (r.arrival_s, r.id)):
-            candidates = sorted(ledger.candidates(request), key=lambda v: v.id)
+        servable.sort(key=arrival_order)
+        for request in servable:
+            candidates = sorted(ledger.candidates(request), key=_by_id)
             if not candidates:
                 continue
             target = self.choose(ledger, candidates)
@@ -47,6 +51,9 @@ class _PlacementBaseline(Policy):
     @abstractmethod
     def choose(self, ledger: LoadLedger, candidates: list[InstanceView]) -> InstanceView:
         """Pick one of `candidates` (non-empty, sorted by id)."""
+
+
+_by_id = attrgetter("id")
 
 
 def _load_key(ledger: LoadLedger, view: InstanceView) -> tuple[int, int, str]:

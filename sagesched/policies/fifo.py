@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sagesched.core import Decision, InstanceView, Request
-from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable
+from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, arrival_order, reject_unservable
 from sagesched.policies.registry import register
 
 
@@ -29,16 +29,21 @@ class FifoPolicy(Policy):
     Config = FifoConfig
     config: FifoConfig
 
+    reason = "arrival order, least outstanding work"
+
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
         decisions: list[Decision]
-        rejected, servable = reject_unservable(queue, instances, self.name)
-        decisions = list(rejected)
+        decisions, servable = reject_unservable(queue, instances, self.name)
+        if not servable:
+            return decisions
         ledger = LoadLedger(instances)
-        for request in sorted(servable, key=lambda r: (r.arrival_s, r.id)):
+        servable.sort(key=arrival_order)
+        blocking = self.config.head_of_line_blocking
+        for request in servable:
             target = ledger.least_outstanding(request)
             if target is None:
-                if self.config.head_of_line_blocking:
+                if blocking:
                     break
                 continue
-            decisions.append(ledger.assign(target, [request], self.name, "arrival order, least outstanding work"))
+            decisions.append(ledger.assign(target, [request], self.name, self.reason))
         return decisions

@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,7 +52,7 @@ from sagesched.core import (
     Request,
     RequestType,
 )
-from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable
+from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, arrival_order, reject_unservable
 from sagesched.policies.priority import effective_priority
 from sagesched.policies.registry import config_fields, make_policy, register
 
@@ -73,6 +72,12 @@ RULE_TOO_LARGE = "hybrid/embedding-too-large"
 
 HOLD_CUT = "cut below min_embedding_batch_size by free slots"
 HOLD_PARTIAL = "partial batch inside its window"
+
+# The instance kinds, bound once: an enum member lookup (`InstanceKind.LLM`) costs about 0.1 us in
+# CPython 3.11, and these are compared per instance on every call.
+_LLM_ONLY = InstanceKind.LLM
+_EMBEDDING_ONLY = InstanceKind.EMBEDDING
+_MIXED = InstanceKind.LLM_EMBEDDING
 
 # Slack for float rounding: a wait of exactly the window (in real numbers) counts as expired, and a
 # share of exactly k slots (0.7 * 10) is k, not k - 1.
@@ -188,12 +193,12 @@ class HybridConfig(PolicyConfig):
         return max(0, math.floor(fraction * max_inflight + _EPS))
 
 
-@dataclass
+@dataclass(slots=True)
 class _Call:
     """The working state of one `schedule` call: load so far and what is still queued."""
 
     now: float
-    views: list[InstanceView]
+    views: Sequence[InstanceView]
     ledger: LoadLedger
     decisions: list[Decision]
     # Embedding requests still queued, per model, in ranking order.
@@ -203,7 +208,8 @@ class _Call:
     # waited the window, the model's queue is flushed in batches for the whole call.
     oldest: dict[str, float]
     llm: list[Request]
-    waiting: dict[str, Counter[str]]
+    # Queued requests per type, per model (LLM / EMBEDDING -> model -> count).
+    waiting: dict[str, dict[str, int]]
     embedding_hint: int | None
     order_reason: str
 
@@ -214,7 +220,9 @@ class _Call:
     def other_waits(self, kind: str, view: InstanceView) -> bool:
         """Whether the other type has queued work `view` could serve (it then caps `kind`)."""
         other = self.waiting[LLM if kind == EMBEDDING else EMBEDDING]
-        return any(other[model] > 0 for model in view.models)
+        if not other:
+            return False
+        return any(other.get(model, 0) > 0 for model in view.models)
 
 
 @register
@@ -232,6 +240,15 @@ class HybridPolicy(Policy):
         self.llm_main = make_policy(c.llm_fallback_policy, **c.llm_fallback_config)
         self.llm_mixed = make_policy(c.llm_fallback_policy, **c.llm_fallback_config)
         self._held_deadlines: list[float] = []
+        # Constant per policy, so built once rather than on every call.
+        self._llm_rule = f"{self.name}/llm/{c.llm_fallback_policy}"
+        mode = c.embedding_priority
+        self._fixed_order: dict[str, tuple[str, str]] = {
+            "high": (EMBEDDING, "embedding_priority=high: embeddings claim mixed capacity first"),
+            "low": (LLM, "embedding_priority=low: LLM claims mixed capacity first"),
+            EMBEDDING: (EMBEDDING, f"embedding_priority={mode}: only {EMBEDDING} work is queued"),
+            LLM: (LLM, f"embedding_priority={mode}: only {LLM} work is queued"),
+        }
         self.last_first: str | None = None
         self.last_pressure: dict[str, float] = {}
 
@@ -247,19 +264,17 @@ class HybridPolicy(Policy):
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
         c = self.config
-        rejected, servable = reject_unservable(queue, instances, self.name)
-        decisions: list[Decision] = list(rejected)
+        decisions: list[Decision]
+        decisions, servable = reject_unservable(queue, instances, self.name)
         embeddings: list[Request] = []
         llm: list[Request] = []
-        input_limit: dict[str, int] = {}  # per model: the largest max_client_batch_size serving it
-        for view in instances:
-            if view.kind.serves(RequestType.EMBEDDING):
-                for model in view.models:
-                    input_limit[model] = max(input_limit.get(model, 0), view.max_client_batch_size)
+        input_limit: dict[str, int] | None = None  # built on the first embedding request only
         for request in servable:
             if not request.is_embedding:
                 llm.append(request)
                 continue
+            if input_limit is None:
+                input_limit = _input_limits(instances)
             limit = input_limit[request.model]
             if request.embedding_inputs > limit:
                 decisions.append(
@@ -276,44 +291,53 @@ class HybridPolicy(Policy):
 
         first, order_reason = self._claim_order(now, embeddings, llm)
         self.last_first = first
-        rank = {r.id: self._rank(r, now) for r in embeddings}
+        rank: dict[str, tuple[int, float, str]] = {}
         groups: dict[str, list[Request]] = {}
-        for request in sorted(embeddings, key=lambda r: rank[r.id]):
-            groups.setdefault(request.model, []).append(request)
+        oldest: dict[str, float] = {}
+        if embeddings:
+            rank = {r.id: self._rank(r, now) for r in embeddings}
+            for request in sorted(embeddings, key=lambda r: rank[r.id]):
+                groups.setdefault(request.model, []).append(request)
+            oldest = {model: min(r.arrival_s for r in group) for model, group in groups.items()}
+        llm.sort(key=arrival_order)
         call = _Call(
             now=now,
-            views=list(instances),
+            views=instances,
             ledger=LoadLedger(instances),
             decisions=decisions,
             groups=groups,
             rank=rank,
-            oldest={model: min(r.arrival_s for r in group) for model, group in groups.items()},
-            llm=sorted(llm, key=lambda r: (r.arrival_s, r.id)),
-            waiting={EMBEDDING: Counter(r.model for r in embeddings), LLM: Counter(r.model for r in llm)},
-            embedding_hint=None,
+            oldest=oldest,
+            llm=llm,
+            waiting={EMBEDDING: _count_by_model(embeddings), LLM: _count_by_model(llm)},
+            embedding_hint=self._embedding_hint_base(first),
             order_reason=order_reason,
         )
-        call.embedding_hint = self._embedding_hint_base(first)
 
+        llm_only: list[InstanceView] = []
+        mixed: list[InstanceView] = []
+        for view in instances:
+            if view.kind is _LLM_ONLY:
+                llm_only.append(view)
+            elif view.kind is _MIXED:
+                mixed.append(view)
         if c.prefer_specialized_instances:
             # LLM-only instances compete with nothing: fill them before any claim on mixed ones.
-            self._place_llm(call, self.llm_main, [v for v in instances if v.kind is InstanceKind.LLM])
-        mixed_llm_views = [
-            v
-            for v in instances
-            if v.kind is InstanceKind.LLM_EMBEDDING
-            or (not c.prefer_specialized_instances and v.kind is InstanceKind.LLM)
-        ]
+            self._place_llm(call, self.llm_main, llm_only)
+            mixed_llm_views = mixed
+        else:
+            mixed_llm_views = [v for v in instances if v.kind is not _EMBEDDING_ONLY]
         mixed_llm_policy = self.llm_mixed if c.prefer_specialized_instances else self.llm_main
         second = LLM if first == EMBEDDING else EMBEDDING
         for kind in (first, second, first):
             if kind == EMBEDDING:
-                self._place_embeddings(call)
-            else:
+                if call.groups:
+                    self._place_embeddings(call)
+            elif call.llm and mixed_llm_views:
                 self._place_llm(call, mixed_llm_policy, mixed_llm_views)
 
-        held = [r for group in call.groups.values() for r in group]
-        self._held_deadlines = [r.arrival_s + c.window_s for r in held]
+        window_s = c.window_s
+        self._held_deadlines = [r.arrival_s + window_s for group in call.groups.values() for r in group]
         return decisions
 
     def describe(self) -> dict[str, Any]:
@@ -336,13 +360,10 @@ class HybridPolicy(Policy):
         """Which type claims mixed capacity first this call, and why (in words for the records)."""
         mode = self.config.embedding_priority
         self.last_pressure = {}
-        if mode == "high":
-            return EMBEDDING, "embedding_priority=high: embeddings claim mixed capacity first"
-        if mode == "low":
-            return LLM, "embedding_priority=low: LLM claims mixed capacity first"
+        if mode == "high" or mode == "low":
+            return self._fixed_order[mode]
         if not embeddings or not llm:
-            only = EMBEDDING if embeddings else LLM
-            return only, f"embedding_priority={mode}: only {only} work is queued"
+            return self._fixed_order[EMBEDDING if embeddings else LLM]
         if mode == "normal":
             oldest_e = min((r.arrival_s, r.id) for r in embeddings)
             oldest_l = min((r.arrival_s, r.id) for r in llm)
@@ -375,15 +396,32 @@ class HybridPolicy(Policy):
         if not view.healthy:
             return 0
         free = call.ledger.free_slots(view.id)
-        if view.kind is not InstanceKind.LLM_EMBEDDING or not call.other_waits(kind, view):
+        if view.kind is not _MIXED or not call.other_waits(kind, view):
             return free
         used = call.ledger.llm_inflight(view.id) if kind == LLM else call.ledger.embedding_inflight(view.id)
         return max(0, min(free, self.config.share(kind, view.max_inflight) - used))
 
+    def _fallback_views(self, call: _Call, views: Sequence[InstanceView]) -> list[InstanceView] | None:
+        """`views` adjusted for the fallback (see `_adjusted`), or None when none has LLM room left."""
+        adjusted = []
+        any_room = False
+        for view in views:
+            shown = self._adjusted(call, view)
+            adjusted.append(shown)
+            any_room = any_room or (shown.healthy and shown.free_slots > 0)
+        return adjusted if any_room else None
+
     def _adjusted(self, call: _Call, view: InstanceView) -> InstanceView:
-        """`view` as the fallback must see it: this call's load folded in, capacity cut to the LLM room."""
+        """`view` as the fallback must see it: this call's load folded in, capacity cut to the LLM room.
+
+        When this call has placed nothing on a healthy `view` and no share applies to it (the common
+        case: an LLM-only instance, or a mixed one with no embedding waiting), the LLM room is simply
+        its free slots, so the adjusted view would equal `view`: it is returned as is, uncopied.
+        """
         ledger = call.ledger
         added = ledger.added_requests[view.id]
+        if added == 0 and view.healthy and (view.kind is not _MIXED or not call.other_waits(LLM, view)):
+            return view
         inflight = view.inflight + added
         room = self._room(call, view, LLM)
         return dataclasses.replace(
@@ -400,19 +438,15 @@ class HybridPolicy(Policy):
         """Delegate the queued LLM requests `views` could serve to the fallback, over adjusted views."""
         if not call.llm or not views:
             return
-        sub_queue = [r for r in call.llm if any(v.can_serve(r) for v in views)]
+        sub_queue = _servable_on(call.llm, views)
         if not sub_queue:
             return
-        adjusted = [self._adjusted(call, v) for v in views]
-        if not any(v.healthy and v.free_slots > 0 for v in adjusted):
+        adjusted = self._fallback_views(call, views)
+        if adjusted is None:
             return
         by_id = {r.id: r for r in sub_queue}
         view_ids = {v.id for v in views}
-        mixed_can_serve = {
-            r.id: any(v.healthy and v.kind is InstanceKind.LLM_EMBEDDING and v.can_serve(r) for v in call.views)
-            for r in sub_queue
-        }
-        rule = f"{self.name}/llm/{self.config.llm_fallback_policy}"
+        rule = self._llm_rule
         done: set[str] = set()
         for decision in policy.schedule(call.now, sub_queue, adjusted):
             if isinstance(decision, Assignment):
@@ -424,16 +458,10 @@ class HybridPolicy(Policy):
                 call.ledger.add(decision.instance_id, requests)
                 hint = decision.priority_hint
                 if hint is None:
-                    hint = min(int(r.priority) for r in requests)
+                    hint = min([int(r.priority) for r in requests])
                 sub_rule = f" [{decision.rule}]" if decision.rule and decision.rule != policy.name else ""
-                call.decisions.append(
-                    dataclasses.replace(
-                        decision,
-                        rule=rule,
-                        priority_hint=hint,
-                        reason=f"{decision.reason}{sub_rule}; {call.order_reason}",
-                    )
-                )
+                reason = f"{decision.reason}{sub_rule}; {call.order_reason}"
+                call.decisions.append(Assignment(decision.instance_id, decision.request_ids, hint, rule, reason))
                 done.update(decision.request_ids)
                 call.unqueue(LLM, requests)
             elif isinstance(decision, Rejection):
@@ -442,7 +470,11 @@ class HybridPolicy(Policy):
                     continue
                 # A rejection made while seeing LLM-only instances is not final if a mixed instance
                 # may still serve the request: the overflow pass decides (it stays queued till then).
-                if policy is self.llm_main and self.config.prefer_specialized_instances and mixed_can_serve[request.id]:
+                if (
+                    policy is self.llm_main
+                    and self.config.prefer_specialized_instances
+                    and _mixed_can_serve(call.views, request)
+                ):
                     continue
                 call.decisions.append(dataclasses.replace(decision, rule=rule))
                 done.add(request.id)
@@ -464,13 +496,15 @@ class HybridPolicy(Policy):
         specialized_first = self.config.prefer_specialized_instances
 
         def key(v: InstanceView) -> tuple:
-            tier = 0 if (not specialized_first or v.kind is InstanceKind.EMBEDDING) else 1
+            tier = 0 if (not specialized_first or v.kind is _EMBEDDING_ONLY) else 1
             return (tier, ledger.predicted_wait_s(v.id), ledger.inflight(v.id), v.id)
 
         return sorted(candidates, key=key)
 
     def _place_embeddings(self, call: _Call) -> None:
         """Form and release batches, model by model, best-ranked head first, until all are held or placed."""
+        if not call.groups:
+            return
         held_models: set[str] = set()
         aside: set[str] = set()  # heads no instance can take now (no room / too many inputs)
         while True:
@@ -577,6 +611,43 @@ class HybridPolicy(Policy):
         ):
             return batch, RULE_IDLE, f"target idle and {batch_texts} >= min_embedding_batch_size texts"
         return natural, "", HOLD_CUT if cut else HOLD_PARTIAL
+
+
+# -- small helpers -----------------------------------------------------------------------------------
+
+
+def _input_limits(instances: Sequence[InstanceView]) -> dict[str, int]:
+    """Per model: the largest ``max_client_batch_size`` of any embedding-capable instance serving it."""
+    limits: dict[str, int] = {}
+    for view in instances:
+        if view.kind.serves(RequestType.EMBEDDING):
+            for model in view.models:
+                limits[model] = max(limits.get(model, 0), view.max_client_batch_size)
+    return limits
+
+
+def _count_by_model(requests: Iterable[Request]) -> dict[str, int]:
+    """How many of `requests` ask for each model (a plain dict: cheaper than a Counter per call)."""
+    counts: dict[str, int] = {}
+    for request in requests:
+        counts[request.model] = counts.get(request.model, 0) + 1
+    return counts
+
+
+def _servable_on(requests: Iterable[Request], views: Sequence[InstanceView]) -> list[Request]:
+    """The requests some instance among `views` could serve (any health), in their order."""
+    servable = []
+    for request in requests:
+        for view in views:
+            if view.can_serve(request):
+                servable.append(request)
+                break
+    return servable
+
+
+def _mixed_can_serve(views: Iterable[InstanceView], request: Request) -> bool:
+    """Whether a healthy mixed instance could take `request` (so an LLM-only rejection is not final)."""
+    return any(v.healthy and v.kind is _MIXED and v.can_serve(request) for v in views)
 
 
 __all__ = ["EMBEDDING_PRIORITIES", "LLM_FALLBACK_POLICIES", "HybridConfig", "HybridPolicy"]

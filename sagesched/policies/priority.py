@@ -83,8 +83,10 @@ class PriorityPolicy(Policy):
         return effective_priority(request, now, self.config.aging_interval_s)
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
-        rejected, servable = reject_unservable(queue, instances, self.name)
-        decisions: list[Decision] = list(rejected)
+        decisions: list[Decision]
+        decisions, servable = reject_unservable(queue, instances, self.name)
+        if not servable:
+            return decisions
         ledger = LoadLedger(instances)
         ranked = sorted(
             ((self.effective_priority(r, now), r) for r in servable), key=lambda x: (x[0], x[1].arrival_s, x[1].id)

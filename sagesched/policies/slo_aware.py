@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sagesched.core import Decision, InstanceView, RejectCode, Rejection, Request
-from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable
+from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, arrival_order, reject_unservable
 from sagesched.policies.registry import register
 
 
@@ -87,8 +87,10 @@ class SloAwarePolicy(Policy):
     config: SloAwareConfig
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
-        rejected, servable = reject_unservable(queue, instances, self.name)
-        decisions: list[Decision] = list(rejected)
+        decisions: list[Decision]
+        decisions, servable = reject_unservable(queue, instances, self.name)
+        if not servable:
+            return decisions
         ledger = LoadLedger(instances)
         attainable: list[tuple[float, Request]] = []
         best_effort: list[Request] = []
@@ -105,7 +107,7 @@ class SloAwarePolicy(Policy):
             else:
                 late.append(request)
         attainable.sort(key=lambda x: (x[0], x[1].arrival_s, x[1].id))
-        best_effort.sort(key=lambda r: (r.arrival_s, r.id))
+        best_effort.sort(key=arrival_order)
 
         for _, request in attainable:
             candidates = ledger.candidates(request)
@@ -145,7 +147,7 @@ class SloAwarePolicy(Policy):
                 )
             )
 
-        late.sort(key=lambda r: (r.arrival_s, r.id))
+        late.sort(key=arrival_order)
         for request in late:
             best = best_slack_s(ledger, request, now)
             if self.config.shed_unattainable and best is not None and best < 0:
