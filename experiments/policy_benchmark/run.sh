@@ -3,8 +3,8 @@
 #
 #     bash experiments/policy_benchmark/run.sh [extra Hydra overrides, e.g. hydra.launcher.n_jobs=8]
 #
-# Runs the three scenario sweeps (conf/benchmark/*.yaml: 10 policies x 4 loads x 2 seeds each, 240
-# runs) on local cores with the joblib launcher, then writes the report. About 15 minutes on 2 cores.
+# Runs the three scenario sweeps (conf/benchmark/*.yaml: 10 policies x 4 loads x 3 seeds each, 360
+# runs) on local cores with the joblib launcher, then writes the report: about 9 minutes on 2 busy cores.
 # Set SAGESCHED_BENCH_DIR to keep the run folders elsewhere (default: multirun/policy_benchmark).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -160,6 +160,16 @@ class _Pending:
     no_backend_since: float | None = None
     done: bool = False
     error: LiveError | None = None
+    # What this request adds to its backend's load sums (embedding, prefill tokens, decode tokens).
+    share: tuple[int, int, int] = (0, 0, 0)
+
+
+def _load_share(p: _Pending) -> tuple[int, int, int]:
+    """(embedding requests, prompt tokens not yet prefilled, output tokens still to decode)."""
+    r = p.request
+    if r.is_embedding:
+        return 1, (0 if p.first_token else r.work_tokens), 0
+    return 0, (0 if p.first_token else r.prompt_tokens), max(0, r.max_tokens - p.tokens_seen)
 
 
 class _Backend:
@@ -169,7 +179,13 @@ class _Backend:
         self.config = config
         self.client = client
         self.healthy = False
+        # Requests at this backend; change it only through add/remove so the sums stay right.
         self.inflight: dict[str, _Pending] = {}
+        # Running sums over `inflight` (kept incrementally: the policy reads them on every arrival,
+        # and summing 64+ in-flight requests per call showed up in the gateway's profile).
+        self.embedding_inflight = 0
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
         self.metrics: BackendMetrics | None = None
         self.prefill_tokens_per_s = float(config.prefill_tokens_per_s)
         self.decode_step_s = float(config.decode_step_s)
@@ -184,17 +200,38 @@ class _Backend:
     def serves(self, request: Request) -> bool:
         return self.config.kind.serves(request.type) and request.model in self.config.models
 
+    def add(self, p: _Pending) -> None:
+        self.remove(p.request.id)
+        self.inflight[p.request.id] = p
+        p.share = share = _load_share(p)
+        self.embedding_inflight += share[0]
+        self.prefill_tokens += share[1]
+        self.decode_tokens += share[2]
+
+    def remove(self, request_id: str) -> None:
+        p = self.inflight.pop(request_id, None)
+        if p is not None:
+            share = p.share
+            self.embedding_inflight -= share[0]
+            self.prefill_tokens -= share[1]
+            self.decode_tokens -= share[2]
+
+    def refresh(self, p: _Pending) -> None:
+        """Re-count `p` after its progress (first token, tokens seen) changed."""
+        if self.inflight.get(p.request.id) is p:
+            old, new = p.share, _load_share(p)
+            if old != new:
+                p.share = new
+                self.embedding_inflight += new[0] - old[0]
+                self.prefill_tokens += new[1] - old[1]
+                self.decode_tokens += new[2] - old[2]
+
     def view(self, metrics_stale_s: float) -> InstanceView:
         """Own in-flight accounting, raised to the scraped gauges when those are fresh."""
         own = len(self.inflight)
-        embedding = sum(1 for p in self.inflight.values() if p.request.is_embedding)
-        prefill = 0
-        decode = 0
-        for p in self.inflight.values():
-            if not p.first_token:
-                prefill += p.request.work_tokens if p.request.is_embedding else p.request.prompt_tokens
-            if not p.request.is_embedding:
-                decode += max(0, p.request.max_tokens - p.tokens_seen)
+        embedding = self.embedding_inflight
+        prefill = self.prefill_tokens
+        decode = self.decode_tokens
         running, waiting, kv, age = own, 0, 0.0, 0.0
         m = self.metrics
         if m is not None and m.age_s() <= metrics_stale_s:
@@ -381,7 +418,7 @@ class LiveExecutor:
                 "models": list(b.config.models),
                 "healthy": b.healthy,
                 "inflight": len(b.inflight),
-                "embedding_inflight": sum(1 for p in b.inflight.values() if p.request.is_embedding),
+                "embedding_inflight": b.embedding_inflight,
                 "max_inflight": b.config.max_inflight,
                 "metrics": m.as_dict() if m is not None else None,
                 "age_s": round(m.age_s(), 3) if m is not None else None,
@@ -494,10 +531,13 @@ class LiveExecutor:
         if self._closed:
             return
         now = self.now()
-        views = [b.view(self.config.metrics_stale_s) for b in self._backends.values()]
         queue = [p.request for p in self._queue.values()]
         try:
-            decisions = self._policy.schedule(now, queue, views) if queue else []
+            if queue:
+                views = [b.view(self.config.metrics_stale_s) for b in self._backends.values()]
+                decisions = self._policy.schedule(now, queue, views)
+            else:
+                decisions = []
         except Exception as exc:
             logger.exception("policy %s failed; failing the queued requests", self._policy.name)
             for p in list(self._queue.values()):
@@ -559,7 +599,7 @@ class LiveExecutor:
             p.record.dispatch_s = now
             p.record.rule = decision.rule
             p.record.batch_size = len(members)
-            backend.inflight[p.request.id] = p
+            backend.add(p)
         embeddings = [p for p in members if p.request.is_embedding]
         for p in members:
             if not p.request.is_embedding:
@@ -707,6 +747,7 @@ class LiveExecutor:
                         p.record.first_token_s = self.now()
                     if not isinstance(usage, dict):
                         p.tokens_seen += 1
+                backend.refresh(p)
                 if want_usage or not usage:
                     yield event
                 elif event.get("choices"):
@@ -810,7 +851,7 @@ class LiveExecutor:
         for p in members:
             if p.done:
                 continue
-            backend.inflight.pop(p.request.id, None)
+            backend.remove(p.request.id)
             p.task = None
             p.group = []
             p.attempts += 1
@@ -902,7 +943,7 @@ class LiveExecutor:
         if p.instance_id is not None:
             backend = self._backends.get(p.instance_id)
             if backend is not None:
-                backend.inflight.pop(p.request.id, None)
+                backend.remove(p.request.id)
         p.record.finish_s = self.now()
         p.record.outcome = outcome.value
         p.record.reason = reason

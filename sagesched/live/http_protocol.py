@@ -8,6 +8,12 @@ transport wrapper that holds a response head until the next write (the body, nor
 loop step) and sends both together; a head not followed by a write in the same step goes out on
 the next one, so nothing waits longer than one event-loop iteration.
 
+It also offers the app a cheap way to hear that the client went away: the scope's extension
+``DISCONNECT_EXTENSION`` is a function taking a callback (or None to stop watching) that the
+protocol calls when the connection is lost before the response is complete. The portable way, a
+task waiting on ``receive()`` for ``http.disconnect``, costs a task and several loop steps per
+request; the gateway uses the extension where present and falls back to that task elsewhere.
+
 Use it as uvicorn's ``http`` setting (a protocol class is accepted there). It needs httptools,
 which ``uvicorn[standard]`` installs; `protocol_class()` returns None where it is missing.
 """
@@ -15,9 +21,15 @@ which ``uvicorn[standard]`` installs; `protocol_class()` returns None where it i
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 _HEAD_PREFIX = b"HTTP/1.1 "
+
+DISCONNECT_EXTENSION = "sagesched.on_disconnect"
+"""Scope extension: ``scope["extensions"][DISCONNECT_EXTENSION](callback | None)``."""
+
+_CALLBACK_ATTR = "_sagesched_on_disconnect"
 
 
 class _CoalescingTransport:
@@ -75,12 +87,30 @@ def protocol_class() -> type[asyncio.Protocol] | None:
         return None
 
     class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-        """uvicorn's HttpToolsProtocol writing through `_CoalescingTransport`."""
+        """uvicorn's HttpToolsProtocol writing through `_CoalescingTransport`, with the disconnect hook."""
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
             super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
 
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            cycle = self.cycle
+            if cycle is not None and cycle.scope is self.scope:
+                extensions = self.scope.get("extensions")
+                if extensions is None:
+                    extensions = self.scope["extensions"] = {}  # type: ignore[typeddict-unknown-key]
+                extensions[DISCONNECT_EXTENSION] = functools.partial(setattr, cycle, _CALLBACK_ATTR)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            cycle = self.cycle
+            super().connection_lost(exc)
+            if cycle is not None and cycle.disconnected:  # set by uvicorn when the response was unfinished
+                callback = getattr(cycle, _CALLBACK_ATTR, None)
+                if callback is not None:
+                    setattr(cycle, _CALLBACK_ATTR, None)
+                    callback()
+
     return CoalescingHttpToolsProtocol
 
 
-__all__ = ["protocol_class"]
+__all__ = ["DISCONNECT_EXTENSION", "protocol_class"]

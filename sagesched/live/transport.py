@@ -359,8 +359,7 @@ class ConnectionPool:
                 conn_or_slot = await waiter
         except TimeoutError:
             raise ConnectFailed(
-                f"no free connection to {self.host}:{self.port} within {timeout:g}s "
-                f"({self.max_connections} in use)"
+                f"no free connection to {self.host}:{self.port} within {timeout:g}s ({self.max_connections} in use)"
             ) from None
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
