@@ -217,6 +217,9 @@ class Simulator:
         self.wakeups: set[float] = set()
         self.arrivals_left = len(self.requests)
         self.policy_calls = 0
+        # Set when a backend refuses a dispatched call (413/429/400): the slot it would have held
+        # is free again at once, and no completion will come to offer it to the policy.
+        self.backend_refused = False
         self.policy_s = 0.0
         self.events = 0
         self.timeline: list[tuple] = []
@@ -335,6 +338,11 @@ class Simulator:
                 raise TypeError(
                     f"policy {self.policy.name} returned {type(d).__name__}; expected Assignment or Rejection"
                 )
+        if self.backend_refused:
+            # Offer the refused calls' capacity again now; each refusal ends a request, so this stops.
+            self.backend_refused = False
+            self._schedule()
+            return
         wake = self.policy.next_wakeup(now)
         if wake is not None and not decisions and self.arrivals_left == 0 and not self._any_active():
             wake = None  # a wake-up that changes nothing, with nothing else to come, would loop forever
@@ -473,6 +481,7 @@ class Simulator:
             inst.llm.add(ereq)
         except EngineRejected as exc:
             self._reject(self.records[ereq.id], f"backend {exc.status}: {exc.reason}")
+            self.backend_refused = True
             return False
         inst.seqs[ereq.id] = inst.llm.seq(ereq.id)
         inst.inflight += 1
@@ -490,6 +499,7 @@ class Simulator:
         except EngineRejected as exc:
             for req in reqs:
                 self._reject(self.records[req.id], f"backend {exc.status}: {exc.reason}")
+            self.backend_refused = True
             return
         self.calls[call_id] = [r.id for r in reqs]
         inst.inflight += len(reqs)
