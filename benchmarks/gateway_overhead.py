@@ -2,10 +2,12 @@
 
     python benchmarks/gateway_overhead.py --json            # writes benchmarks/results/gateway_overhead.json
 
-One run starts, as separate processes on 127.0.0.1: a zero-latency OpenAI backend (`sagesched
-emulate vllm --time-scale 0`, or the minimal app at the bottom of this file if the emulator is
-missing), the gateway in front of it (`sagesched inference start`, policy and workers as given),
-and a load generator. The same generator then drives the backend directly and through the gateway:
+One run starts, as separate processes on 127.0.0.1: a zero-latency OpenAI backend (`--backend
+minimal`, the default: the small Starlette app at the bottom of this file, the cheapest backend
+and so the strictest comparison; or `--backend emulator`: `sagesched emulate vllm --time-scale 0`,
+which spends more CPU per request and so flatters the ratio), the gateway in front of it
+(`sagesched inference start`, policy and workers as given), and a load generator. The same
+generator then drives the backend directly and through the gateway:
 
 - open loop at fixed rates: requests leave at their scheduled times whatever the answers do, and
   latency counts from the scheduled time (so a stalled server cannot hide its queueing);
@@ -13,11 +15,16 @@ and a load generator. The same generator then drives the backend directly and th
 
 The load generator is a raw-HTTP/1.1 asyncio client (uvloop when installed) that costs a few
 microseconds per request; its own ceiling is measured against a null server that answers from a
-canned buffer, and reported. When `wrk` is installed it also measures the closed-loop throughput
-of both paths as a cross-check (`apt-get install -y wrk`).
+canned buffer, and reported. So is the ceiling of the executor's backend client
+(`sagesched.live.transport`) against the same null server, next to `httpx.AsyncClient`'s (what
+the executor used before; at 64 concurrent requests its pool made it the gateway's bottleneck).
+When `wrk` is installed it also measures the closed-loop throughput of both paths as a
+cross-check (`apt-get install -y wrk`).
 
 Everything shares this machine's cores (2 here, with other work): numbers are for comparison
 within one run. `added_*` are the gateway's latency minus the direct latency at the same rate.
+On Linux the closed-loop rows also carry the CPU time each server process spent per request
+(`cpu_us_per_request`, from /proc), which varies much less than throughput on a busy machine.
 """
 
 from __future__ import annotations
@@ -236,8 +243,32 @@ async def open_loop(port: int, rate: float, duration_s: float) -> dict[str, Any]
     }
 
 
+async def transport_closed_loop(port: int, clients: int, duration_s: float) -> dict[str, Any]:
+    """The same closed loop through the executor's backend client (`sagesched.live.transport`)."""
+    from sagesched.live.transport import ConnectionPool
+
+    pool = ConnectionPool(
+        f"http://127.0.0.1:{port}", max_connections=clients + 4, connect_timeout_s=3.0, read_timeout_s=30.0
+    )
+    headers = {"Content-Type": "application/json"}
+    count = 0
+    t0 = time.perf_counter()
+
+    async def worker() -> None:
+        nonlocal count
+        while time.perf_counter() - t0 < duration_s:
+            response = await pool.request("POST", "/v1/chat/completions", BODY, headers=headers)
+            await response.read()
+            count += 1
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    elapsed = time.perf_counter() - t0
+    await pool.aclose()
+    return {"mode": "transport", "clients": clients, "requests": count, "rps": round(count / elapsed, 1)}
+
+
 async def httpx_closed_loop(port: int, clients: int, duration_s: float) -> dict[str, Any]:
-    """The same closed loop through `httpx.AsyncClient` (what the executor's backend client uses)."""
+    """The same closed loop through `httpx.AsyncClient` (what the executor's backend client used before)."""
     body = json.loads(BODY)
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits) as client:
@@ -271,6 +302,8 @@ def _load_main(args: argparse.Namespace) -> None:
         result = asyncio.run(closed_loop(args.port, args.clients, args.duration))
     elif args.mode == "httpx":
         result = asyncio.run(httpx_closed_loop(args.port, args.clients, args.duration))
+    elif args.mode == "transport":
+        result = asyncio.run(transport_closed_loop(args.port, args.clients, args.duration))
     else:
         result = asyncio.run(open_loop(args.port, args.rate, args.duration))
     result["loop"] = loop_name
@@ -434,8 +467,12 @@ def run_wrk(port: int, connections: int, duration: float, script: Path) -> dict[
     }
 
 
-def _start_backend(procs: Procs, port: int, tmp: Path) -> str:
+def _start_backend(procs: Procs, port: int, tmp: Path, kind: str = "minimal") -> str:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if kind == "minimal":
+        procs.start([sys.executable, __file__, "_backend", "--port", str(port)], env, tmp / "backend.log")
+        _wait_http(f"http://127.0.0.1:{port}/health", 60)
+        return "minimal Starlette zero-latency app (benchmarks/gateway_overhead.py)"
     emulate = [sys.executable, "-m", "sagesched.cli", "emulate", "vllm", "--model", MODEL, "--time-scale", "0"]
     emulate += ["--port", str(port), "--log-level", "warning"]
     try:
@@ -485,6 +522,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--clients", type=int, default=64, help="closed-loop concurrent clients")
     parser.add_argument("--policy", default="hybrid", help="gateway policy")
+    parser.add_argument(
+        "--backend",
+        choices=("minimal", "emulator"),
+        default="minimal",
+        help="zero-latency backend: the minimal Starlette app (strictest) or `sagesched emulate vllm`",
+    )
     parser.add_argument("--workers", default="1", help="gateway worker counts to measure, comma-separated (e.g. 1,2)")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where --json writes the result")
     args = parser.parse_args(argv)
@@ -498,22 +541,21 @@ def main(argv: list[str] | None = None) -> int:
             null_port, backend_port = free_port(), free_port()
             procs.start([sys.executable, __file__, "_null", "--port", str(null_port)])
             _wait_port(null_port)
-            backend = _start_backend(procs, backend_port, tmp)
+            backend = _start_backend(procs, backend_port, tmp, args.backend)
+            backend_pid = procs.procs[-1].pid
+            gateway_pids = {}
             gateway_ports = {}
             for w in worker_counts:
                 gateway_ports[w] = free_port()
                 _start_gateway(procs, backend_port, gateway_ports[w], tmp, args.policy, w)
+                gateway_pids[w] = procs.procs[-1].pid
             script = tmp / "post.lua"
             script.write_text(_WRK_LUA.format(body=BODY.decode()))
 
             result: dict[str, Any] = {
                 "benchmark": "gateway_overhead",
                 "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "platform": platform.platform(),
-                },
+                "machine": _machine(),
                 "backend": backend,
                 "policy": args.policy,
                 "request": json.loads(BODY),
@@ -529,8 +571,13 @@ def main(argv: list[str] | None = None) -> int:
                 "p99_ms": ceiling["p99_ms"],
             }
             result["load_generator_floor_open"] = run_load(null_port, "open", rate=rates[0], duration=args.duration)
-            # The executor relays through httpx.AsyncClient: its own ceiling bounds the gateway's.
-            result["httpx_client_ceiling"] = run_load(null_port, "httpx", clients=args.clients, duration=args.duration)
+            # The executor relays through its backend client: that client's ceiling bounds the gateway's.
+            result["backend_client_ceiling"] = {
+                "sagesched.live.transport": run_load(
+                    null_port, "transport", clients=args.clients, duration=args.duration
+                ),
+                "httpx.AsyncClient": run_load(null_port, "httpx", clients=args.clients, duration=args.duration),
+            }
 
             g1 = gateway_ports[worker_counts[0]]
             open_rows = []
@@ -547,10 +594,15 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
             result["open_loop"] = open_rows
-            direct_closed = run_load(backend_port, "closed", clients=args.clients, duration=args.duration)
+            with _CpuMeter({"backend": [backend_pid]}) as meter:
+                direct_closed = run_load(backend_port, "closed", clients=args.clients, duration=args.duration)
+            meter.attach(direct_closed, direct_closed["requests"])
             closed = {"direct": direct_closed}
             for w, port in gateway_ports.items():
-                closed[f"gateway_workers_{w}"] = run_load(port, "closed", clients=args.clients, duration=args.duration)
+                with _CpuMeter({"gateway": _family(gateway_pids[w]), "backend": [backend_pid]}) as meter:
+                    row = run_load(port, "closed", clients=args.clients, duration=args.duration)
+                meter.attach(row, row["requests"])
+                closed[f"gateway_workers_{w}"] = row
             result["closed_loop"] = closed
             if shutil.which("wrk"):
                 wrk = {"ceiling_null_server": run_wrk(null_port, args.clients, args.duration, script)}
@@ -572,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
                 ratio=round(gw["rps"] / direct_closed["rps"], 3) if direct_closed["rps"] else None,
                 targets={"added_p50_ms": 1.0, "added_p99_ms": 5.0, "ratio": 0.4},
             )
+            with contextlib.suppress(OSError):
+                result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
             result["meets_targets"] = bool(
                 result["added_p50_ms"] <= 1.0 and result["added_p99_ms"] <= 5.0 and (result["ratio"] or 0) >= 0.4
             )
@@ -592,6 +646,76 @@ def main(argv: list[str] | None = None) -> int:
                 f"open loop {row['rate']:.0f}/s: direct p50 {row['direct']['p50_ms']} ms, gateway p50 {row['gateway']['p50_ms']} ms"
             )
     return 0
+
+
+def _machine() -> dict[str, Any]:
+    """What the numbers were measured on, including how busy the machine already was."""
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+                break
+    with contextlib.suppress(OSError):
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    info["note"] = "load generator, backend and gateway share these cores with each other (and any other work)"
+    return info
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), or None where it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _family(pid: int) -> list[int]:
+    """A process and its children (the gateway's workers when it runs several)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid, *(int(c) for c in children)]
+
+
+class _CpuMeter:
+    """CPU time that groups of processes spend while a measurement runs."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.start: dict[str, float | None] = {}
+        self.spent: dict[str, float | None] = {}
+
+    def _total(self, pids: list[int]) -> float | None:
+        values = [_cpu_seconds(p) for p in pids]
+        return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+    def __enter__(self) -> _CpuMeter:
+        self.start = {name: self._total(pids) for name, pids in self.groups.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, pids in self.groups.items():
+            before, after = self.start[name], self._total(pids)
+            self.spent[name] = None if before is None or after is None else after - before
+
+    def attach(self, row: dict[str, Any], requests: int) -> None:
+        """Add ``cpu_us_per_request`` (per process group) to a result row."""
+        if requests and all(v is not None for v in self.spent.values()):
+            row["cpu_us_per_request"] = {
+                name: round(spent * 1e6 / requests, 1) for name, spent in self.spent.items() if spent is not None
+            }
 
 
 def _has(module: str) -> bool:

@@ -885,8 +885,7 @@ def serve(config: GatewayConfig) -> None:
         import uvicorn
 
         server = uvicorn.Server(_uvicorn_config(config, create_app(config)))
-        if not os.environ.get("GW_AB"):
-            _tune_gc()
+        _tune_gc()
         server.run()
         return
     _serve_workers(config)

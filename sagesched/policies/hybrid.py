@@ -9,27 +9,37 @@ One call to `HybridPolicy.schedule` does this (docs/policies/hybrid.md has the l
    ``high`` embeddings first, ``low`` LLM first, ``normal`` the type whose oldest request arrived
    first, ``adaptive`` the type under more pressure (sum over its queued requests of wait / target
    wait, so that both age and queue size count).
-3. With ``prefer_specialized_instances``, LLM work first goes to LLM-only instances through the
-   fallback policy; embedding batches always try embedding-only instances first. Mixed instances
-   absorb only what the specialized ones cannot take.
-4. Claim rounds on mixed instances: first type, second type, first type again. While the other type
-   still has queued work a mixed instance could serve, LLM requests may hold at most
-   ``floor(ratio * max_inflight)`` of its slots and embeddings at most
-   ``floor((1 - ratio) * max_inflight)``; once the other type has nothing left waiting, the
-   remaining slots are free for all (work-conserving). The third round is what hands those slots
-   over within the same call.
+3. Claim rounds: first type, second type, first type again. While the other type still has queued
+   work a mixed instance could serve, LLM requests may hold at most ``floor(ratio * max_inflight)``
+   of its slots and embeddings at most ``floor((1 - ratio) * max_inflight)``; once the other type
+   has nothing left waiting, the remaining slots are free for all (work-conserving). The third
+   round is what hands those slots over within the same call.
+
+Where work goes (``prefer_specialized_instances``, default on): each LLM request (each embedding
+batch) goes to the compatible instance with room whose *normalised load* after taking it is lowest;
+ties go to the specialized instance (LLM-only for LLM work, embedding-only for embeddings). The
+normalised load of LLM work is ``LLM requests held / LLM share``, the share being ``max_inflight`` on
+an LLM-only instance and ``ratio * max_inflight`` on a mixed one while embedding work is in flight
+on it or waits for it (its whole ``max_inflight`` otherwise). For an embedding batch it is the
+predicted time to its result divided by the embedding share (1 on an embedding-only instance,
+``1 - ratio`` on a mixed one while LLM work is in flight on it or waits for it). So mixed instances
+absorb overflow as soon as the specialized ones are *more loaded* than them, not only when those
+are full. Without the preference the fallback places LLM work by its own rule and batches go to the
+lowest predicted time to result.
 
 Embedding batches are formed per model, in (aged priority, arrival, id) order, bounded by
 ``embedding_batch_size`` texts (never above the target's ``max_client_batch_size``),
 ``embedding_batch_token_budget`` tokens and the target's free slots (one slot per request, as the
 views count them). A batch is released when it is full, when the oldest request of its model has
-waited ``max_embedding_wait_ms``, or (with ``release_when_idle``) when its target is idle; a batch
-that could still grow is never released below ``min_embedding_batch_size`` texts before the wait
+waited ``max_embedding_wait_ms``, or (``release_when_idle``, default on) at once when its target has
+no embedding work in flight: batching only pays while the embedding engine is busy. A batch that
+could still grow is never released below ``min_embedding_batch_size`` texts before the wait
 expires. `next_wakeup` returns the earliest window close among held embeddings.
 
-LLM requests are scheduled by the ``llm_fallback_policy`` (built with `make_policy`) over views that
-already include this call's embedding placements and whose ``max_inflight`` is lowered to the LLM
-share where the ratio applies; its assignments are re-labelled ``hybrid/llm/<fallback>``.
+LLM requests are ordered by the ``llm_fallback_policy`` (built with `make_policy`; default
+``adaptive``: priority classes under congestion, least slack under SLO pressure) over
+views that already include this call's embedding placements and whose ``max_inflight`` is lowered to
+the LLM share where the ratio applies; its assignments are re-labelled ``hybrid/llm/<fallback>``.
 """
 
 from __future__ import annotations
@@ -101,8 +111,11 @@ class HybridConfig(PolicyConfig):
         has waited this long, that model's requests are released in batches of whatever size they
         have. `next_wakeup` reports when the earliest window closes.
     release_when_idle: release a partial batch of at least ``min_embedding_batch_size`` texts at
-        once when its target instance has nothing in flight (batching only pays while the instance
-        is busy). Off by default: batches then wait for full or expired, as the seed describes.
+        once when its target has no embedding work in flight (an embedding-only instance: nothing in
+        flight; a mixed one: no embedding in flight, whatever its LLM load). Batching only pays while
+        the embedding engine is busy: an idle one would start a lone request at once, so holding it
+        adds the window to its latency for nothing. On by default; ``max_embedding_wait_ms`` still
+        bounds the wait while the target is busy. False: batches wait for full or expired.
     embedding_priority: how embedding batches rank against LLM requests for mixed capacity and in
         the backend's ``priority_hint``: ``high`` (embeddings claim first, hint 0), ``normal`` (the
         type whose oldest request arrived first claims first; hint = the batch's best request
@@ -114,28 +127,37 @@ class HybridConfig(PolicyConfig):
     embedding_target_wait_ms / llm_target_wait_ms: the waits that count as "on target" in the
         adaptive pressure ``sum(wait / target)`` over a type's queued requests. A request's own SLO
         (``ttft_ms``, else ``e2e_ms``) replaces the default target.
-    llm_fallback_policy: the policy that orders and places LLM requests: fifo, priority, slo_aware
-        or adaptive. With ``fifo``, LLM requests go in arrival order; their priority then reaches
-        only the backend (``priority_hint`` = request priority), not the gateway order.
+    llm_fallback_policy: the policy that orders LLM requests (and, without
+        ``prefer_specialized_instances``, places them): fifo, priority, slo_aware or adaptive.
+        Default ``adaptive``: arrival order while the cluster is calm (nothing queues), priority
+        classes with aging (the rule embeddings are ranked by) once it is congested, least slack
+        first while SLOs are at risk; every LLM assignment carries the request's class as
+        ``priority_hint``. Chosen from the policy benchmark (docs/policies/hybrid.md): past
+        saturation it keeps slo_aware's goodput (15-25% above fifo and priority) while still
+        honouring priority under congestion when no deadline is at risk. With ``fifo``, LLM requests
+        go in arrival order; their priority then reaches only the backend.
     llm_fallback_config: config keys for the fallback policy (checked against its Config).
     hybrid_instance_ratio: the LLM share of a mixed instance's ``max_inflight`` slots while
         embedding work waits for it; embeddings get ``1 - ratio`` while LLM work waits. When only one
         type waits, it may use the whole instance.
-    prefer_specialized_instances: embedding-only instances first for embeddings, LLM-only first
-        for LLM work, mixed instances only for what those cannot take. False: every compatible
-        instance is ranked alike by load (predicted wait).
+    prefer_specialized_instances: specialized instances first, mixed instances absorbing
+        overflow by load: each LLM request (embedding batch) goes where its normalised load (see the
+        module docstring: load over the type's share of the instance, the ratio applied on mixed
+        instances while the other type is present) is lowest, ties to the LLM-only (embedding-only)
+        instance. False: the fallback's own placement for LLM work, the lowest predicted time to
+        result for embedding batches, all compatible instances alike.
     """
 
     embedding_batch_size: int = 32
     embedding_batch_token_budget: int = 16384
     min_embedding_batch_size: int = 1
     max_embedding_wait_ms: float = 10.0
-    release_when_idle: bool = False
+    release_when_idle: bool = True
     embedding_priority: str = "normal"
     embedding_aging_ms: float = 1000.0
     embedding_target_wait_ms: float = 50.0
     llm_target_wait_ms: float = 500.0
-    llm_fallback_policy: str = "fifo"
+    llm_fallback_policy: str = "adaptive"
     llm_fallback_config: Mapping[str, Any] = field(default_factory=dict)
     hybrid_instance_ratio: float = 0.7
     prefer_specialized_instances: bool = True
@@ -234,11 +256,9 @@ class HybridPolicy(Policy):
     def __init__(self, config: PolicyConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         c = self.config
-        # Two fallback instances, each always shown the same kind of instance set, so that a stateful
-        # fallback (adaptive) measures consistent things: the main one sees LLM-only instances (all
-        # LLM-capable ones without prefer_specialized_instances), the other the mixed overflow.
-        self.llm_main = make_policy(c.llm_fallback_policy, **c.llm_fallback_config)
-        self.llm_mixed = make_policy(c.llm_fallback_policy, **c.llm_fallback_config)
+        # One fallback, always shown the same instance set (every LLM-capable instance), so that a
+        # stateful fallback (adaptive) measures the whole LLM side consistently from call to call.
+        self.llm_fallback = make_policy(c.llm_fallback_policy, **c.llm_fallback_config)
         self._held_deadlines: list[float] = []
         # Constant per policy, so built once rather than on every call.
         self._llm_rule = f"{self.name}/llm/{c.llm_fallback_policy}"
@@ -314,27 +334,14 @@ class HybridPolicy(Policy):
             order_reason=order_reason,
         )
 
-        llm_only: list[InstanceView] = []
-        mixed: list[InstanceView] = []
-        for view in instances:
-            if view.kind is _LLM_ONLY:
-                llm_only.append(view)
-            elif view.kind is _MIXED:
-                mixed.append(view)
-        if c.prefer_specialized_instances:
-            # LLM-only instances compete with nothing: fill them before any claim on mixed ones.
-            self._place_llm(call, self.llm_main, llm_only)
-            mixed_llm_views = mixed
-        else:
-            mixed_llm_views = [v for v in instances if v.kind is not _EMBEDDING_ONLY]
-        mixed_llm_policy = self.llm_mixed if c.prefer_specialized_instances else self.llm_main
+        llm_views = [v for v in instances if v.kind is not _EMBEDDING_ONLY] if llm else []
         second = LLM if first == EMBEDDING else EMBEDDING
         for kind in (first, second, first):
             if kind == EMBEDDING:
                 if call.groups:
                     self._place_embeddings(call)
-            elif call.llm and mixed_llm_views:
-                self._place_llm(call, mixed_llm_policy, mixed_llm_views)
+            elif call.llm and llm_views:
+                self._place_llm(call, llm_views)
 
         window_s = c.window_s
         self._held_deadlines = [r.arrival_s + window_s for group in call.groups.values() for r in group]
@@ -433,49 +440,104 @@ class HybridPolicy(Policy):
             max_inflight=min(view.max_inflight, inflight + room),
         )
 
+    # -- where work goes: normalised load ---------------------------------------------------------
+    def _llm_share(self, call: _Call, view: InstanceView) -> float:
+        """The fraction of `view` LLM work may count on: 1 on an LLM-only instance; on a mixed one
+        ``ratio`` while embedding work is in flight on it or queued for it (its GPU is then shared),
+        else 1 (an idle embedding side costs the LLM nothing)."""
+        if view.kind is not _MIXED:
+            return 1.0
+        if call.ledger.embedding_inflight(view.id) > 0 or call.other_waits(LLM, view):
+            return self.config.hybrid_instance_ratio
+        return 1.0
+
+    def _embedding_share(self, call: _Call, view: InstanceView) -> float:
+        """The fraction of `view` embeddings may count on: 1, or ``1 - ratio`` on a mixed instance
+        while LLM work is in flight on it or queued for it."""
+        if view.kind is not _MIXED:
+            return 1.0
+        if call.ledger.llm_inflight(view.id) > 0 or call.other_waits(EMBEDDING, view):
+            return 1.0 - self.config.hybrid_instance_ratio
+        return 1.0
+
+    def _llm_target(
+        self, call: _Call, views: Sequence[InstanceView], requests: Sequence[Request]
+    ) -> tuple[InstanceView, float] | None:
+        """The specialized-first load rule: where `requests` (one fallback assignment) go, and the load.
+
+        Among the instances with LLM room for all of them, the lowest load after taking them: the
+        outstanding token work (`LoadLedger.outstanding_tokens`, plus their prompt and ``max_tokens``)
+        over the LLM speed it may count on (``prefill_tokens_per_s * _llm_share``), i.e. seconds of
+        work queued per unit of LLM capacity. Ties go to the LLM-only instance, then fewer in flight,
+        then id. None when none has room (they stay queued).
+        """
+        n = len(requests)
+        work = sum([r.prompt_tokens + r.max_tokens for r in requests])
+        ledger = call.ledger
+        best: InstanceView | None = None
+        best_key: tuple | None = None
+        for view in views:
+            if not all(view.can_serve(r) for r in requests) or self._room(call, view, LLM) < n:
+                continue
+            capacity = view.prefill_tokens_per_s * self._llm_share(call, view)
+            # Rounded so that equal loads compare equal (0.7 * x is not exact in floating point).
+            load = round((ledger.outstanding_tokens(view.id) + work) / capacity, 9) if capacity > _EPS else math.inf
+            key = (load, view.kind is not _LLM_ONLY, ledger.inflight(view.id), view.id)
+            if best_key is None or key < best_key:
+                best, best_key = view, key
+        return None if best is None else (best, best_key[0])
+
     # -- LLM ---------------------------------------------------------------------------------------
-    def _place_llm(self, call: _Call, policy: Policy, views: Sequence[InstanceView]) -> None:
-        """Delegate the queued LLM requests `views` could serve to the fallback, over adjusted views."""
-        if not call.llm or not views:
-            return
-        sub_queue = _servable_on(call.llm, views)
-        if not sub_queue:
-            return
+    def _place_llm(self, call: _Call, views: Sequence[InstanceView]) -> None:
+        """Let the fallback order (and, without the preference, place) the queued LLM requests.
+
+        The fallback sees every LLM-capable instance, adjusted for this call (see `_adjusted`). With
+        ``prefer_specialized_instances`` each of its assignments, taken in its order, is re-targeted
+        by `_llm_target`; an assignment that finds no room there any more stays queued.
+        """
         adjusted = self._fallback_views(call, views)
         if adjusted is None:
             return
-        by_id = {r.id: r for r in sub_queue}
+        policy = self.llm_fallback
+        queue = call.llm
+        by_id = {r.id: r for r in queue}
         view_ids = {v.id for v in views}
         rule = self._llm_rule
+        prefer = self.config.prefer_specialized_instances
         done: set[str] = set()
-        for decision in policy.schedule(call.now, sub_queue, adjusted):
+        for decision in policy.schedule(call.now, queue, adjusted):
             if isinstance(decision, Assignment):
                 if decision.instance_id not in view_ids or any(i not in by_id for i in decision.request_ids):
                     raise RuntimeError(
                         f"fallback {policy.name!r} assigned outside what it was given: {decision}; this is a bug in it"
                     )
                 requests = [by_id[i] for i in decision.request_ids]
-                call.ledger.add(decision.instance_id, requests)
+                sub_rule = f" [{decision.rule}]" if decision.rule and decision.rule != policy.name else ""
+                target_id = decision.instance_id
+                if prefer:
+                    found = self._llm_target(call, views, requests)
+                    if found is None:
+                        continue
+                    target, load = found
+                    target_id = target.id
+                    reason = (
+                        f"order: {decision.reason}{sub_rule}; placed on the {target.kind.value} instance with the "
+                        f"least work per LLM capacity ({load:.2f} s); {call.order_reason}"
+                    )
+                else:
+                    reason = f"{decision.reason}{sub_rule}; {call.order_reason}"
+                call.ledger.add(target_id, requests)
                 hint = decision.priority_hint
                 if hint is None:
                     hint = min([int(r.priority) for r in requests])
-                sub_rule = f" [{decision.rule}]" if decision.rule and decision.rule != policy.name else ""
-                reason = f"{decision.reason}{sub_rule}; {call.order_reason}"
-                call.decisions.append(Assignment(decision.instance_id, decision.request_ids, hint, rule, reason))
+                call.decisions.append(Assignment(target_id, decision.request_ids, hint, rule, reason))
                 done.update(decision.request_ids)
                 call.unqueue(LLM, requests)
             elif isinstance(decision, Rejection):
                 request = by_id.get(decision.request_id)
                 if request is None:
                     continue
-                # A rejection made while seeing LLM-only instances is not final if a mixed instance
-                # may still serve the request: the overflow pass decides (it stays queued till then).
-                if (
-                    policy is self.llm_main
-                    and self.config.prefer_specialized_instances
-                    and _mixed_can_serve(call.views, request)
-                ):
-                    continue
+                # The fallback saw every LLM-capable instance, so its rejection is final.
                 call.decisions.append(dataclasses.replace(decision, rule=rule))
                 done.add(request.id)
                 call.unqueue(LLM, [request])
@@ -484,22 +546,29 @@ class HybridPolicy(Policy):
 
     # -- embeddings --------------------------------------------------------------------------------
     def _embedding_targets(self, call: _Call, head: Request, ignore_inputs: bool = False) -> list[InstanceView]:
-        """Instances that can take a batch starting with `head` now, best first."""
+        """Instances that can take a batch starting with `head` now, best first.
+
+        Ranked by the predicted time to `head`'s result (`LoadLedger.predicted_ttft_s`, so this call's
+        placements count); with ``prefer_specialized_instances`` divided by the embedding share
+        (`_embedding_share`), ties to embedding-only instances. Then fewer in flight, then id.
+        """
         ledger = call.ledger
-        candidates = [
-            v
-            for v in call.views
-            if v.can_serve(head)
-            and (ignore_inputs or v.max_client_batch_size >= head.embedding_inputs)
-            and self._room(call, v, EMBEDDING) > 0
-        ]
-        specialized_first = self.config.prefer_specialized_instances
-
-        def key(v: InstanceView) -> tuple:
-            tier = 0 if (not specialized_first or v.kind is _EMBEDDING_ONLY) else 1
-            return (tier, ledger.predicted_wait_s(v.id), ledger.inflight(v.id), v.id)
-
-        return sorted(candidates, key=key)
+        prefer = self.config.prefer_specialized_instances
+        keyed = []
+        for view in call.views:
+            if not view.can_serve(head) or (not ignore_inputs and view.max_client_batch_size < head.embedding_inputs):
+                continue
+            if self._room(call, view, EMBEDDING) <= 0:
+                continue
+            load = ledger.predicted_ttft_s(view.id, head)
+            tier = False
+            if prefer:
+                share = self._embedding_share(call, view)
+                load = round(load / share, 12) if share > _EPS else math.inf
+                tier = view.kind is not _EMBEDDING_ONLY
+            keyed.append(((load, tier, ledger.inflight(view.id), view.id), view))
+        keyed.sort(key=_first)
+        return [view for _, view in keyed]
 
     def _place_embeddings(self, call: _Call) -> None:
         """Form and release batches, model by model, best-ranked head first, until all are held or placed."""
@@ -607,9 +676,9 @@ class HybridPolicy(Policy):
             c.release_when_idle
             and not cut
             and batch_texts >= c.min_embedding_batch_size
-            and call.ledger.inflight(target.id) == 0
+            and _embedding_idle(call.ledger, target)
         ):
-            return batch, RULE_IDLE, f"target idle and {batch_texts} >= min_embedding_batch_size texts"
+            return batch, RULE_IDLE, f"target's embedding side idle and {batch_texts} >= min_embedding_batch_size texts"
         return natural, "", HOLD_CUT if cut else HOLD_PARTIAL
 
 
@@ -634,20 +703,15 @@ def _count_by_model(requests: Iterable[Request]) -> dict[str, int]:
     return counts
 
 
-def _servable_on(requests: Iterable[Request], views: Sequence[InstanceView]) -> list[Request]:
-    """The requests some instance among `views` could serve (any health), in their order."""
-    servable = []
-    for request in requests:
-        for view in views:
-            if view.can_serve(request):
-                servable.append(request)
-                break
-    return servable
+def _first(pair: tuple) -> Any:
+    return pair[0]
 
 
-def _mixed_can_serve(views: Iterable[InstanceView], request: Request) -> bool:
-    """Whether a healthy mixed instance could take `request` (so an LLM-only rejection is not final)."""
-    return any(v.healthy and v.kind is _MIXED and v.can_serve(request) for v in views)
+def _embedding_idle(ledger: LoadLedger, view: InstanceView) -> bool:
+    """No embedding work in flight on `view` (on an embedding-only instance: nothing in flight)."""
+    if view.kind is _EMBEDDING_ONLY:
+        return ledger.inflight(view.id) == 0
+    return ledger.embedding_inflight(view.id) == 0
 
 
 __all__ = ["EMBEDDING_PRIORITIES", "LLM_FALLBACK_POLICIES", "HybridConfig", "HybridPolicy"]

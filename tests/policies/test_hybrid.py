@@ -52,10 +52,12 @@ def slots_by_type(decisions, by_id, instance_id):
 # -- configuration ---------------------------------------------------------------------------------
 
 
-def test_defaults_match_the_seed():
+def test_defaults_match_the_seed_and_the_benchmark():
     c = HybridConfig()
-    assert (c.embedding_batch_size, c.embedding_priority, c.llm_fallback_policy) == (32, "normal", "fifo")
-    assert (c.hybrid_instance_ratio, c.prefer_specialized_instances) == (0.7, True)
+    # The seed's stated defaults...
+    assert (c.embedding_batch_size, c.hybrid_instance_ratio, c.prefer_specialized_instances) == (32, 0.7, True)
+    # ...and the ones chosen from the policy benchmark (docs/policies/hybrid.md).
+    assert (c.embedding_priority, c.llm_fallback_policy, c.release_when_idle) == ("normal", "adaptive", True)
 
 
 @pytest.mark.parametrize(
@@ -78,7 +80,7 @@ def test_bad_config_names_the_fix(overrides, names):
 
 def test_fallback_config_reaches_the_fallback():
     policy = make_policy("hybrid", llm_fallback_policy="priority", llm_fallback_config={"aging_interval_s": 3.0})
-    assert policy.llm_main.config.aging_interval_s == 3.0
+    assert policy.llm_fallback.config.aging_interval_s == 3.0
     assert policy.describe()["llm_fallback_config"] == {"aging_interval_s": 3.0}
 
 
@@ -130,7 +132,7 @@ def test_an_exactly_full_batch_is_one_backend_call(make_request, make_view):
 def test_oversized_request_goes_alone_and_too_large_is_rejected(make_request, make_view, check_decisions):
     queue = [emb(make_request, "big", inputs=40), emb(make_request, "huge", inputs=100), emb(make_request, "small")]
     instances = [make_view("tei", "embedding", max_client_batch_size=64), make_view("mix", "llm_embedding")]
-    decisions = HybridPolicy().schedule(0.0, queue, instances)
+    decisions = make_policy("hybrid", release_when_idle=False).schedule(0.0, queue, instances)
     check_decisions(decisions, queue, instances)
     by_rid = {i: d for d in decisions for i in (d.request_ids if isinstance(d, Assignment) else (d.request_id,))}
     assert by_rid["big"].request_ids == ("big",) and by_rid["big"].rule == RULE_OVERSIZE
@@ -157,7 +159,7 @@ def test_batches_never_mix_models(make_request, make_view, check_decisions):
 
 
 def test_partial_batch_waits_for_the_window_then_goes(make_request, make_view):
-    policy = HybridPolicy()
+    policy = make_policy("hybrid", release_when_idle=False)
     instances = [make_view("tei", "embedding")]
     queue = [emb(make_request, "e0", arrival_s=1.000), emb(make_request, "e1", arrival_s=1.004)]
     assert policy.schedule(1.005, queue, instances) == []
@@ -168,7 +170,7 @@ def test_partial_batch_waits_for_the_window_then_goes(make_request, make_view):
 
 
 def test_next_wakeup_is_the_oldest_held_arrival_plus_window(make_request, make_view):
-    policy = make_policy("hybrid", max_embedding_wait_ms=50)
+    policy = make_policy("hybrid", max_embedding_wait_ms=50, release_when_idle=False)
     instances = [make_view("tei", "embedding", models=("A", "B"))]
     queue = [
         emb(make_request, "b", model="B", arrival_s=2.03),
@@ -236,7 +238,7 @@ def test_aging_keeps_low_priority_embeddings_from_starving(make_request, make_vi
 # -- instance preference and the mixed-instance ratio ----------------------------------------------
 
 
-def test_specialized_instances_first_then_mixed_overflow(make_request, make_view, check_decisions):
+def test_full_specialized_instances_overflow_to_mixed(make_request, make_view, check_decisions):
     instances = [
         make_view("mix", "llm_embedding"),
         make_view("tei", "embedding", max_inflight=2),
@@ -247,8 +249,57 @@ def test_specialized_instances_first_then_mixed_overflow(make_request, make_view
     decisions = HybridPolicy().schedule(1.0, queue, instances)
     check_decisions(decisions, queue, instances)
     placed = {i: d.instance_id for d in assignments(decisions) for i in d.request_ids}
-    assert [placed[f"c{i}"] for i in range(3)] == ["gpu", "gpu", "mix"]  # arrival order; LLM-only first
+    assert Counter(placed[f"c{i}"] for i in range(3)) == {"gpu": 2, "mix": 1}  # gpu holds only 2
     assert Counter(placed[f"e{i}"] for i in range(4)) == {"tei": 2, "mix": 2}  # 2 slots on tei, rest overflow
+
+
+def test_llm_work_goes_to_the_mixed_instance_once_it_is_less_loaded(make_request, make_view):
+    """Load-aware overflow: the LLM-only instance wins ties, but not with far more work than the mixed one."""
+    chat = [make_request("c", prompt_tokens=100, max_tokens=50)]
+
+    def target(gpu, mix, **config):
+        (d,) = make_policy("hybrid", **config).schedule(1.0, chat, [gpu, mix])
+        return d.instance_id
+
+    idle_gpu, idle_mix = make_view("gpu", "llm", max_inflight=64), make_view("mix", "llm_embedding", max_inflight=64)
+    assert target(idle_gpu, idle_mix) == "gpu"  # equal load: specialized first
+    # The LLM-only GPU is far from full (30 of 64 slots) but carries much more work: the mixed one takes it.
+    busy_gpu = make_view("gpu", "llm", max_inflight=64, running=30, queued_decode_tokens=6000)
+    light_mix = make_view("mix", "llm_embedding", max_inflight=64, running=5, queued_decode_tokens=1000)
+    assert target(busy_gpu, light_mix) == "mix"
+    # The ratio applies while the mixed GPU also serves embeddings: 1000 + 150 tokens over 0.7 of its speed
+    # is more than 950 + 150 over the whole LLM-only GPU, so the LLM-only one keeps the request...
+    gpu = make_view("gpu", "llm", queued_decode_tokens=950)
+    mix_emb = make_view("mix", "llm_embedding", running=2, embedding_inflight=1, queued_decode_tokens=1000)
+    assert target(gpu, mix_emb) == "gpu"
+    # ...but with no embedding work on it the mixed GPU counts at full speed and is the less loaded.
+    mix_llm = make_view("mix", "llm_embedding", running=1, queued_decode_tokens=900)
+    assert target(gpu, mix_llm) == "mix"
+    # Speed counts: an LLM-only instance ten times slower is the more loaded one at equal work.
+    slow_gpu = make_view("gpu", "llm", prefill_tokens_per_s=1_000.0)
+    assert target(slow_gpu, idle_mix) == "mix"
+    # Without the preference the fallback's own rule places it (least outstanding work).
+    assert target(busy_gpu, light_mix, prefer_specialized_instances=False, llm_fallback_policy="fifo") == "mix"
+
+
+def test_embeddings_overflow_to_a_mixed_instance_when_the_tei_one_is_more_loaded(make_request, make_view):
+    queue = [emb(make_request, "e", inputs=1, tokens=10)]
+
+    def target(tei, mix, now=0.0):
+        (d,) = HybridPolicy().schedule(now, queue, [tei, mix])
+        return d.instance_id
+
+    mix = make_view("mix", "llm_embedding", prefill_tokens_per_s=10_000.0)
+    assert target(make_view("tei", "embedding"), mix) == "tei"  # idle TEI: faster result there
+    backlog = make_view("tei", "embedding", running=1, queued_prefill_tokens=5_000)  # 0.1 s queued
+    assert target(backlog, mix) == "mix"  # not full, but 0.1 s behind: the idle mixed GPU answers sooner
+    # LLM work on the mixed GPU leaves embeddings 1 - ratio of it: 1 ms there counts as 3.3 ms.
+    mix_llm = make_view("mix", "llm_embedding", running=5, prefill_tokens_per_s=10_000.0)
+    short = make_view("tei", "embedding", running=1, queued_prefill_tokens=125)  # 2.7 ms to result
+    assert target(short, mix) == "mix"
+    # The TEI instance is busy, so the batch is held for company until its window closes, then goes there.
+    assert HybridPolicy().schedule(0.0, queue, [short, mix_llm]) == []
+    assert target(short, mix_llm, now=0.010) == "tei"
 
 
 def test_without_preference_load_decides(make_request, make_view):
@@ -259,6 +310,11 @@ def test_without_preference_load_decides(make_request, make_view):
     queue = [emb(make_request, "e", inputs=32)]
     (d,) = make_policy("hybrid", prefer_specialized_instances=False).schedule(0.0, queue, instances)
     assert d.instance_id == "mix"
+    # With the preference too: 10 s behind is more load than an idle mixed GPU (overflow by load).
+    (d,) = HybridPolicy().schedule(0.0, queue, instances)
+    assert d.instance_id == "mix"
+    # A light backlog on the TEI instance: it still answers first, so it keeps the batch.
+    instances[0] = make_view("tei", "embedding", running=1, queued_prefill_tokens=100)
     (d,) = HybridPolicy().schedule(0.0, queue, instances)
     assert d.instance_id == "tei"
 
@@ -316,8 +372,11 @@ def test_held_embeddings_reserve_their_share(make_request, make_view):
     # A partial batch held for its window still counts as waiting: LLM may take only 7 of 10.
     instances = [make_view("mix", "llm_embedding", max_inflight=10)]
     queue = [make_request(f"c{i}") for i in range(12)] + [emb(make_request, "e", arrival_s=0.999)]
-    decisions = HybridPolicy().schedule(1.0, queue, instances)
+    decisions = make_policy("hybrid", release_when_idle=False).schedule(1.0, queue, instances)
     assert slots_by_type(decisions, {r.id: r for r in queue}, "mix") == (7, 0)
+    # With the idle release (default) the embedding goes at once: nothing waits, LLM takes the rest.
+    decisions = HybridPolicy().schedule(1.0, queue, instances)
+    assert slots_by_type(decisions, {r.id: r for r in queue}, "mix") == (9, 1)
 
 
 # -- embedding_priority ----------------------------------------------------------------------------
@@ -408,7 +467,8 @@ def test_priority_fallback_orders_llm_by_class(make_request, make_view):
     ]
     (d,) = make_policy("hybrid", llm_fallback_policy="priority").schedule(1.0, queue, instances)
     assert d.request_ids == ("new-high",)
-    (d,) = HybridPolicy().schedule(1.0, queue, instances)  # fifo: arrival order; priority is only a hint
+    fifo = make_policy("hybrid", llm_fallback_policy="fifo")
+    (d,) = fifo.schedule(1.0, queue, instances)  # fifo: arrival order; priority is only a hint
     assert d.request_ids == ("old-low",) and d.priority_hint == 3
 
 
@@ -561,7 +621,8 @@ def test_batches_respect_every_bound(
 def test_an_oversized_neighbour_does_not_make_a_batch_full(make_request, make_view):
     # 'big' goes alone at once; 'small' is a partial batch of one and waits for company.
     queue = [emb(make_request, "small", arrival_s=0.0), emb(make_request, "big", inputs=40, arrival_s=0.001)]
-    decisions = HybridPolicy().schedule(0.002, queue, [make_view("tei", "embedding", max_client_batch_size=64)])
+    policy = make_policy("hybrid", release_when_idle=False)
+    decisions = policy.schedule(0.002, queue, [make_view("tei", "embedding", max_client_batch_size=64)])
     assert [(d.request_ids, d.rule) for d in decisions] == [(("big",), RULE_OVERSIZE)]
 
 
@@ -608,3 +669,87 @@ def test_a_batch_cut_below_min_on_the_preferred_instance_tries_the_next(make_req
     policy = make_policy("hybrid", min_embedding_batch_size=8)
     (d,) = policy.schedule(0.001, queue, instances)
     assert d.instance_id == "mix" and d.rule == RULE_FULL and len(d.request_ids) == 8
+
+
+# -- the defaults an operator gets ------------------------------------------------------------------
+
+
+def test_idle_release_by_default_and_the_window_only_while_busy(make_request, make_view):
+    queue = [emb(make_request, "e0", arrival_s=0.0)]
+    (d,) = HybridPolicy().schedule(0.0, queue, [make_view("tei", "embedding")])
+    assert d.rule == RULE_IDLE and d.request_ids == ("e0",)  # an idle engine: no reason to wait
+    busy = [make_view("tei", "embedding", running=1, embedding_inflight=1)]
+    policy = HybridPolicy()
+    assert policy.schedule(0.0, queue, busy) == []  # a busy engine: wait for company...
+    assert policy.next_wakeup(0.0) == pytest.approx(WINDOW_S)
+    (d,) = policy.schedule(WINDOW_S, queue, busy)  # ...at most the window
+    assert d.rule == RULE_EXPIRED
+    # A mixed GPU busy with LLM work only has an idle embedding side: released at once.
+    mixed = [make_view("mix", "llm_embedding", running=8, queued_decode_tokens=2000)]
+    (d,) = HybridPolicy().schedule(0.0, queue, mixed)
+    assert d.rule == RULE_IDLE and d.instance_id == "mix"
+
+
+def test_default_fallback_honours_llm_priority_under_congestion(make_request, make_view):
+    # One slot free of five (load 0.8): the adaptive fallback is in priority mode, so the high-priority
+    # request passes the older low-priority one; a calm cluster keeps arrival order.
+    queue = [
+        make_request("old-low", priority="low", arrival_s=0.0),
+        make_request("new-high", priority="high", arrival_s=0.5),
+    ]
+    congested = [make_view("gpu", "llm", max_inflight=5, running=4)]
+    (d,) = HybridPolicy().schedule(1.0, queue, congested)
+    assert d.request_ids == ("new-high",) and d.priority_hint == 1
+    assert d.rule == "hybrid/llm/adaptive" and "adaptive/priority" in d.reason
+    calm = [make_view("gpu", "llm", max_inflight=64)]
+    decisions = HybridPolicy().schedule(1.0, queue, calm)
+    assert [x.request_ids for x in decisions] == [("old-low",), ("new-high",)]
+    assert [x.priority_hint for x in decisions] == [3, 1]  # priority still reaches the backend
+
+
+class _Recorder:
+    """Wraps a fallback policy and keeps the instance lists it was shown."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.seen: list[list] = []
+
+    def schedule(self, now, queue, instances):
+        self.seen.append(list(instances))
+        return self.inner.schedule(now, queue, instances)
+
+
+def test_fallback_sees_untouched_views_until_this_call_places_or_a_share_applies(make_request, make_view):
+    llm = make_view("llm", "llm", ("m",), running=1, max_inflight=4)
+    mixed = make_view("mix", "llm_embedding", ("m", "e"), running=2, embedding_inflight=1, max_inflight=10)
+    policy = make_policy("hybrid", hybrid_instance_ratio=0.5, max_embedding_wait_ms=1000.0, release_when_idle=False)
+    policy.llm_fallback = _Recorder(policy.llm_fallback)
+
+    # Only LLM work queued: every LLM-capable instance is shown as it is (no copy, nothing to fold in).
+    queue = [make_request(f"c{i}", "chat", "m", arrival_s=0.001 * i) for i in range(3)]
+    decisions = policy.schedule(1.0, queue, [llm, mixed])
+    shown = policy.llm_fallback.seen[-1]
+    assert shown[0] is llm and shown[1] is mixed
+    assert len(assignments(decisions)) == 3
+
+    # Embeddings wait for the mixed instance: its LLM share is cut to floor(0.5 * 10) = 5 slots, of
+    # which 1 is used (2 in flight, 1 of them an embedding).
+    queue = [make_request(f"c{i}", "chat", "m", arrival_s=0.001 * i) for i in range(9)]
+    queue.append(make_request("e0", "embedding", "e", arrival_s=0.999))
+    policy.schedule(1.0, queue, [llm, mixed])
+    shown_mixed = policy.llm_fallback.seen[-1][1]
+    assert shown_mixed is not mixed and shown_mixed.id == "mix"
+    assert shown_mixed.max_inflight == shown_mixed.inflight + 4
+
+
+def test_load_aware_placement_keeps_the_contract_and_spreads_within_one_call(make_request, make_view, check_decisions):
+    # Equal GPUs: twenty chats in one call split evenly (the ledger counts this call's placements),
+    # ties going to the LLM-only instance; the old rule sent all twenty to the LLM-only GPU.
+    instances = [make_view("gpu", "llm", max_inflight=64), make_view("mix", "llm_embedding", max_inflight=64)]
+    queue = [make_request(f"c{i}", arrival_s=i / 100, prompt_tokens=100, max_tokens=100) for i in range(20)]
+    decisions = HybridPolicy().schedule(1.0, queue, instances)
+    check_decisions(decisions, queue, instances)
+    by_id = {r.id: r for r in queue}
+    assert slots_by_type(decisions, by_id, "gpu") == (10, 0) and slots_by_type(decisions, by_id, "mix") == (10, 0)
+    assert decisions[0].instance_id == "gpu"
