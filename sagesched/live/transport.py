@@ -76,7 +76,6 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
-        self.reused = False
         self._counted = True  # holds one of the pool's connection slots until it closes
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
@@ -347,7 +346,6 @@ class ConnectionPool:
             transport = conn.transport
             fresh = now - conn.idle_since < self.keepalive_expiry_s
             if fresh and not conn.closed and transport is not None and not transport.is_closing():
-                conn.reused = True
                 return conn
             conn.close()
         if self._open < self.max_connections:
@@ -375,7 +373,6 @@ class ConnectionPool:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
         if conn_or_slot is not None:
-            conn_or_slot.reused = True
             return conn_or_slot
         return await self._acquire(timeout)
 
