@@ -6,18 +6,18 @@ from sagesched.core.records import RECORD_COLUMNS, Outcome, RequestRecord
 from sagesched.core.request import NO_SLO, SLO, Priority, Request, RequestType
 
 __all__ = [
+    "NO_SLO",
+    "RECORD_COLUMNS",
+    "SLO",
     "Assignment",
     "Decision",
     "InstanceKind",
     "InstanceView",
-    "NO_SLO",
     "Outcome",
     "Priority",
-    "RECORD_COLUMNS",
     "RejectCode",
     "Rejection",
     "Request",
     "RequestRecord",
     "RequestType",
-    "SLO",
 ]

@@ -7,7 +7,6 @@ assigns nor rejects stays queued; holding is a decision too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,4 +55,4 @@ class Rejection:
     rule: str = ""
 
 
-Decision = Union[Assignment, Rejection]
+Decision = Assignment | Rejection

@@ -33,9 +33,7 @@ class InstanceKind(str, enum.Enum):
         try:
             return cls(str(value).strip().lower())
         except ValueError:
-            raise ValueError(
-                f"unknown instance kind {value!r}; use one of {', '.join(k.value for k in cls)}"
-            ) from None
+            raise ValueError(f"unknown instance kind {value!r}; use one of {', '.join(k.value for k in cls)}") from None
 
 
 _EMBEDDING_REQUEST = RequestType.EMBEDDING

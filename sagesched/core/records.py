@@ -100,9 +100,4 @@ class RequestRecord:
         return row
 
 
-RECORD_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RequestRecord)) + (
-    "ttft_ms",
-    "tpot_ms",
-    "e2e_ms",
-    "slo_met",
-)
+RECORD_COLUMNS: tuple[str, ...] = (*(f.name for f in fields(RequestRecord)), "ttft_ms", "tpot_ms", "e2e_ms", "slo_met")

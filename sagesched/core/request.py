@@ -50,8 +50,7 @@ class Priority(enum.IntEnum):
                     return cls[text.upper()]
                 except KeyError:
                     raise ValueError(
-                        f"unknown priority {value!r}; use one of "
-                        f"{', '.join(p.name.lower() for p in cls)} or 0-4"
+                        f"unknown priority {value!r}; use one of {', '.join(p.name.lower() for p in cls)} or 0-4"
                     ) from None
         try:
             return cls(int(value))
