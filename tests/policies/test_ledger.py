@@ -10,8 +10,7 @@ from conftest import build_request, build_view
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sagesched.core import Assignment, InstanceView
-from sagesched.policies import make_policy
+from sagesched.core import InstanceView
 from sagesched.policies.base import LoadLedger
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -85,27 +84,3 @@ class Recorder:
     def schedule(self, now, queue, instances):
         self.seen.append(list(instances))
         return self.inner.schedule(now, queue, instances)
-
-
-def test_hybrid_shows_the_fallback_untouched_views_until_it_places_or_a_share_applies() -> None:
-    llm = build_view("llm", "llm", ("m",), running=1, max_inflight=4)
-    mixed = build_view("mix", "llm_embedding", ("m", "e"), running=2, embedding_inflight=1, max_inflight=10)
-    policy = make_policy("hybrid", hybrid_instance_ratio=0.5, max_embedding_wait_ms=1000.0)
-    policy.llm_main = Recorder(policy.llm_main)
-    policy.llm_mixed = Recorder(policy.llm_mixed)
-
-    # Only LLM work queued: both instances are shown as they are (no copy, nothing to fold in).
-    queue = [build_request(f"c{i}", "chat", "m", arrival_s=0.001 * i) for i in range(3)]
-    decisions = policy.schedule(1.0, queue, [llm, mixed])
-    assert policy.llm_main.seen[-1][0] is llm
-    placed = {rid: d.instance_id for d in decisions if isinstance(d, Assignment) for rid in d.request_ids}
-    assert sorted(placed.values()) == ["llm"] * 3  # the LLM-only instance has 3 free slots
-
-    # Embeddings wait for the mixed instance: its LLM share is cut to floor(0.5 * 10) = 5 slots, of
-    # which 1 is used (2 in flight, 1 of them an embedding).
-    queue = [build_request(f"c{i}", "chat", "m", arrival_s=0.001 * i) for i in range(9)]
-    queue.append(build_request("e0", "embedding", "e", arrival_s=0.999))
-    policy.schedule(1.0, queue, [llm, mixed])
-    shown = policy.llm_mixed.seen[-1][0]
-    assert shown is not mixed and shown.id == "mix"
-    assert shown.max_inflight == shown.inflight + 4
