@@ -72,6 +72,9 @@ class ExecutorConfig:
     connect_timeout_s: TCP connect limit per backend call (a dead backend is noticed this fast).
     health_interval_s: seconds between health probes (and metrics scrapes) of every backend.
     probe_timeout_s: limit for one health probe or metrics scrape.
+    probe_failures_to_mark_down: consecutive failed probes before a healthy backend is taken out.
+        One slow `/health` answer from a busy backend is not an outage; a refused or dropped
+        dispatch still takes a backend out at once.
     scrape_metrics: read backends' ``/metrics`` load gauges into the instance views.
     max_retries: how often a request that failed before any byte was sent is re-queued.
     no_backend_grace_s: how long a request may wait while no healthy backend could serve it
@@ -89,6 +92,7 @@ class ExecutorConfig:
     connect_timeout_s: float = 3.0
     health_interval_s: float = 2.0
     probe_timeout_s: float = 2.0
+    probe_failures_to_mark_down: int = 2
     scrape_metrics: bool = True
     max_retries: int = 2
     no_backend_grace_s: float = 10.0
@@ -104,6 +108,8 @@ class ExecutorConfig:
         for name in ("request_timeout_s", "connect_timeout_s", "health_interval_s", "probe_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.probe_failures_to_mark_down < 1:
+            raise ValueError(f"probe_failures_to_mark_down must be >= 1, got {self.probe_failures_to_mark_down}")
         if self.max_retries < 0 or self.no_backend_grace_s < 0 or self.drain_timeout_s < 0:
             raise ValueError("max_retries, no_backend_grace_s and drain_timeout_s must be >= 0")
         if not 0 < self.rate_smoothing <= 1:
@@ -179,6 +185,7 @@ class _Backend:
         self.config = config
         self.client = client
         self.healthy = False
+        self.failed_probes = 0  # consecutive failed health probes
         # Requests at this backend; change it only through add/remove so the sums stay right.
         self.inflight: dict[str, _Pending] = {}
         # Running sums over `inflight` (kept incrementally: the policy reads them on every arrival,
@@ -983,6 +990,9 @@ class LiveExecutor:
     # -- health ---------------------------------------------------------------------------------------
     async def _probe(self, backend: _Backend) -> None:
         healthy = await backend.client.health()
+        backend.failed_probes = 0 if healthy else backend.failed_probes + 1
+        if not healthy and backend.healthy and backend.failed_probes < self.config.probe_failures_to_mark_down:
+            return  # one failed probe of a serving backend: wait for the next before taking it out
         if healthy and self.config.scrape_metrics and backend.config.scrape_metrics:
             metrics = await backend.client.scrape()
             if metrics is not None:

@@ -1,4 +1,9 @@
-"""Keys, admin routes, overload, timeouts, disconnects and drains, against a real llama-server."""
+"""Keys, admin routes, overload, timeouts, disconnects and drains.
+
+Against a real llama-server, except where a test is about the gateway's own clock (queue limits,
+deadlines, drains): there a vLLM emulator with a fixed `time_scale` sets how long a request takes,
+whatever the load on the machine, so the test cannot race the model's decode speed.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +41,11 @@ def chat_body(server, max_tokens=2, **extra):
     return {**body, **extra}
 
 
-def wait_for(predicate, timeout_s=10.0):
+def emulated(emu, **extra):
+    return {"url": emu.url, "kind": "llm", "models": [emu.model], **extra}
+
+
+def wait_for(predicate, timeout_s=30.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
@@ -106,10 +115,13 @@ def test_admin_policy_switch_and_metrics(start_gateway, llm_server):
         assert name in text, name
 
 
-def test_queue_limit_gives_429_with_retry_after_and_accepted_requests_complete(start_gateway, llm_server):
+def test_queue_limit_gives_429_with_retry_after_and_accepted_requests_complete(start_gateway, emulator):
     # One request at a time at the backend, two waiting in the gateway: the rest are refused.
-    gw = start_gateway([llm(llm_server, max_inflight=1)], max_queue=2)
-    body = chat_body(llm_server, max_tokens=3)
+    # Each request takes ~1 s of wall time at the emulator (100 steps of ~10 ms), so all eight
+    # arrive while the first is still running, however slowly the client threads start.
+    emu = emulator("vllm", time_scale=1.0)
+    gw = start_gateway([emulated(emu, max_inflight=1)], max_queue=2)
+    body = chat_body(emu, max_tokens=100)
 
     def call(_):
         return httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=120)
@@ -125,18 +137,24 @@ def test_queue_limit_gives_429_with_retry_after_and_accepted_requests_complete(s
         assert r.json()["error"]["type"] == "rate_limit_error" and r.json()["error"]["code"] == "queue_full"
     for r in responses:
         if r.status_code == 200:
-            assert r.json()["usage"]["completion_tokens"] == 3
+            assert r.json()["usage"]["completion_tokens"] == 100
     records = gw.gateway.executor.records
     assert sum(r.outcome == "completed" for r in records) == statuses.count(200)
     assert sum(r.reason.startswith("queue_full") for r in records) == len(refused)
 
 
-def test_timeout_is_504_and_mid_stream_timeout_is_an_sse_error(start_gateway, llm_server):
-    gw = start_gateway([llm(llm_server)], request_timeout_s=2.5)
-    response = httpx.post(f"{gw.url}/v1/chat/completions", json=chat_body(llm_server, max_tokens=400), timeout=30)
+def test_timeout_is_504_and_mid_stream_timeout_is_an_sse_error(start_gateway, emulator):
+    # The emulator's clock, not the CPU, decides: first token after ~20 ms, 2000 tokens after
+    # ~20 s, so the 2.5 s deadline always falls mid-generation (a real model on a loaded CPU
+    # could take longer than the deadline to send its first chunk).
+    emu = emulator("vllm", time_scale=1.0)
+    gw = start_gateway([emulated(emu)], request_timeout_s=2.5)
+    started = time.monotonic()
+    response = httpx.post(f"{gw.url}/v1/chat/completions", json=chat_body(emu, max_tokens=2000), timeout=30)
     assert response.status_code == 504 and response.json()["error"]["code"] == "upstream_timeout"
+    assert 2.4 < time.monotonic() - started < 15, "the 504 came at the deadline, not before, nor long after"
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
-    stream = client.chat.completions.create(**sdk_args(llm_server, max_tokens=400), stream=True)
+    stream = client.chat.completions.create(**sdk_args(emu, max_tokens=2000), stream=True)
     got = []
     with pytest.raises(openai.APIError) as info:
         for chunk in stream:
@@ -158,37 +176,40 @@ def test_client_disconnect_cancels_the_upstream_request(start_gateway, llm_serve
         first = next(line for line in lines if line.startswith("data: "))
         assert '"error"' not in first, first
         assert inflight() == 1, (first, executor.records[-1:] if executor.records else None)
-    assert wait_for(lambda: inflight() == 0, 5), "the streamed request kept running after the client left"
+    assert wait_for(lambda: inflight() == 0), "the streamed request kept running after the client left"
     # Non-streaming: the client gives up while the backend works.
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{gw.url}/v1/chat/completions", json=chat_body(llm_server, max_tokens=500), timeout=0.5)
-    assert wait_for(lambda: inflight() == 0, 5), "the request kept running after the client left"
+    assert wait_for(lambda: inflight() == 0), "the request kept running after the client left"
     cancelled = [r for r in executor.records if r.reason.startswith("cancelled")]
     assert len(cancelled) == 2
     # The backend's slots are free again: a new request is served at once.
-    ok = httpx.post(f"{gw.url}/v1/chat/completions", json=chat_body(llm_server), timeout=30)
+    ok = httpx.post(f"{gw.url}/v1/chat/completions", json=chat_body(llm_server), timeout=60)
     assert ok.status_code == 200
 
 
-def test_graceful_shutdown_drains_in_flight_requests(llm_server):
+def test_graceful_shutdown_drains_in_flight_requests(emulator):
     from sagesched.live.gateway_config import GatewayConfig
     from sagesched.live.server import UnifiedAPIServer
 
-    config = GatewayConfig.from_dict({"policy": "fifo", "backends": [llm(llm_server)], "drain_timeout_s": 30})
+    # ~2 s per request at the emulator (200 steps of ~10 ms): all three are in flight together
+    # however slowly the client threads start, and each is far from done when the drain begins.
+    emu = emulator("vllm", time_scale=1.0)
+    config = GatewayConfig.from_dict({"policy": "fifo", "backends": [emulated(emu)], "drain_timeout_s": 30})
     server = UnifiedAPIServer(config, port=0).start()
     results = []
 
     def call():
-        results.append(
-            httpx.post(f"{server.url}/v1/chat/completions", json=chat_body(llm_server, max_tokens=12), timeout=60)
-        )
+        results.append(httpx.post(f"{server.url}/v1/chat/completions", json=chat_body(emu, max_tokens=200), timeout=60))
 
     threads = [threading.Thread(target=call) for _ in range(3)]
     for t in threads:
         t.start()
-    assert wait_for(lambda: server.gateway.inflight == 3, 10)
-    server.stop()  # returns once drained
+    try:
+        assert wait_for(lambda: server.gateway.inflight == 3), "the three requests never were in flight together"
+    finally:
+        server.stop()  # returns once drained
     for t in threads:
         t.join(30)
     assert [r.status_code for r in results] == [200, 200, 200]
-    assert all(r.json()["usage"]["completion_tokens"] == 12 for r in results)
+    assert all(r.json()["usage"]["completion_tokens"] == 200 for r in results)

@@ -27,14 +27,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _emulators_or_skip(kind: str) -> None:
-    """The emulators run the simulator's engine cores; until those land, say so instead of failing."""
-    try:
-        __import__(f"sagesched.live.emulators.{kind}_app")
-    except ImportError as exc:
-        pytest.skip(f"the {kind} emulator cannot load yet: {exc}")
-
-
 VLLM_CURRENT = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -151,7 +143,6 @@ async def test_real_embeddings_one_call_in_order(embedding_server) -> None:
 
 
 async def test_tei_native_embed_and_te_metrics(emulator) -> None:
-    _emulators_or_skip("tei")
     tei = emulator("tei")
     client = BackendClient(BackendConfig(tei.url, "embedding", [tei.model], api="tei"))
     try:
@@ -165,7 +156,6 @@ async def test_tei_native_embed_and_te_metrics(emulator) -> None:
 
 
 async def test_vllm_emulator_metrics_current_names(emulator) -> None:
-    _emulators_or_skip("vllm")
     vllm = emulator("vllm")
     client = BackendClient(BackendConfig(vllm.url, "llm", [vllm.model]))
     try:

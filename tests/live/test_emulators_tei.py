@@ -27,6 +27,26 @@ def _metric(url: str, name: str) -> float:
     return _metrics(url).get(name, 0.0)
 
 
+async def _until(
+    client: httpx.AsyncClient, url: str, predicate, what: str, timeout_s: float = 30.0
+) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Scrape `/metrics` until `predicate(metrics)` holds and return that scrape; fail naming `what`.
+
+    Polling for a state instead of sleeping a fixed time and hoping the server got there: on a
+    loaded machine a request can take far longer than usual to reach the emulator.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out: dict[str, float] = {}
+        for key, value in parse_text((await client.get(f"{url}/metrics")).text).items():
+            name = key.split("{", 1)[0]
+            out[name] = out.get(name, 0.0) + value
+        if predicate(out):
+            return out
+        assert time.monotonic() < deadline, f"{what} (waited {timeout_s:g}s; last scrape {out})"
+        await asyncio.sleep(0.005)
+
+
 def test_embed_native_and_openai_routes_agree(emulator) -> None:  # type: ignore[no-untyped-def]
     emu = emulator("tei", model="bge-base", time_scale=0)
     texts = ["first passage", "second passage"]
@@ -60,15 +80,15 @@ def test_413_past_max_client_batch_size_and_too_long_input(emulator) -> None:  #
 
 def test_429_past_max_concurrent_requests(emulator) -> None:  # type: ignore[no-untyped-def]
     perf = EmbeddingPerfModel.load("bge-base", "a100")
-    # Slow the clock so that a 3-input call (30 tokens each) stays in flight for ~0.3 s.
-    scale = 0.3 / perf.batch_time_s(3, 3 * 30, 30)
+    # Slow the clock so that a 3-input call (30 tokens each) stays in flight for ~0.6 s.
+    scale = 0.6 / perf.batch_time_s(3, 3 * 30, 30)
     emu = emulator("tei", time_scale=scale, max_concurrent_requests=4)
     inputs = ["token " * 24] * 3
 
     async def flood() -> list[int]:
         async with httpx.AsyncClient(timeout=30) as client:
             first = asyncio.create_task(client.post(f"{emu.url}/embed", json={"inputs": inputs}))
-            await asyncio.sleep(0.05)
+            await _until(client, emu.url, lambda m: m.get("te_batch_current_size") == 3, "the first call never ran")
             second = await client.post(f"{emu.url}/embed", json={"inputs": inputs})
             one_more = await client.post(f"{emu.url}/embed", json={"inputs": "fits"})
             return [
@@ -87,23 +107,23 @@ def test_lone_call_timing_and_batching_of_queued_calls(emulator) -> None:  # typ
     text = "token " * 40  # 60 emulated tokens
     tokens = tx.count_text_tokens(text)
     lone = perf.batch_time_s(4, 4 * tokens, tokens)
-    scale = 0.25 / lone  # a lone 4-input call takes 0.25 s of wall time
+    scale = 0.5 / lone  # a lone 4-input call takes 0.5 s of wall time
     emu = emulator("tei", time_scale=scale)
     client = httpx.Client(timeout=30)
     client.get(f"{emu.url}/health")
     start = time.monotonic()
     assert client.post(f"{emu.url}/embed", json={"inputs": [text] * 4}).status_code == 200
-    assert time.monotonic() - start == pytest.approx(0.25, rel=0.1, abs=0.02)
+    assert time.monotonic() - start == pytest.approx(0.5, rel=0.1, abs=0.02)
     batches0 = _metric(emu.url, "te_batch_count")
 
     async def burst() -> None:
         async with httpx.AsyncClient(timeout=30) as ac:
             first = asyncio.create_task(ac.post(f"{emu.url}/embed", json={"inputs": [text] * 4}))
-            await asyncio.sleep(0.05)  # the first batch is running; the next five calls queue behind it
+            await _until(ac, emu.url, lambda m: m.get("te_batch_current_size") == 4, "the first batch never ran")
+            # The first batch is running (0.5 s); the next five calls queue behind it.
             rest = [asyncio.create_task(ac.post(f"{emu.url}/embed", json={"inputs": [text] * 4})) for _ in range(5)]
-            await asyncio.sleep(0.03)
-            during = _metrics(emu.url)  # one scrape: both gauges at the same instant
-            assert during["te_queue_size"] == 20
+            # One scrape: both gauges at the same instant.
+            during = await _until(ac, emu.url, lambda m: m.get("te_queue_size") == 20, "the five calls never queued")
             assert during["te_batch_current_size"] == 4
             assert all(r.status_code == 200 for r in await asyncio.gather(first, *rest))
 

@@ -76,6 +76,14 @@ def test_start_stop_leaves_no_process(start_llm_server) -> None:  # type: ignore
         httpx.get(f"{server.url}/health", timeout=2)
 
 
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_command_line_start_status_stop(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     env = {**os.environ, "SAGESCHED_BACKENDS_DIR": str(tmp_path)}
     llm_port, emb_port = rb.free_port(), rb.free_port()
@@ -95,8 +103,11 @@ def test_command_line_start_status_stop(tmp_path, monkeypatch) -> None:  # type:
         stop = subprocess.run([*cli, "stop"], env=env, capture_output=True, text=True, timeout=60)
     assert stop.returncode == 0, stop.stderr
     assert stop.stdout.count("stopped") == 2
-    time.sleep(0.2)
     for record in records:
+        # `stop` waited for the exit; the orphaned process is reaped by init a moment later.
+        deadline = time.monotonic() + 10
+        while _pid_exists(record["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
         with pytest.raises(ProcessLookupError):
             os.kill(record["pid"], 0)
     assert not list(tmp_path.glob("*.json"))
