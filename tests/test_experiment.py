@@ -197,7 +197,7 @@ def test_ray_launcher_runs_a_sweep_locally(tmp_path):
 BENCH = REPO / "experiments" / "policy_benchmark"
 
 
-@pytest.mark.parametrize("scenario", ["azure_conv", "azure_code", "rag"])
+@pytest.mark.parametrize("scenario", ["azure_conv", "azure_code", "rag", "embedding_heavy"])
 def test_benchmark_scenarios_compose_and_sweep_every_policy(scenario):
     """The committed benchmark compares all registered policies plus the tuned hybrid, light to past saturation."""
     from hydra import initialize_config_dir as init
