@@ -16,6 +16,7 @@ same states and gives the same per-request latencies.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from sagesched.core import (
     Request,
     RequestRecord,
 )
+from sagesched.metrics import records_frame
 from sagesched.policies.base import Policy
 from sagesched.sim.config import ClusterConfig, InstanceConfig, SimConfig
 from sagesched.sim.engines import (
@@ -42,7 +44,7 @@ from sagesched.sim.engines import (
     TeiEngineCore,
     VllmEngineCore,
 )
-from sagesched.sim.results import SimResult, records_to_frame, timeline_frame
+from sagesched.sim.results import SimResult, timeline_frame
 
 log = logging.getLogger(__name__)
 
@@ -88,27 +90,142 @@ def _slot_setter(name: str):
     return getattr(InstanceView, name).__set__
 
 
+_DEFAULT_VIEW = InstanceView(id="_", kind=InstanceKind.LLM, models=frozenset({"_"}))
+_new_instance = object.__new__
+_ALL_SETTERS = tuple(_slot_setter(f) for f in InstanceView.__slots__)
 _set_running = _slot_setter("running")
 _set_waiting = _slot_setter("waiting")
 _set_embedding_inflight = _slot_setter("embedding_inflight")
 _set_kv_usage = _slot_setter("kv_usage")
 _set_queued_prefill = _slot_setter("queued_prefill_tokens")
 _set_queued_decode = _slot_setter("queued_decode_tokens")
-_ALL_SETTERS = tuple(_slot_setter(f) for f in InstanceView.__slots__)
-_DEFAULT_VIEW = InstanceView(id="_", kind=InstanceKind.LLM, models=frozenset({"_"}))
+
+# The slot order `_make_view_direct` is written for; `_make_view` falls back to the generic
+# version if `InstanceView` ever changes its fields.
+_VIEW_LAYOUT = (
+    "id",
+    "kind",
+    "models",
+    "healthy",
+    "running",
+    "waiting",
+    "embedding_inflight",
+    "kv_usage",
+    "queued_prefill_tokens",
+    "queued_decode_tokens",
+    "max_inflight",
+    "max_num_seqs",
+    "max_batch_tokens",
+    "max_client_batch_size",
+    "prefill_tokens_per_s",
+    "decode_step_s",
+    "embedding_tokens_per_s",
+    "age_s",
+)
 
 
-def _new_view(template: tuple) -> InstanceView:
-    """A fresh snapshot with the template's values, to overwrite the load fields of.
-
-    Hot path: a policy call needs one view per instance, and the dataclass constructor (keyword
-    arguments, frozen setattr, __post_init__) costs more than the rest of a view's computation. The
-    template's values were validated once by the real constructor.
-    """
-    view = object.__new__(InstanceView)
-    for setter, value in zip(_ALL_SETTERS, template, strict=True):
+def _make_view_generic(
+    static: tuple, running: int, waiting: int, emb_inflight: int, kv: float, prefill: int, decode: int
+) -> InstanceView:
+    """`_make_view` for any `InstanceView` layout: copy the template, then set the load fields."""
+    view = _new_instance(InstanceView)
+    for setter, value in zip(_ALL_SETTERS, static, strict=True):
         setter(view, value)
+    _set_running(view, running)
+    _set_waiting(view, waiting)
+    _set_embedding_inflight(view, emb_inflight)
+    _set_kv_usage(view, kv)
+    _set_queued_prefill(view, prefill)
+    _set_queued_decode(view, decode)
     return view
+
+
+class _ViewBuilder:
+    """A plain (writable) class with `InstanceView`'s slot layout, for `_make_view_direct`.
+
+    A view is filled in as a `_ViewBuilder`, with ordinary attribute stores, then becomes an
+    `InstanceView` by assigning `__class__` (Python allows it between classes with the same slots),
+    frozen from then on: about a third of the cost of calling each slot's setter.
+    """
+
+    __slots__ = _VIEW_LAYOUT
+
+
+def _make_view_direct(
+    static: tuple, running: int, waiting: int, emb_inflight: int, kv: float, prefill: int, decode: int
+) -> InstanceView:
+    """`_make_view` for the `_VIEW_LAYOUT` slot order (see `_ViewBuilder`)."""
+    (
+        id_,
+        kind,
+        models,
+        healthy,
+        _running,
+        _waiting,
+        _emb_inflight,
+        _kv,
+        _prefill,
+        _decode,
+        max_inflight,
+        max_num_seqs,
+        max_batch_tokens,
+        max_client_batch_size,
+        prefill_tokens_per_s,
+        decode_step_s,
+        embedding_tokens_per_s,
+        age_s,
+    ) = static
+    view = _ViewBuilder()
+    view.id = id_
+    view.kind = kind
+    view.models = models
+    view.healthy = healthy
+    view.running = running
+    view.waiting = waiting
+    view.embedding_inflight = emb_inflight
+    view.kv_usage = kv
+    view.queued_prefill_tokens = prefill
+    view.queued_decode_tokens = decode
+    view.max_inflight = max_inflight
+    view.max_num_seqs = max_num_seqs
+    view.max_batch_tokens = max_batch_tokens
+    view.max_client_batch_size = max_client_batch_size
+    view.prefill_tokens_per_s = prefill_tokens_per_s
+    view.decode_step_s = decode_step_s
+    view.embedding_tokens_per_s = embedding_tokens_per_s
+    view.age_s = age_s
+    view.__class__ = InstanceView
+    return view
+
+
+def _direct_views_work() -> bool:
+    """Whether `_make_view_direct` builds exactly the view the constructor builds (same layout)."""
+    if InstanceView.__slots__ != _VIEW_LAYOUT:
+        return False
+    static = tuple(getattr(_DEFAULT_VIEW, f) for f in _VIEW_LAYOUT)
+    try:
+        view = _make_view_direct(static, 1, 2, 1, 0.5, 3, 4)
+    except TypeError:  # __class__ assignment refused: the layouts differ
+        return False
+    expected = dataclasses.replace(
+        _DEFAULT_VIEW,
+        running=1,
+        waiting=2,
+        embedding_inflight=1,
+        kv_usage=0.5,
+        queued_prefill_tokens=3,
+        queued_decode_tokens=4,
+    )
+    return type(view) is InstanceView and view == expected
+
+
+# A snapshot from the instance's constant fields (`static`, in slot order) and its load. Hot path:
+# a policy call needs one view per instance in both modes (so this caps the jump mode's speed-up),
+# and the dataclass constructor (keyword arguments, frozen setattr, __post_init__) costs more than
+# the rest of a view's computation, so the slots are filled directly (the constant values were
+# validated once by the real constructor). The generic version is the fallback should
+# `InstanceView`'s fields ever change.
+_make_view = _make_view_direct if _direct_views_work() else _make_view_generic
 
 
 class _Instance:
@@ -133,6 +250,7 @@ class _Instance:
         self.llm_run = None
         self.llm_t0 = 0.0
         self.llm_gen = 0
+        self.llm_event: simpy.Event | None = None  # the end event of the decode run in flight
         self.tei_batch = None
         self.tei_gen = 0
         # Utilisation: time with at least one engine busy.
@@ -140,8 +258,12 @@ class _Instance:
         self.busy_acc = 0.0
         self.sample_busy = 0.0
         self.sample_t = 0.0
+        # Bumped by every change of the instance's state (dispatch, segment start/end); a decode run
+        # in flight changes only its step count m. Snapshots are cached by (version, m), and the
+        # part of a snapshot that m does not change by version alone (see `Simulator._view`).
         self.version = 0
-        self.cached_view: InstanceView | None = None
+        self.cached_view: tuple | None = None
+        self.cached_load: tuple | None = None
         if self.llm is not None:
             self.prefill_rate = float(llm_perf.prefill_tokens_per_s)
             self.decode_step = float(llm_perf.decode_step_s)
@@ -247,7 +369,7 @@ class Simulator:
         self._close_out()
         wall = time.perf_counter() - start
         return SimResult(
-            records=records_to_frame(self.records.values()),
+            records=records_frame(self.records.values()),
             timeline=timeline_frame(self.timeline),
             wall_s=wall,
             stats=self._stats(),
@@ -367,37 +489,57 @@ class Simulator:
         return core.kv_used_during(run, m) / core.kv.num_blocks
 
     def _view(self, inst: _Instance, now: float) -> InstanceView:
+        """The instance's snapshot at `now`.
+
+        Hot path (every policy call snapshots every instance, in both modes, so its cost caps the
+        jump mode's speed-up): the snapshot is reused while neither the instance's version nor the
+        run's step count changed, and during a decode run only the two fields the step count moves
+        (KV usage, queued decode tokens) are recomputed; the counts and queued tokens over the
+        engine's requests are cached by version.
+        """
         run = inst.llm_run
-        m = run.steps_done_by(now - inst.llm_t0) if run is not None else -1
+        version = inst.version
+        if run is None:
+            m = -1
+        else:
+            m = run.steps_done_by(now - inst.llm_t0)
         cached = inst.cached_view
-        if cached is not None and cached[0] == inst.version and cached[1] == m:
+        if cached is not None and cached[0] == version and cached[1] == m:
             return cached[2]
+        load = inst.cached_load
+        if load is None or load[0] != version:
+            load = inst.cached_load = self._load(inst)
+        _, running, waiting, kv, prefill, decode = load
+        if run is not None:
+            # As `core.kv_used_during(run, m)`: the blocks in use while step m executes, and the
+            # run's steps done so far are not applied to the core yet.
+            kv = (run.used0 + run.alloc_cum(m if m < run.k - 1 else run.k - 1)) / inst.llm.kv.num_blocks
+            decode -= run.n * m
+        view = _make_view(inst.static_view, running, waiting, inst.emb_inflight, kv, prefill, decode)
+        inst.cached_view = (version, m, view)
+        return view
+
+    @staticmethod
+    def _load(inst: _Instance) -> tuple:
+        """(version, running, waiting, KV usage, queued prefill, queued decode) of the engines' state.
+
+        KV usage and queued decode tokens are as of the last applied step: `_view` adjusts them for
+        a decode run in flight.
+        """
         running = waiting = prefill = decode = 0
         kv = 0.0
         core = inst.llm
         if core is not None:
             running, waiting = len(core.running), len(core.waiting)
             prefill, decode = core.queued_tokens()
-            if run is not None:
-                kv = core.kv_used_during(run, m) / core.kv.num_blocks
-                decode -= run.n * m  # the run's steps done so far are not applied to the core yet
-            else:
-                kv = core.kv.used / core.kv.num_blocks
+            kv = core.kv.used / core.kv.num_blocks
         tei = inst.tei
         if tei is not None:
             waiting_t = tei.waiting_requests()
             running += inst.tei_requests - waiting_t
             waiting += waiting_t
             prefill += tei.queued_tokens + (tei.batch.total_tokens if tei.batch is not None else 0)
-        view = _new_view(inst.static_view)
-        _set_running(view, running)
-        _set_waiting(view, waiting)
-        _set_embedding_inflight(view, inst.emb_inflight)
-        _set_kv_usage(view, kv)
-        _set_queued_prefill(view, prefill)
-        _set_queued_decode(view, decode)
-        inst.cached_view = (inst.version, m, view)
-        return view
+        return (inst.version, running, waiting, kv, prefill, decode)
 
     # -- dispatch ----------------------------------------------------------------------------------
     def _dispatch(self, a: Assignment, now: float) -> None:
@@ -550,9 +692,11 @@ class Simulator:
                 if run.k >= 1:
                     inst.llm_run = run
                     inst.llm_t0 = now
-                    self._set_busy(inst, now)
+                    if inst.busy_since is None:  # `_set_busy` with the LLM engine busy, inlined (hot)
+                        inst.busy_since = now
                     ev = env.timeout(run.cum_time(run.k))
                     ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
+                    inst.llm_event = ev
                     return
                 core.run = None
         plan = core.plan_step()
@@ -566,7 +710,8 @@ class Simulator:
             self.records[seq.id].preemptions = seq.preemptions
         inst.llm_plan = plan
         inst.llm_t0 = now
-        self._set_busy(inst, now)
+        if inst.busy_since is None:  # `_set_busy` with the LLM engine busy, inlined (hot)
+            inst.busy_since = now
         ev = env.timeout(core.step_time_s(plan) * factor)
         ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
 
@@ -580,8 +725,12 @@ class Simulator:
         run.truncate(m + 1)
         inst.llm_gen += 1
         gen = inst.llm_gen
+        # The run's old end event stays in SimPy's queue; dropping its callback spares processing
+        # it (`_llm_done` would ignore it anyway: its generation is stale).
+        inst.llm_event.callbacks.clear()
         ev = self.env.timeout(inst.llm_t0 + run.cum_time(m + 1) - now)
         ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
+        inst.llm_event = ev
 
     def _llm_done(self, inst: _Instance, gen: int) -> None:
         if gen != inst.llm_gen:

@@ -1,15 +1,13 @@
 """What a simulation returns: per-request records, instance timelines, counters and a summary.
 
-Records are built column by column straight from the `RequestRecord` slots (tens of thousands of
-rows in milliseconds), with the derived latency columns computed the same way as
-`RequestRecord.ttft_ms` / `tpot_ms` / `e2e_ms` / `slo_met`, so the frame has exactly
-`RECORD_COLUMNS` and agrees with the live driver's records.
+Records become a frame through `sagesched.metrics.records_frame`, the same function live mode uses,
+so simulated and live runs have exactly `RECORD_COLUMNS` with the same dtypes and the same
+definitions of TTFT, TPOT, end-to-end latency and SLO attainment.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,35 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sagesched.core import RECORD_COLUMNS, Outcome, RequestRecord
+from sagesched.core import Outcome
 
 TIMELINE_COLUMNS = ("time_s", "instance_id", "running", "waiting", "kv_usage", "batch_size", "busy")
-_BASE = [c for c in RECORD_COLUMNS if c not in ("ttft_ms", "tpot_ms", "e2e_ms", "slo_met")]
-
-
-def records_to_frame(records: Iterable[RequestRecord]) -> pd.DataFrame:
-    """One row per record, columns `RECORD_COLUMNS` in order."""
-    recs = list(records)
-    data: dict[str, Any] = {col: [getattr(r, col) for r in recs] for col in _BASE}
-    df = pd.DataFrame(data)
-    for col in ("dispatch_s", "first_token_s", "finish_s", "slo_ttft_ms", "slo_tpot_ms", "slo_e2e_ms"):
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
-    arrival = df["arrival_s"].to_numpy(float)
-    first = df["first_token_s"].to_numpy(float)
-    finish = df["finish_s"].to_numpy(float)
-    out = df["output_tokens"].to_numpy(float)
-    df["ttft_ms"] = (first - arrival) * 1000.0
-    df["e2e_ms"] = (finish - arrival) * 1000.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tpot = (finish - first) * 1000.0 / (out - 1.0)
-    df["tpot_ms"] = np.where(out >= 2, tpot, np.nan)
-    met = df["outcome"].to_numpy() == Outcome.COMPLETED.value
-    for limit, value in (("slo_ttft_ms", "ttft_ms"), ("slo_tpot_ms", "tpot_ms"), ("slo_e2e_ms", "e2e_ms")):
-        lim = df[limit].to_numpy(float)
-        val = df[value].to_numpy(float)
-        met &= np.isnan(lim) | np.isnan(val) | (val <= lim)
-    df["slo_met"] = met
-    return df[list(RECORD_COLUMNS)]
 
 
 def timeline_frame(rows: list[tuple]) -> pd.DataFrame:

@@ -24,6 +24,7 @@ import math
 from bisect import insort
 from collections import deque
 from collections.abc import Hashable
+from itertools import accumulate
 
 from sagesched.sim.config import VllmEngineConfig
 from sagesched.sim.engines.kv_cache import KvCache
@@ -114,12 +115,14 @@ class DecodeRun:
     in the step index, so a histogram of KV lengths modulo the block size is enough).
     """
 
-    __slots__ = ("_hi", "_lo", "_m", "a", "bs", "cum", "d", "factor", "k", "n", "res", "used0")
+    __slots__ = ("_hi", "_lo", "_m", "a", "bs", "cum", "d", "factor", "k", "n", "prefix", "used0")
 
     def __init__(self, n: int, k: int, cnt: list[int], bs: int, used0: int) -> None:
         self.n = n
         self.k = k
-        self.res = [(r, c) for r, c in enumerate(cnt) if c]
+        # prefix[s]: sequences whose first allocation falls on a step index r <= s (mod bs), so that
+        # `alloc_cum` is O(1) rather than a loop over the residues (it runs on every snapshot).
+        self.prefix = list(accumulate(cnt))
         self.bs = bs
         self.used0 = used0
         self.a = 0.0
@@ -145,10 +148,47 @@ class DecodeRun:
         """Largest m <= k with cum_time(m) <= elapsed."""
         if self._lo <= elapsed < self._hi:
             return self._m
+        if self.cum is None and self.d >= 0.0 and elapsed > 0.0:
+            return self._closed_form_steps(elapsed)
         m = self._steps_done_by(elapsed)
         self._m = m
         self._lo = self.cum_time(m)
         self._hi = self.cum_time(m + 1) if m < self.k else float("inf")
+        return m
+
+    def _closed_form_steps(self, elapsed: float) -> int:
+        """`steps_done_by` for an affine run (the common case), memo included.
+
+        Hot path: every instance snapshot taken mid-run asks for it, and the answer changes between
+        snapshots. The expression `f * (m * a + d * (m * (m - 1) * 0.5))` is `cum_time`'s, written
+        out so that the bounds stay bit-identical while skipping the method calls.
+        """
+        k, f, a, d = self.k, self.factor, self.a, self.d
+        total = f * (k * a + d * (k * (k - 1) * 0.5))
+        if total <= elapsed:
+            self._m, self._lo, self._hi = k, total, float("inf")
+            return k
+        # Solve f * (a m + d m (m - 1) / 2) = elapsed for m, then correct the rounding.
+        e = elapsed / f
+        if d > 0.0:
+            b = a - 0.5 * d
+            m = int((-b + math.sqrt(b * b + 2.0 * d * e)) / d)
+        else:
+            m = int(e / a) if a > 0.0 else k
+        if m < 0:
+            m = 0
+        elif m > k:
+            m = k
+        lo = f * (m * a + d * (m * (m - 1) * 0.5))
+        while m > 0 and lo > elapsed:
+            m -= 1
+            lo = f * (m * a + d * (m * (m - 1) * 0.5))
+        hi = f * ((m + 1) * a + d * ((m + 1) * m * 0.5)) if m < k else float("inf")
+        while m < k and hi <= elapsed:
+            m += 1
+            lo = hi
+            hi = f * ((m + 1) * a + d * ((m + 1) * m * 0.5)) if m < k else float("inf")
+        self._m, self._lo, self._hi = m, lo, hi
         return m
 
     def _steps_done_by(self, elapsed: float) -> int:
@@ -185,12 +225,11 @@ class DecodeRun:
         """Blocks allocated by steps 0..j (j < 0: none)."""
         if j < 0:
             return 0
-        bs = self.bs
-        total = 0
-        for r, c in self.res:
-            if r <= j:
-                total += c * ((j - r) // bs + 1)
-        return total
+        # A sequence with residue r allocates at steps r, r + bs, ...: (j - r) // bs + 1 blocks by
+        # step j when r <= j. Writing j = q * bs + s, that is q + 1 blocks for r <= s and q for r > s.
+        q, s = divmod(j, self.bs)
+        prefix = self.prefix
+        return prefix[-1] * q + prefix[s]
 
 
 class VllmEngineCore:
@@ -230,6 +269,9 @@ class VllmEngineCore:
         self.version = 0
         self._qt_version = -1
         self._qt = (0, 0)
+        # (version, KV-length residue histogram, total KV length) of the batch, as `decode_run_limit`
+        # last saw it: `start_decode_run` reuses it while the version is unchanged.
+        self._run_shape: tuple[int, list[int], int] | None = None
 
     # -- gauges ----------------------------------------------------------------------------------
     @property
@@ -497,24 +539,36 @@ class VllmEngineCore:
         if n == 0 or n > self.budget:
             return 0
         k = 1 << 60
+        bs = self.bs
+        cnt = [0] * bs
+        ctx = 0
         for seq in running:
             if not seq.generated or seq.num_tokens - seq.num_computed != 1:
                 return 0
             r = seq.target - seq.generated
             if r < k:
                 k = r
+            # The run's shape, for `start_decode_run` (gathered here to walk the batch once).
+            cnt[-seq.num_computed % bs] += 1
+            ctx += seq.num_tokens
         if self.waiting and n < self.max_seqs and self._admission(self.waiting[0], self.budget - n) is not None:
             return 0
+        self._run_shape = (self.version, cnt, ctx)
         return k
 
     def start_decode_run(self, k: int, factor: float = 1.0) -> DecodeRun:
         """Prepare up to `k` pure-decode steps (fewer if KV blocks run out first) and time them."""
         bs = self.bs
-        cnt = [0] * bs
-        ctx = 0
-        for seq in self.running:
-            cnt[-seq.num_computed % bs] += 1
-            ctx += seq.num_tokens
+        shape = self._run_shape
+        if shape is not None and shape[0] == self.version:  # from `decode_run_limit`, nothing changed since
+            _, cnt, ctx = shape
+        else:
+            cnt = [0] * bs
+            ctx = 0
+            for seq in self.running:
+                cnt[-seq.num_computed % bs] += 1
+                ctx += seq.num_tokens
+        self._run_shape = None
         n = len(self.running)
         run = DecodeRun(n, k, cnt, bs, self.kv.used)
         free = self.kv.free_blocks
