@@ -6,37 +6,14 @@ from collections.abc import Sequence
 
 import pandas as pd
 import pytest
+from tiny_perf import make_provider
 
 from sagesched.core import RECORD_COLUMNS, Assignment, InstanceView, Request, RequestType
 from sagesched.policies.base import Policy, PolicyConfig
 from sagesched.policies.fifo import FifoPolicy
 from sagesched.sim import ClusterConfig, InstanceConfig, SimConfig, simulate
 
-
-class TinyLLMPerf:
-    prefill_tokens_per_s = 10_000.0
-    decode_step_s = 0.01
-
-    def step_time_s(self, b) -> float:
-        if b.prefill_tokens + b.decode_tokens == 0:
-            return 0.0
-        return 0.004 + 1e-5 * b.prefill_tokens + 1e-4 * b.decode_tokens + 1e-7 * b.decode_context_tokens
-
-    def kv_capacity_tokens(self, gpu_memory_utilization: float = 0.9) -> int:
-        return 20_000
-
-
-class TinyEmbPerf:
-    tokens_per_s = 100_000.0
-
-    def batch_time_s(self, num_inputs: int, total_tokens: int, max_input_tokens: int) -> float:
-        return 0.002 + 1e-5 * total_tokens
-
-
-def provider(cfg):
-    llm = TinyLLMPerf() if cfg.kind.value != "embedding" else None
-    emb = TinyEmbPerf() if cfg.kind.value != "llm" else None
-    return llm, emb
+provider = make_provider(kv_tokens=20_000)
 
 
 CLUSTER = ClusterConfig.from_dict(

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny_perf import TinyEmbPerf
 
 from sagesched.core import Request, RequestType
 from sagesched.policies.fifo import FifoPolicy
 from sagesched.sim import ClusterConfig, InstanceConfig, SimConfig, TeiEngineConfig, simulate
 from sagesched.sim.engines import EngineRejected, EngineRequest, TeiEngineCore
-
-
-class TinyEmbPerf:
-    """Deterministic stand-in with the EmbeddingPerfModel interface."""
-
-    tokens_per_s = 100_000.0
-
-    def batch_time_s(self, num_inputs: int, total_tokens: int, max_input_tokens: int) -> float:
-        return 0.002 + 1e-5 * total_tokens
 
 
 def call(cid: str, *tokens: int, requests: int = 1) -> EngineRequest:

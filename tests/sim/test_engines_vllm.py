@@ -5,27 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+from tiny_perf import TinyLLMPerf
 
 from sagesched.core import Request, RequestType
 from sagesched.policies.fifo import FifoPolicy
 from sagesched.sim import ClusterConfig, InstanceConfig, SimConfig, VllmEngineConfig, simulate
 from sagesched.sim.engines import EngineRejected, EngineRequest, VllmEngineCore
 from sagesched.sim.perf_model import BatchShape, LLMPerfModel
-
-
-class TinyLLMPerf:
-    """A deterministic stand-in with the LLMPerfModel interface (affine in every batch term)."""
-
-    prefill_tokens_per_s = 10_000.0
-    decode_step_s = 0.01
-
-    def step_time_s(self, b) -> float:
-        if b.prefill_tokens + b.decode_tokens == 0:
-            return 0.0
-        return 0.004 + 1e-5 * b.prefill_tokens + 1e-4 * b.decode_tokens + 1e-7 * b.decode_context_tokens
-
-    def kv_capacity_tokens(self, gpu_memory_utilization: float = 0.9) -> int:
-        return int(200_000 * gpu_memory_utilization)
 
 
 def engine(**kw) -> VllmEngineCore:
