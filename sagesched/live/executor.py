@@ -1018,12 +1018,10 @@ class LiveExecutor:
 
 
 def records_frame(executor: LiveExecutor) -> Any:
-    """The executor's records as a DataFrame with `RECORD_COLUMNS` (imports pandas on use)."""
-    import pandas as pd
+    """The executor's records as a DataFrame: the simulator's function, so both share one schema."""
+    from sagesched.metrics import records_frame as frame
 
-    from sagesched.core import RECORD_COLUMNS
-
-    return pd.DataFrame([r.as_row() for r in executor.records], columns=list(RECORD_COLUMNS))
+    return frame(executor.records)
 
 
 __all__ = ["ExecutorConfig", "LiveExecutor", "LiveResponse", "records_frame"]

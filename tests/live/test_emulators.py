@@ -11,43 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+from metrics_scrape import scrape, until
 
 from sagesched.live.emulators import text as tx
-from sagesched.live.emulators.promtext import parse_text
 from sagesched.sim.perf_model import BatchShape, LLMPerfModel
-
-
-def _metrics(url: str) -> dict[str, float]:
-    values = parse_text(httpx.get(f"{url}/metrics", timeout=5).text)
-    # Drop the label set: every sample of the vLLM emulator carries the same model_name/engine labels.
-    out: dict[str, float] = {}
-    for key, value in values.items():
-        name = key.split("{", 1)[0]
-        if "_bucket" in name:
-            continue
-        out[name] = out.get(name, 0.0) + value
-    return out
-
-
-async def _until(
-    client: httpx.AsyncClient, url: str, predicate, what: str, timeout_s: float = 30.0
-) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    """Scrape `/metrics` until `predicate(metrics)` holds and return that scrape; fail naming `what`.
-
-    Polling for a state instead of sleeping a fixed time and hoping the server got there: on a
-    loaded machine a request can take far longer than usual to reach the emulator.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        out: dict[str, float] = {}
-        for key, value in parse_text((await client.get(f"{url}/metrics")).text).items():
-            name = key.split("{", 1)[0]
-            if "_bucket" not in name:
-                out[name] = out.get(name, 0.0) + value
-        if predicate(out):
-            return out
-        assert time.monotonic() < deadline, f"{what} (waited {timeout_s:g}s; last scrape {out})"
-        await asyncio.sleep(0.005)
 
 
 def _stream_lines(
@@ -175,13 +142,13 @@ def test_two_concurrent_requests_share_steps(emulator) -> None:  # type: ignore[
             assert all(r.json()["usage"]["completion_tokens"] == 20 for r in responses)
             return time.monotonic() - started
 
-    before = _metrics(emu.url)["sagesched_emulator_steps_total"]
+    before = scrape(emu.url)["sagesched_emulator_steps_total"]
     asyncio.run(run(1))
     asyncio.run(run(1))
-    serial = _metrics(emu.url)["sagesched_emulator_steps_total"] - before
+    serial = scrape(emu.url)["sagesched_emulator_steps_total"] - before
     before += serial
     asyncio.run(run(2))
-    together = _metrics(emu.url)["sagesched_emulator_steps_total"] - before
+    together = scrape(emu.url)["sagesched_emulator_steps_total"] - before
     assert serial == 40
     # Both decode in the same steps: one after the other would take 40; together they overlap for
     # at least half their steps (exactly 21 or 22 when they arrive a step or two apart).
@@ -192,7 +159,7 @@ def test_metrics_present_and_moving_under_load(emulator) -> None:  # type: ignor
     # A 40-token request takes ~0.45 s at time_scale=1; 1.5 leaves ~0.7 s for all five to arrive
     # while the first two still run.
     emu = emulator("vllm", time_scale=1.5, max_num_seqs=2)
-    names = _metrics(emu.url)
+    names = scrape(emu.url)
     for name in (
         "vllm:num_requests_running",
         "vllm:num_requests_waiting",
@@ -212,7 +179,7 @@ def test_metrics_present_and_moving_under_load(emulator) -> None:  # type: ignor
         async with httpx.AsyncClient(timeout=30) as client:
             body = {"model": emu.model, "prompt": prompt, "max_tokens": 40}
             tasks = [asyncio.create_task(client.post(f"{emu.url}/v1/completions", json=body)) for _ in range(5)]
-            during = await _until(
+            during = await until(
                 client, emu.url, lambda m: m["vllm:num_requests_waiting"] == 3, "the five requests never all queued"
             )
             await asyncio.gather(*tasks)
@@ -222,7 +189,7 @@ def test_metrics_present_and_moving_under_load(emulator) -> None:  # type: ignor
     assert during["vllm:num_requests_running"] == 2  # max_num_seqs
     assert during["vllm:num_requests_waiting"] == 3
     assert 0 < during["vllm:kv_cache_usage_perc"] < 1
-    after = _metrics(emu.url)
+    after = scrape(emu.url)
     assert after["vllm:num_requests_running"] == after["vllm:num_requests_waiting"] == 0
     assert after["vllm:kv_cache_usage_perc"] == 0
     assert after["vllm:generation_tokens_total"] == 200
@@ -250,7 +217,7 @@ def test_kv_limit_preempts_and_still_completes(emulator) -> None:  # type: ignor
 
     results = asyncio.run(load())
     assert [r["usage"]["completion_tokens"] for r in results] == [60] * 4
-    assert _metrics(emu.url)["vllm:num_preemptions_total"] > 0
+    assert scrape(emu.url)["vllm:num_preemptions_total"] > 0
     too_big = {"model": emu.model, "prompt": [1] * 300, "max_tokens": 200}
     response = httpx.post(f"{emu.url}/v1/completions", json=too_big, timeout=30)
     assert response.status_code == 400 and "KV cache" in response.json()["error"]["message"]
@@ -313,7 +280,7 @@ def test_client_disconnect_aborts_request(emulator) -> None:  # type: ignore[no-
             if line.startswith("data: "):
                 break
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _metrics(emu.url)["vllm:num_requests_running"]:
+    while time.monotonic() < deadline and scrape(emu.url)["vllm:num_requests_running"]:
         time.sleep(0.05)
-    assert _metrics(emu.url)["vllm:num_requests_running"] == 0
-    assert _metrics(emu.url)["vllm:kv_cache_usage_perc"] == 0
+    assert scrape(emu.url)["vllm:num_requests_running"] == 0
+    assert scrape(emu.url)["vllm:kv_cache_usage_perc"] == 0

@@ -9,42 +9,14 @@ import time
 
 import httpx
 import pytest
+from metrics_scrape import scrape, until
 
 from sagesched.live.emulators import text as tx
-from sagesched.live.emulators.promtext import parse_text
 from sagesched.sim.perf_model import EmbeddingPerfModel
 
 
-def _metrics(url: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in parse_text(httpx.get(f"{url}/metrics", timeout=5).text).items():
-        name = key.split("{", 1)[0]
-        out[name] = out.get(name, 0.0) + value
-    return out
-
-
 def _metric(url: str, name: str) -> float:
-    return _metrics(url).get(name, 0.0)
-
-
-async def _until(
-    client: httpx.AsyncClient, url: str, predicate, what: str, timeout_s: float = 30.0
-) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    """Scrape `/metrics` until `predicate(metrics)` holds and return that scrape; fail naming `what`.
-
-    Polling for a state instead of sleeping a fixed time and hoping the server got there: on a
-    loaded machine a request can take far longer than usual to reach the emulator.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        out: dict[str, float] = {}
-        for key, value in parse_text((await client.get(f"{url}/metrics")).text).items():
-            name = key.split("{", 1)[0]
-            out[name] = out.get(name, 0.0) + value
-        if predicate(out):
-            return out
-        assert time.monotonic() < deadline, f"{what} (waited {timeout_s:g}s; last scrape {out})"
-        await asyncio.sleep(0.005)
+    return scrape(url).get(name, 0.0)
 
 
 def test_embed_native_and_openai_routes_agree(emulator) -> None:  # type: ignore[no-untyped-def]
@@ -88,7 +60,7 @@ def test_429_past_max_concurrent_requests(emulator) -> None:  # type: ignore[no-
     async def flood() -> list[int]:
         async with httpx.AsyncClient(timeout=30) as client:
             first = asyncio.create_task(client.post(f"{emu.url}/embed", json={"inputs": inputs}))
-            await _until(client, emu.url, lambda m: m.get("te_batch_current_size") == 3, "the first call never ran")
+            await until(client, emu.url, lambda m: m.get("te_batch_current_size") == 3, "the first call never ran")
             second = await client.post(f"{emu.url}/embed", json={"inputs": inputs})
             one_more = await client.post(f"{emu.url}/embed", json={"inputs": "fits"})
             return [
@@ -119,11 +91,11 @@ def test_lone_call_timing_and_batching_of_queued_calls(emulator) -> None:  # typ
     async def burst() -> None:
         async with httpx.AsyncClient(timeout=30) as ac:
             first = asyncio.create_task(ac.post(f"{emu.url}/embed", json={"inputs": [text] * 4}))
-            await _until(ac, emu.url, lambda m: m.get("te_batch_current_size") == 4, "the first batch never ran")
+            await until(ac, emu.url, lambda m: m.get("te_batch_current_size") == 4, "the first batch never ran")
             # The first batch is running (0.5 s); the next five calls queue behind it.
             rest = [asyncio.create_task(ac.post(f"{emu.url}/embed", json={"inputs": [text] * 4})) for _ in range(5)]
             # One scrape: both gauges at the same instant.
-            during = await _until(ac, emu.url, lambda m: m.get("te_queue_size") == 20, "the five calls never queued")
+            during = await until(ac, emu.url, lambda m: m.get("te_queue_size") == 20, "the five calls never queued")
             assert during["te_batch_current_size"] == 4
             assert all(r.status_code == 200 for r in await asyncio.gather(first, *rest))
 
