@@ -1,0 +1,219 @@
+"""The one place a policy's decisions are checked and given meaning, for both drivers.
+
+The simulator and the live executor both call `decide(policy, now, queue, views)` and then carry out
+what it returns. Because the checks live here, a decision means the same thing in simulation and
+live, and so does a policy that misbehaves. The semantics (also in docs/internals.md):
+
+- `Assignment` of queued requests to a known, healthy instance whose kind and models serve them:
+  a `Placement` (one backend call when it holds several embedding requests).
+- `Rejection` of a queued request: a `Verdict` with outcome ``rejected`` and the policy's code and
+  reason.
+- An assignment to an instance that does not exist, or that cannot serve a request (kind or model):
+  that request ends with outcome ``failed``, code ``invalid_decision`` and a reason naming the
+  instance. The other requests of the same assignment are unaffected.
+- An assignment to an unhealthy instance: the request stays queued (counted in `held_unhealthy`);
+  the driver's stranding rules apply as for any queued request.
+- A decision about a request that is not queued (unknown, or already decided earlier in the same
+  list): ignored, with a line in `ignored`. The first decision about a request wins.
+- A policy that raises, returns something that is not a list of decisions, or a list holding
+  something that is not an `Assignment` or `Rejection`: the core finds the requests whose presence
+  makes it misbehave by calling it again on halves of the queue (bisection; the decisions of those
+  probing calls are thrown away). Those requests end with outcome ``failed`` and code
+  ``policy_error``; the policy is then called once more without them and its decisions are used.
+  A policy that misbehaves on every request fails every request of the call, and nothing else.
+
+The module is pure: no clock, no I/O, no event loop. It never raises because of the policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sagesched.core.assignment import Assignment, Rejection
+from sagesched.core.instance import InstanceView
+from sagesched.core.request import Request
+
+logger = logging.getLogger(__name__)
+
+INVALID_DECISION = "invalid_decision"
+POLICY_ERROR = "policy_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Validated part of an `Assignment`: every request in `requests` may go to `instance_id`."""
+
+    instance_id: str
+    requests: tuple[Request, ...]
+    priority_hint: int | None = None
+    rule: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A request that ends now: rejected by the policy, or failed because of the policy."""
+
+    request: Request
+    outcome: Literal["rejected", "failed"]
+    code: str
+    reason: str
+    rule: str = ""
+
+    @property
+    def message(self) -> str:
+        """``code: reason``, the form records carry in their `reason` column."""
+        return f"{self.code}: {self.reason}"
+
+
+@dataclass(slots=True)
+class Decisions:
+    """What one policy call means. Requests in none of the lists stay queued."""
+
+    placements: list[Placement] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+    # Requests assigned to an unhealthy instance (they stay queued).
+    held_unhealthy: int = 0
+    # Decisions that could not be attributed to a queued request (logged, otherwise ignored).
+    ignored: list[str] = field(default_factory=list)
+    # Number of times the policy misbehaved (raise or garbage) during this call, probes included.
+    policy_errors: int = 0
+
+
+class PolicyMisbehaved(Exception):
+    """Internal: the policy raised or returned something that is not a list of decisions."""
+
+
+def _call(policy: object, now: float, queue: Sequence[Request], views: Sequence[InstanceView]) -> list:
+    try:
+        out = policy.schedule(now, list(queue), views)  # type: ignore[attr-defined]
+    except Exception as exc:  # the policy's own bug, whatever it is
+        raise PolicyMisbehaved(f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(out, (list, tuple)):
+        raise PolicyMisbehaved(f"schedule() returned {type(out).__name__}, not a list of decisions")
+    for d in out:
+        if not isinstance(d, (Assignment, Rejection)):
+            raise PolicyMisbehaved(f"schedule() returned a {type(d).__name__}; expected Assignment or Rejection")
+    return list(out)
+
+
+def _offenders(
+    policy: object, now: float, queue: Sequence[Request], views: Sequence[InstanceView], counter: list[int]
+) -> tuple[list[tuple[Request, str]], list[Request]]:
+    """Split `queue` (on which the policy misbehaves) into (offenders with the error, the rest)."""
+    if len(queue) == 1:
+        try:
+            _call(policy, now, queue, views)
+        except PolicyMisbehaved as exc:
+            counter[0] += 1
+            return [(queue[0], str(exc))], []
+        return [], list(queue)
+    half = len(queue) // 2
+    bad: list[tuple[Request, str]] = []
+    good: list[Request] = []
+    for part in (queue[:half], queue[half:]):
+        try:
+            _call(policy, now, part, views)
+        except PolicyMisbehaved:
+            counter[0] += 1
+            b, g = _offenders(policy, now, part, views, counter)
+            bad.extend(b)
+            good.extend(g)
+        else:
+            good.extend(part)
+    return bad, good
+
+
+def decide(policy: object, now: float, queue: Sequence[Request], views: Sequence[InstanceView]) -> Decisions:
+    """Call `policy.schedule` and turn its answer into placements and verdicts (module docstring)."""
+    result = Decisions()
+    name = getattr(policy, "name", type(policy).__name__)
+    try:
+        raw = _call(policy, now, queue, views)
+    except PolicyMisbehaved as first:
+        result.policy_errors += 1
+        logger.warning("policy %s misbehaved on %d queued request(s): %s; isolating", name, len(queue), first)
+        counter = [0]
+        bad, good = _offenders(policy, now, queue, views, counter)
+        result.policy_errors += counter[0]
+        if not bad:
+            # Misbehaves only on the combination: nothing smaller to blame, so the whole call.
+            bad, good = [(r, str(first)) for r in queue], []
+        raw = []
+        if good:
+            try:
+                raw = _call(policy, now, good, views)
+            except PolicyMisbehaved as exc:
+                result.policy_errors += 1
+                bad.extend((r, str(exc)) for r in good)
+        for request, error in bad:
+            result.verdicts.append(
+                Verdict(
+                    request, "failed", POLICY_ERROR, f"the scheduling policy {name!r} failed on this request: {error}"
+                )
+            )
+        queued = {r.id: r for r in good}
+    else:
+        queued = {r.id: r for r in queue}
+    _apply(raw, queued, {v.id: v for v in views}, result)
+    return result
+
+
+def _apply(raw: list, queued: dict[str, Request], views: dict[str, InstanceView], result: Decisions) -> None:
+    """Check each decision against the queue and the views; first decision about a request wins."""
+    open_ids = dict(queued)
+    for d in raw:
+        if isinstance(d, Rejection):
+            request = open_ids.pop(d.request_id, None)
+            if request is None:
+                result.ignored.append(f"rejection of {d.request_id!r}, which is not queued")
+                continue
+            result.verdicts.append(
+                Verdict(request, "rejected", d.code, d.reason or "rejected by the scheduling policy", d.rule)
+            )
+            continue
+        view = views.get(d.instance_id)
+        placed: list[Request] = []
+        for rid in d.request_ids:
+            request = open_ids.get(rid)
+            if request is None:
+                result.ignored.append(f"assignment of {rid!r}, which is not queued")
+                continue
+            if view is None:
+                del open_ids[rid]
+                result.verdicts.append(
+                    Verdict(
+                        request,
+                        "failed",
+                        INVALID_DECISION,
+                        f"policy assigned unknown instance {d.instance_id!r}",
+                        d.rule,
+                    )
+                )
+            elif not view.can_serve(request):
+                del open_ids[rid]
+                result.verdicts.append(
+                    Verdict(
+                        request,
+                        "failed",
+                        INVALID_DECISION,
+                        f"policy assigned instance {view.id} ({view.kind.value}, models {sorted(view.models)}), "
+                        f"which cannot serve {request.type.value} for {request.model!r}",
+                        d.rule,
+                    )
+                )
+            elif not view.healthy:
+                result.held_unhealthy += 1  # stays queued; a later call may place it
+            else:
+                del open_ids[rid]
+                placed.append(request)
+        if placed:
+            result.placements.append(Placement(d.instance_id, tuple(placed), d.priority_hint, d.rule, d.reason))
+    if result.ignored:
+        logger.warning("ignored %d decision(s): %s", len(result.ignored), "; ".join(result.ignored[:5]))
+
+
+__all__ = ["INVALID_DECISION", "POLICY_ERROR", "Decisions", "Placement", "Verdict", "decide"]
