@@ -65,6 +65,9 @@ class BackendConfig:
         ``--max-num-seqs``); policies use it to predict queueing inside the backend.
     max_batch_tokens: token budget of one engine step / embedding batch.
     max_client_batch_size: most embedding inputs one backend call may carry (TEI's limit is 32).
+    max_concurrent_inputs: embedding inputs the backend admits at once (TEI's
+        ``--max-concurrent-requests``, 512 by default; beyond it TEI answers 429); 0 = no cap.
+        Policies keep a backend's in-flight inputs within it.
     prefill_tokens_per_s, decode_step_s, embedding_tokens_per_s: initial throughput estimates;
         the executor refines them from observed latencies.
     scrape_metrics: scrape ``/metrics`` for load gauges (servers without it are detected and
@@ -81,6 +84,7 @@ class BackendConfig:
     max_num_seqs: int = 256
     max_batch_tokens: int = 2048
     max_client_batch_size: int = 32
+    max_concurrent_inputs: int = 0
     prefill_tokens_per_s: float = 10_000.0
     decode_step_s: float = 0.02
     embedding_tokens_per_s: float = 50_000.0
@@ -107,6 +111,11 @@ class BackendConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"backend {self.id}: {name} must be a positive integer, got {value!r}")
+        cap = self.max_concurrent_inputs
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+            raise ValueError(
+                f"backend {self.id}: max_concurrent_inputs must be an integer >= 0 (0 = no cap), got {cap!r}"
+            )
         for name in ("prefill_tokens_per_s", "decode_step_s", "embedding_tokens_per_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
@@ -221,6 +230,7 @@ class SSEStream:
         self.events_read = 0
         self._lines: AsyncIterator[str] = response.aiter_lines()
         self._done = False
+        self._junk = ""  # start of the lines that were not SSE fields (for the error message)
 
     async def next_event(self) -> dict[str, Any] | None:
         if self._done:
@@ -233,6 +243,12 @@ class SSEStream:
                 self._done = True
                 if data:
                     return self._decode("\n".join(data))
+                if self.events_read == 0:
+                    # No event and no [DONE]: plain JSON, garbage or an empty body is not a stream.
+                    raise UpstreamError(
+                        f"backend {self.backend_id} ended the stream without sending one event "
+                        f"(ignored lines: {self._junk[:200]!r})"
+                    ) from None
                 return None
             except (httpx.TimeoutException, ReadTimeout) as exc:
                 raise UpstreamTimeout(f"backend {self.backend_id} stalled mid-stream: {exc!r}") from exc
@@ -257,6 +273,8 @@ class SSEStream:
             elif field_ == "error":
                 self._done = True
                 raise self._error(value)
+            elif field_ not in ("event", "id", "retry") and len(self._junk) < 200:
+                self._junk += line[:200]
 
     def _decode(self, payload: str) -> dict[str, Any]:
         try:
@@ -277,10 +295,19 @@ class SSEStream:
         except json.JSONDecodeError:
             body = payload
         err = body.get("error", body) if isinstance(body, dict) else body
-        status = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), int) else 502
+        code = err.get("code") if isinstance(err, dict) else None
+        status = code if isinstance(code, int) and not isinstance(code, bool) else 502
+        # `error_from_response` keeps only an HTTP error status (a stream's `code: 101` or 999 is 502).
         error = error_from_response(status, body)
-        if not isinstance(error, UpstreamError):
-            error = UpstreamError(error.message, status=error.status, code=error.code, param=error.param)
+        if not isinstance(error, UpstreamError) or error.status in (401, 403):
+            upstream = UpstreamError(
+                f"backend {self.backend_id}: {error.message}",
+                status=502 if error.status in (401, 403) else error.status,
+                code=error.code,
+                param=error.param,
+            )
+            upstream.retry_after_s = error.retry_after_s
+            error = upstream
         return error
 
     async def aclose(self) -> None:
@@ -289,6 +316,27 @@ class SSEStream:
 
 
 # -- the adapter --------------------------------------------------------------------------------------
+
+
+def _vector(value: Any, backend_id: str) -> list[float]:
+    """One embedding as finite floats; anything else is the backend's fault (502), never a 500.
+
+    Checked with numpy rather than per element in Python: a 1,024-float vector costs ~20 us this way.
+    """
+    import numpy as np
+
+    try:
+        vec = decode_base64(value) if isinstance(value, str) else value
+    except ValueError as exc:
+        raise UpstreamError(f"backend {backend_id} sent an embedding that is not valid base64: {exc}") from None
+    if not isinstance(vec, list) or not vec:
+        raise UpstreamError(f"backend {backend_id} sent an embedding that is not a non-empty list of numbers")
+    arr = np.asarray(vec) if not any(isinstance(x, (list, dict)) for x in vec[:1]) else np.asarray([], dtype=object)
+    if arr.ndim != 1 or arr.dtype.kind not in "iuf" or len(arr) != len(vec):
+        raise UpstreamError(f"backend {backend_id} sent an embedding holding something other than numbers")
+    if not np.isfinite(arr).all():
+        raise UpstreamError(f"backend {backend_id} sent a non-finite value (NaN or infinity) in an embedding")
+    return arr.astype(float).tolist()
 
 
 def encode_base64(vector: Sequence[float]) -> str:
@@ -367,14 +415,25 @@ class BackendClient:
             body: Any = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             body = raw.decode(errors="replace")
-        error = error_from_response(response.status, body)
+        error = error_from_response(response.status, body, response.headers)
         if response.status == 503:
             # Loading, overloaded or draining: nothing was served, another backend may serve it.
             return BackendUnavailable(f"backend {self.id} answered 503: {error.message}")
+        if response.status in (401, 403):
+            # The backend refused the GATEWAY's credentials; the caller's key was fine. Passing the
+            # status through would tell the caller their key is wrong.
+            return UpstreamError(
+                f"backend {self.id} refused the gateway's credentials (HTTP {response.status}: {error.message}); "
+                "the operator must fix the backend's api_key in the gateway config",
+                status=502,
+                code="backend_auth_failed",
+            )
         if not isinstance(error, UpstreamError):
-            error = UpstreamError(
+            upstream = UpstreamError(
                 f"backend {self.id}: {error.message}", status=error.status, code=error.code, param=error.param
             )
+            upstream.retry_after_s = error.retry_after_s
+            error = upstream
         return error
 
     async def post_json(self, path: str, body: Mapping[str, Any]) -> Any:
@@ -404,6 +463,13 @@ class BackendClient:
                     raise await self._error_from(response)
                 finally:
                     await response.aclose()
+            ctype = next((v for k, v in response.headers.items() if k.lower() == "content-type"), "")
+            if ctype and "text/event-stream" not in ctype.lower():
+                raw = await response.read()
+                raise UpstreamError(
+                    f"backend {self.id} answered a stream=true request with {ctype!r}, not an event stream: "
+                    f"{raw[:200]!r}"
+                )
         except TransportError as exc:
             raise self._transport_error(exc) from exc
         return SSEStream(response, self.id)
@@ -425,18 +491,18 @@ class BackendClient:
                 raise UpstreamError(
                     f"backend {self.id}: /embed returned {type(data).__name__}, not {len(inputs)} vectors"
                 )
-            return [[float(x) for x in vec] for vec in data], None
+            return [_vector(vec, self.id) for vec in data], None
         body = {**extra, "model": model, "input": list(inputs), "encoding_format": "float"}
         data = await self.post_json("/v1/embeddings", body)
         items = data.get("data") if isinstance(data, dict) else None
         if not isinstance(items, list) or len(items) != len(inputs):
             got = len(items) if isinstance(items, list) else type(data).__name__
             raise UpstreamError(f"backend {self.id}: /v1/embeddings returned {got} vectors for {len(inputs)} inputs")
-        ordered = sorted(items, key=lambda item: item.get("index", 0))
-        vectors = []
-        for item in ordered:
-            vec = item.get("embedding")
-            vectors.append(decode_base64(vec) if isinstance(vec, str) else [float(x) for x in vec])
+        try:
+            ordered = sorted(items, key=lambda item: item.get("index", 0))
+            vectors = [_vector(item.get("embedding"), self.id) for item in ordered]
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise UpstreamError(f"backend {self.id}: /v1/embeddings answered malformed data: {exc}") from None
         usage = data.get("usage") or {}
         tokens = usage.get("prompt_tokens")
         return vectors, int(tokens) if isinstance(tokens, (int, float)) else None

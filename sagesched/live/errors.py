@@ -8,6 +8,7 @@ upstream 4xx never becomes a 500 and a timeout is never reported as a generic fa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -42,7 +43,7 @@ class LiveError(Exception):
         super().__init__(message)
         self.message = message
         if status is not None:
-            self.status = int(status)
+            self.status = http_status(status)
         if code is not None:
             self.code = code
         self.param = param
@@ -58,8 +59,15 @@ class LiveError(Exception):
         """The OpenAI error body."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    # Seconds a caller should wait before retrying (sent as Retry-After on 429 and 503), if known.
+    retry_after_s: float | None = None
+
     def headers(self) -> dict[str, str]:
-        """Extra HTTP headers the response should carry (Retry-After for 429)."""
+        """Extra HTTP headers the response should carry: Retry-After for 429 (always) and 503 (when known)."""
+        if self.status == 429:
+            return {"Retry-After": str(max(1, round(self.retry_after_s or 1.0)))}
+        if self.status == 503 and self.retry_after_s is not None:
+            return {"Retry-After": str(max(1, round(self.retry_after_s)))}
         return {}
 
     def __repr__(self) -> str:
@@ -109,9 +117,6 @@ class QueueFull(LiveError):
         super().__init__(*args, **kw)
         self.retry_after_s = float(retry_after_s)
 
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
-
 
 class RequestRejected(LiveError):
     """The scheduling policy refused the request; `code` is the policy's `RejectCode`.
@@ -142,9 +147,6 @@ class RequestRejected(LiveError):
         if self.status == 429:
             return "rate_limit_error"
         return "invalid_request_error" if self.status < 500 else "server_error"
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"} if self.status == 429 else {}
 
 
 class NoBackendAvailable(LiveError):
@@ -199,10 +201,33 @@ _BY_STATUS: dict[int, type[LiveError]] = {
 }
 
 
-def error_from_response(status: int, body: Any) -> LiveError:
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds form); None when absent or unreadable."""
+    if not headers:
+        return None
+    for name, value in headers.items():
+        if name.lower() == "retry-after":
+            try:
+                seconds = float(value)
+            except (TypeError, ValueError):
+                return None
+            return seconds if 0 <= seconds < 86_400 else None
+    return None
+
+
+def http_status(status: Any) -> int:
+    """`status` if it is an HTTP error status (400-599), else 502: a backend never picks a 1xx/2xx/3xx/999."""
+    if isinstance(status, int) and not isinstance(status, bool) and 400 <= status <= 599:
+        return status
+    return 502
+
+
+def error_from_response(status: int, body: Any, headers: Mapping[str, str] | None = None) -> LiveError:
     """Rebuild a `LiveError` from an HTTP status and (OpenAI-shaped or not) error body.
 
-    Used by the client and the backend adapter so that what a server said reaches the caller intact.
+    Used by the client and the backend adapter so that what a server said reaches the caller intact:
+    the status (only an error status 400-599; anything else becomes 502 with the original in the
+    message), the message, and a 429's Retry-After (from `headers`, else 1 s).
     """
     message = ""
     code: str | None = None
@@ -219,10 +244,15 @@ def error_from_response(status: int, body: Any) -> LiveError:
     elif isinstance(body, (str, bytes)):
         message = body.decode(errors="replace") if isinstance(body, bytes) else body
     message = message.strip()[:2000] or f"HTTP {status}"
-    cls = _BY_STATUS.get(status, UpstreamError)
+    safe = http_status(status)
+    if safe != status:
+        message = f"{message} (the server gave status {status!r}, which is not an HTTP error status)"
+        code = "upstream_error"
+    cls = _BY_STATUS.get(safe, UpstreamError)
     if cls is QueueFull:
-        return QueueFull(message, status=status, code=code, param=param)
-    return cls(message, status=status, code=code, param=param)
+        retry = _retry_after(headers)
+        return QueueFull(message, status=safe, code=code, param=param, retry_after_s=1.0 if retry is None else retry)
+    return cls(message, status=safe, code=code, param=param)
 
 
 __all__ = [
@@ -239,4 +269,5 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "error_from_response",
+    "http_status",
 ]

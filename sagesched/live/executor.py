@@ -32,14 +32,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sagesched.core import (
-    Assignment,
-    InstanceView,
-    Outcome,
-    Rejection,
-    Request,
-    RequestRecord,
-)
+from sagesched.core import InstanceView, Outcome, Request, RequestRecord
+from sagesched.core.decisions import INVALID_DECISION, Placement, Verdict, decide
 from sagesched.live.backends import BackendClient, BackendConfig, BackendMetrics, SSEStream, encode_base64
 from sagesched.live.errors import (
     BackendUnavailable,
@@ -193,6 +187,10 @@ class _Backend:
         self.embedding_inflight = 0
         self.prefill_tokens = 0
         self.decode_tokens = 0
+        # Of prefill_tokens, those of embedding requests, and their inputs (texts): a mixed backend's
+        # embedding work does not queue ahead of its LLM work, and TEI admits a bounded number of inputs.
+        self.embedding_tokens = 0
+        self.embedding_inputs = 0
         self.metrics: BackendMetrics | None = None
         self.prefill_tokens_per_s = float(config.prefill_tokens_per_s)
         self.decode_step_s = float(config.decode_step_s)
@@ -214,6 +212,9 @@ class _Backend:
         self.embedding_inflight += share[0]
         self.prefill_tokens += share[1]
         self.decode_tokens += share[2]
+        if p.request.is_embedding:
+            self.embedding_tokens += share[1]
+            self.embedding_inputs += p.request.embedding_inputs
 
     def remove(self, request_id: str) -> None:
         p = self.inflight.pop(request_id, None)
@@ -222,6 +223,9 @@ class _Backend:
             self.embedding_inflight -= share[0]
             self.prefill_tokens -= share[1]
             self.decode_tokens -= share[2]
+            if p.request.is_embedding:
+                self.embedding_tokens -= share[1]
+                self.embedding_inputs -= p.request.embedding_inputs
 
     def refresh(self, p: _Pending) -> None:
         """Re-count `p` after its progress (first token, tokens seen) changed."""
@@ -232,6 +236,8 @@ class _Backend:
                 self.embedding_inflight += new[0] - old[0]
                 self.prefill_tokens += new[1] - old[1]
                 self.decode_tokens += new[2] - old[2]
+                if p.request.is_embedding:
+                    self.embedding_tokens += new[1] - old[1]
 
     def view(self, metrics_stale_s: float) -> InstanceView:
         """Own in-flight accounting, raised to the scraped gauges when those are fresh."""
@@ -269,6 +275,9 @@ class _Backend:
             decode_step_s=self.decode_step_s,
             embedding_tokens_per_s=self.embedding_tokens_per_s,
             age_s=age,
+            queued_embedding_tokens=self.embedding_tokens,
+            embedding_inputs_inflight=self.embedding_inputs,
+            max_embedding_inputs=self.config.max_concurrent_inputs,
         )
 
 
@@ -315,6 +324,7 @@ class LiveExecutor:
         self.rejections: collections.Counter[str] = collections.Counter()
         self.retries = 0
         self.invalid_decisions = 0
+        self.policy_errors = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._t0 = 0.0
         self._kick_scheduled = False
@@ -449,6 +459,7 @@ class LiveExecutor:
             "outcomes": dict(outcomes),
             "retries": self.retries,
             "invalid_decisions": self.invalid_decisions,
+            "policy_errors": self.policy_errors,
             "stopping": self._stopping,
         }
 
@@ -538,65 +549,42 @@ class LiveExecutor:
         if self._closed:
             return
         now = self.now()
-        queue = [p.request for p in self._queue.values()]
-        try:
-            if queue:
-                views = [b.view(self.config.metrics_stale_s) for b in self._backends.values()]
-                decisions = self._policy.schedule(now, queue, views)
-            else:
-                decisions = []
-        except Exception as exc:
-            logger.exception("policy %s failed; failing the queued requests", self._policy.name)
-            for p in list(self._queue.values()):
-                self._fail(p, LiveError(f"the scheduling policy failed: {exc!r}", status=500, code="policy_error"))
-            return
-        for decision in decisions:
-            if isinstance(decision, Rejection):
-                self._apply_rejection(decision)
-            elif isinstance(decision, Assignment):
-                self._apply_assignment(decision)
-            else:
-                self.invalid_decisions += 1
-                logger.warning("policy %s returned %r, not an Assignment or Rejection", self._policy.name, decision)
+        if self._queue:
+            queue = [p.request for p in self._queue.values()]
+            views = [b.view(self.config.metrics_stale_s) for b in self._backends.values()]
+            # The decision core gives decisions the simulator's meaning; it never raises for the policy.
+            outcome = decide(self._policy, now, queue, views)
+            self.invalid_decisions += len(outcome.ignored)
+            self.policy_errors += outcome.policy_errors
+            for verdict in outcome.verdicts:
+                self._apply_verdict(verdict)
+            for placement in outcome.placements:
+                self._apply_placement(placement)
         self._check_stranded(now)
         self._arm_wakeup(now)
 
-    def _apply_rejection(self, decision: Rejection) -> None:
-        p = self._queue.get(decision.request_id)
+    def _apply_verdict(self, verdict: Verdict) -> None:
+        p = self._queue.get(verdict.request.id)
         if p is None:
-            self.invalid_decisions += 1
-            logger.warning("policy rejected %s, which is not queued", decision.request_id)
             return
-        self.rejections[decision.code] += 1
-        self.decisions[decision.rule or self._policy.name] += 1
-        p.record.rule = decision.rule
-        error = RequestRejected(
-            decision.reason or "rejected by the scheduling policy", code=decision.code, rule=decision.rule
-        )
-        self._finish(p, Outcome.REJECTED, f"{decision.code}: {error.message}", error=error)
+        p.record.rule = verdict.rule
+        if verdict.outcome == "rejected":
+            self.rejections[verdict.code] += 1
+            self.decisions[verdict.rule or self._policy.name] += 1
+            error: LiveError = RequestRejected(verdict.reason, code=verdict.code, rule=verdict.rule)
+            self._finish(p, Outcome.REJECTED, verdict.message, error=error)
+            return
+        # The policy's fault (it raised, returned garbage, or placed the request where it cannot run).
+        if verdict.code == INVALID_DECISION:
+            self.invalid_decisions += 1
+        self._finish(p, Outcome.FAILED, verdict.message, error=LiveError(verdict.reason, status=500, code=verdict.code))
 
-    def _apply_assignment(self, decision: Assignment) -> None:
-        backend = self._backends.get(decision.instance_id)
-        members = [self._queue[rid] for rid in decision.request_ids if rid in self._queue]
-        problem = ""
-        if backend is None:
-            problem = f"unknown instance {decision.instance_id!r}"
-        elif not members:
-            problem = "none of its requests is queued"
-        elif not backend.healthy:
-            problem = f"instance {backend.id} is unhealthy"
-        elif not all(backend.serves(p.request) for p in members):
-            problem = f"instance {backend.id} cannot serve every request (kind or model)"
-        if problem:
-            self.invalid_decisions += 1
-            logger.warning(
-                "ignoring assignment %s by %s: %s (requests stay queued)", decision.request_ids, decision.rule, problem
-            )
+    def _apply_placement(self, placement: Placement) -> None:
+        backend = self._backends[placement.instance_id]
+        members = [self._queue[r.id] for r in placement.requests if r.id in self._queue]
+        if not members:
             return
-        assert backend is not None
-        if len(members) != len(decision.request_ids):
-            self.invalid_decisions += 1
-        self.decisions[decision.rule or self._policy.name] += len(members)
+        self.decisions[placement.rule or self._policy.name] += len(members)
         now = self.now()
         for p in members:
             del self._queue[p.request.id]
@@ -604,7 +592,7 @@ class LiveExecutor:
             p.no_backend_since = None
             p.record.instance_id = backend.id
             p.record.dispatch_s = now
-            p.record.rule = decision.rule
+            p.record.rule = placement.rule
             p.record.batch_size = len(members)
             backend.add(p)
         embeddings = [p for p in members if p.request.is_embedding]
@@ -801,7 +789,7 @@ class LiveExecutor:
             counts.append(len(items))
         extra = {k: v for k, v in group[0].body.items() if k not in _PER_CALLER_EMBEDDING_FIELDS}
         try:
-            vectors, usage_tokens = await backend.client.embed(group[0].request.model, inputs, extra)
+            vectors, usage_tokens = await self._embed_chunked(backend, group[0].request.model, inputs, extra)
         except BackendUnavailable as exc:
             self._requeue(backend, [p for p in group if not p.done], exc)
             return
@@ -809,9 +797,14 @@ class LiveExecutor:
             live = [p for p in group if not p.done]
             if len(live) > 1 and 400 <= exc.status < 500:
                 # One caller's input may be at fault: serve the callers one by one so only it fails.
+                # Each caller gets its own task, so failing one cancels only its own call (the
+                # group's task is this one; cancelling it would strand the others).
+                solos = []
                 for p in live:
                     p.group = [p]
-                await asyncio.gather(*(self._run_embedding(backend, [p]) for p in live))
+                    p.task = self._spawn(self._run_embedding(backend, [p]), p.request.id)
+                    solos.append(p.task)
+                await asyncio.gather(*solos, return_exceptions=True)
                 return
             for p in live:
                 self._fail(p, exc)
@@ -850,6 +843,25 @@ class LiveExecutor:
             p.first_token = True
             p.record.first_token_s = self.now()
             self._complete(p, LiveResponse(p.request.id, backend.id, json=payload))
+
+    @staticmethod
+    async def _embed_chunked(
+        backend: _Backend, model: str, inputs: list[Any], extra: dict[str, Any]
+    ) -> tuple[list[list[float]], int | None]:
+        """Embed `inputs` in as few backend calls as its `max_client_batch_size` allows, in order.
+
+        A caller may send far more inputs than one backend call takes (LangChain chunks 1,000,
+        TEI takes 32): the chunks go out concurrently and the vectors come back in input order.
+        """
+        size = max(1, backend.config.max_client_batch_size)
+        if len(inputs) <= size:
+            return await backend.client.embed(model, inputs, extra)
+        parts = await asyncio.gather(
+            *(backend.client.embed(model, inputs[i : i + size], extra) for i in range(0, len(inputs), size))
+        )
+        vectors = [vec for part, _ in parts for vec in part]
+        counts = [tokens for _, tokens in parts]
+        return vectors, (sum(c for c in counts if c is not None) if all(c is not None for c in counts) else None)
 
     # -- outcomes ---------------------------------------------------------------------------------------
     def _requeue(self, backend: _Backend, members: list[_Pending], exc: LiveError) -> None:

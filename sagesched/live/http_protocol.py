@@ -8,6 +8,9 @@ transport wrapper that holds a response head until the next write (the body, nor
 loop step) and sends both together; a head not followed by a write in the same step goes out on
 the next one, so nothing waits longer than one event-loop iteration.
 
+It answers uvicorn's own parse errors (a malformed request line or header) as OpenAI-shaped JSON
+400s instead of uvicorn's plain text, so every error a client can get has one shape.
+
 It also offers the app a cheap way to hear that the client went away: the scope's extension
 ``DISCONNECT_EXTENSION`` is a function taking a callback (or None to stop watching) that the
 protocol calls when the connection is lost before the response is complete. The portable way, a
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from typing import Any
 
 _HEAD_PREFIX = b"HTTP/1.1 "
@@ -100,6 +104,32 @@ def protocol_class() -> type[asyncio.Protocol] | None:
                 if extensions is None:
                     extensions = self.scope["extensions"] = {}  # type: ignore[typeddict-unknown-key]
                 extensions[DISCONNECT_EXTENSION] = functools.partial(setattr, cycle, _CALLBACK_ATTR)
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's own parse errors (bad request line, bad headers) in the OpenAI error shape."""
+            body = json.dumps(
+                {
+                    "error": {
+                        "message": f"{msg} Send a well-formed HTTP/1.1 request.",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "bad_http_request",
+                    }
+                }
+            ).encode()
+            content = [b"HTTP/1.1 400 Bad Request\r\n"]
+            for name, value in self.server_state.default_headers:
+                content.extend([name, b": ", value, b"\r\n"])
+            content.extend(
+                [
+                    b"content-type: application/json\r\n",
+                    b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+                    b"connection: close\r\n\r\n",
+                    body,
+                ]
+            )
+            self.transport.write(b"".join(content))
+            self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
             cycle = self.cycle

@@ -50,6 +50,22 @@ DEFAULT_MAX_TOKENS = 256
 SCHEDULING_FIELDS: frozenset[str] = frozenset({"priority", "deadline_ms", "slo_ttft_ms", "slo_tpot_ms"})
 """Body fields read by the scheduler and not forwarded to backends."""
 
+MAX_TOKENS_LIMIT = 2**31 - 1
+"""Largest max_tokens accepted: no model has a longer context, and bigger ints overflow float maths."""
+
+MAX_N = 128
+"""Most choices per request (`n`), for the gateway and the client alike."""
+
+MAX_SLO_MS = 1e12
+"""Largest SLO in milliseconds (~31 years); anything larger is a typo, and huge values overflow."""
+
+
+def _short(value: Any) -> str:
+    """repr of `value`, cut to 60 characters (a 400-digit integer does not belong in an error message)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 # Chat messages carry a few tokens of role/template framing each.
 _MESSAGE_OVERHEAD_TOKENS = 4
 
@@ -142,10 +158,14 @@ def _positive_ms(value: Any, field: str) -> float | None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise InvalidRequest(f"{field} must be a positive number of milliseconds, got {value!r}", param=field) from None
-    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
-        raise InvalidRequest(f"{field} must be a positive number of milliseconds, got {value!r}", param=field)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(
+            f"{field} must be a positive number of milliseconds, got {_short(value)}", param=field
+        ) from None
+    if isinstance(value, bool) or not math.isfinite(number) or not 0 < number <= MAX_SLO_MS:
+        raise InvalidRequest(
+            f"{field} must be a positive number of milliseconds up to {MAX_SLO_MS:g}, got {_short(value)}", param=field
+        )
     return number
 
 
@@ -154,8 +174,10 @@ def _max_tokens(body: Mapping[str, Any], default: int) -> int:
         value = body.get(key)
         if value is None:
             continue
-        if not _is_int(value) or value < 0:
-            raise InvalidRequest(f"'{key}' must be a non-negative integer, got {value!r}", param=key)
+        if not _is_int(value) or not 0 <= value <= MAX_TOKENS_LIMIT:
+            raise InvalidRequest(
+                f"'{key}' must be an integer between 0 and {MAX_TOKENS_LIMIT}, got {_short(value)}", param=key
+            )
         return value
     return default
 
@@ -214,8 +236,8 @@ def request_from_body(
         n = body.get("n", 1)
         if n is None:
             n = 1
-        if not _is_int(n) or n < 1:
-            raise InvalidRequest(f"'n' must be a positive integer, got {n!r}", param="n")
+        if not _is_int(n) or not 1 <= n <= MAX_N:
+            raise InvalidRequest(f"'n' must be an integer between 1 and {MAX_N}, got {_short(n)}", param="n")
         if "stream" in body and body["stream"] is not None and not isinstance(body["stream"], bool):
             raise InvalidRequest("'stream' must be true or false", param="stream")
         if rtype is RequestType.LLM_CHAT:
@@ -240,8 +262,11 @@ def request_from_body(
             )
         try:
             priority = Priority.parse(int(raw_priority) if isinstance(raw_priority, float) else raw_priority)
-        except (ValueError, TypeError) as exc:
-            raise InvalidRequest(f"{priority_field}: {exc}", param=priority_field) from None
+        except (ValueError, TypeError):
+            raise InvalidRequest(
+                f"{priority_field} must be critical, high, normal, low, background or 0-4, got {_short(raw_priority)}",
+                param=priority_field,
+            ) from None
 
     value, field = _pick(hdrs, "X-SLO-Deadline-Ms", body, "deadline_ms")
     e2e_ms = _positive_ms(value, field)

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import threading
@@ -51,7 +52,7 @@ from sagesched.live.errors import (
 from sagesched.live.gateway_config import GatewayConfig
 from sagesched.live.http_protocol import DISCONNECT_EXTENSION
 from sagesched.live.prometheus import CONTENT_TYPE_LATEST, GatewayMetrics
-from sagesched.live.requests import request_from_body
+from sagesched.live.requests import _short, request_from_body
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,10 @@ def _loads(raw: bytes) -> Any:
             f"the request body is not valid UTF-8 (byte {exc.start}); send UTF-8 encoded JSON"
         ) from None
     try:
-        return _DECODER.decode(text)
+        body = _DECODER.decode(text)
+        if _SURROGATE_ESCAPE.search(raw):
+            _check_unicode(body)  # only bodies with a \uD800-\uDFFF escape pay for the walk
+        return body
     except json.JSONDecodeError as exc:
         raise InvalidRequest(
             f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
@@ -124,6 +128,30 @@ def _loads(raw: bytes) -> Any:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidRequest("the request body is nested too deeply") from None
+
+
+# A JSON escape of a UTF-16 surrogate: paired ones are fine, a lone one cannot be sent upstream.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def _check_unicode(value: Any, path: str = "body") -> None:
+    """400 for a string holding a lone surrogate (it has no UTF-8 form, so no backend could take it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest(
+                f"{path} holds a lone UTF-16 surrogate ({value[exc.start]!r} at character {exc.start}); "
+                "send valid Unicode text",
+                param=path.split("[")[0].split(".")[-1] if path != "body" else None,
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k, path)
+            _check_unicode(v, f"{path}.{k}" if path != "body" else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_unicode(v, f"{path}[{i}]")
 
 
 def _dumps(obj: Any) -> bytes:
@@ -142,14 +170,17 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
+    # Ints are compared as ints: math.isfinite(10**400) raises OverflowError.
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _check_number(body: Mapping[str, Any], key: str, low: float, high: float) -> None:
     if key in body and body[key] is not None:
         value = body[key]
         if not _is_number(value) or not low <= value <= high:
-            raise InvalidRequest(f"'{key}' must be a number between {low:g} and {high:g}, got {value!r}", param=key)
+            raise InvalidRequest(
+                f"'{key}' must be a number between {low:g} and {high:g}, got {_short(value)}", param=key
+            )
 
 
 def _check_int(body: Mapping[str, Any], key: str, low: int, high: int | None = None) -> None:
@@ -157,12 +188,16 @@ def _check_int(body: Mapping[str, Any], key: str, low: int, high: int | None = N
         value = body[key]
         if not _is_int(value) or value < low or (high is not None and value > high):
             bound = f"between {low} and {high}" if high is not None else f">= {low}"
-            raise InvalidRequest(f"'{key}' must be an integer {bound}, got {value!r}", param=key)
+            raise InvalidRequest(f"'{key}' must be an integer {bound}, got {_short(value)}", param=key)
 
 
 def _check_bool(body: Mapping[str, Any], key: str) -> None:
     if key in body and body[key] is not None and not isinstance(body[key], bool):
         raise InvalidRequest(f"'{key}' must be true or false, got {body[key]!r}", param=key)
+
+
+MAX_TOKENS_LIMIT = 2**31 - 1
+"""Largest max_tokens accepted (no model has a longer context; bigger ints overflow float maths)."""
 
 
 def validate_body(endpoint: str, body: Any, max_batch_inputs: int) -> None:
@@ -206,8 +241,8 @@ def validate_body(endpoint: str, body: Any, max_batch_inputs: int) -> None:
             raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
         _check_bool(options, "include_usage")
     _check_int(body, "n", 1, 128)
-    _check_int(body, "max_tokens", 0)
-    _check_int(body, "max_completion_tokens", 0)
+    _check_int(body, "max_tokens", 0, MAX_TOKENS_LIMIT)
+    _check_int(body, "max_completion_tokens", 0, MAX_TOKENS_LIMIT)
     _check_number(body, "temperature", 0.0, 2.0)
     _check_number(body, "top_p", 0.0, 1.0)
     _check_number(body, "presence_penalty", -2.0, 2.0)

@@ -30,3 +30,20 @@ def start_gateway() -> Iterator[Callable[..., UnifiedAPIServer]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def fake_backend() -> Iterator[Callable[..., Any]]:
+    """Factory: `fake_backend(handler, metrics_text="")` -> a started FakeBackend (tests/gateway/fake_backend.py)."""
+    from tests.gateway.fake_backend import FakeBackend
+
+    started: list[FakeBackend] = []
+
+    def start(handler: Any, metrics_text: str = "") -> FakeBackend:
+        fb = FakeBackend(handler, metrics_text).start()
+        started.append(fb)
+        return fb
+
+    yield start
+    for fb in started:
+        fb.stop()
