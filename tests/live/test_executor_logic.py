@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
+from fake_backend import FakeBackend, vector_for
 
 from sagesched.core import Assignment, Decision, InstanceView, Request
 from sagesched.live.backends import BackendConfig
@@ -19,8 +20,6 @@ from sagesched.live.errors import BackendUnavailable, NoBackendAvailable, Upstre
 from sagesched.live.executor import ExecutorConfig, LiveExecutor
 from sagesched.policies.base import LoadLedger, Policy
 from sagesched.policies.fifo import FifoPolicy
-
-from fake_backend import FakeBackend, vector_for
 
 pytestmark = pytest.mark.anyio
 
