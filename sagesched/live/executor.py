@@ -79,6 +79,9 @@ class ExecutorConfig:
     min_wakeup_s: floor on the delay of a policy wake-up, so a policy asking for "now" again and
         again cannot spin the loop.
     rate_smoothing: weight of a new observation in the moving averages of backend throughput.
+    max_records: finished-request records kept in `records` (the newest; ~1.7 KB each). A gateway
+        runs for weeks, so the window is bounded and totals live in running counters
+        (`records_total`, `outcomes`); None keeps every record (a replay of a finite trace).
     """
 
     max_queue: int = 1024
@@ -95,6 +98,7 @@ class ExecutorConfig:
     metrics_stale_s: float = 10.0
     min_wakeup_s: float = 0.001
     rate_smoothing: float = 0.2
+    max_records: int | None = 10_000
 
     def __post_init__(self) -> None:
         if self.max_queue < 1:
@@ -106,6 +110,8 @@ class ExecutorConfig:
             raise ValueError(f"probe_failures_to_mark_down must be >= 1, got {self.probe_failures_to_mark_down}")
         if self.max_retries < 0 or self.no_backend_grace_s < 0 or self.drain_timeout_s < 0:
             raise ValueError("max_retries, no_backend_grace_s and drain_timeout_s must be >= 0")
+        if self.max_records is not None and self.max_records < 1:
+            raise ValueError(f"max_records must be >= 1 or None (keep all), got {self.max_records}")
         if not 0 < self.rate_smoothing <= 1:
             raise ValueError(f"rate_smoothing must be in (0, 1], got {self.rate_smoothing}")
 
@@ -192,6 +198,7 @@ class _Backend:
         self.embedding_tokens = 0
         self.embedding_inputs = 0
         self.metrics: BackendMetrics | None = None
+        self.own_at_scrape = 0  # len(inflight) when `metrics` was taken
         self.prefill_tokens_per_s = float(config.prefill_tokens_per_s)
         self.decode_step_s = float(config.decode_step_s)
         self.embedding_tokens_per_s = float(config.embedding_tokens_per_s)
@@ -252,7 +259,10 @@ class _Backend:
             scraped_running = int(m.running) if m.running is not None else None
             scraped_waiting = int(m.waiting) if m.waiting is not None else 0
             if scraped_running is not None:
-                total = max(own, scraped_running + scraped_waiting)
+                # The scrape is a picture of the past: what we dispatched or saw finish since then
+                # is known exactly, so the scraped total moves with our own count. (Using the raw
+                # scrape kept a backend "full" for a whole probe interval after it had drained.)
+                total = max(own, scraped_running + scraped_waiting + own - self.own_at_scrape)
                 running = min(scraped_running, total) if scraped_running else min(own, total)
                 waiting = total - running
             kv = min(1.0, max(0.0, m.kv_usage or 0.0))
@@ -319,7 +329,10 @@ class LiveExecutor:
         self._backends: dict[str, _Backend] = {}
         self._queue: dict[str, _Pending] = {}
         self._pending: dict[str, _Pending] = {}
-        self.records: list[RequestRecord] = []
+        # The newest `max_records` records; totals over all of them are the running counters below.
+        self.records: collections.deque[RequestRecord] = collections.deque(maxlen=self.config.max_records)
+        self.records_total = 0
+        self.outcomes: collections.Counter[str] = collections.Counter()
         self.decisions: collections.Counter[str] = collections.Counter()
         self.rejections: collections.Counter[str] = collections.Counter()
         self.retries = 0
@@ -445,7 +458,7 @@ class LiveExecutor:
                 "decode_step_s": round(b.decode_step_s, 5),
                 "embedding_tokens_per_s": round(b.embedding_tokens_per_s, 1),
             }
-        outcomes = collections.Counter(r.outcome for r in self.records)
+        outcomes = self.outcomes
         queue_len = len(self._queue)
         return {
             "uptime_s": round(self.now(), 3),
@@ -968,7 +981,7 @@ class LiveExecutor:
         p.record.reason = reason
         if outcome is not Outcome.COMPLETED and p.record.first_token_s is None:
             p.record.output_tokens = 0
-        self.records.append(p.record)
+        self._keep(p.record)
         if not p.future.done():
             if error is not None:
                 p.future.set_exception(error)
@@ -986,7 +999,13 @@ class LiveExecutor:
         record.outcome = Outcome.REJECTED.value
         record.reason = f"{error.code}: {error.message}"
         self.rejections[error.code] += 1
+        self._keep(record)
+
+    def _keep(self, record: RequestRecord) -> None:
+        """Store a final record in the bounded window and count it (O(1): this runs per request)."""
         self.records.append(record)
+        self.records_total += 1
+        self.outcomes[record.outcome] += 1
 
     def _expire(self, p: _Pending) -> None:
         if p.done:
@@ -1006,9 +1025,13 @@ class LiveExecutor:
         if not healthy and backend.healthy and backend.failed_probes < self.config.probe_failures_to_mark_down:
             return  # one failed probe of a serving backend: wait for the next before taking it out
         if healthy and self.config.scrape_metrics and backend.config.scrape_metrics:
+            own_before = len(backend.inflight)
             metrics = await backend.client.scrape()
             if metrics is not None:
                 backend.metrics = metrics
+                # The backend answered somewhere between sending and receiving the scrape; taking
+                # the larger count errs towards "less loaded", which our own accounting bounds.
+                backend.own_at_scrape = max(own_before, len(backend.inflight))
         if healthy != backend.healthy:
             logger.log(
                 logging.INFO if healthy else logging.WARNING,

@@ -77,6 +77,28 @@ class GatewayMetrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.queue_wait = Histogram(
+            "sagesched_queue_wait_seconds",
+            "Arrival to dispatch: time spent in the gateway queue",
+            ["model", "type"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "sagesched_prompt_tokens",
+            "Prompt (or embedding input) tokens of finished requests (estimated where the backend does not say)",
+            ["model", "type"],
+            registry=r,
+        )
+        self.output_tokens = Counter(
+            "sagesched_output_tokens", "Output tokens generated for finished requests", ["model"], registry=r
+        )
+        self.records_missed = Counter(
+            "sagesched_records_missed",
+            "Finished requests not folded into the histograms (more finished between two scrapes than the "
+            "executor's record window holds; raise executor.max_records or scrape more often)",
+            registry=r,
+        )
         self.queue_length = Gauge("sagesched_queue_length", "Requests waiting in the gateway queue", registry=r)
         self.inflight = Gauge("sagesched_inflight_requests", "Requests dispatched and not yet finished", registry=r)
         self.http_inflight = Gauge("sagesched_http_inflight_requests", "HTTP requests being handled", registry=r)
@@ -105,8 +127,15 @@ class GatewayMetrics:
             count += 1
             model = record.model or "unknown"
             self.outcomes.labels(model, record.outcome).inc()
+            if record.dispatch_s is not None:
+                self.queue_wait.labels(model, record.type).observe(max(0.0, record.dispatch_s - record.arrival_s))
             if record.outcome != "completed":
                 continue
+            tokens = record.embedding_tokens if record.type == "embedding" else record.prompt_tokens
+            if tokens:
+                self.prompt_tokens.labels(model, record.type).inc(tokens)
+            if record.output_tokens:
+                self.output_tokens.labels(model).inc(record.output_tokens)
             e2e_ms = record.e2e_ms
             if record.type == "embedding":
                 if e2e_ms is not None:
