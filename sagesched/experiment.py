@@ -1,7 +1,9 @@
 """The experiment entry point: `python -m sagesched.experiment policy=hybrid [overrides...]`.
 
 Hydra composes the config tree in `conf/` (groups: policy, cluster, workload, model, sim), this
-module builds the typed configs from it, runs the simulator, and writes into Hydra's run directory:
+module builds the typed configs from it, runs the simulator (`driver=sim`, the default) or replays
+the same workload live (`driver=live`: our executor and policy over the cluster's `url:`s;
+`driver=endpoint`: one external server, see docs/replay.md), and writes into Hydra's run directory:
 `requests.parquet` (one row per request), `timeline.parquet`, `summary.json` and plots. With `-m`
 the same command runs a sweep through whichever Hydra launcher is selected (joblib locally, Ray or
 SLURM on a cluster: see docs/experiments.md).
@@ -67,22 +69,49 @@ def build_policy(policy_cfg: dict[str, Any]):
     return make_policy(str(name), **cfg)
 
 
-def run(cfg: Any, out_dir: str | Path, *, progress: bool | None = None) -> dict[str, Any]:
-    """Run one experiment from a composed config; write outputs into `out_dir`; return the summary."""
-    from sagesched.bounds import bound_summary
-    from sagesched.sim import ClusterConfig, SimConfig, simulate
+def workload_requests(workload_cfg: dict[str, Any], seed: int) -> list:
+    """The workload's requests: a plain CSV trace (`trace: csv`, sagesched.replay.traces) or the builder's."""
+    from sagesched.replay.traces import build_csv_workload
     from sagesched.sim.workloads import WorkloadConfig, build_workload
 
+    workload_dict = dict(workload_cfg)
+    workload_dict.pop("name", None)  # a report label, not a workload field
+    if workload_dict.get("trace") == "csv":
+        requests = build_csv_workload(workload_dict)
+    else:
+        requests = build_workload(WorkloadConfig.from_dict(workload_dict), seed)
+    if not requests:
+        raise ExperimentError("the workload produced no requests; widen workload.duration_s or raise rate_scale")
+    log.info(
+        "workload: %d requests over %.0f s (%s)", len(requests), requests[-1].arrival_s, workload_dict.get("trace")
+    )
+    return requests
+
+
+def run(cfg: Any, out_dir: str | Path, *, progress: bool | None = None) -> dict[str, Any]:
+    """Run one experiment from a composed config; write outputs into `out_dir`; return the summary."""
+    from sagesched.replay.config import DriverConfig
+
     resolved = _plain(cfg)
+    driver = DriverConfig.from_dict(resolved.get("driver") or {"name": "sim"})
+    if driver.name == "live":
+        from sagesched.replay.experiment import run_live
+
+        return run_live(resolved, driver, Path(out_dir), progress=progress)
+    return _run_sim(resolved, out_dir, progress=progress)
+
+
+def _run_sim(resolved: dict[str, Any], out_dir: str | Path, *, progress: bool | None = None) -> dict[str, Any]:
+    from sagesched.bounds import bound_summary
+    from sagesched.replay.cluster import sim_cluster_dict
+    from sagesched.sim import ClusterConfig, SimConfig, simulate
+
     seed = int(resolved.get("seed", 0))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
         policy = build_policy(resolved["policy"])
-        workload_dict = dict(resolved["workload"])
-        workload_dict.pop("name", None)  # a report label, not a workload field
-        workload = WorkloadConfig.from_dict(workload_dict)
-        cluster = ClusterConfig.from_dict(resolved["cluster"])
+        cluster = ClusterConfig.from_dict(sim_cluster_dict(resolved["cluster"]))
         sim_dict = dict(resolved.get("sim") or {})
         if progress is not None:
             sim_dict["progress"] = progress
@@ -91,15 +120,13 @@ def run(cfg: Any, out_dir: str | Path, *, progress: bool | None = None) -> dict[
         raise ExperimentError(f"config group {exc} is missing; check conf/config.yaml's defaults list") from None
 
     started = time.perf_counter()
-    requests = build_workload(workload, seed)
-    if not requests:
-        raise ExperimentError("the workload produced no requests; widen workload.duration_s or raise rate_scale")
-    log.info("workload: %d requests over %.0f s (%s)", len(requests), requests[-1].arrival_s, workload.trace)
+    requests = workload_requests(resolved["workload"], seed)
     result = simulate(requests, cluster, policy, sim_cfg)
 
     summary = result.summary()
     offered_s = max(requests[-1].arrival_s - requests[0].arrival_s, 1e-9)
     summary.update(
+        driver="sim",
         policy=policy.name,
         label=str(resolved.get("label") or policy.name),
         policy_config=policy.describe(),
