@@ -82,7 +82,9 @@ class GatewayConfig:
     port: TCP port (the CLI's --port overrides it).
     workers: gateway processes sharing the port through SO_REUSEPORT, each with its own executor.
     api_keys: bearer keys clients must send on /v1 routes; empty means no authentication.
-    admin_key: bearer key for /admin routes; None leaves them open (fine on 127.0.0.1 only).
+    admin_key: bearer key for /admin routes. Without it the admin routes are open only when
+        `api_keys` is empty too (a local, unauthenticated setup); with `api_keys` set and no
+        admin_key they are closed (403), since a user key must never switch the policy.
     max_queue: requests waiting in the gateway queue beyond which new ones get 429 + Retry-After.
     max_body_bytes: largest request body accepted (413 beyond).
     max_batch_inputs: most inputs one embeddings request may carry (413 beyond; OpenAI allows 2048).
@@ -393,6 +395,9 @@ def _expand_env(value: str, parser: _Parser, path: tuple[Any, ...]) -> str:
         name = value[2:-1]
         if name not in os.environ:
             raise parser.fail(path, f"environment variable {name} is not set; export it or write the key itself")
+        if not os.environ[name].strip():
+            # An empty key would match an empty or missing bearer token: authentication silently off.
+            raise parser.fail(path, f"environment variable {name} is empty; export a non-empty key")
         return os.environ[name]
     return value
 

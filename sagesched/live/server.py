@@ -67,6 +67,7 @@ _SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _DONE = b"data: [DONE]\n\n"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _ENDPOINT_BY_PATH = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
@@ -87,6 +88,58 @@ class MethodNotAllowed(LiveError):
 class RouteNotFound(LiveError):
     status = 404
     code = "not_found"
+    error_type = "invalid_request_error"
+
+
+class Forbidden(LiveError):
+    status = 403
+    code = "forbidden"
+    error_type = "permission_error"
+
+
+class UnsupportedMediaType(LiveError):
+    status = 415
+    code = "unsupported_media_type"
+    error_type = "invalid_request_error"
+
+
+def _host_name(host: str) -> str:
+    """The name part of a Host header or URL authority ('[::1]:80' -> '::1', 'a:1' -> 'a')."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+_LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _local_or_own_host(host: str, bind: str) -> bool:
+    name = _host_name(host)
+    if not name:
+        return False
+    if name in _LOCAL_NAMES or name == _host_name(bind):
+        return True
+    # Bound to all interfaces: an IP literal is a direct connection, a name could be a rebinding.
+    if bind in ("0.0.0.0", "::"):
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+    return False
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    authority = origin.split("://", 1)[-1].rstrip("/")
+    return authority.lower() == host.strip().lower()
+
+
+class BodyTimeout(LiveError):
+    status = 408
+    code = "request_body_timeout"
     error_type = "invalid_request_error"
 
 
@@ -308,6 +361,7 @@ class Gateway:
         self.draining = False
         self.counters = _Counters()
         self._records_seen = 0
+        self.body_timeout_s = BODY_TIMEOUT_S
         self._summary_cache: tuple[float, dict[str, Any] | None, int] = (0.0, None, 0)
         self._summary_lock = asyncio.Lock()
         self.started_at = time.time()
@@ -385,6 +439,22 @@ class Gateway:
         self.metrics.requests.labels(endpoint or "other", str(exc.status)).inc()
         await self._send_json(send, exc.status, _error_body(exc), extra)
 
+    def _request_id(self, given: str | None) -> str:
+        """The caller's X-Request-Id when it is a sane token (echoed back and used in records), else ours.
+
+        Ids must be unique among requests in flight; a reused one gets a suffix rather than a 400.
+        """
+        if given is None:
+            return f"{self._id_prefix}{next(self._ids)}"
+        if not _REQUEST_ID.fullmatch(given):
+            raise InvalidRequest(
+                "X-Request-Id must be 1-128 characters of letters, digits and . _ : -", param="X-Request-Id"
+            )
+        pending = getattr(self._executor, "_pending", None)
+        if pending is not None and given in pending:
+            return f"{given}~{next(self._ids)}"
+        return given
+
     def _authorized(self, scope: Scope, keys: set[bytes] | None) -> bool:
         if not keys:
             return True
@@ -433,7 +503,7 @@ class Gateway:
             for name, value in scope["headers"]:
                 if name.startswith(b"x-"):
                     headers[name.decode("latin-1")] = value.decode("latin-1")
-            request_id = f"{self._id_prefix}{next(self._ids)}"
+            request_id = self._request_id(headers.get("x-request-id"))
             try:
                 request = request_from_body(endpoint, body, headers, self._now(), request_id=request_id)
             except LiveError:
@@ -515,6 +585,16 @@ class Gateway:
             await self._send_error(send, exc, endpoint)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        """The whole body, within `body_timeout_s` (a half-sent upload must not hold a slot forever)."""
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                return await self._read_body_unbounded(scope, receive)
+        except TimeoutError:
+            raise BodyTimeout(
+                f"the request body did not arrive within {self.body_timeout_s:g} s; send the whole body promptly"
+            ) from None
+
+    async def _read_body_unbounded(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.config.max_body_bytes
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -586,6 +666,10 @@ class Gateway:
         return snapshot
 
     async def metrics_route(self, request: HttpRequest) -> Response:
+        if not self._may_see_internals(request):
+            return _error_response(
+                AuthenticationError("/metrics needs 'Authorization: Bearer <key>' when keys are configured")
+            )
         self._collect()
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -599,25 +683,55 @@ class Gateway:
         backends = snapshot.get("backends") or snapshot.get("instances") or []
         if isinstance(backends, Mapping):
             backends = [{"id": key, **value} for key, value in backends.items()]
-        keep = ("id", "url", "kind", "models", "healthy", "inflight")
+        # No URLs: /ready is unauthenticated, and backend addresses are the operator's business.
+        keep = ("id", "kind", "models", "healthy", "inflight")
         return [{k: b.get(k) for k in keep if k in b} for b in backends if isinstance(b, Mapping)]
+
+    def _may_see_internals(self, request: HttpRequest) -> bool:
+        """With keys configured, backend details (/ready's list, /metrics) need a user or admin key."""
+        if not self._api_keys and self._admin_key is None:
+            return True
+        keys = set(self._api_keys)
+        if self._admin_key is not None:
+            keys.add(self._admin_key)
+        return self._authorized(request.scope, keys)
 
     async def ready(self, request: HttpRequest) -> Response:
         backends = self._backend_health()
         healthy = [b for b in backends if b.get("healthy")]
         ok = bool(healthy) and not self.draining
-        body = {
+        body: dict[str, Any] = {
             "status": "ready" if ok else ("draining" if self.draining else "no healthy backend"),
-            "backends": backends,
-            "models": self._models(),
+            "healthy_backends": len(healthy),
+            "backends_total": len(backends),
         }
+        if self._may_see_internals(request):
+            body["backends"] = backends
+            body["models"] = self._models()
         return JSONResponse(body, 200 if ok else 503)
 
     def _models(self) -> list[str]:
-        models = self.executor.models()
-        if isinstance(models, Mapping):
-            models = list(models)
-        return sorted({m if isinstance(m, str) else str(m.get("id")) for m in models})
+        """Served models, LLMs first: tools (guidellm, inference-perf) take the first listed model."""
+        executor = self.executor
+        llm = set(executor.models("chat")) | set(executor.models("completions"))
+        embedding = set(executor.models("embeddings")) - llm
+        return sorted(llm) + sorted(embedding)
+
+    async def model(self, request: HttpRequest) -> Response:
+        """GET /v1/models/{id}: one model, or 404 naming the served ones."""
+        if self._api_keys and not self._authorized(request.scope, self._api_keys):
+            return _error_response(
+                AuthenticationError("missing or invalid API key; send 'Authorization: Bearer <key>'")
+            )
+        name = request.path_params["model"]
+        served = self._models()
+        if name not in served:
+            from sagesched.live.errors import ModelNotFound
+
+            return _error_response(
+                ModelNotFound(f"model {name!r} is not served; available: {', '.join(served)}", param="model")
+            )
+        return JSONResponse({"id": name, "object": "model", "created": int(self.started_at), "owned_by": "sagesched"})
 
     async def models(self, request: HttpRequest) -> Response:
         if self._api_keys and not self._authorized(request.scope, self._api_keys):
@@ -629,7 +743,37 @@ class Gateway:
         return JSONResponse({"object": "list", "data": data})
 
     def _admin_denied(self, request: HttpRequest) -> Response | None:
-        if self._admin_key is None or self._authorized(request.scope, {self._admin_key}):
+        """None when the admin request may go on, else the error response.
+
+        Checks, in order: the Host is the gateway's own (a DNS-rebinding page cannot reach us under
+        another name); a browser's cross-site Origin is refused; state-changing calls must say
+        ``Content-Type: application/json`` (a plain HTML form cannot); then the key: the admin key
+        when one is set, and with `api_keys` but no admin key the routes are closed.
+        """
+        headers = request.headers
+        host = headers.get("host", "")
+        if not _local_or_own_host(host, self.config.host):
+            return _error_response(
+                Forbidden(f"admin routes answer only to this gateway's own host name, not {host!r}", param="Host")
+            )
+        origin = headers.get("origin")
+        if origin is not None and not _same_origin(origin, host):
+            return _error_response(Forbidden(f"cross-origin admin requests are refused (Origin {origin!r})"))
+        if request.method in ("POST", "PUT"):
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return _error_response(
+                    UnsupportedMediaType(
+                        f"admin calls that change state need 'Content-Type: application/json', not {ctype or 'none'!r}"
+                    )
+                )
+        if self._admin_key is None:
+            if self._api_keys:
+                return _error_response(
+                    Forbidden("admin routes are closed: api_keys are set but no admin_key; set admin_key in the config")
+                )
+            return None
+        if self._authorized(request.scope, {self._admin_key}):
             return None
         return _error_response(AuthenticationError("admin routes need 'Authorization: Bearer <admin_key>'"))
 
@@ -733,6 +877,9 @@ class Gateway:
             self._summary_cache = (time.monotonic(), result, len(snapshot))
             return result
 
+
+BODY_TIMEOUT_S = 30.0
+"""Seconds a client may take to send a request body (408 after that)."""
 
 _SUMMARY_TTL_S = 2.0
 """How long /admin/metrics reuses its latency summary (it is recomputed in a thread after that)."""
@@ -850,6 +997,7 @@ def create_app(config: GatewayConfig, executor: Any | None = None) -> Starlette:
     routes = [Route(path, endpoint=_AsgiEndpoint(gateway.api)) for path in _ENDPOINT_BY_PATH]
     routes += [
         Route("/v1/models", gateway.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
         Route("/health", gateway.health, methods=["GET"]),
         Route("/ready", gateway.ready, methods=["GET"]),
         Route("/metrics", gateway.metrics_route, methods=["GET"]),
