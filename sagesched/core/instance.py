@@ -39,6 +39,7 @@ class InstanceKind(str, enum.Enum):
 _EMBEDDING_REQUEST = RequestType.EMBEDDING
 _LLM_KIND = InstanceKind.LLM
 _EMBEDDING_KIND = InstanceKind.EMBEDDING
+_MIXED_KIND = InstanceKind.LLM_EMBEDDING
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,14 @@ class InstanceView:
     embedding_tokens_per_s: float = 50_000.0
     # Seconds since the load fields were measured (0 in simulation).
     age_s: float = 0.0
+    # Of `queued_prefill_tokens`, the embedding input tokens outstanding at the instance's embedding
+    # engine (all of them on an embedding-only instance; on a mixed GPU the TEI / pooling engine's
+    # share, which waits behind embedding work only, never behind the LLM engine's prefill queue).
+    queued_embedding_tokens: int = 0
+    # Embedding inputs (texts) in flight at the embedding engine, and the most it admits at once
+    # (TEI's `max_concurrent_requests`, counted in inputs; beyond it TEI answers 429). 0: no cap.
+    embedding_inputs_inflight: int = 0
+    max_embedding_inputs: int = 0
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -99,18 +108,30 @@ class InstanceView:
     def free_slots(self) -> int:
         return max(0, self.max_inflight - self.inflight)
 
+    @property
+    def embedding_input_room(self) -> int:
+        """Embedding inputs the embedding engine still admits (a large number when uncapped)."""
+        if self.max_embedding_inputs <= 0:
+            return 1 << 30
+        return max(0, self.max_embedding_inputs - self.embedding_inputs_inflight)
+
     # -- predictions -----------------------------------------------------------------------------
     def predicted_wait_s(self, extra_prefill_tokens: int = 0, extra_decode_tokens: int = 0) -> float:
-        """Time until newly arriving work would start, from the outstanding tokens.
+        """Time until newly arriving LLM work would start, from the outstanding tokens.
 
         Queued prefill drains at `prefill_tokens_per_s` (chunked prefill shares each step with
         decodes, so this is the rate the estimate carries). When every sequence slot is taken, a new
         request also waits for one to free: the mean outstanding decode per sequence, in steps,
-        times `decode_step_s`, once per full round of `max_num_seqs` ahead of it.
+        times `decode_step_s`, once per full round of `max_num_seqs` ahead of it. On a mixed GPU the
+        embedding engine's queue (`queued_embedding_tokens`) is not ahead of LLM work. On an
+        embedding-only instance this is the embedding wait (`predicted_embedding_wait_s`).
         """
+        kind = self.kind
+        if kind is _EMBEDDING_KIND:
+            return (self.queued_prefill_tokens + extra_prefill_tokens) / self.embedding_tokens_per_s
         prefill = self.queued_prefill_tokens + extra_prefill_tokens
-        if self.kind is InstanceKind.EMBEDDING:
-            return prefill / self.embedding_tokens_per_s
+        if kind is _MIXED_KIND:
+            prefill -= self.queued_embedding_tokens
         wait = prefill / self.prefill_tokens_per_s
         if self.inflight >= self.max_num_seqs:
             decode = self.queued_decode_tokens + extra_decode_tokens
@@ -118,19 +139,26 @@ class InstanceView:
             wait += (decode / max(1, self.inflight)) * self.decode_step_s * rounds
         return wait
 
+    def predicted_embedding_wait_s(self, extra_tokens: int = 0) -> float:
+        """Time until a newly arriving embedding would start: the embedding engine's outstanding
+        tokens at its own rate (`embedding_tokens_per_s`, also on a mixed GPU). Infinite on an
+        LLM-only instance, which cannot serve it."""
+        kind = self.kind
+        if kind is _EMBEDDING_KIND:
+            return (self.queued_prefill_tokens + extra_tokens) / self.embedding_tokens_per_s
+        if kind is _LLM_KIND:
+            return float("inf")
+        return (self.queued_embedding_tokens + extra_tokens) / self.embedding_tokens_per_s
+
     def predicted_service_s(self, request: Request) -> float:
-        """Time to serve `request` alone once started: prefill plus `max_tokens` decode steps."""
+        """Time to serve `request` alone once started: prefill plus `max_tokens` decode steps
+        (an embedding: its tokens at the embedding engine's rate)."""
         if request.is_embedding:
-            rate = self.embedding_tokens_per_s if self.kind is InstanceKind.EMBEDDING else self.prefill_tokens_per_s
-            return request.work_tokens / rate
+            return request.work_tokens / self.embedding_tokens_per_s
         return request.prompt_tokens / self.prefill_tokens_per_s + request.max_tokens * self.decode_step_s
 
     def predicted_ttft_s(self, request: Request) -> float:
         """Predicted wait plus own prefill: when the first token (or the embedding) should appear."""
-        own = request.work_tokens if request.is_embedding else request.prompt_tokens
-        rate = (
-            self.embedding_tokens_per_s
-            if request.is_embedding and self.kind is InstanceKind.EMBEDDING
-            else self.prefill_tokens_per_s
-        )
-        return self.predicted_wait_s() + own / rate
+        if request.is_embedding:
+            return self.predicted_embedding_wait_s() + request.work_tokens / self.embedding_tokens_per_s
+        return self.predicted_wait_s() + request.prompt_tokens / self.prefill_tokens_per_s

@@ -13,7 +13,10 @@ from collections.abc import Iterable, Sequence
 from operator import attrgetter
 from typing import Any, ClassVar
 
-from sagesched.core import Assignment, Decision, InstanceView, RejectCode, Rejection, Request
+from sagesched.core import Assignment, Decision, InstanceKind, InstanceView, RejectCode, Rejection, Request
+from sagesched.core.queue import ClassKey, GatewayQueue
+
+_EMBEDDING_KIND = InstanceKind.EMBEDDING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,16 +81,42 @@ def reject_unservable(
                 servable.append(request)
                 break
         else:
-            kinds = "llm or llm_embedding" if request.type.is_llm else "embedding or llm_embedding"
-            rejected.append(
-                Rejection(
-                    request.id,
-                    f"no instance of kind {kinds} serves model {request.model!r}",
-                    RejectCode.NO_COMPATIBLE_INSTANCE,
-                    rule,
-                )
-            )
+            rejected.append(unservable_rejection(request, rule))
     return rejected, servable
+
+
+def unservable_rejection(request: Request, rule: str) -> Rejection:
+    """The rejection of a request no registered instance could ever serve."""
+    kinds = "llm or llm_embedding" if request.type.is_llm else "embedding or llm_embedding"
+    return Rejection(
+        request.id,
+        f"no instance of kind {kinds} serves model {request.model!r}",
+        RejectCode.NO_COMPATIBLE_INSTANCE,
+        rule,
+    )
+
+
+def servable_classes(
+    queue: Sequence[Request], instances: Sequence[InstanceView], rule: str
+) -> tuple[list[Rejection], GatewayQueue, list[ClassKey]]:
+    """`reject_unservable` by class: (rejections, the queue as a `GatewayQueue`, servable classes).
+
+    Requests of one class (`GatewayQueue` docstring) are served by the same instances, so one
+    representative per class decides: O(classes x instances) instead of O(queue x instances).
+    Rejections come in queue order, as `reject_unservable` gives them.
+    """
+    q = GatewayQueue.of(queue)
+    classes: list[ClassKey] = []
+    unservable: list[Request] = []
+    for cls in q.classes():
+        representative = next(iter(q.in_arrival_order((cls,))))
+        if any(view.can_serve(representative) for view in instances):
+            classes.append(cls)
+        else:
+            unservable.extend(q.of_class(cls))
+    if len(unservable) > 1:
+        unservable.sort(key=lambda r: q.serial(r.id))
+    return [unservable_rejection(r, rule) for r in unservable], q, classes
 
 
 class LoadLedger:
@@ -102,7 +131,15 @@ class LoadLedger:
     carries exactly its snapshot's load.
     """
 
-    __slots__ = ("added_decode", "added_embedding", "added_prefill", "added_requests", "views")
+    __slots__ = (
+        "added_decode",
+        "added_embedding",
+        "added_embedding_inputs",
+        "added_embedding_tokens",
+        "added_prefill",
+        "added_requests",
+        "views",
+    )
 
     def __init__(self, instances: Sequence[InstanceView]) -> None:
         self.views = {view.id: view for view in instances}
@@ -111,15 +148,43 @@ class LoadLedger:
         self.added_embedding = zeros.copy()
         self.added_prefill = zeros.copy()
         self.added_decode = zeros.copy()
+        # Of added_prefill, the embedding tokens (they queue at a mixed GPU's embedding engine, not
+        # ahead of its LLM work), and the embedding inputs (TEI admits a bounded number at once).
+        self.added_embedding_tokens = zeros.copy()
+        self.added_embedding_inputs = zeros.copy()
 
     def candidates(self, request: Request) -> list[InstanceView]:
         """Healthy, compatible instances with a free slot (``free_slots(id) > 0``), in the caller's order."""
         added = self.added_requests
-        return [
+        found = [
             v
             for v in self.views.values()
             if v.healthy and v.inflight + added[v.id] < v.max_inflight and v.can_serve(request)
         ]
+        if request.is_embedding:
+            found = [v for v in found if self.fits_embedding_inputs(v, request.embedding_inputs)]
+        return found
+
+    def embedding_input_room(self, instance_id: str) -> int:
+        """Embedding inputs the instance's embedding engine still admits after this call's placements."""
+        return self.views[instance_id].embedding_input_room - self.added_embedding_inputs[instance_id]
+
+    def fits_embedding_inputs(self, view: InstanceView, inputs: int) -> bool:
+        """Whether `inputs` more embedding inputs stay within `view`'s cap now. A call larger than the
+        whole cap passes: waiting would never make room, and the backend's own error (TEI's 413/429)
+        then ends the request with the precise reason instead of leaving it queued forever."""
+        cap = view.max_embedding_inputs
+        return cap <= 0 or inputs > cap or self.embedding_input_room(view.id) >= inputs
+
+    def has_room(self, request: Request) -> bool:
+        """Whether some healthy, compatible instance still has a free slot (any health-independent
+        cap aside): false means `candidates(request)` is empty for every request of its class for
+        the rest of this call, since a ledger only ever adds load."""
+        added = self.added_requests
+        for v in self.views.values():
+            if v.healthy and v.inflight + added[v.id] < v.max_inflight and v.can_serve(request):
+                return True
+        return False
 
     def inflight(self, instance_id: str) -> int:
         return self.views[instance_id].inflight + self.added_requests[instance_id]
@@ -144,11 +209,22 @@ class LoadLedger:
         )
 
     def predicted_wait_s(self, instance_id: str) -> float:
-        return self.views[instance_id].predicted_wait_s(self.added_prefill[instance_id], self.added_decode[instance_id])
+        """When new LLM work would start on `instance_id` (this call's placements included)."""
+        view = self.views[instance_id]
+        extra = self.added_prefill[instance_id]
+        if view.kind is not _EMBEDDING_KIND:
+            extra -= self.added_embedding_tokens[instance_id]
+        return view.predicted_wait_s(extra, self.added_decode[instance_id])
+
+    def predicted_embedding_wait_s(self, instance_id: str) -> float:
+        """When a new embedding would start at `instance_id`'s embedding engine."""
+        return self.views[instance_id].predicted_embedding_wait_s(self.added_embedding_tokens[instance_id])
 
     def predicted_ttft_s(self, instance_id: str, request: Request) -> float:
         view = self.views[instance_id]
-        return self.predicted_wait_s(instance_id) + view.predicted_ttft_s(request) - view.predicted_wait_s()
+        if request.is_embedding:
+            return self.predicted_embedding_wait_s(instance_id) + request.work_tokens / view.embedding_tokens_per_s
+        return self.predicted_wait_s(instance_id) + request.prompt_tokens / view.prefill_tokens_per_s
 
     def add(self, instance_id: str, requests: Iterable[Request]) -> None:
         for request in requests:
@@ -156,6 +232,8 @@ class LoadLedger:
             if request.is_embedding:
                 self.added_embedding[instance_id] += 1
                 self.added_prefill[instance_id] += request.work_tokens
+                self.added_embedding_tokens[instance_id] += request.work_tokens
+                self.added_embedding_inputs[instance_id] += request.embedding_inputs
             else:
                 self.added_prefill[instance_id] += request.prompt_tokens
                 self.added_decode[instance_id] += request.max_tokens
@@ -175,11 +253,14 @@ class LoadLedger:
         added, prefill, decode = self.added_requests, self.added_prefill, self.added_decode
         best: InstanceView | None = None
         best_key: tuple[int, int, str] | None = None
+        embedding_inputs = request.embedding_inputs if request.is_embedding else 0
         for v in pool:
             vid = v.id
             inflight = v.inflight + added[vid]
             if filtering and not (v.healthy and inflight < v.max_inflight and v.can_serve(request)):
                 continue
+            if embedding_inputs and not self.fits_embedding_inputs(v, embedding_inputs):
+                continue  # its embedding engine would refuse the inputs (TEI 429)
             key = (v.queued_prefill_tokens + v.queued_decode_tokens + prefill[vid] + decode[vid], inflight, vid)
             if best_key is None or key < best_key:
                 best, best_key = v, key

@@ -20,11 +20,11 @@ batch) goes to the compatible instance with room whose *normalised load* after t
 ties go to the specialized instance (LLM-only for LLM work, embedding-only for embeddings). The
 normalised load of LLM work is ``LLM requests held / LLM share``, the share being ``max_inflight`` on
 an LLM-only instance and ``ratio * max_inflight`` on a mixed one while embedding work is in flight
-on it or waits for it (its whole ``max_inflight`` otherwise). For an embedding batch it is the
-predicted time to its result divided by the embedding share (1 on an embedding-only instance,
-``1 - ratio`` on a mixed one while LLM work is in flight on it or waits for it). So mixed instances
-absorb overflow as soon as the specialized ones are *more loaded* than them, not only when those
-are full. Without the preference the fallback places LLM work by its own rule and batches go to the
+on it or waits for it (its whole ``max_inflight`` otherwise). An embedding batch goes where its
+predicted time to result is lowest: the embedding engine's own queue at its own rate (a mixed GPU's
+TEI queue, never its LLM prefill queue), times ``colocated_embedding_slowdown`` on a mixed GPU whose
+LLM side is busy. So mixed instances absorb overflow as soon as the specialized ones are *more
+loaded* than them, not only when those are full. Without the preference the fallback places LLM work by its own rule and batches go to the
 lowest predicted time to result.
 
 Embedding batches are formed per model, in (aged priority, arrival, id) order, bounded by
@@ -145,7 +145,17 @@ class HybridConfig(PolicyConfig):
         module docstring: load over the type's share of the instance, the ratio applied on mixed
         instances while the other type is present) is lowest, ties to the LLM-only (embedding-only)
         instance. False: the fallback's own placement for LLM work, the lowest predicted time to
-        result for embedding batches, all compatible instances alike.
+        result for embedding batches, all compatible instances alike. (Embedding batches go to the
+        lowest predicted time to result either way; the preference only breaks ties.)
+    colocated_embedding_slowdown: how much longer an embedding batch takes on a mixed GPU while its
+        LLM engine is busy (the shared-GPU interference, see `sagesched.sim.engines.shared_gpu`);
+        multiplies the predicted time to result there when ranking targets. 1.5 sits between the
+        anchored interference model's stretch at light and heavy decode load.
+    embedding_holdback_ms: priority holdback for embedding work without an SLO (bulk ingestion): it
+        is sent only to an embedding engine with at most this much predicted work queued (stretched
+        on a busy mixed GPU), and otherwise waits at the gateway, where SLO-bound queries overtake
+        it. TEI's queue is FIFO, so a query placed behind ingestion waits for all of it; with the
+        holdback it waits at most this long plus the batch in progress. 0 turns it off.
     """
 
     embedding_batch_size: int = 32
@@ -161,6 +171,8 @@ class HybridConfig(PolicyConfig):
     llm_fallback_config: Mapping[str, Any] = field(default_factory=dict)
     hybrid_instance_ratio: float = 0.7
     prefer_specialized_instances: bool = True
+    colocated_embedding_slowdown: float = 1.5
+    embedding_holdback_ms: float = 15.0
 
     def __post_init__(self) -> None:
         if self.embedding_batch_size < 1:
@@ -173,6 +185,12 @@ class HybridConfig(PolicyConfig):
             raise ValueError(
                 f"min_embedding_batch_size must be between 1 and embedding_batch_size "
                 f"({self.embedding_batch_size}), got {self.min_embedding_batch_size!r}"
+            )
+        if not self.embedding_holdback_ms >= 0:
+            raise ValueError(f"embedding_holdback_ms must be >= 0 ms (0 = off), got {self.embedding_holdback_ms!r}")
+        if not self.colocated_embedding_slowdown >= 1.0:
+            raise ValueError(
+                f"colocated_embedding_slowdown must be >= 1 (1 = no interference), got {self.colocated_embedding_slowdown!r}"
             )
         for name in ("max_embedding_wait_ms", "embedding_aging_ms", "embedding_target_wait_ms", "llm_target_wait_ms"):
             value = getattr(self, name)
@@ -457,15 +475,6 @@ class HybridPolicy(Policy):
             return self.config.hybrid_instance_ratio
         return 1.0
 
-    def _embedding_share(self, call: _Call, view: InstanceView) -> float:
-        """The fraction of `view` embeddings may count on: 1, or ``1 - ratio`` on a mixed instance
-        while LLM work is in flight on it or queued for it."""
-        if view.kind is not _MIXED:
-            return 1.0
-        if call.ledger.llm_inflight(view.id) > 0 or call.other_waits(EMBEDDING, view):
-            return 1.0 - self.config.hybrid_instance_ratio
-        return 1.0
-
     def _llm_target(
         self, call: _Call, views: Sequence[InstanceView], requests: Sequence[Request]
     ) -> tuple[InstanceView, float] | None:
@@ -596,32 +605,48 @@ class HybridPolicy(Policy):
     def _embedding_targets(self, call: _Call, head: Request, ignore_inputs: bool = False) -> list[InstanceView]:
         """Instances that can take a batch starting with `head` now, best first.
 
-        Ranked by the predicted time to `head`'s result (`LoadLedger.predicted_ttft_s`, so this call's
-        placements count); with ``prefer_specialized_instances`` divided by the embedding share
-        (`_embedding_share`), ties to embedding-only instances. Then fewer in flight, then id.
+        Ranked by the predicted time to `head`'s result (`LoadLedger.predicted_ttft_s`: the embedding
+        engine's own queue at its own rate, this call's placements included), multiplied on a mixed
+        instance whose LLM side is busy by ``colocated_embedding_slowdown`` (the interference its
+        batch will see). With ``prefer_specialized_instances`` ties go to embedding-only instances.
+        Then fewer in flight, then id. An instance whose embedding engine would refuse the inputs
+        (TEI's ``max_concurrent_requests``, in inputs) is not a target.
         """
         ledger = call.ledger
         prefer = self.config.prefer_specialized_instances
+        slowdown = self.config.colocated_embedding_slowdown
         keyed = []
         for view in call.views:
-            if not view.can_serve(head) or (not ignore_inputs and view.max_client_batch_size < head.embedding_inputs):
+            if not view.can_serve(head):
+                continue
+            if not ignore_inputs and (
+                view.max_client_batch_size < head.embedding_inputs
+                or not ledger.fits_embedding_inputs(view, head.embedding_inputs)
+            ):
                 continue
             if self._room(call, view, EMBEDDING) <= 0:
                 continue
             load = ledger.predicted_ttft_s(view.id, head)
-            tier = False
-            if prefer:
-                share = self._embedding_share(call, view)
-                load = round(load / share, 12) if share > _EPS else math.inf
-                tier = view.kind is not _EMBEDDING_ONLY
-            keyed.append(((load, tier, ledger.inflight(view.id), view.id), view))
+            if view.kind is _MIXED and (ledger.llm_inflight(view.id) > 0 or call.other_waits(EMBEDDING, view)):
+                load *= slowdown
+            tier = prefer and view.kind is not _EMBEDDING_ONLY
+            keyed.append(((round(load, 12), tier, ledger.inflight(view.id), view.id), view))
         keyed.sort(key=_first)
         return [view for _, view in keyed]
+
+    def _embedding_queue_s(self, call: _Call, view: InstanceView) -> float:
+        """Predicted seconds of embedding work ahead of a new call at `view`'s embedding engine,
+        stretched by ``colocated_embedding_slowdown`` on a mixed GPU whose LLM side is busy."""
+        wait = call.ledger.predicted_embedding_wait_s(view.id)
+        if view.kind is _MIXED and call.ledger.llm_inflight(view.id) > 0:
+            wait *= self.config.colocated_embedding_slowdown
+        return wait
 
     def _place_embeddings(self, call: _Call) -> None:
         """Form and release batches, model by model, best-ranked head first, until all are held or placed."""
         if not call.groups:
             return
+        c = self.config
         held_models: set[str] = set()
         aside: set[str] = set()  # heads no instance can take now (no room / too many inputs)
         while True:
@@ -637,6 +662,14 @@ class HybridPolicy(Policy):
             _, model, head = min(heads, key=lambda x: x[0])
             group = call.groups[model]
             targets = self._embedding_targets(call, head)
+            if targets and head.slo.empty and c.embedding_holdback_ms > 0:
+                # Priority holdback: work without an SLO joins an embedding engine's FIFO queue only
+                # while that queue is short, so it never delays an SLO-bound query by more than the
+                # holdback; otherwise it waits at the gateway, where urgent requests overtake it.
+                targets = [t for t in targets if self._embedding_queue_s(call, t) * 1000.0 <= c.embedding_holdback_ms]
+                if not targets:
+                    aside.add(head.id)  # a completion there (the driver calls again) lets it go
+                    continue
             if not targets:
                 if self._embedding_targets(call, head, ignore_inputs=True):
                     aside.add(head.id)  # room exists, but not for this many inputs: the rest may still go
@@ -681,6 +714,7 @@ class HybridPolicy(Policy):
         """
         c = self.config
         text_bound = min(c.embedding_batch_size, target.max_client_batch_size)
+        input_room = max(call.ledger.embedding_input_room(target.id), head.embedding_inputs)
         room = self._room(call, target, EMBEDDING)
         if head.embedding_inputs > text_bound or head.work_tokens > c.embedding_batch_token_budget:
             return (
@@ -696,9 +730,13 @@ class HybridPolicy(Policy):
         for request in group:  # first fit, in ranking order, starting at the head
             if texts >= text_bound or tokens >= budget:
                 break  # nothing more can fit: stop scanning a long backlog
-            if request.id in aside:
-                continue
-            if texts + request.embedding_inputs <= text_bound and tokens + request.work_tokens <= budget:
+            if request.id in aside or request.slo.empty != head.slo.empty:
+                continue  # (SLO-bound and background work never share a call: holdback applies to one)
+            if (
+                texts + request.embedding_inputs <= text_bound
+                and tokens + request.work_tokens <= budget
+                and texts + request.embedding_inputs <= input_room
+            ):
                 natural.append(request)
                 texts += request.embedding_inputs
                 tokens += request.work_tokens

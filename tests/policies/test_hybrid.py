@@ -103,12 +103,30 @@ def test_text_bound_is_never_exceeded_and_full_batches_go(make_request, make_vie
 def test_token_budget_is_never_exceeded(make_request, make_view, check_decisions):
     queue = [emb(make_request, f"e{i}", inputs=1, tokens=300) for i in range(7)]
     instances = [make_view("tei", "embedding")]
-    policy = make_policy("hybrid", embedding_batch_token_budget=1000)
+    policy = make_policy("hybrid", embedding_batch_token_budget=1000, embedding_holdback_ms=0)
     decisions = policy.schedule(0.001, queue, instances)
     check_decisions(decisions, queue, instances)
     by_id = {r.id: r for r in queue}
     sizes = [batch_stats(d, by_id)[1] for d in assignments(decisions)]
     assert sizes == [900, 900]  # two full batches of 3; the 7th (300 tokens) waits for company
+
+
+def test_background_embeddings_are_held_back_behind_a_long_embedding_queue(make_request, make_view):
+    """Priority holdback: work without an SLO joins an embedding engine's FIFO queue only while at
+    most `embedding_holdback_ms` of work is ahead of it; SLO-bound queries still go, and never share
+    a call with it."""
+    ingest = [emb(make_request, f"b{i}", inputs=32, tokens=16_384) for i in range(3)]
+    query = emb(make_request, "q", inputs=1, tokens=20, e2e_ms=50.0, priority="high")
+    tei = make_view("tei", "embedding", queued_prefill_tokens=1_000)  # 20 ms ahead at 50k tokens/s
+    decisions = HybridPolicy(max_embedding_wait_ms=0).schedule(0.0, [*ingest, query], [tei])
+    assert [d.request_ids for d in assignments(decisions)] == [("q",)]
+    # With the queue short, one ingest call goes (328 ms of work); the next sees that queue and waits.
+    short = make_view("tei", "embedding", queued_prefill_tokens=100)
+    decisions = HybridPolicy(max_embedding_wait_ms=0).schedule(0.0, ingest, [short])
+    assert [len(d.request_ids) for d in assignments(decisions)] == [1]
+    # Off (0): all of it goes at once, as before.
+    decisions = HybridPolicy(max_embedding_wait_ms=0, embedding_holdback_ms=0).schedule(0.0, ingest, [tei])
+    assert sum(len(d.request_ids) for d in assignments(decisions)) == 3
 
 
 def test_max_client_batch_size_of_the_target_caps_the_batch(make_request, make_view):
@@ -293,13 +311,26 @@ def test_embeddings_overflow_to_a_mixed_instance_when_the_tei_one_is_more_loaded
     assert target(make_view("tei", "embedding"), mix) == "tei"  # idle TEI: faster result there
     backlog = make_view("tei", "embedding", running=1, queued_prefill_tokens=5_000)  # 0.1 s queued
     assert target(backlog, mix) == "mix"  # not full, but 0.1 s behind: the idle mixed GPU answers sooner
-    # LLM work on the mixed GPU leaves embeddings 1 - ratio of it: 1 ms there counts as 3.3 ms.
+    # A busy LLM side slows a co-located batch: its predicted time there counts colocated_embedding_slowdown
+    # (1.5) times. 0.2 ms on the mixed GPU counts as 0.3 ms, behind a TEI GPU answering in 0.28 ms...
     mix_llm = make_view("mix", "llm_embedding", running=5, prefill_tokens_per_s=10_000.0)
-    short = make_view("tei", "embedding", running=1, queued_prefill_tokens=125)  # 2.7 ms to result
-    assert target(short, mix) == "mix"
-    # The TEI instance is busy, so the batch is held for company until its window closes, then goes there.
-    assert HybridPolicy().schedule(0.0, queue, [short, mix_llm]) == []
-    assert target(short, mix_llm, now=0.010) == "tei"
+    near = make_view("tei", "embedding", queued_prefill_tokens=4)  # (4 + 10) tokens / 50k/s = 0.28 ms
+    assert target(near, mix_llm) == "tei"
+    assert target(near, mix) == "mix"  # ...but with its LLM side idle the mixed GPU is the faster one
+    assert target(near, mix_llm.__class__(**{**_fields(mix_llm), "running": 0})) == "mix"
+    # The embedding speed of a mixed GPU is its embedding engine's, not its LLM's prefill rate, and
+    # only its embedding engine's queue is ahead of the batch, not the LLM's prefill backlog.
+    slow_prefill = make_view(
+        "mix", "llm_embedding", prefill_tokens_per_s=1_000.0, queued_prefill_tokens=50_000, queued_embedding_tokens=0
+    )
+    backlog_tei = make_view("tei", "embedding", running=1, queued_prefill_tokens=500)  # 10 ms queued
+    assert target(backlog_tei, slow_prefill) == "mix"
+
+
+def _fields(view):
+    import dataclasses
+
+    return {f.name: getattr(view, f.name) for f in dataclasses.fields(view)}
 
 
 def test_without_preference_load_decides(make_request, make_view):
@@ -313,10 +344,18 @@ def test_without_preference_load_decides(make_request, make_view):
     # With the preference too: 10 s behind is more load than an idle mixed GPU (overflow by load).
     (d,) = HybridPolicy().schedule(0.0, queue, instances)
     assert d.instance_id == "mix"
-    # A light backlog on the TEI instance: it still answers first, so it keeps the batch.
-    instances[0] = make_view("tei", "embedding", running=1, queued_prefill_tokens=100)
+    # A light backlog on the TEI instance (100 tokens ahead of 320) against a mixed GPU whose LLM side
+    # is busy (the batch would take 1.5x there): the TEI instance answers first, so it keeps the batch...
+    instances = [
+        make_view("tei", "embedding", running=1, queued_prefill_tokens=100),
+        make_view("mix", "llm_embedding", running=3),
+    ]
     (d,) = HybridPolicy().schedule(0.0, queue, instances)
     assert d.instance_id == "tei"
+    # ...while an idle mixed GPU (same embedding speed, nothing queued) answers first.
+    instances[1] = make_view("mix", "llm_embedding")
+    (d,) = HybridPolicy().schedule(0.0, queue, instances)
+    assert d.instance_id == "mix"
 
 
 def test_ratio_caps_both_types_on_a_mixed_instance_while_both_wait(make_request, make_view, check_decisions):
@@ -585,6 +624,7 @@ def test_batches_respect_every_bound(
         min_embedding_batch_size=min_size,
         hybrid_instance_ratio=ratio,
         prefer_specialized_instances=prefer,
+        embedding_holdback_ms=0,  # the window property below; holdback has its own test
     )
     decisions = policy.schedule(now, queue, instances)
     assigned, rejected = check_decisions(decisions, queue, instances)  # includes: no id twice, capacity

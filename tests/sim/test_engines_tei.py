@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tiny_perf import TinyEmbPerf
 
-from sagesched.core import Request, RequestType
+from sagesched.core import Assignment, Request, RequestType
 from sagesched.policies.fifo import FifoPolicy
 from sagesched.sim import ClusterConfig, InstanceConfig, SimConfig, TeiEngineConfig, simulate
 from sagesched.sim.engines import EngineRejected, EngineRequest, TeiEngineCore
@@ -91,7 +91,8 @@ def test_413_and_429_reach_the_records():
     reqs = [emb_request(0, 0.0, inputs=40, tokens=400)] + [
         emb_request(i, 0.001, inputs=3, tokens=30) for i in range(1, 6)
     ]
-    res = simulate(reqs, tei_cluster(max_concurrent_requests=7), FifoPolicy(), SimConfig(), perf_provider=tiny_provider)
+    # A policy blind to the view's input cap sends every call at once, so TEI itself must refuse.
+    res = simulate(reqs, tei_cluster(max_concurrent_requests=7), _Blind(), SimConfig(), perf_provider=tiny_provider)
     df = res.records.set_index("request_id")
     assert df.loc["e0", "outcome"] == "rejected" and df.loc["e0", "reason"].startswith("backend 413")
     rejected_429 = df[df.reason.str.startswith("backend 429")]
@@ -100,6 +101,22 @@ def test_413_and_429_reach_the_records():
     stats = res.stats["instances"]["tei0"]
     assert stats["rejected_413"] == 1 and stats["rejected_429"] == 3
     assert len(df) == 6
+
+
+class _Blind(FifoPolicy):
+    """Every queued request to tei0 at once, whatever its views say (to reach TEI's own limits)."""
+
+    def schedule(self, now, queue, instances):
+        return [Assignment("tei0", (r.id,)) for r in sorted(queue, key=lambda r: r.arrival_s)]
+
+
+def test_policies_keep_tei_inputs_within_max_concurrent_requests():
+    """The view carries TEI's input cap (max_embedding_inputs), so FIFO holds calls that would be
+    refused with 429 at the gateway until inputs finish: nothing is refused, all complete."""
+    reqs = [emb_request(i, 0.001, inputs=3, tokens=30) for i in range(1, 6)]
+    res = simulate(reqs, tei_cluster(max_concurrent_requests=7), FifoPolicy(), SimConfig(), perf_provider=tiny_provider)
+    assert (res.records.outcome == "completed").all()
+    assert res.stats["instances"]["tei0"]["rejected_429"] == 0
 
 
 def test_tei_with_batch_size_one_matches_md1_mean_wait():
