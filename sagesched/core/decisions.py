@@ -28,7 +28,7 @@ The module is pure: no clock, no I/O, no event loop. It never raises because of 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -89,7 +89,9 @@ class PolicyMisbehaved(Exception):
 
 def _call(policy: object, now: float, queue: Sequence[Request], views: Sequence[InstanceView]) -> list:
     try:
-        out = policy.schedule(now, list(queue), views)  # type: ignore[attr-defined]
+        # The queue goes through as given (the simulator passes an indexed queue; copying it would
+        # make every call O(queue) past saturation).
+        out = policy.schedule(now, queue, views)  # type: ignore[attr-defined]
     except Exception as exc:  # the policy's own bug, whatever it is
         raise PolicyMisbehaved(f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(out, (list, tuple)):
@@ -128,62 +130,93 @@ def _offenders(
 
 
 def decide(policy: object, now: float, queue: Sequence[Request], views: Sequence[InstanceView]) -> Decisions:
-    """Call `policy.schedule` and turn its answer into placements and verdicts (module docstring)."""
+    """Call `policy.schedule` and turn its answer into placements and verdicts (module docstring).
+
+    Cost: the policy call plus O(decisions), never O(queue), when the policy behaves: ids are looked
+    up with ``queue.get(id)`` when the queue has it (else one dict is built), and the views are
+    indexed only when an assignment names an instance.
+    """
     result = Decisions()
-    name = getattr(policy, "name", type(policy).__name__)
     try:
         raw = _call(policy, now, queue, views)
     except PolicyMisbehaved as first:
-        result.policy_errors += 1
-        logger.warning("policy %s misbehaved on %d queued request(s): %s; isolating", name, len(queue), first)
-        counter = [0]
-        bad, good = _offenders(policy, now, queue, views, counter)
-        result.policy_errors += counter[0]
-        if not bad:
-            # Misbehaves only on the combination: nothing smaller to blame, so the whole call.
-            bad, good = [(r, str(first)) for r in queue], []
+        good = _isolate(policy, now, list(queue), views, first, result)
         raw = []
         if good:
             try:
                 raw = _call(policy, now, good, views)
             except PolicyMisbehaved as exc:
                 result.policy_errors += 1
-                bad.extend((r, str(exc)) for r in good)
-        for request, error in bad:
-            result.verdicts.append(
-                Verdict(
-                    request, "failed", POLICY_ERROR, f"the scheduling policy {name!r} failed on this request: {error}"
-                )
-            )
-        queued = {r.id: r for r in good}
-    else:
-        queued = {r.id: r for r in queue}
-    _apply(raw, queued, {v.id: v for v in views}, result)
+                _fail_all(policy, good, str(exc), result)
+                return result
+        _apply(raw, {r.id: r for r in good}.get, views, result)
+        return result
+    if raw:
+        getter = getattr(queue, "get", None)
+        _apply(raw, getter if callable(getter) else {r.id: r for r in queue}.get, views, result)
     return result
 
 
-def _apply(raw: list, queued: dict[str, Request], views: dict[str, InstanceView], result: Decisions) -> None:
-    """Check each decision against the queue and the views; first decision about a request wins."""
-    open_ids = dict(queued)
+def _fail_all(policy: object, requests: Sequence[Request], error: str, result: Decisions) -> None:
+    name = getattr(policy, "name", type(policy).__name__)
+    for request in requests:
+        result.verdicts.append(
+            Verdict(request, "failed", POLICY_ERROR, f"the scheduling policy {name!r} failed on this request: {error}")
+        )
+
+
+def _isolate(
+    policy: object,
+    now: float,
+    queue: list[Request],
+    views: Sequence[InstanceView],
+    first: PolicyMisbehaved,
+    result: Decisions,
+) -> list[Request]:
+    """Fail the requests the policy misbehaves on; return the rest (to call it again with)."""
+    name = getattr(policy, "name", type(policy).__name__)
+    result.policy_errors += 1
+    logger.warning("policy %s misbehaved on %d queued request(s): %s; isolating", name, len(queue), first)
+    counter = [0]
+    bad, good = _offenders(policy, now, queue, views, counter)
+    result.policy_errors += counter[0]
+    if not bad:
+        # Misbehaves only on the combination: nothing smaller to blame, so the whole call.
+        bad, good = [(r, str(first)) for r in queue], []
+    for request, error in bad:
+        _fail_all(policy, [request], error, result)
+    return good
+
+
+def _apply(
+    raw: list, lookup: Callable[[str], Request | None], view_list: Sequence[InstanceView], result: Decisions
+) -> None:
+    """Check each decision against the queue and the views; the first decision about a request wins."""
+    decided: set[str] = set()
+    views: dict[str, InstanceView] | None = None
     for d in raw:
         if isinstance(d, Rejection):
-            request = open_ids.pop(d.request_id, None)
+            rid = d.request_id
+            request = None if rid in decided else lookup(rid)
             if request is None:
-                result.ignored.append(f"rejection of {d.request_id!r}, which is not queued")
+                result.ignored.append(f"rejection of {rid!r}, which is not queued")
                 continue
+            decided.add(rid)
             result.verdicts.append(
                 Verdict(request, "rejected", d.code, d.reason or "rejected by the scheduling policy", d.rule)
             )
             continue
+        if views is None:
+            views = {v.id: v for v in view_list}
         view = views.get(d.instance_id)
         placed: list[Request] = []
         for rid in d.request_ids:
-            request = open_ids.get(rid)
+            request = None if rid in decided else lookup(rid)
             if request is None:
                 result.ignored.append(f"assignment of {rid!r}, which is not queued")
                 continue
             if view is None:
-                del open_ids[rid]
+                decided.add(rid)
                 result.verdicts.append(
                     Verdict(
                         request,
@@ -194,7 +227,7 @@ def _apply(raw: list, queued: dict[str, Request], views: dict[str, InstanceView]
                     )
                 )
             elif not view.can_serve(request):
-                del open_ids[rid]
+                decided.add(rid)
                 result.verdicts.append(
                     Verdict(
                         request,
@@ -208,7 +241,7 @@ def _apply(raw: list, queued: dict[str, Request], views: dict[str, InstanceView]
             elif not view.healthy:
                 result.held_unhealthy += 1  # stays queued; a later call may place it
             else:
-                del open_ids[rid]
+                decided.add(rid)
                 placed.append(request)
         if placed:
             result.placements.append(Placement(d.instance_id, tuple(placed), d.priority_hint, d.rule, d.reason))
