@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     vllm.add_argument("--gpu-memory-utilization", type=float, default=None)
     vllm.add_argument("--tensor-parallel-size", type=int, default=1)
     vllm.add_argument("--no-legacy-metrics", action="store_true", help="export only vLLM v1 metric names")
+    vllm.add_argument(
+        "--mean-output-tokens",
+        type=float,
+        default=None,
+        help="mean sampled output length (end of sequence); 0 = always run to max_tokens (default 200)",
+    )
 
     tei = sub.add_parser("tei", help="a text-embeddings-inference emulator")
     common(tei, "bge-base")

@@ -4,9 +4,12 @@ Routes: `POST /v1/completions`, `POST /v1/chat/completions` (streaming SSE endin
 `data: [DONE]`, or one JSON body; `stream_options.include_usage` adds a usage chunk),
 `POST /v1/embeddings` (a pooling pass: prefill only), `GET /v1/models`, `GET /health`,
 `GET /version` and `GET /metrics` under vLLM's metric names. Output is deterministic filler text
-(see `text.py`) whose length is exactly `max_tokens`, since an emulator has no end-of-sequence to
-sample: that is also what `ignore_eos=true` asks of a real server. A `stop` string that the filler
-happens to produce ends the output early with `finish_reason="stop"`, as it would on vLLM.
+(see `text.py`). Its length is sampled, as a model samples its end-of-sequence token: geometric
+with mean `mean_output_tokens`, seeded by the prompt (and the choice index), capped by `max_tokens`
+(`finish_reason="length"`) and otherwise ending with `finish_reason="stop"`; ``ignore_eos=true``
+runs to `max_tokens`, as on a real server. A `stop` string that the filler happens to produce ends
+the output early too. `n > 1` and a list of prompts give one choice per (prompt, n), indexed
+prompt-major as OpenAI does, each its own engine request.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
+import random
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -93,6 +98,8 @@ class VllmEmulatorConfig:
     tensor_parallel / calibration: passed to `LLMPerfModel.load`.
     legacy_metrics: also export pre-v1 metric names (`vllm:gpu_cache_usage_perc`, ...).
     default_max_tokens: completions' `max_tokens` when absent (OpenAI's default is 16).
+    mean_output_tokens: mean of the sampled output length (end of sequence); 0 never samples one
+        (every output runs to max_tokens, as with ignore_eos).
     """
 
     model: str = "llama-2-7b"
@@ -105,6 +112,7 @@ class VllmEmulatorConfig:
     default_max_tokens: int = 16
     tensor_parallel: int = 1
     calibration: str | None = None
+    mean_output_tokens: float = 200.0
 
     @property
     def name(self) -> str:
@@ -202,9 +210,27 @@ class VllmEmulator:
                 "Please reduce the length of the messages or completion.",
                 param="max_tokens",
             )
-        if int(body.get("n", 1) or 1) != 1:
-            raise HttpError(400, "the emulator serves n=1 only", param="n")
         return max_tokens
+
+    @staticmethod
+    def _n(body: dict[str, Any]) -> int:
+        n = body.get("n", 1)
+        n = 1 if n is None else n
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128:
+            raise HttpError(400, "n must be an integer between 1 and 128", param="n")
+        return n
+
+    def _output_len(self, body: dict[str, Any], seed: int, max_tokens: int) -> int | None:
+        """The sampled end of sequence (None: run to max_tokens)."""
+        mean = self.config.mean_output_tokens
+        if body.get("ignore_eos") is True or mean <= 0:
+            return None
+        rng = random.Random(seed)
+        # Geometric on 1, 2, ...: P(stop after each token) = 1 / mean.
+        p = min(1.0, 1.0 / mean)
+        u = rng.random()
+        length = 1 if p >= 1.0 else 1 + int(math.log(1.0 - u) / math.log(1.0 - p))
+        return length if length < max_tokens else None
 
     @staticmethod
     def _stops(body: dict[str, Any]) -> set[str]:
@@ -243,7 +269,9 @@ class VllmEmulator:
             if not handle.done:
                 self.loop.abort(handle.id)
 
-    def _submit(self, body: dict[str, Any], prompt: Any, prompt_tokens: int, max_tokens: int) -> RequestHandle:
+    def _submit(
+        self, body: dict[str, Any], prompt: Any, prompt_tokens: int, max_tokens: int, output_tokens: int | None = None
+    ) -> RequestHandle:
         priority = body.get("priority", 0)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise HttpError(400, "priority must be an integer (smaller is served first)", param="priority")
@@ -254,6 +282,7 @@ class VllmEmulator:
                 max_tokens,
                 prefix_hashes=tx.prefix_hashes(prompt, self.hash_block_tokens),
                 priority=priority,
+                output_tokens=output_tokens,
             )
         except EngineRejected as exc:
             raise HttpError(exc.status, exc.reason) from None
@@ -272,12 +301,16 @@ class VllmEmulator:
         self._check_model(body)
         if "prompt" not in body:
             raise HttpError(400, "prompt is required", param="prompt")
+        raw = body["prompt"]
+        # A list of prompts (strings, or token arrays) gives one choice set per prompt.
+        many = isinstance(raw, list) and len(raw) > 1 and all(isinstance(p, str | list) for p in raw)
+        prompts = list(raw) if many else [raw]
         try:
-            prompt_tokens = tx.count_prompt_tokens(body["prompt"])
+            counts = [tx.count_prompt_tokens(p) for p in prompts]
         except ValueError as exc:
             raise HttpError(400, str(exc), param="prompt") from None
-        max_tokens = self._limits(body, prompt_tokens, self.config.default_max_tokens)
-        return await self._generate(body, body["prompt"], prompt_tokens, max_tokens, chat=False)
+        max_tokens = min(self._limits(body, c, self.config.default_max_tokens) for c in counts)
+        return await self._generate(body, list(zip(prompts, counts, strict=True)), max_tokens, chat=False)
 
     async def chat(self, request: Request) -> Response:
         body = await json_body(request)
@@ -288,45 +321,65 @@ class VllmEmulator:
             raise HttpError(400, str(exc), param="messages") from None
         prompt_tokens = tx.count_text_tokens(prompt)
         max_tokens = self._limits(body, prompt_tokens, None)
-        return await self._generate(body, prompt, prompt_tokens, max_tokens, chat=True)
+        return await self._generate(body, [(prompt, prompt_tokens)], max_tokens, chat=True)
 
     async def _generate(
-        self, body: dict[str, Any], prompt: Any, prompt_tokens: int, max_tokens: int, *, chat: bool
+        self, body: dict[str, Any], prompts: list[tuple[Any, int]], max_tokens: int, *, chat: bool
     ) -> Response:
+        """One engine request per (prompt, choice); choice index = prompt index * n + j, as OpenAI orders them."""
         stops = self._stops(body)
-        seed = tx.text_seed(repr(prompt))
-        handle = self._submit(body, prompt, prompt_tokens, max_tokens)
+        n = self._n(body)
+        runs: list[tuple[RequestHandle, int]] = []
+        try:
+            for prompt, prompt_tokens in prompts:
+                base = tx.text_seed(repr(prompt))
+                for j in range(n):
+                    seed = base if j == 0 else tx.text_seed(f"{base}/{j}")
+                    output = self._output_len(body, seed, max_tokens)
+                    runs.append((self._submit(body, prompt, prompt_tokens, max_tokens, output), seed))
+        except BaseException:
+            for handle, _ in runs:
+                self.loop.abort(handle.id)
+            raise
+        prompt_total = sum(c for _, c in prompts) * n
         rid = new_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         if body.get("stream"):
             options = body.get("stream_options") or {}
             include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
-            stream = self._stream(handle, seed, stops, rid, created, chat, include_usage, prompt_tokens)
+            stream = self._stream(runs, stops, rid, created, chat, include_usage, prompt_total)
             return StreamingResponse(stream, media_type="text/event-stream")
-        parts: list[str] = []
-        reason: str | None = None
-        async for piece, finish in self._tokens(handle, seed, stops):
-            parts.append(piece)
-            reason = finish or reason
-        text = "".join(parts)
-        count = len(text.split())  # one filler word per token
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason, "stop_reason": None}
-        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+
+        async def collect(handle: RequestHandle, seed: int) -> tuple[str, str | None]:
+            parts: list[str] = []
+            reason: str | None = None
+            async for piece, finish in self._tokens(handle, seed, stops):
+                parts.append(piece)
+                reason = finish or reason
+            return "".join(parts), reason
+
+        results = await asyncio.gather(*(collect(h, seed) for h, seed in runs))
+        choices = []
+        completion_tokens = 0
+        for index, (text, reason) in enumerate(results):
+            completion_tokens += len(text.split())  # one filler word per token
+            choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": reason, "stop_reason": None}
+            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            choices.append(choice)
         payload = {
             "id": rid,
             "object": obj,
             "created": created,
             "model": self.config.name,
-            "choices": [choice],
-            "usage": self._usage(prompt_tokens, count),
+            "choices": choices,
+            "usage": self._usage(prompt_total, completion_tokens),
         }
         return JSONResponse(payload)
 
     async def _stream(
         self,
-        handle: RequestHandle,
-        seed: int,
+        runs: list[tuple[RequestHandle, int]],
         stops: set[str],
         rid: str,
         created: int,
@@ -343,20 +396,52 @@ class VllmEmulator:
                 payload["usage"] = usage
             return sse(payload)
 
-        if chat:  # vLLM opens a chat stream with an empty role delta
-            yield chunk(
-                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
-            )
+        if chat:  # vLLM opens a chat stream with an empty role delta per choice
+            for index in range(len(runs)):
+                yield chunk(
+                    [
+                        {
+                            "index": index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+        # Choices advance together (one engine each): their deliveries are merged as they come.
+        merged: asyncio.Queue[tuple[int, str, str | None] | HttpError | None] = asyncio.Queue()
+
+        async def pump(index: int, handle: RequestHandle, seed: int) -> None:
+            try:
+                async for piece, finish in self._tokens(handle, seed, stops):
+                    merged.put_nowait((index, piece, finish))
+            except HttpError as exc:
+                merged.put_nowait(exc)
+            finally:
+                merged.put_nowait(None)
+
+        tasks = [asyncio.ensure_future(pump(i, h, seed)) for i, (h, seed) in enumerate(runs)]
         completion_tokens = 0
+        open_runs = len(runs)
         try:
-            async for piece, finish in self._tokens(handle, seed, stops):
+            while open_runs:
+                item = await merged.get()
+                if item is None:
+                    open_runs -= 1
+                    continue
+                if isinstance(item, HttpError):
+                    yield sse(
+                        {"error": {"message": item.message, "type": "ServerError", "param": None, "code": item.status}}
+                    )
+                    return
+                index, piece, finish = item
                 completion_tokens += len(piece.split())
                 if piece or finish:
                     content = {"delta": {"content": piece}} if chat else {"text": piece}
-                    yield chunk([{"index": 0, **content, "logprobs": None, "finish_reason": finish}])
-        except HttpError as exc:
-            yield sse({"error": {"message": exc.message, "type": "ServerError", "param": None, "code": exc.status}})
-            return
+                    yield chunk([{"index": index, **content, "logprobs": None, "finish_reason": finish}])
+        finally:
+            for task in tasks:
+                task.cancel()
         if include_usage:
             yield chunk([], self._usage(prompt_tokens, completion_tokens))
         yield sse("[DONE]")

@@ -45,6 +45,7 @@ class RequestHandle:
     last_token_wall: float | None = None
     emitted: int = 0
     done: bool = False
+    eos: bool = False  # ends at a sampled end of sequence before max_tokens (finish reason "stop")
 
 
 @dataclass
@@ -104,10 +105,12 @@ class VllmEngineLoop:
         prefix_hashes: tuple[int, ...] = (),
         priority: int = 0,
         pooling: bool = False,
+        output_tokens: int | None = None,
     ) -> RequestHandle:
         """Queue a request in the engine; its tokens arrive on `handle.queue`.
 
-        The output length is `max_tokens` (an emulator never samples an end-of-sequence token).
+        The output length is `output_tokens` when given (an end of sequence the caller sampled; the
+        request then finishes with reason "stop"), else `max_tokens` (reason "length").
         `pooling=True` is an embedding pass: prefill only, finished with no token. Raises the core's
         `EngineRejected(400)` if the request could never fit in the KV cache.
         """
@@ -117,7 +120,7 @@ class VllmEngineLoop:
             EngineRequest(
                 id=request_id,
                 prompt_tokens=prompt_tokens,
-                output_tokens=max_tokens,
+                output_tokens=max_tokens if output_tokens is None else max(1, min(output_tokens, max_tokens)),
                 max_tokens=max_tokens,
                 priority=priority,
                 pooling=pooling,
@@ -125,6 +128,7 @@ class VllmEngineLoop:
             )
         )
         handle = RequestHandle(request_id, prompt_tokens, max_tokens)
+        handle.eos = output_tokens is not None and output_tokens < max_tokens
         self._handles[request_id] = handle
         self.stats.prompt_tokens += prompt_tokens
         self._wakeup.set()
@@ -192,7 +196,8 @@ class VllmEngineLoop:
                 continue
             count = int(tokens.get(request_id, 0))
             done = request_id in finished
-            self._deliver(handle, TokenEvent(count, finished=done, finish_reason="length" if done else None))
+            reason = ("stop" if handle.eos else "length") if done else None
+            self._deliver(handle, TokenEvent(count, finished=done, finish_reason=reason))
 
     def _deliver(self, handle: RequestHandle, event: TokenEvent) -> None:
         if handle.done:
