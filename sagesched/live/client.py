@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,7 +31,14 @@ from typing import Any, TypeVar
 import httpx
 
 from sagesched.live.backends import SSEStream, decode_base64
-from sagesched.live.errors import LiveError, ModelNotFound, UpstreamError, UpstreamTimeout, error_from_response
+from sagesched.live.errors import (
+    InvalidRequest,
+    LiveError,
+    ModelNotFound,
+    UpstreamError,
+    UpstreamTimeout,
+    error_from_response,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +71,15 @@ def _looks_like_embedding(model: str) -> bool:
     return any(hint in name for hint in _EMBEDDING_NAME_HINTS)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """One OpenAI-compatible server the client talks to: base URL (no /v1), model, key."""
@@ -85,6 +102,10 @@ class _LoopThread:
         self.loop.run_forever()
 
     def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+        if self.loop.is_closed():
+            if hasattr(coro, "close"):
+                coro.close()  # type: ignore[attr-defined]
+            raise RuntimeError("the client is closed")
         return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
 
     def run(self, coro: Awaitable[T]) -> T:
@@ -99,6 +120,8 @@ class _LoopThread:
         if self.loop.is_closed():
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
+        if threading.current_thread() is self._thread:
+            return  # called from the loop itself (a finalizer run there): the loop stops after this step
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self.loop.close()
@@ -146,6 +169,9 @@ class UnifiedInferenceClient:
         self._runner = _LoopThread()
         self._http: httpx.AsyncClient | None = None
         self._closed = False
+        # A client dropped without close() must not leave its loop thread behind. The runner holds
+        # no reference to the client, so the client can be collected and this stops the thread.
+        self._finalizer = weakref.finalize(self, _LoopThread.close, self._runner)
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -312,7 +338,7 @@ class UnifiedInferenceClient:
         try:
             self._runner.run(self._aclose_core())
         finally:
-            self._runner.close()
+            self._finalizer()
 
     async def aclose(self) -> None:
         if self._closed:
@@ -321,7 +347,7 @@ class UnifiedInferenceClient:
         try:
             await self._runner.arun(self._aclose_core())
         finally:
-            await asyncio.get_running_loop().run_in_executor(None, self._runner.close)
+            await asyncio.get_running_loop().run_in_executor(None, self._finalizer)
 
     def __enter__(self) -> UnifiedInferenceClient:
         return self
@@ -361,9 +387,48 @@ class UnifiedInferenceClient:
     # -- request building (shared by every mode) ---------------------------------------------------------
     @staticmethod
     def _messages(messages: str | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """A user string or a list of {role, content} mappings; anything else is InvalidRequest, not TypeError."""
         if isinstance(messages, str):
             return [{"role": "user", "content": messages}]
-        return [dict(m) for m in messages]
+        if (
+            isinstance(messages, Sequence)
+            and not isinstance(messages, bytes | bytearray)
+            and messages
+            and all(isinstance(m, Mapping) and isinstance(m.get("role"), str) for m in messages)
+        ):
+            return [dict(m) for m in messages]
+        raise InvalidRequest(
+            "messages must be a string or a non-empty list of {'role': ..., 'content': ...} dicts, "
+            f"not {_describe(messages)}",
+            param="messages",
+        )
+
+    @staticmethod
+    def _prompt(prompt: Any) -> str | list[Any]:
+        """A completions prompt: a string, a list of strings, a token list or a list of token lists."""
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(p, str) for p in prompt) or all(_is_int(t) for t in prompt):
+                return prompt
+            if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+                return prompt
+        raise InvalidRequest(
+            f"prompt must be a string, a list of strings or a list of token ids, not {_describe(prompt)}",
+            param="prompt",
+        )
+
+    @staticmethod
+    def _texts(texts: Any) -> list[str]:
+        """Embedding inputs: one string or a list/tuple of strings (a dict's keys are not texts)."""
+        if isinstance(texts, str):
+            return [texts]
+        if isinstance(texts, list | tuple) and all(isinstance(t, str) for t in texts):
+            return list(texts)
+        raise InvalidRequest(
+            f"texts must be a string or a list of strings, not {_describe(texts)}",
+            param="input",
+        )
 
     @staticmethod
     def _sampling(body: dict[str, Any], kw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -434,11 +499,19 @@ class UnifiedInferenceClient:
                     status=400,
                     code="model_not_configured",
                 ) from exc
-            if self.mode == "gateway" and len(ids) > 1:
+            if len(ids) > 1:
                 matching = [m for m in ids if _looks_like_embedding(m) == (kind == "embedding")]
                 ids = matching or ids
             if not ids:
                 raise ModelNotFound(f"{endpoint.url} lists no models", param="model")
+            if len(ids) > 1:
+                # Guessing would send requests to whichever model happens to be listed first.
+                name = "llm_model" if kind == "llm" else "embedding_model"
+                raise InvalidRequest(
+                    f"{endpoint.url} serves several {kind} models ({', '.join(ids)}); pass {name}= to the client "
+                    f"(or model= to the call), or set {ENV_CHAT_MODEL if kind == 'llm' else ENV_EMBEDDING_MODEL}",
+                    param="model",
+                )
             chosen = ids[0]
         if kind == "llm":
             self.llm_model = chosen
@@ -529,13 +602,11 @@ class UnifiedInferenceClient:
 
     async def _acompletion(self, prompt: Any, kw: dict[str, Any]) -> dict[str, Any]:
         model = await self._resolve_model("llm", kw.pop("model", None))
-        body, headers = self._sampling({"model": model, "prompt": prompt}, kw)
+        body, headers = self._sampling({"model": model, "prompt": self._prompt(prompt)}, kw)
         return await self._call("completions", body, headers)
 
     async def _aembed(self, texts: str | Sequence[str], kw: dict[str, Any]) -> list[list[float]]:
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
+        texts = self._texts(texts)
         if not texts:
             return []
         model = await self._resolve_model("embedding", kw.pop("model", None))
@@ -549,7 +620,7 @@ class UnifiedInferenceClient:
     async def _astream_text(self, endpoint_name: str, payload: Any, kw: dict[str, Any]) -> AsyncIterator[str]:
         model = await self._resolve_model("llm", kw.pop("model", None))
         key = "messages" if endpoint_name == "chat" else "prompt"
-        value = self._messages(payload) if endpoint_name == "chat" else payload
+        value = self._messages(payload) if endpoint_name == "chat" else self._prompt(payload)
         body, headers = self._sampling({"model": model, key: value}, kw)
         async for chunk in self._stream(endpoint_name, body, headers):
             for choice in chunk.get("choices") or ():
@@ -582,9 +653,17 @@ class UnifiedInferenceClient:
         """
         return self._chat_text(self.chat_completion(messages, **kw))
 
+    async def _bounded(self, coro: Awaitable[T]) -> T:
+        """`coro` within `timeout_s` in all: a backend that trickles bytes cannot stretch a call."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await coro
+        except TimeoutError:
+            raise UpstreamTimeout(f"the call did not finish within timeout_s={self.timeout_s:g}s") from None
+
     def chat_completion(self, messages: str | Sequence[Mapping[str, Any]], **kw: Any) -> dict[str, Any]:
         """The full OpenAI chat completion body."""
-        return self._runner.run(self._achat_completion(messages, kw))
+        return self._runner.run(self._bounded(self._achat_completion(messages, kw)))
 
     def generate(self, prompt: str, **kw: Any) -> str:
         """The generated text for `prompt` (text completions)."""
@@ -592,11 +671,11 @@ class UnifiedInferenceClient:
 
     def completion(self, prompt: str | list[str], **kw: Any) -> dict[str, Any]:
         """The full OpenAI text completion body."""
-        return self._runner.run(self._acompletion(prompt, kw))
+        return self._runner.run(self._bounded(self._acompletion(prompt, kw)))
 
     def embed(self, texts: str | Sequence[str], **kw: Any) -> list[list[float]]:
         """One vector per text, in order (`dimensions=` and `model=` pass through)."""
-        return self._runner.run(self._aembed(texts, kw))
+        return self._runner.run(self._bounded(self._aembed(texts, kw)))
 
     def stream_chat(self, messages: str | Sequence[Mapping[str, Any]], **kw: Any) -> Iterator[str]:
         """The reply as text deltas, as they arrive."""
@@ -605,11 +684,23 @@ class UnifiedInferenceClient:
     def stream_generate(self, prompt: str, **kw: Any) -> Iterator[str]:
         return self._sync_iter(self._astream_text("completions", prompt, kw))
 
+    async def _next_before(self, agen: AsyncIterator[str], deadline: float) -> str:
+        """The stream's next item, or UpstreamTimeout once the whole stream has taken `timeout_s`."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await agen.__anext__()
+        except TimeoutError:
+            raise UpstreamTimeout(f"the stream did not finish within timeout_s={self.timeout_s:g}s") from None
+
+    def _deadline(self) -> float:
+        return self._runner.loop.time() + self.timeout_s
+
     def _sync_iter(self, agen: AsyncIterator[str]) -> Iterator[str]:
+        deadline = self._deadline()
         try:
             while True:
                 try:
-                    item = self._runner.run(agen.__anext__())
+                    item = self._runner.run(self._next_before(agen, deadline))
                 except StopAsyncIteration:
                     return
                 yield item
@@ -622,16 +713,16 @@ class UnifiedInferenceClient:
         return self._chat_text(await self.achat_completion(messages, **kw))
 
     async def achat_completion(self, messages: str | Sequence[Mapping[str, Any]], **kw: Any) -> dict[str, Any]:
-        return await self._runner.arun(self._achat_completion(messages, kw))
+        return await self._runner.arun(self._bounded(self._achat_completion(messages, kw)))
 
     async def agenerate(self, prompt: str, **kw: Any) -> str:
         return self._completion_text(await self.acompletion(prompt, **kw))
 
     async def acompletion(self, prompt: str | list[str], **kw: Any) -> dict[str, Any]:
-        return await self._runner.arun(self._acompletion(prompt, kw))
+        return await self._runner.arun(self._bounded(self._acompletion(prompt, kw)))
 
     async def aembed(self, texts: str | Sequence[str], **kw: Any) -> list[list[float]]:
-        return await self._runner.arun(self._aembed(texts, kw))
+        return await self._runner.arun(self._bounded(self._aembed(texts, kw)))
 
     async def astream_chat(self, messages: str | Sequence[Mapping[str, Any]], **kw: Any) -> AsyncIterator[str]:
         async for item in self._async_iter(self._astream_text("chat", messages, kw)):
@@ -642,10 +733,11 @@ class UnifiedInferenceClient:
             yield item
 
     async def _async_iter(self, agen: AsyncIterator[str]) -> AsyncIterator[str]:
+        deadline = self._deadline()
         try:
             while True:
                 try:
-                    item = await self._runner.arun(agen.__anext__())
+                    item = await self._runner.arun(self._next_before(agen, deadline))
                 except StopAsyncIteration:
                     return
                 yield item
