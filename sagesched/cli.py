@@ -13,9 +13,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "inference": ("sagesched.live.inference_cli", "start/stop/inspect the UnifiedAPIServer gateway"),
     "emulate": ("sagesched.live.emulators.cli", "run a vLLM or TEI emulator driven by the engine model"),
     "backends": ("sagesched.live.real_backends", "install/start/stop real CPU backends (llama-server)"),
+    "calibrate": ("sagesched.calibrate.cli", "fit the performance model to measured runs or a live server"),
     "fit": ("sagesched.sim.fit", "report the performance model's fit error against the profiles"),
     "experiment": ("sagesched.experiment", "run a simulation experiment (Hydra overrides follow)"),
     "report": ("sagesched.report", "aggregate a sweep directory into a report"),
+    "compare": ("sagesched.replay.compare", "compare two runs (sim/live/imported): paired per request, side by side"),
+    "import": ("sagesched.replay.import_cli", "read vllm-bench / AIPerf / inference-perf results into a run folder"),
+    "export": ("sagesched.replay.export_cli", "write a run as a vllm-bench result or an inference-perf summary"),
 }
 
 

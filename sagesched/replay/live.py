@@ -183,6 +183,8 @@ class _Replay:
 
             knobs = {"request_timeout_s": self.config.request_timeout_s, **self.config.executor}
             knobs.setdefault("max_queue", max(1024, len(self.requests)))
+            if "max_records" in {f.name for f in dataclasses.fields(ExecutorConfig)}:
+                knobs.setdefault("max_records", None)  # keep every record: the run is written from them
             self.executor = LiveExecutor(self.policy, self.backends, ExecutorConfig.from_dict(knobs))
             await self.executor.start()
             clock = self.executor.now

@@ -45,6 +45,9 @@ UNITS: tuple[str, ...] = (
     "got", "may", "off", "own", "run", "set", "top", "yes", "yet", "why", "ask", "men", "ran", "red",
 )  # fmt: skip
 
+PROBE_ID_PREFIX = "sagesched-calibration-"
+"""Request id prefix of the calibration probes (a gateway in between records them too)."""
+
 PROBE_UNITS = (16, 96)
 """Unit counts of the two calibration probes per endpoint (a line through two points)."""
 
@@ -194,7 +197,11 @@ def calibrate(
             for n in PROBE_UNITS:
                 text = " " + " ".join(_seeded_units(cal.units, _seed_of(f"probe:{n}"), n))
                 try:
-                    resp = client.post(f"{url}{path}", json=probe_body(endpoint, model, text))
+                    resp = client.post(
+                        f"{url}{path}",
+                        json=probe_body(endpoint, model, text),
+                        headers={"X-Request-Id": f"{PROBE_ID_PREFIX}{endpoint}-{n}"},
+                    )
                 except httpx.HTTPError as exc:
                     raise PromptCalibrationError(
                         f"could not probe {url}{path} for token counts ({type(exc).__name__}: {exc}); "
