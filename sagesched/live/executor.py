@@ -427,6 +427,16 @@ class LiveExecutor:
         self._policy = policy
         self._kick()
 
+    def abort_all(self, error: LiveError) -> int:
+        """End every queued and in-flight request with `error` now (a gateway's drain deadline).
+
+        Streams already started end with `error` as their last event; returns how many ended.
+        """
+        pending = list(self._pending.values())
+        for p in pending:
+            self._fail(p, error)
+        return len(pending)
+
     def models(self, endpoint: str | None = None) -> list[str]:
         """Models served by at least one backend (for `endpoint`'s request type, if given)."""
         rtype = ENDPOINTS.get(endpoint) if endpoint else None

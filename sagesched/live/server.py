@@ -359,6 +359,7 @@ class Gateway:
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
+        self._drain_timer: asyncio.TimerHandle | None = None
         self.counters = _Counters()
         self._records_seen = 0
         self.body_timeout_s = BODY_TIMEOUT_S
@@ -409,6 +410,29 @@ class Gateway:
             if self._own_executor:
                 await self._executor.__aexit__(None, None, None)
             log.info("sagesched gateway stopped")
+
+    def begin_drain(self) -> None:
+        """Shutdown started: refuse new requests; at drain_timeout_s end the ones still running cleanly."""
+        if self._drain_timer is not None:
+            return
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        self._drain_timer = loop.call_later(self.config.drain_timeout_s, self._end_inflight)
+
+    def _end_inflight(self) -> None:
+        executor = self._executor
+        abort = getattr(executor, "abort_all", None)
+        if callable(abort):
+            from sagesched.live.errors import ServiceStopping
+
+            count = abort(
+                ServiceStopping(
+                    f"the gateway shut down before the request finished (drain_timeout_s="
+                    f"{self.config.drain_timeout_s:g}s passed); retry on another instance"
+                )
+            )
+            if count:
+                log.warning("drain deadline passed: ended %d request(s) with 503 service_stopping", count)
 
     async def drain(self) -> None:
         """Stop taking requests and wait (up to drain_timeout_s) for those in flight to finish."""
@@ -1050,6 +1074,22 @@ class _AsgiEndpoint:
 # -- serving -----------------------------------------------------------------------------------------
 
 
+def _make_server(config: GatewayConfig, app: Any) -> Any:
+    """A uvicorn server that tells the gateway when shutdown starts, so the gateway ends what is left
+    at the drain deadline itself: streams get an error event and [DONE], others a JSON 503, instead
+    of uvicorn cancelling them (a cut stream, a plain-text 500)."""
+    import uvicorn
+
+    class GatewayServer(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            gateway = getattr(getattr(app, "state", None), "gateway", None)
+            if gateway is not None:
+                gateway.begin_drain()
+            await super().shutdown(sockets)
+
+    return GatewayServer(_uvicorn_config(config, app))
+
+
 def _uvicorn_config(config: GatewayConfig, app: Any, **extra: Any) -> Any:
     import uvicorn
 
@@ -1059,7 +1099,9 @@ def _uvicorn_config(config: GatewayConfig, app: Any, **extra: Any) -> Any:
         "log_level": config.log_level,
         "access_log": False,
         "lifespan": "on",
-        "timeout_graceful_shutdown": config.drain_timeout_s,
+        # The gateway ends what is left at drain_timeout_s (begin_drain); uvicorn's own cut, which
+        # answers plain text or cuts streams, comes only after the answers had time to go out.
+        "timeout_graceful_shutdown": config.drain_timeout_s + 2.0,
         "timeout_keep_alive": 30,
         "server_header": False,
         "proxy_headers": False,  # the gateway reads no client address; skips a middleware per request
@@ -1112,9 +1154,8 @@ def serve(config: GatewayConfig) -> None:
     through its own accounting plus the backends' /metrics.
     """
     if config.workers <= 1:
-        import uvicorn
 
-        server = uvicorn.Server(_uvicorn_config(config, create_app(config)))
+        server = _make_server(config, create_app(config))
         _tune_gc()
         server.run()
         return
@@ -1122,10 +1163,9 @@ def serve(config: GatewayConfig) -> None:
 
 
 def _worker_main(config: GatewayConfig) -> None:
-    import uvicorn
 
     sock = _reuseport_socket(config.host, config.port)
-    server = uvicorn.Server(_uvicorn_config(config, create_app(config)))
+    server = _make_server(config, create_app(config))
     _tune_gc()
     server.run(sockets=[sock])
 
@@ -1199,16 +1239,14 @@ class UnifiedAPIServer:
 
     def run(self) -> None:
         """Serve in this thread until interrupted (single process; see `serve` for workers)."""
-        import uvicorn
 
-        self._server = uvicorn.Server(_uvicorn_config(self.config, self.app))
+        self._server = _make_server(self.config, self.app)
         self._server.run()
 
     def start(self, timeout_s: float = 30.0) -> UnifiedAPIServer:
         """Serve from a daemon thread; return once it accepts connections (port 0 picks a free one)."""
-        import uvicorn
 
-        self._server = uvicorn.Server(_uvicorn_config(self.config, self.app))
+        self._server = _make_server(self.config, self.app)
         errors: list[BaseException] = []
 
         def target() -> None:
