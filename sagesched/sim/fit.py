@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from scipy.optimize import nnls
 
 from sagesched.sim.perf.calibration import LLMCalibration
 from sagesched.sim.perf.operators import (
@@ -131,15 +132,9 @@ def splitwise_points() -> list[dict[str, Any]]:
 
 
 def _nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares with non-negative coefficients (active set: drop the most negative column, refit)."""
-    active = list(range(a.shape[1]))
-    coef = np.zeros(a.shape[1])
-    while active:
-        sol, *_ = np.linalg.lstsq(a[:, active], y, rcond=None)
-        if (sol >= 0).all():
-            coef[active] = sol
-            break
-        active.pop(int(np.argmin(sol)))
+    """Least squares with non-negative coefficients: scipy's Lawson-Hanson NNLS (the exact optimum, where
+    dropping the most negative column and refitting can stop at a worse active set)."""
+    coef, _residual = nnls(a, y)
     return coef
 
 
@@ -156,7 +151,7 @@ def fit_splitwise_calibration(points: list[dict[str, Any]]) -> dict[str, float]:
         c = perf.components(p["shape"])
         attention = c["prefill_attention"] + c["decode_attention"]
         rows.append([c["operators"], attention, 1.0, float(perf.allreduce_hops()), c["allreduce_bandwidth"]])
-        target.append(p["measured_s"] - c["lm_head"])
+        target.append(p["measured_s"] - c["lm_head"] - c["sequence_overhead"])
     a, y = np.array(rows), np.array(target)
     w = 1.0 / np.array([p["measured_s"] for p in points])
     coef = _nnls(a * w[:, None], y * w)

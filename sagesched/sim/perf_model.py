@@ -6,7 +6,14 @@ LLM step (see docs/performance_model.md for the derivation and the measured erro
                   + 2 * layers * all_reduce(T)                # TP > 1: latency + bytes over NVLink
                   + lm_head(sequences)                        # logits GEMM, one row per sequence
                   + attention_scale * (prefill_attention + decode_attention)   # rooflines
-                  + layers * layer_overhead + step_overhead )
+                  + layers * layer_overhead + step_overhead + seq_overhead * sequences )
+
+    prefill_attention = max(FLOPs of sum_i c_i (L_i - c_i/2) pairs / (peak x efficiency),     # exact causal sum
+                            KV bytes of sum_i L_i / (bandwidth x decode efficiency))          # memory floor
+
+A request's client-side latency adds the serving frontend's cost (HTTP, tokenisation, hand-off to the
+engine, delivery of the first chunk), `frontend_s(prompt_tokens) = frontend_request_s +
+frontend_prompt_token_s x prompt_tokens`, to both its TTFT and its E2E (see `frontend_s`).
 
 `ops(T)` comes from Vidur's measured per-operator timings where they exist, else from a roofline whose
 efficiencies are fitted to Vidur's measurements on the same GPU (`sagesched.sim.perf.operators`).
@@ -69,7 +76,9 @@ class BatchShape:
     `decode_tokens` sequences decoding one token this step; `prefill_context_tokens` sum over prefill
     chunks of (tokens already in KV + chunk), what prefill attention attends over; `decode_context_tokens`
     sum over decoding sequences of their KV length, what decode attention reads; `num_prefills` sequences
-    with a prefill chunk this step.
+    with a prefill chunk this step; `prefill_attention_pairs` the exact causal attention work of the
+    prefill chunks, sum over chunks of c_i (L_i - c_i / 2) with c_i the chunk and L_i its context after
+    the chunk (0: unknown, priced as `num_prefills` equal chunks, exact for one chunk).
     """
 
     prefill_tokens: int = 0
@@ -77,6 +86,7 @@ class BatchShape:
     prefill_context_tokens: int = 0
     decode_context_tokens: int = 0
     num_prefills: int = 0
+    prefill_attention_pairs: float = 0.0
 
 
 def available_models() -> list[str]:
@@ -122,7 +132,12 @@ class LLMPerfModel:
         "_ar_latency",
         "_ar_per_token",
         "_c_decode",
+        "_c_kv_read",
         "_c_prefill",
+        "_c_seq",
+        "_fe_request",
+        "_fe_seq",
+        "_fe_token",
         "_lm_const",
         "_lm_slope",
         "_ops",
@@ -230,6 +245,35 @@ class LLMPerfModel:
         # Decode: every decoding sequence reads its whole KV cache (this GPU's share of the KV heads) once.
         bw = hw.hbm_bandwidth_bytes_per_s * self._hw("decode_attention_efficiency")
         self._c_decode = att * self.kv_bytes_per_token_per_gpu() / bw
+        # Prefill attention's memory floor: a chunk's attention reads the KV of its whole context at least once.
+        self._c_kv_read = self._c_decode
+        # Per-sequence CPU cost of a step (input preparation, sampling, output processing): grows with the batch.
+        self._c_seq = cal.scale * self._hw("seq_overhead_s")
+        self._fe_request = self._hw("frontend_request_s")
+        self._fe_token = self._hw("frontend_prompt_token_s")
+        self._fe_seq = self._hw("frontend_seq_s")
+
+    def frontend_s(self, prompt_tokens: int, running: int = 0) -> float:
+        """Client-visible serving-frontend cost of one request (seconds), added to its TTFT and its E2E.
+
+        frontend_request_s + frontend_prompt_token_s x prompt_tokens + frontend_seq_s x running, with
+        `running` the sequences in flight on the engine when the token is delivered. Why: clients time
+        requests through the OpenAI server (HTTP, tokenisation, engine hand-off, streaming), which the
+        engine's step times do not contain; its single process also turns every step's output of every
+        running sequence into stream chunks, so a token waits longer for delivery the larger the batch.
+        Measured TTFT on H100 is about twice the engine's first step without it (docs/performance_model.md).
+        """
+        return self._fe_request + self._fe_token * prompt_tokens + self._fe_seq * running
+
+    def _prefill_attention(self, batch: BatchShape) -> float:
+        p, k = batch.prefill_tokens, batch.num_prefills
+        ctx = max(batch.prefill_context_tokens, p)
+        pairs = batch.prefill_attention_pairs
+        if pairs <= 0.0:
+            pairs = (p * ctx - 0.5 * p * p) / (k if k > 0 else 1)
+        compute = self._c_prefill * pairs
+        memory = self._c_kv_read * ctx
+        return compute if compute > memory else memory
 
     def components(self, batch: BatchShape) -> dict[str, float]:
         """The step time split into its terms (seconds, calibration applied); they sum to `step_time_s(batch)`.
@@ -242,15 +286,15 @@ class LLMPerfModel:
             return {}
         s = self.calibration.scale
         rows = d + (k if k > 0 else (1 if p > 0 else 0))
-        ctx = max(batch.prefill_context_tokens, p)
         return {
             "operators": s * self._ops(n),
             "allreduce_latency": s * self._ar_latency,
             "allreduce_bandwidth": s * self._ar_per_token * max(n, 1.0),
             "lm_head": max(self._lm_const, self._lm_slope * rows),
-            "prefill_attention": self._c_prefill * (p * ctx - 0.5 * p * p) / max(k, 1) if p > 0 else 0.0,
+            "prefill_attention": self._prefill_attention(batch) if p > 0 else 0.0,
             "decode_attention": self._c_decode * batch.decode_context_tokens,
             "overhead": s * self._overhead,
+            "sequence_overhead": self._c_seq * rows,
         }
 
     def step_time_s(self, batch: BatchShape) -> float:
@@ -275,12 +319,8 @@ class LLMPerfModel:
         lm = self._lm_slope * rows
         t += lm if lm > self._lm_const else self._lm_const
         if p > 0:
-            ctx = batch.prefill_context_tokens
-            if ctx < p:
-                ctx = p
-            # Causal attention of chunks of (equal) size p/k over contexts summing to ctx: sum c_i*(L_i - c_i/2).
-            t += self._c_prefill * (p * ctx - 0.5 * p * p) / (k if k > 0 else 1)
-        return t + self._c_decode * batch.decode_context_tokens
+            t += self._prefill_attention(batch)
+        return t + self._c_decode * batch.decode_context_tokens + self._c_seq * rows
 
     def weight_bytes_per_gpu(self) -> float:
         """Bytes of weights each of the `tensor_parallel` GPUs holds."""

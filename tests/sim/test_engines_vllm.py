@@ -220,3 +220,45 @@ def test_lone_request_latency_equals_the_perf_model_prediction(mode, prompt):
     assert rec.outcome == "completed" and rec.output_tokens == out_tokens
     assert rec.ttft_ms == pytest.approx(ttft * 1000, abs=1e-6)
     assert rec.e2e_ms == pytest.approx(e2e * 1000, abs=1e-6)
+
+
+def test_max_model_len_rejects_with_400_and_a_reason():
+    core = engine(max_model_len=1000)
+    core.add(EngineRequest(id="ok", prompt_tokens=900, output_tokens=100))
+    with pytest.raises(EngineRejected) as err:
+        core.add(EngineRequest(id="long", prompt_tokens=900, output_tokens=50, max_tokens=101))
+    assert err.value.status == 400
+    assert "maximum context length is 1000" in err.value.reason and "max_tokens" in err.value.reason
+    assert "long" not in core.seqs
+
+
+def test_prefill_attention_is_the_exact_causal_sum_over_chunks():
+    core = engine(max_num_batched_tokens=1000)
+    core.add(EngineRequest(id="a", prompt_tokens=700, output_tokens=2))
+    core.add(EngineRequest(id="b", prompt_tokens=100, output_tokens=2))
+    plan = core.plan_step()
+    # a: 700 new over 700; b: 100 new over 100 (sum c (L - c/2)), not two equal chunks of 400.
+    assert plan.shape.prefill_attention_pairs == 700 * (700 - 350) + 100 * (100 - 50)
+
+
+def test_step_time_never_falls_when_a_prefill_is_added():
+    perf = LLMPerfModel.load("llama-2-7b", "h100")
+    long_chunk = BatchShape(
+        prefill_tokens=2000, prefill_context_tokens=2000, num_prefills=1, prefill_attention_pairs=2000 * 1000
+    )
+    for extra in (1, 16, 200):
+        both = BatchShape(
+            prefill_tokens=2000 + extra,
+            prefill_context_tokens=2000 + extra,
+            num_prefills=2,
+            prefill_attention_pairs=2000 * 1000 + extra * extra / 2,
+        )
+        assert perf.step_time_s(both) >= perf.step_time_s(long_chunk)
+    # The memory floor: a 1-token chunk over a 4000-token context still reads that context's KV.
+    short = BatchShape(prefill_tokens=1, prefill_context_tokens=4000, num_prefills=1, prefill_attention_pairs=3999.5)
+    parts = perf.components(short)
+    assert parts["prefill_attention"] == pytest.approx(
+        4000
+        * perf.kv_bytes_per_token_per_gpu()
+        / (perf.hardware.hbm_bandwidth_bytes_per_s * perf._hw("decode_attention_efficiency"))
+    )

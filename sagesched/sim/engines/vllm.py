@@ -236,7 +236,8 @@ class VllmEngineCore:
     """vLLM v1 scheduler + KV cache, timed by an `LLMPerfModel` (anything with `step_time_s` and
     `kv_capacity_tokens`). No clock inside: the caller times steps and passes results back.
 
-    Counters: `preemptions`, `prefix_queries` / `prefix_hits` (blocks), `steps`, `peak_kv_blocks`.
+    Counters: `preemptions`, `prefix_queries` / `prefix_hits` (blocks, counted at a request's first
+    admission, so that jump and step mode count the same), `steps`, `peak_kv_blocks`.
     """
 
     def __init__(self, config: VllmEngineConfig, perf) -> None:
@@ -256,6 +257,8 @@ class VllmEngineCore:
         self.priority_mode = config.scheduling_policy == "priority"
         self.caching = config.enable_prefix_caching
         self.hash_ratio = config.prefix_hash_block_tokens // bs
+        #: Longest prompt + output accepted (None: unchecked, see `VllmEngineConfig.max_model_len`).
+        self.max_model_len: int | None = config.max_model_len
         self.running: list[Seq] = []
         self.waiting: deque[Seq] | list[Seq] = [] if self.priority_mode else deque()
         self.seqs: dict[str, Seq] = {}
@@ -317,6 +320,16 @@ class VllmEngineCore:
         if req.prompt_tokens < 1:
             raise EngineRejected(400, f"request {req.id}: empty prompt")
         total = req.prompt_tokens + (0 if req.pooling else max(1, req.output_tokens))
+        limit = self.max_model_len
+        if limit is not None:
+            asked = req.prompt_tokens + (0 if req.pooling else max(1, req.max_tokens or req.output_tokens))
+            if asked > limit:
+                raise EngineRejected(
+                    400,
+                    f"request {req.id}: this model's maximum context length is {limit} tokens, but the request "
+                    f"asks for {asked} ({req.prompt_tokens} prompt + {asked - req.prompt_tokens} output); shorten "
+                    "the prompt or lower max_tokens (or raise vllm.max_model_len)",
+                )
         if -(-total // self.bs) > self.kv.num_blocks:
             raise EngineRejected(
                 400,
@@ -365,6 +378,15 @@ class VllmEngineCore:
         seq.held = []
 
     def _preempt(self, seq: Seq) -> None:
+        if self.caching and not seq.pooling and not seq.reg_stop:
+            # vLLM hashes every full block of prompt and output: the preempted request's own blocks stay
+            # cached (evictable) and its recompute re-hits them unless they were evicted meanwhile.
+            # Only this request can hit them, so keying them now is the same as keying them when computed.
+            full = seq.num_computed // self.bs
+            if len(seq.keys) < full:
+                seq.keys = seq.keys + [(seq.id, "own", b) for b in range(len(seq.keys), full)]
+            if len(seq.held) < full:
+                self._register(seq, seq.num_computed)
         self._free(seq)
         seq.num_computed = 0
         seq.reg_stop = False
@@ -430,6 +452,8 @@ class VllmEngineCore:
             if need > 0:
                 kv.allocate(need)
                 seq.blocks += need
+            if seq.keys and not seq.reg_stop and len(seq.held) < len(seq.keys):
+                self._register(seq, seq.num_computed + num_new)
             scheduled.append((seq, num_new))
             budget -= num_new
             i += 1
@@ -438,8 +462,6 @@ class VllmEngineCore:
             while waiting and budget > 0 and len(running) < self.max_seqs:
                 seq = waiting[0]
                 admit = self._admission(seq, budget)
-                if seq.keys and seq.num_computed == 0:
-                    self.prefix_queries += len(seq.keys)
                 if admit is None:
                     break
                 hits, num_new, need = admit
@@ -453,11 +475,18 @@ class VllmEngineCore:
                     seq.held = list(held)
                     seq.blocks = hits
                     seq.num_computed = hits * bs
-                    self.prefix_hits += hits
                     if seq.preemptions == 0:
+                        self.prefix_hits += hits
                         seq.cached_tokens = hits * bs
+                if seq.keys and seq.preemptions == 0:
+                    # Counted once per admission (not per lookup), so jump and step mode agree.
+                    self.prefix_queries += len(seq.keys)
                 kv.allocate(need)
                 seq.blocks += need
+                if seq.keys and not seq.reg_stop and len(seq.held) < len(seq.keys):
+                    # vLLM v1 caches a block's hash when it is allocated: a request admitted later in
+                    # this step (or the next) already hits it.
+                    self._register(seq, seq.num_computed + num_new)
                 running.append(seq)
                 scheduled.append((seq, num_new))
                 budget -= num_new
@@ -466,20 +495,25 @@ class VllmEngineCore:
                 return StepPlan([], BatchShape(), preempted)
             return None
         pf = pf_ctx = n_pf = dec = dec_ctx = 0
+        pairs = 0.0
         for seq, num_new in scheduled:
             if seq.generated and seq.num_computed == seq.num_tokens - 1:
                 dec += 1
                 dec_ctx += seq.num_tokens
             else:
                 pf += num_new
-                pf_ctx += seq.num_computed + num_new
+                length = seq.num_computed + num_new
+                pf_ctx += length
                 n_pf += 1
+                # Exact causal attention work of this chunk: c (L - c/2) (query, key) pairs.
+                pairs += num_new * (length - 0.5 * num_new)
         shape = BatchShape(
             prefill_tokens=pf,
             decode_tokens=dec,
             prefill_context_tokens=pf_ctx,
             decode_context_tokens=dec_ctx,
             num_prefills=n_pf,
+            prefill_attention_pairs=pairs,
         )
         return StepPlan(scheduled, shape, preempted)
 
@@ -494,8 +528,6 @@ class VllmEngineCore:
         finished: list[Seq] = []
         for seq, num_new in plan.scheduled:
             seq.num_computed += num_new
-            if seq.keys and not seq.reg_stop and len(seq.held) < len(seq.keys):
-                self._register(seq)
             if seq.num_computed >= seq.num_tokens:
                 if seq.pooling:
                     out.first_token_ids.append(seq.id)
@@ -516,8 +548,10 @@ class VllmEngineCore:
         self.steps += 1
         return out
 
-    def _register(self, seq: Seq) -> None:
-        upto = min(seq.num_computed // self.bs, len(seq.keys))
+    def _register(self, seq: Seq, tokens: int) -> None:
+        """Cache the full blocks among `seq`'s first `tokens` tokens under their keys (as vLLM v1 does
+        when it allocates them); stops at the first key another block already holds."""
+        upto = min(tokens // self.bs, len(seq.keys))
         for idx in range(len(seq.held), upto):
             key = seq.keys[idx]
             if self.kv.register(key):

@@ -7,11 +7,15 @@ writes them from the Splitwise measurements.
 
 Schema (YAML or JSON, one flat mapping, every key optional):
   metadata   model, hardware, tensor_parallel: if given, must match what the model is loaded for
-             (a file fitted for one deployment is refused for another); source, notes: free text.
+             (a file fitted for one deployment is refused for another); source, notes: free text;
+             fit: how the file was fitted (residuals, cross-validation), written by `sagesched calibrate`.
   LLM        scale (x the whole step time), linear_scale (x the per-operator GEMM/elementwise time),
              attention_scale (x both attention terms), and overrides of the hardware constants
              step_overhead_s, layer_overhead_s, allreduce_latency_s, allreduce_efficiency,
-             prefill_attention_efficiency, decode_attention_efficiency.
+             prefill_attention_efficiency, decode_attention_efficiency, seq_overhead_s (per
+             sequence in a step), frontend_request_s and frontend_prompt_token_s (the serving
+             frontend's cost per request and per prompt token, added to TTFT and E2E), frontend_seq_s
+             (the frontend's cost per sequence running when a token is delivered).
   embedding  scale (x the whole batch time), and overrides flops_efficiency, bandwidth_efficiency,
              batch_overhead_s, per_input_overhead_s.
 Unknown keys are an error naming the valid ones (a typo must not silently do nothing).
@@ -25,7 +29,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-METADATA_KEYS: frozenset[str] = frozenset({"model", "hardware", "tensor_parallel", "source", "notes"})
+METADATA_KEYS: frozenset[str] = frozenset({"model", "hardware", "tensor_parallel", "source", "notes", "fit"})
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,8 @@ class LLMCalibration:
     """Coefficients applied to an `LLMPerfModel`; None means "keep the hardware profile's value".
 
     step time = scale * (linear_scale * operators + all-reduce + LM head + attention_scale * attention
-    + layers * layer_overhead_s + step_overhead_s).
+    + layers * layer_overhead_s + step_overhead_s + seq_overhead_s * sequences); the frontend terms add
+    frontend_request_s + frontend_prompt_token_s * prompt tokens to each request's TTFT and E2E.
     """
 
     scale: float = 1.0
@@ -45,6 +50,10 @@ class LLMCalibration:
     allreduce_efficiency: float | None = None
     prefill_attention_efficiency: float | None = None
     decode_attention_efficiency: float | None = None
+    seq_overhead_s: float | None = None
+    frontend_request_s: float | None = None
+    frontend_prompt_token_s: float | None = None
+    frontend_seq_s: float | None = None
 
 
 @dataclass(frozen=True)

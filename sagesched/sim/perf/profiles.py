@@ -44,7 +44,10 @@ class HardwareProfile:
     `allreduce_efficiency` achieved fraction of NVLink bandwidth; `prefill_attention_efficiency` fraction of
     peak FLOPs achieved by prefill attention; `decode_attention_efficiency` fraction of HBM bandwidth when
     decode attention streams the KV cache; `lm_head_*_efficiency` for the logits GEMM; `embedding` the
-    encoder model's constants.
+    encoder model's constants; `seq_overhead_s` CPU cost per sequence in a step; `frontend_request_s`
+    and `frontend_prompt_token_s` the OpenAI server's cost per request and per prompt token (HTTP,
+    tokenisation, hand-off, first chunk), `frontend_seq_s` its cost per running sequence (stream
+    output processing), added to client-side TTFT and E2E.
     """
 
     name: str
@@ -62,6 +65,10 @@ class HardwareProfile:
     lm_head_bandwidth_efficiency: float
     lm_head_flops_efficiency: float
     embedding: EmbeddingRoofline
+    seq_overhead_s: float = 0.0
+    frontend_request_s: float = 0.0
+    frontend_prompt_token_s: float = 0.0
+    frontend_seq_s: float = 0.0
 
 
 @dataclass(frozen=True)
