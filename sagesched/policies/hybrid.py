@@ -37,7 +37,8 @@ could still grow is never released below ``min_embedding_batch_size`` texts befo
 expires. `next_wakeup` returns the earliest window close among held embeddings.
 
 LLM requests are ordered by the ``llm_fallback_policy`` (built with `make_policy`; default
-``adaptive``: priority classes under congestion, least slack under SLO pressure) over
+``slo_aware`` with SLO-aware admission: least slack first, late requests shed within a budget or
+served right after the urgent ones) over
 views that already include this call's embedding placements and whose ``max_inflight`` is lowered to
 the LLM share where the ratio applies; its assignments are re-labelled ``hybrid/llm/<fallback>``.
 """
@@ -129,14 +130,15 @@ class HybridConfig(PolicyConfig):
         (``ttft_ms``, else ``e2e_ms``) replaces the default target.
     llm_fallback_policy: the policy that orders LLM requests (and, without
         ``prefer_specialized_instances``, places them): fifo, priority, slo_aware or adaptive.
-        Default ``adaptive``: arrival order while the cluster is calm (nothing queues), priority
-        classes with aging (the rule embeddings are ranked by) once it is congested, least slack
-        first while SLOs are at risk; every LLM assignment carries the request's class as
-        ``priority_hint``. Chosen from the policy benchmark (docs/policies/hybrid.md): past
-        saturation it keeps within 0.4% of slo_aware's goodput (8-18% above fifo) while still
-        honouring priority under congestion when no deadline is at risk. With ``fifo``, LLM requests
-        go in arrival order; their priority then reaches only the backend.
+        Default ``slo_aware`` with admission (below): least slack first, late requests shed within
+        a 5% budget or served right after urgent work. The previous default, ``adaptive``, trailed
+        it by up to 0.4% past saturation and kept late requests last (docs/policies/hybrid.md).
+        With ``fifo``, LLM requests go in arrival order; their priority then reaches only the backend.
     llm_fallback_config: config keys for the fallback policy (checked against its Config).
+    admission: with the ``slo_aware`` fallback, its SLO-aware admission (`sagesched.policies.admission`:
+        shed late LLM requests within ``max_shed_fraction`` = 5% of those seen, code ``queue_full``
+        = 429 + Retry-After live; serve the rest before long-slack work). An explicit
+        ``llm_fallback_config.admission`` wins. Ignored by the other fallbacks.
     hybrid_instance_ratio: the LLM share of a mixed instance's ``max_inflight`` slots while
         embedding work waits for it; embeddings get ``1 - ratio`` while LLM work waits. When only one
         type waits, it may use the whole instance.
@@ -167,8 +169,9 @@ class HybridConfig(PolicyConfig):
     embedding_aging_ms: float = 1000.0
     embedding_target_wait_ms: float = 50.0
     llm_target_wait_ms: float = 500.0
-    llm_fallback_policy: str = "adaptive"
+    llm_fallback_policy: str = "slo_aware"
     llm_fallback_config: Mapping[str, Any] = field(default_factory=dict)
+    admission: bool = True
     hybrid_instance_ratio: float = 0.7
     prefer_specialized_instances: bool = True
     colocated_embedding_slowdown: float = 1.5
@@ -276,12 +279,15 @@ class HybridPolicy(Policy):
         c = self.config
         # One fallback, always shown the same instance set (every LLM-capable instance), so that a
         # stateful fallback (adaptive) measures the whole LLM side consistently from call to call.
-        self.llm_fallback = make_policy(c.llm_fallback_policy, **c.llm_fallback_config)
+        fallback_config = dict(c.llm_fallback_config)
+        if c.llm_fallback_policy == "slo_aware":
+            fallback_config.setdefault("admission", c.admission)
+        self.llm_fallback = make_policy(c.llm_fallback_policy, **fallback_config)
         # A lone queued LLM request needs no ordering; when hybrid places it and the fallback could
         # not reject it (only shedding rejects: unservable requests never reach the fallback), the
         # fallback is skipped (`_place_lone_llm`).
-        self._lone_fast_path = c.prefer_specialized_instances and not c.llm_fallback_config.get(
-            "shed_unattainable", False
+        self._lone_fast_path = c.prefer_specialized_instances and not (
+            fallback_config.get("shed_unattainable", False) or fallback_config.get("admission", False)
         )
         self._held_deadlines: list[float] = []
         # Constant per policy, so built once rather than on every call.

@@ -17,6 +17,11 @@ that could serve it. The queue is ranked:
    rejected instead (`RejectCode.SLO_UNATTAINABLE`), freeing capacity for the rest; one that is
    unattainable on every free instance but not on a full one waits for a slot there instead.
 
+With ``admission`` (see `sagesched.policies.admission`) the late ones are shed within a budget
+(``max_shed_fraction`` of the requests seen, code ``queue_full``: 429 + Retry-After live) and the
+rest served right after the urgent attainable requests, before those with more than
+``defer_slack_s`` of slack: tails stay bounded instead of growing with the backlog.
+
 Each request goes to the candidate with the most slack (i.e. the lowest predicted TTFT or
 completion time for the objective that binds); requests without an SLO to the one with the
 earliest predicted completion. A request that turns unattainable only because of this call's own
@@ -31,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sagesched.core import Decision, InstanceView, RejectCode, Rejection, Request
+from sagesched.policies.admission import AdmissionConfig, AdmissionControl
 from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, arrival_order, reject_unservable
 from sagesched.policies.registry import register
 
@@ -71,13 +77,25 @@ def best_slack_s(ledger: LoadLedger, request: Request, now: float) -> float | No
 class SloAwareConfig(PolicyConfig):
     """Configuration of the least-slack policy.
 
-    shed_unattainable: reject (code ``slo_unattainable``) a request whose SLO cannot be met on any
-        healthy compatible instance even if it started now, instead of serving it after every
-        request that still can succeed. Shedding protects goodput under overload; keeping them
-        (default) completes every request.
+    shed_unattainable: reject (code ``slo_unattainable``) every request whose SLO cannot be met on
+        any healthy compatible instance even if it started now, instead of serving it after every
+        request that still can succeed. Unbounded: under overload it may shed a large share.
+    admission: SLO-aware admission with a shed budget and bounded tails (`sagesched.policies.admission`):
+        late requests are shed (code ``queue_full``: 429 + Retry-After live) while at most
+        ``max_shed_fraction`` of the requests seen have been shed, lowest class first; the rest
+        are served before attainable requests with more than ``defer_slack_s`` of slack, in
+        (priority, arrival) order, instead of after everything. Off by default (the baseline).
+    max_shed_fraction, defer_slack_s, protect_priority: the admission knobs (see `AdmissionConfig`).
     """
 
     shed_unattainable: bool = False
+    admission: bool = False
+    max_shed_fraction: float = 0.05
+    defer_slack_s: float = 5.0
+    protect_priority: int = 0
+
+    def __post_init__(self) -> None:
+        AdmissionConfig(self.max_shed_fraction, self.defer_slack_s, self.protect_priority)  # validates
 
 
 @register
@@ -86,15 +104,27 @@ class SloAwarePolicy(Policy):
     Config = SloAwareConfig
     config: SloAwareConfig
 
+    def __init__(self, config: PolicyConfig | None = None, **overrides) -> None:
+        super().__init__(config, **overrides)
+        c = self.config
+        self.admission = (
+            AdmissionControl(AdmissionConfig(c.max_shed_fraction, c.defer_slack_s, c.protect_priority))
+            if c.admission
+            else None
+        )
+
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
         decisions: list[Decision]
         decisions, servable = reject_unservable(queue, instances, self.name)
         if not servable:
             return decisions
+        admission = self.admission
+        if admission is not None:
+            admission.observe(servable)
         ledger = LoadLedger(instances)
         attainable: list[tuple[float, Request]] = []
         best_effort: list[Request] = []
-        late: list[Request] = []
+        late: list[tuple[float, Request]] = []
         for request in servable:
             if not has_slo(request):
                 best_effort.append(request)
@@ -105,50 +135,37 @@ class SloAwarePolicy(Policy):
             if best >= 0:
                 attainable.append((best, request))
             else:
-                late.append(request)
+                late.append((best, request))
         attainable.sort(key=lambda x: (x[0], x[1].arrival_s, x[1].id))
         best_effort.sort(key=arrival_order)
 
+        if admission is not None:
+            # Bounded tails: urgent attainable work, then the late requests not shed, then work
+            # with plenty of slack, then work without an SLO.
+            shed, kept = admission.split_late(late, self.name)
+            decisions.extend(shed)
+            horizon = admission.config.defer_slack_s
+            urgent = [r for slack, r in attainable if slack <= horizon]
+            relaxed = [r for slack, r in attainable if slack > horizon]
+            for request in urgent:
+                self._place_by_slack(ledger, request, now, decisions, None)
+            for request in kept:
+                self._place_soonest(ledger, request, decisions, "SLO lost: served before long-slack work (admission)")
+            for request in relaxed:
+                self._place_by_slack(ledger, request, now, decisions, None)
+            for request in best_effort:
+                self._place_soonest(ledger, request, decisions, "no SLO: arrival order, earliest predicted completion")
+            return decisions
+
+        deferred: list[Request] = []
         for _, request in attainable:
-            candidates = ledger.candidates(request)
-            if not candidates:
-                continue
-            slacks = {v.id: slack_s(ledger, v.id, request, now) for v in candidates}
-            target = min(candidates, key=lambda v: (-slacks[v.id], ledger.inflight(v.id), v.id))
-            if slacks[target.id] < 0:
-                # No instance with a free slot can meet it any more (this call's own placements
-                # used up its slack): let the requests that still can go first.
-                late.append(request)
-                continue
-            decisions.append(
-                ledger.assign(
-                    target,
-                    [request],
-                    self.name,
-                    f"least slack first: {slacks[target.id] * 1000:.0f} ms slack here, the most of any instance",
-                    priority_hint=int(request.priority),
-                )
-            )
-
+            self._place_by_slack(ledger, request, now, decisions, deferred)
         for request in best_effort:
-            candidates = ledger.candidates(request)
-            if not candidates:
-                continue
-            target = min(
-                candidates, key=lambda v: (predicted_completion_s(ledger, v.id, request), ledger.inflight(v.id), v.id)
-            )
-            decisions.append(
-                ledger.assign(
-                    target,
-                    [request],
-                    self.name,
-                    "no SLO: arrival order, earliest predicted completion",
-                    priority_hint=int(request.priority),
-                )
-            )
+            self._place_soonest(ledger, request, decisions, "no SLO: arrival order, earliest predicted completion")
 
-        late.sort(key=arrival_order)
-        for request in late:
+        late_requests = [r for _, r in late] + deferred
+        late_requests.sort(key=arrival_order)
+        for request in late_requests:
             best = best_slack_s(ledger, request, now)
             if self.config.shed_unattainable and best is not None and best < 0:
                 decisions.append(
@@ -160,20 +177,47 @@ class SloAwarePolicy(Policy):
                     )
                 )
                 continue
-            candidates = ledger.candidates(request)
-            if not candidates or self.config.shed_unattainable:
-                # Shedding: still attainable on a busy instance, so it waits for a slot there.
-                continue
-            target = min(
-                candidates, key=lambda v: (predicted_completion_s(ledger, v.id, request), ledger.inflight(v.id), v.id)
-            )
-            decisions.append(
-                ledger.assign(
-                    target,
-                    [request],
-                    self.name,
-                    "SLO no longer attainable: served after requests that can still meet theirs",
-                    priority_hint=int(request.priority),
-                )
+            if self.config.shed_unattainable:
+                continue  # still attainable on a busy instance: it waits for a slot there
+            self._place_soonest(
+                ledger, request, decisions, "SLO no longer attainable: served after requests that can still meet theirs"
             )
         return decisions
+
+    def _place_by_slack(
+        self,
+        ledger: LoadLedger,
+        request: Request,
+        now: float,
+        decisions: list[Decision],
+        deferred: list[Request] | None,
+    ) -> None:
+        """The candidate with the most slack; with `deferred`, a request no free instance can serve
+        in time any more (this call's placements used its slack) is deferred there instead."""
+        candidates = ledger.candidates(request)
+        if not candidates:
+            return
+        slacks = {v.id: slack_s(ledger, v.id, request, now) for v in candidates}
+        target = min(candidates, key=lambda v: (-slacks[v.id], ledger.inflight(v.id), v.id))
+        if deferred is not None and slacks[target.id] < 0:
+            deferred.append(request)
+            return
+        decisions.append(
+            ledger.assign(
+                target,
+                [request],
+                self.name,
+                f"least slack first: {slacks[target.id] * 1000:.0f} ms slack here, the most of any instance",
+                priority_hint=int(request.priority),
+            )
+        )
+
+    def _place_soonest(self, ledger: LoadLedger, request: Request, decisions: list[Decision], reason: str) -> None:
+        """The candidate with the earliest predicted completion."""
+        candidates = ledger.candidates(request)
+        if not candidates:
+            return
+        target = min(
+            candidates, key=lambda v: (predicted_completion_s(ledger, v.id, request), ledger.inflight(v.id), v.id)
+        )
+        decisions.append(ledger.assign(target, [request], self.name, reason, priority_hint=int(request.priority)))

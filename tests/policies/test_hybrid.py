@@ -57,7 +57,12 @@ def test_defaults_match_the_seed_and_the_benchmark():
     # The seed's stated defaults...
     assert (c.embedding_batch_size, c.hybrid_instance_ratio, c.prefer_specialized_instances) == (32, 0.7, True)
     # ...and the ones chosen from the policy benchmark (docs/policies/hybrid.md).
-    assert (c.embedding_priority, c.llm_fallback_policy, c.release_when_idle) == ("normal", "adaptive", True)
+    assert (c.embedding_priority, c.llm_fallback_policy, c.release_when_idle) == ("normal", "slo_aware", True)
+    assert c.admission and HybridPolicy().llm_fallback.config.admission
+    # Admission reaches only a fallback that has it; an explicit fallback config wins.
+    assert HybridPolicy(llm_fallback_policy="adaptive").llm_fallback.name == "adaptive"
+    explicit = HybridPolicy(llm_fallback_config={"admission": False}).llm_fallback
+    assert not explicit.config.admission
 
 
 @pytest.mark.parametrize(
@@ -730,7 +735,7 @@ def test_idle_release_by_default_and_the_window_only_while_busy(make_request, ma
     assert d.rule == RULE_IDLE and d.instance_id == "mix"
 
 
-def test_default_fallback_honours_llm_priority_under_congestion(make_request, make_view):
+def test_adaptive_fallback_honours_llm_priority_under_congestion(make_request, make_view):
     # One slot free of five (load 0.8): the adaptive fallback is in priority mode, so the high-priority
     # request passes the older low-priority one; a calm cluster keeps arrival order.
     queue = [
@@ -738,11 +743,11 @@ def test_default_fallback_honours_llm_priority_under_congestion(make_request, ma
         make_request("new-high", priority="high", arrival_s=0.5),
     ]
     congested = [make_view("gpu", "llm", max_inflight=5, running=4)]
-    (d,) = HybridPolicy().schedule(1.0, queue, congested)
+    (d,) = HybridPolicy(llm_fallback_policy="adaptive").schedule(1.0, queue, congested)
     assert d.request_ids == ("new-high",) and d.priority_hint == 1
     assert d.rule == "hybrid/llm/adaptive" and "adaptive/priority" in d.reason
     calm = [make_view("gpu", "llm", max_inflight=64)]
-    decisions = HybridPolicy().schedule(1.0, queue, calm)
+    decisions = HybridPolicy(llm_fallback_policy="adaptive").schedule(1.0, queue, calm)
     assert [x.request_ids for x in decisions] == [("old-low",), ("new-high",)]
     assert [x.priority_hint for x in decisions] == [3, 1]  # priority still reaches the backend
 
