@@ -330,6 +330,80 @@ def validate_body(endpoint: str, body: Any, max_batch_inputs: int) -> None:
             raise InvalidRequest("'suffix' must be a string", param="suffix")
 
 
+# -- the Responses API, as a chat completion ---------------------------------------------------------
+
+
+def responses_to_chat(body: Any) -> dict[str, Any]:
+    """The chat body a /v1/responses body asks for; InvalidRequest naming the field otherwise."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    if body.get("stream"):
+        raise InvalidRequest(
+            "streaming is not offered on /v1/responses here; use /v1/chat/completions with stream=true",
+            param="stream",
+        )
+    if "model" not in body:
+        raise InvalidRequest("'model' is required; GET /v1/models lists the served models", param="model")
+    given = body.get("input")
+    if isinstance(given, str) and given:
+        messages: list[dict[str, Any]] = [{"role": "user", "content": given}]
+    elif isinstance(given, list) and given:
+        messages = []
+        for i, item in enumerate(given):
+            if not isinstance(item, dict) or not isinstance(item.get("role"), str):
+                raise InvalidRequest(f"input[{i}] must be an object with 'role' and 'content'", param="input")
+            content = item.get("content")
+            if isinstance(content, list):  # [{"type": "input_text", "text": ...}, ...]
+                texts = [p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+                content = "".join(texts)
+            if not isinstance(content, str):
+                raise InvalidRequest(f"input[{i}].content must be text", param="input")
+            messages.append({"role": item["role"], "content": content})
+    else:
+        raise InvalidRequest("'input' must be a non-empty string or a list of messages", param="input")
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise InvalidRequest("'instructions' must be a string", param="instructions")
+        messages.insert(0, {"role": "system", "content": instructions})
+    chat: dict[str, Any] = {"model": body["model"], "messages": messages}
+    if body.get("max_output_tokens") is not None:
+        chat["max_tokens"] = body["max_output_tokens"]
+    for key in ("temperature", "top_p", "user", "priority", "deadline_ms", "slo_ttft_ms", "slo_tpot_ms"):
+        if body.get(key) is not None:
+            chat[key] = body[key]
+    return chat
+
+
+def chat_to_response(data: Any, model: str, request_id: str) -> dict[str, Any]:
+    """A chat completion answer in the Responses API's shape."""
+    try:
+        text = data["choices"][0]["message"].get("content") or ""
+    except (KeyError, IndexError, TypeError, AttributeError):
+        from sagesched.live.errors import UpstreamError
+
+        raise UpstreamError(f"the backend's chat answer has no message: {str(data)[:200]}") from None
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    return {
+        "id": f"resp_{request_id}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "model": model,
+        "status": "completed",
+        "output": [
+            {
+                "type": "message",
+                "id": f"msg_{request_id}",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ],
+        "usage": {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion},
+    }
+
+
 # -- the gateway -------------------------------------------------------------------------------------
 
 
@@ -711,6 +785,39 @@ class Gateway:
         keep = ("id", "kind", "models", "healthy", "inflight")
         return [{k: b.get(k) for k in keep if k in b} for b in backends if isinstance(b, Mapping)]
 
+    async def responses(self, request: HttpRequest) -> Response:
+        """POST /v1/responses (OpenAI's Responses API), text in and out, served as a chat completion.
+
+        Supported: `input` (a string, or a list of {role, content} messages), `instructions`,
+        `max_output_tokens`, `temperature`, `top_p`, `user`; `stream` is refused with a 400 naming
+        /v1/chat/completions. The scheduling headers work as on the other routes.
+        """
+        if self._api_keys and not self._authorized(request.scope, self._api_keys):
+            return _error_response(
+                AuthenticationError("missing or invalid API key; send 'Authorization: Bearer <key>'")
+            )
+        if self.draining:
+            from sagesched.live.errors import ServiceStopping
+
+            return _error_response(ServiceStopping("the gateway is shutting down; retry on another instance"))
+        try:
+            raw = await self._read_body(request.scope, request.receive)
+            body = _loads(raw)
+            chat = responses_to_chat(body)
+            validate_body("chat", chat, self.config.max_batch_inputs)
+            headers = {k: v for k, v in request.headers.items() if k.startswith("x-")}
+            request_id = self._request_id(headers.get("x-request-id"))
+            req = request_from_body("chat", chat, headers, self._now(), request_id=request_id)
+            self.counters.accepted += 1
+            response = await self.executor.submit(req, chat, "chat")
+            data = response.json if response.json is not None else json.loads(response.raw or b"{}")
+            out = chat_to_response(data, chat["model"], request_id)
+        except LiveError as exc:
+            self.counters.errors += 1
+            return _error_response(exc)
+        self.counters.completed += 1
+        return JSONResponse(out, headers={"x-request-id": request_id})
+
     def _may_see_internals(self, request: HttpRequest) -> bool:
         """With keys configured, backend details (/ready's list, /metrics) need a user or admin key."""
         if not self._api_keys and self._admin_key is None:
@@ -1021,6 +1128,7 @@ def create_app(config: GatewayConfig, executor: Any | None = None) -> Starlette:
     routes = [Route(path, endpoint=_AsgiEndpoint(gateway.api)) for path in _ENDPOINT_BY_PATH]
     routes += [
         Route("/v1/models", gateway.models, methods=["GET"]),
+        Route("/v1/responses", gateway.responses, methods=["POST"]),
         Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
         Route("/health", gateway.health, methods=["GET"]),
         Route("/ready", gateway.ready, methods=["GET"]),

@@ -110,3 +110,17 @@ def test_x_request_id_is_used_and_echoed(start_gateway, backend) -> None:
     assert gw.gateway.executor.records[-1].request_id == "trace-42"
     bad = httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers={"X-Request-Id": "a b\tc"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Id"
+
+
+def test_responses_api_with_the_official_sdk(start_gateway, backend) -> None:
+    import openai
+
+    gw = start_gateway(pool(backend))
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
+    response = client.responses.create(model="z-chat", input="hello", instructions="be brief", max_output_tokens=5)
+    assert response.output_text == "hi"
+    assert response.usage.output_tokens == 1
+    with pytest.raises(openai.BadRequestError, match="chat/completions"):
+        client.responses.create(model="z-chat", input="hello", stream=True)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="z-chat", input=[{"nope": 1}])
