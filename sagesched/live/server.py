@@ -1262,7 +1262,6 @@ def serve(config: GatewayConfig) -> None:
     through its own accounting plus the backends' /metrics.
     """
     if config.workers <= 1:
-
         server = _make_server(config, create_app(config))
         _tune_gc()
         server.run()

@@ -142,7 +142,7 @@ def test_stream_answered_without_events_is_502(start_gateway, fake_backend, answ
 @pytest.mark.parametrize("bad", ["NaN", "Infinity", '"x"', "[1]", "null"])
 def test_bad_embedding_values_are_502(start_gateway, fake_backend, bad) -> None:
     async def handler(path, body):
-        raw = '{"data": [{"index": 0, "embedding": [0.1, ' + bad + ']}]}'
+        raw = '{"data": [{"index": 0, "embedding": [0.1, ' + bad + "]}]}"
         return Response(raw.encode(), media_type="application/json")
 
     fb = fake_backend(handler)
