@@ -102,14 +102,21 @@ class TeiEngineConfig:
     max_batch_requests: optional cap on inputs per batch (None: no cap).
     max_concurrent_requests: more inputs than this in flight -> the call is refused with 429.
     max_client_batch_size: a call with more inputs than this is refused with 413.
+    max_input_length: inputs longer than this are truncated to it (TEI's `truncate`); None: the
+        encoder's max_position_embeddings when the performance model knows it, else no limit.
+    prefetch: pack the next batch while the current one runs, as TEI's batching task does.
     """
 
     max_batch_tokens: int = 16384
     max_batch_requests: int | None = None
     max_concurrent_requests: int = 512
     max_client_batch_size: int = 32
+    max_input_length: int | None = None
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
+        if self.max_input_length is not None and self.max_input_length < 1:
+            raise ValueError("max_input_length must be >= 1 or None")
         if self.max_batch_tokens < 1 or self.max_concurrent_requests < 1 or self.max_client_batch_size < 1:
             raise ValueError("max_batch_tokens, max_concurrent_requests and max_client_batch_size must be >= 1")
         if self.max_batch_requests is not None and self.max_batch_requests < 1:

@@ -142,3 +142,41 @@ def test_tei_with_batch_size_one_matches_md1_mean_wait():
     assert waits.min() > -1e-9
     expected = rho * service / (2 * (1 - rho))
     assert waits.mean() == pytest.approx(expected, rel=0.08)
+
+
+def test_each_input_returns_its_permit_when_embedded():
+    tei = TeiEngineCore(TeiEngineConfig(max_batch_tokens=100, max_concurrent_requests=3, prefetch=False), TinyEmbPerf())
+    tei.submit(call("a", 60, 60))  # two batches of one input each
+    tei.finish_batch(tei.next_batch())  # a's first input done: its permit is back, a is not
+    assert tei.inflight_inputs == 1 and "a" in tei.calls
+    tei.submit(call("b", 10, 10))  # 1 + 2 <= 3: admitted (TEI would have refused it holding a's 2)
+    with pytest.raises(EngineRejected):
+        tei.submit(call("c", 10))
+
+
+def test_next_batch_is_packed_while_the_current_one_runs():
+    tei = TeiEngineCore(TeiEngineConfig(max_batch_tokens=100), TinyEmbPerf())
+    tei.submit(call("a", 50))
+    first = tei.next_batch()
+    tei.submit(call("b", 10))  # arrives while `first` runs: packed at once, alone
+    tei.submit(call("c", 10))  # arrives later: waits for the batch after
+    assert tei.queue_size == 2 and tei.queued_tokens == 20
+    tei.finish_batch(first)
+    second = tei.next_batch()
+    assert [c.id for c, _ in second] == ["b"]
+    tei.finish_batch(second)
+    assert [c.id for c, _ in tei.next_batch()] == ["c"]
+    no_prefetch = TeiEngineCore(TeiEngineConfig(max_batch_tokens=100, prefetch=False), TinyEmbPerf())
+    no_prefetch.submit(call("a", 50))
+    no_prefetch.next_batch()
+    no_prefetch.submit(call("b", 10))
+    no_prefetch.submit(call("c", 10))
+    no_prefetch.finish_batch(no_prefetch.batch)
+    assert [c.id for c, _ in no_prefetch.next_batch()] == ["b", "c"]
+
+
+def test_inputs_are_truncated_to_max_input_length():
+    tei = TeiEngineCore(TeiEngineConfig(max_input_length=64), TinyEmbPerf())
+    tei.submit(call("a", 500, 20))
+    batch = tei.next_batch()
+    assert [t for _, t in batch] == [64, 20] and batch.total_tokens == 84

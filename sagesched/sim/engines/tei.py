@@ -4,8 +4,10 @@ TEI admits a call if it carries at most `max_client_batch_size` inputs (else 413
 flight stay within `max_concurrent_requests` (else 429); each input becomes one queue entry. The
 batching task packs entries from the FIFO head greedily while the batch's total tokens stay within
 `max_batch_tokens` (a single larger entry still forms a batch of its own) and, if set, its entry
-count within `max_batch_requests`; one batch runs at a time. A call is answered when its last input
-is embedded, and only then are its permits returned.
+count within `max_batch_requests`; one batch runs at a time, and (`prefetch`) the next one is packed
+as soon as the current one starts, or as soon as an input arrives while it runs: an input arriving
+later waits for the batch after. Inputs longer than `max_input_length` are truncated to it. Each input
+returns its concurrency permit when it is embedded; a call is answered when its last input is.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ class TeiEngineCore:
         self.inflight_inputs = 0
         self.queued_tokens = 0
         self.batch: TeiBatch | None = None
+        #: The batch packed while `batch` runs (TEI's batching task works one batch ahead).
+        self.prefetched: TeiBatch | None = None
+        limit = config.max_input_length
+        if limit is None:
+            limit = getattr(getattr(perf, "model", None), "max_position_embeddings", None)
+        self.max_input_length: int | None = int(limit) if limit else None
         self.rejected_429 = 0
         self.rejected_413 = 0
         self.batches = 0
@@ -68,8 +76,8 @@ class TeiEngineCore:
     # -- gauges ----------------------------------------------------------------------------------
     @property
     def queue_size(self) -> int:
-        """Inputs waiting for a batch."""
-        return len(self.queue)
+        """Inputs waiting for a batch (the prefetched one included)."""
+        return len(self.queue) + (self.prefetched.num_inputs if self.prefetched is not None else 0)
 
     @property
     def num_calls(self) -> int:
@@ -81,7 +89,7 @@ class TeiEngineCore:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.queue)
+        return bool(self.queue) or self.prefetched is not None
 
     # -- calls -----------------------------------------------------------------------------------
     def submit(self, req: EngineRequest) -> None:
@@ -105,12 +113,33 @@ class TeiEngineCore:
         call = TeiCall(req)
         self.calls[req.id] = call
         self.inflight_inputs += n
+        limit = self.max_input_length
         for t in req.input_tokens:
+            if limit is not None and t > limit:
+                t = limit
             self.queue.append((call, t))
             self.queued_tokens += t
+        if self.batch is not None and self.prefetched is None and self.config.prefetch:
+            self.prefetched = self._pack()
 
     def next_batch(self) -> TeiBatch | None:
-        """Pack the next batch from the queue head (None if the queue is empty)."""
+        """The batch to run now (the prefetched one, else packed from the queue head; None if there is
+        no work); with `prefetch`, the one after it is packed at once from what is left."""
+        batch = self.prefetched if self.prefetched is not None else self._pack()
+        self.prefetched = None
+        self.batch = batch
+        if batch is None:
+            return None
+        for call, _ in batch:
+            call.started = True
+        self.queued_tokens -= batch.total_tokens
+        if self.config.prefetch:
+            self.prefetched = self._pack()
+        return batch
+
+    def _pack(self) -> TeiBatch | None:
+        """Take the next batch's entries off the queue head (None if it is empty); their tokens stay
+        counted in `queued_tokens` until the batch runs."""
         queue = self.queue
         if not queue:
             return None
@@ -122,15 +151,11 @@ class TeiEngineCore:
             t = queue[0][1]
             if entries and total + t > cap_tokens:
                 break
-            entry = queue.popleft()
-            entry[0].started = True
-            entries.append(entry)
+            entries.append(queue.popleft())
             total += t
             if total >= cap_tokens:
                 break
-        self.queued_tokens -= total
-        self.batch = TeiBatch(entries)
-        return self.batch
+        return TeiBatch(entries)
 
     def batch_time_s(self, batch: TeiBatch) -> float:
         return self.perf.batch_time_s(batch.num_inputs, batch.total_tokens, batch.max_input_tokens)
@@ -140,10 +165,10 @@ class TeiEngineCore:
         done: list[str] = []
         for call, _ in batch.entries:
             call.remaining -= 1
+            self.inflight_inputs -= 1  # TEI returns an input's permit as soon as it is embedded
             if call.remaining == 0:
                 done.append(call.id)
                 del self.calls[call.id]
-                self.inflight_inputs -= call.num_inputs
         self.inputs_done += batch.num_inputs
         self.batches += 1
         self.batch = None
