@@ -70,7 +70,7 @@ from sagesched.policies.registry import config_fields, make_policy, register
 logger = logging.getLogger(__name__)
 
 EMBEDDING_PRIORITIES = ("high", "normal", "low", "adaptive")
-LLM_FALLBACK_POLICIES = ("fifo", "priority", "slo_aware", "adaptive")
+LLM_FALLBACK_POLICIES = ("fifo", "priority", "slo_aware", "adaptive", "fair_share")
 
 EMBEDDING = "embedding"
 LLM = "llm"

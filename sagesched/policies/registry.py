@@ -57,4 +57,4 @@ def make_policy(name: str, **config: Any) -> Policy:
 
 def _load_builtin() -> None:
     # Importing the modules runs their @register decorators.
-    from sagesched.policies import adaptive, baselines, fifo, hybrid, priority, slo_aware  # noqa: F401
+    from sagesched.policies import adaptive, baselines, fair_share, fifo, hybrid, priority, slo_aware  # noqa: F401
