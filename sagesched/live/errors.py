@@ -190,6 +190,45 @@ class ServiceStopping(LiveError):
     error_type = "server_error"
 
 
+# -- errors the gateway itself answers -----------------------------------------------------------
+
+
+class MethodNotAllowed(LiveError):
+    status = 405
+    code = "method_not_allowed"
+    error_type = "invalid_request_error"
+
+
+class RouteNotFound(LiveError):
+    status = 404
+    code = "not_found"
+    error_type = "invalid_request_error"
+
+
+class Forbidden(LiveError):
+    status = 403
+    code = "forbidden"
+    error_type = "permission_error"
+
+
+class UnsupportedMediaType(LiveError):
+    status = 415
+    code = "unsupported_media_type"
+    error_type = "invalid_request_error"
+
+
+class BodyTimeout(LiveError):
+    status = 408
+    code = "request_body_timeout"
+    error_type = "invalid_request_error"
+
+
+class InternalError(LiveError):
+    status = 500
+    code = "internal_error"
+    error_type = "server_error"
+
+
 _BY_STATUS: dict[int, type[LiveError]] = {
     400: InvalidRequest,
     401: AuthenticationError,
@@ -258,14 +297,20 @@ def error_from_response(status: int, body: Any, headers: Mapping[str, str] | Non
 __all__ = [
     "AuthenticationError",
     "BackendUnavailable",
+    "BodyTimeout",
+    "Forbidden",
+    "InternalError",
     "InvalidRequest",
     "LiveError",
+    "MethodNotAllowed",
     "ModelNotFound",
     "NoBackendAvailable",
     "PayloadTooLarge",
     "QueueFull",
     "RequestRejected",
+    "RouteNotFound",
     "ServiceStopping",
+    "UnsupportedMediaType",
     "UpstreamError",
     "UpstreamTimeout",
     "error_from_response",
