@@ -18,6 +18,11 @@ Guarantees a caller can rely on:
   seconds since the executor started.
 
 All executor state lives on one event loop and is touched only from it, so there are no locks.
+
+Layout: this module is the queue, the policy calls (through `sagesched.core.decisions`, the same
+decision core the simulator uses), outcomes and health; `sagesched.live.dispatch` carries out
+placements (the backend calls), `sagesched.live.backend_state` holds the per-request and
+per-backend bookkeeping, and `sagesched.live.executor_config` the knobs and `LiveResponse`.
 """
 
 from __future__ import annotations
@@ -25,16 +30,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sagesched.core import InstanceView, Outcome, Request, RequestRecord
+from sagesched.core import Outcome, Request, RequestRecord
 from sagesched.core.decisions import INVALID_DECISION, Placement, Verdict, decide
-from sagesched.live.backends import BackendClient, BackendConfig, BackendMetrics, SSEStream, encode_base64
+from sagesched.live.backend_state import BackendState, PendingRequest
+from sagesched.live.backends import BackendClient, BackendConfig, SSEStream
+from sagesched.live.dispatch import _PER_CALLER_EMBEDDING_FIELDS, Dispatcher
 from sagesched.live.errors import (
     BackendUnavailable,
     InvalidRequest,
@@ -44,269 +49,20 @@ from sagesched.live.errors import (
     QueueFull,
     RequestRejected,
     ServiceStopping,
-    UpstreamError,
     UpstreamTimeout,
 )
-from sagesched.live.requests import ENDPOINTS, backend_body, embedding_inputs, request_from_body
+from sagesched.live.executor_config import ExecutorConfig, LiveResponse
+from sagesched.live.requests import ENDPOINTS, request_from_body
 from sagesched.policies.base import Policy
 
 logger = logging.getLogger(__name__)
 
-LLM_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
-# Embedding body fields that do not split a merged batch (they are per caller or rewritten).
-_PER_CALLER_EMBEDDING_FIELDS = frozenset({"input", "encoding_format", "user", "model"})
+# The names these classes had before the split (tests and tools import them).
+_Pending = PendingRequest
+_Backend = BackendState
 
 
-@dataclass(frozen=True)
-class ExecutorConfig:
-    """Executor knobs; every one has a default that suits a small pool on one machine.
-
-    max_queue: requests waiting in the gateway queue; beyond it `submit` raises QueueFull (429).
-    request_timeout_s: deadline from arrival to the last byte; past it the caller gets 504.
-    connect_timeout_s: TCP connect limit per backend call (a dead backend is noticed this fast).
-    health_interval_s: seconds between health probes (and metrics scrapes) of every backend.
-    probe_timeout_s: limit for one health probe or metrics scrape.
-    probe_failures_to_mark_down: consecutive failed probes before a healthy backend is taken out.
-        One slow `/health` answer from a busy backend is not an outage; a refused or dropped
-        dispatch still takes a backend out at once.
-    scrape_metrics: read backends' ``/metrics`` load gauges into the instance views.
-    max_retries: how often a request that failed before any byte was sent is re-queued.
-    no_backend_grace_s: how long a request may wait while no healthy backend could serve it
-        before it fails with NoBackendAvailable (503); backends often come back within seconds.
-    drain_timeout_s: default time `stop()` lets queued and in-flight requests finish.
-    retry_after_s: the Retry-After a QueueFull error suggests.
-    metrics_stale_s: scraped gauges older than this are ignored (in-flight accounting only).
-    min_wakeup_s: floor on the delay of a policy wake-up, so a policy asking for "now" again and
-        again cannot spin the loop.
-    rate_smoothing: weight of a new observation in the moving averages of backend throughput.
-    max_records: finished-request records kept in `records` (the newest; ~1.7 KB each). A gateway
-        runs for weeks, so the window is bounded and totals live in running counters
-        (`records_total`, `outcomes`); None keeps every record (a replay of a finite trace).
-    """
-
-    max_queue: int = 1024
-    request_timeout_s: float = 600.0
-    connect_timeout_s: float = 3.0
-    health_interval_s: float = 2.0
-    probe_timeout_s: float = 2.0
-    probe_failures_to_mark_down: int = 2
-    scrape_metrics: bool = True
-    max_retries: int = 2
-    no_backend_grace_s: float = 10.0
-    drain_timeout_s: float = 30.0
-    retry_after_s: float = 1.0
-    metrics_stale_s: float = 10.0
-    min_wakeup_s: float = 0.001
-    rate_smoothing: float = 0.2
-    max_records: int | None = 10_000
-
-    def __post_init__(self) -> None:
-        if self.max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
-        for name in ("request_timeout_s", "connect_timeout_s", "health_interval_s", "probe_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.probe_failures_to_mark_down < 1:
-            raise ValueError(f"probe_failures_to_mark_down must be >= 1, got {self.probe_failures_to_mark_down}")
-        if self.max_retries < 0 or self.no_backend_grace_s < 0 or self.drain_timeout_s < 0:
-            raise ValueError("max_retries, no_backend_grace_s and drain_timeout_s must be >= 0")
-        if self.max_records is not None and self.max_records < 1:
-            raise ValueError(f"max_records must be >= 1 or None (keep all), got {self.max_records}")
-        if not 0 < self.rate_smoothing <= 1:
-            raise ValueError(f"rate_smoothing must be in (0, 1], got {self.rate_smoothing}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ExecutorConfig:
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ValueError(f"unknown executor key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
-        return cls(**dict(data))
-
-
-@dataclass
-class LiveResponse:
-    """What `submit` returns: a complete JSON body, or a stream of OpenAI chunk dicts.
-
-    Consume `stream` to the end or `aclose()` it; the request's record is finished when it ends.
-    `raw`, when set, is the backend's JSON body exactly as received (the same content as `json`),
-    so a gateway can relay it without encoding it again.
-    """
-
-    request_id: str
-    instance_id: str
-    json: dict[str, Any] | None = None
-    stream: AsyncIterator[dict[str, Any]] | None = None
-    raw: bytes | None = None
-
-    @property
-    def is_stream(self) -> bool:
-        return self.stream is not None
-
-
-@dataclass(eq=False)
-class _Pending:
-    """One accepted request from arrival until its record is final."""
-
-    request: Request
-    body: dict[str, Any]
-    endpoint: str
-    future: asyncio.Future[LiveResponse]
-    record: RequestRecord
-    deadline: float  # loop time
-    stream: bool
-    timer: asyncio.TimerHandle | None = None
-    task: asyncio.Task[None] | None = None
-    sse: SSEStream | None = None
-    group: list[_Pending] = field(default_factory=list)
-    attempts: int = 0
-    instance_id: str | None = None
-    tokens_seen: int = 0
-    first_token: bool = False
-    no_backend_since: float | None = None
-    done: bool = False
-    error: LiveError | None = None
-    # What this request adds to its backend's load sums (embedding, prefill tokens, decode tokens).
-    share: tuple[int, int, int] = (0, 0, 0)
-
-
-def _load_share(p: _Pending) -> tuple[int, int, int]:
-    """(embedding requests, prompt tokens not yet prefilled, output tokens still to decode)."""
-    r = p.request
-    if r.is_embedding:
-        return 1, (0 if p.first_token else r.work_tokens), 0
-    return 0, (0 if p.first_token else r.prompt_tokens), max(0, r.max_tokens - p.tokens_seen)
-
-
-class _Backend:
-    """Executor-side state of one backend: the client, health, scraped gauges, in-flight requests."""
-
-    def __init__(self, config: BackendConfig, client: BackendClient) -> None:
-        self.config = config
-        self.client = client
-        self.healthy = False
-        self.failed_probes = 0  # consecutive failed health probes
-        # Requests at this backend; change it only through add/remove so the sums stay right.
-        self.inflight: dict[str, _Pending] = {}
-        # Running sums over `inflight` (kept incrementally: the policy reads them on every arrival,
-        # and summing 64+ in-flight requests per call showed up in the gateway's profile).
-        self.embedding_inflight = 0
-        self.prefill_tokens = 0
-        self.decode_tokens = 0
-        # Of prefill_tokens, those of embedding requests, and their inputs (texts): a mixed backend's
-        # embedding work does not queue ahead of its LLM work, and TEI admits a bounded number of inputs.
-        self.embedding_tokens = 0
-        self.embedding_inputs = 0
-        self.metrics: BackendMetrics | None = None
-        self.own_at_scrape = 0  # len(inflight) when `metrics` was taken
-        self.prefill_tokens_per_s = float(config.prefill_tokens_per_s)
-        self.decode_step_s = float(config.decode_step_s)
-        self.embedding_tokens_per_s = float(config.embedding_tokens_per_s)
-        self.completed = 0
-        self.failures = 0
-
-    @property
-    def id(self) -> str:
-        return str(self.config.id)
-
-    def serves(self, request: Request) -> bool:
-        return self.config.kind.serves(request.type) and request.model in self.config.models
-
-    def add(self, p: _Pending) -> None:
-        self.remove(p.request.id)
-        self.inflight[p.request.id] = p
-        p.share = share = _load_share(p)
-        self.embedding_inflight += share[0]
-        self.prefill_tokens += share[1]
-        self.decode_tokens += share[2]
-        if p.request.is_embedding:
-            self.embedding_tokens += share[1]
-            self.embedding_inputs += p.request.embedding_inputs
-
-    def remove(self, request_id: str) -> None:
-        p = self.inflight.pop(request_id, None)
-        if p is not None:
-            share = p.share
-            self.embedding_inflight -= share[0]
-            self.prefill_tokens -= share[1]
-            self.decode_tokens -= share[2]
-            if p.request.is_embedding:
-                self.embedding_tokens -= share[1]
-                self.embedding_inputs -= p.request.embedding_inputs
-
-    def refresh(self, p: _Pending) -> None:
-        """Re-count `p` after its progress (first token, tokens seen) changed."""
-        if self.inflight.get(p.request.id) is p:
-            old, new = p.share, _load_share(p)
-            if old != new:
-                p.share = new
-                self.embedding_inflight += new[0] - old[0]
-                self.prefill_tokens += new[1] - old[1]
-                self.decode_tokens += new[2] - old[2]
-                if p.request.is_embedding:
-                    self.embedding_tokens += new[1] - old[1]
-
-    def view(self, metrics_stale_s: float) -> InstanceView:
-        """Own in-flight accounting, raised to the scraped gauges when those are fresh."""
-        own = len(self.inflight)
-        embedding = self.embedding_inflight
-        prefill = self.prefill_tokens
-        decode = self.decode_tokens
-        running, waiting, kv, age = own, 0, 0.0, 0.0
-        m = self.metrics
-        if m is not None and m.age_s() <= metrics_stale_s:
-            age = m.age_s()
-            scraped_running = int(m.running) if m.running is not None else None
-            scraped_waiting = int(m.waiting) if m.waiting is not None else 0
-            if scraped_running is not None:
-                # The scrape is a picture of the past: what we dispatched or saw finish since then
-                # is known exactly, so the scraped total moves with our own count. (Using the raw
-                # scrape kept a backend "full" for a whole probe interval after it had drained.)
-                total = max(own, scraped_running + scraped_waiting + own - self.own_at_scrape)
-                running = min(scraped_running, total) if scraped_running else min(own, total)
-                waiting = total - running
-            kv = min(1.0, max(0.0, m.kv_usage or 0.0))
-        return InstanceView(
-            id=self.id,
-            kind=self.config.kind,
-            models=frozenset(self.config.models),
-            healthy=self.healthy,
-            running=running,
-            waiting=waiting,
-            embedding_inflight=min(embedding, running + waiting),
-            kv_usage=kv,
-            queued_prefill_tokens=prefill,
-            queued_decode_tokens=decode,
-            max_inflight=self.config.max_inflight,
-            max_num_seqs=self.config.max_num_seqs,
-            max_batch_tokens=self.config.max_batch_tokens,
-            max_client_batch_size=self.config.max_client_batch_size,
-            prefill_tokens_per_s=self.prefill_tokens_per_s,
-            decode_step_s=self.decode_step_s,
-            embedding_tokens_per_s=self.embedding_tokens_per_s,
-            age_s=age,
-            queued_embedding_tokens=self.embedding_tokens,
-            embedding_inputs_inflight=self.embedding_inputs,
-            max_embedding_inputs=self.config.max_concurrent_inputs,
-        )
-
-
-def _has_content(chunk: Mapping[str, Any]) -> bool:
-    """A chunk carries generated content: non-empty delta content / reasoning / tool call, or text."""
-    for choice in chunk.get("choices") or ():
-        if not isinstance(choice, dict):
-            continue
-        if choice.get("text"):
-            return True
-        delta = choice.get("delta")
-        if isinstance(delta, dict) and (
-            delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")
-        ):
-            return True
-    return False
-
-
-class LiveExecutor:
+class LiveExecutor(Dispatcher):
     """Schedules requests over real backends with a `Policy`; see the module docstring.
 
     Use as ``async with LiveExecutor(policy, backends) as ex: resp = await ex.submit(req, body, "chat")``.
@@ -682,210 +438,6 @@ class LiveExecutor:
         delay = max(self.config.min_wakeup_s, when - now)
         self._wakeup = self._loop.call_later(delay, self._kick)
 
-    # -- dispatch: LLM ---------------------------------------------------------------------------------
-    async def _run_llm(self, backend: _Backend, p: _Pending) -> None:
-        body = backend_body(p.body)
-        body["model"] = p.request.model
-        path = LLM_PATHS[p.endpoint]
-        try:
-            if not p.stream:
-                data, raw = await backend.client.post_json_raw(path, body)
-                if not isinstance(data, dict):
-                    raise UpstreamError(f"backend {backend.id} answered with {type(data).__name__}, not an object")
-                usage = data.get("usage") or {}
-                tokens = usage.get("completion_tokens")
-                if isinstance(tokens, int):
-                    p.tokens_seen = tokens
-                p.first_token = True
-                p.record.first_token_s = self._first_token_from_timings(data)
-                self._complete(p, LiveResponse(p.request.id, backend.id, json=data, raw=raw))
-                return
-            options = dict(body.get("stream_options") or {})
-            want_usage = bool(options.get("include_usage"))
-            body["stream_options"] = {**options, "include_usage": True}
-            sse = await backend.client.open_stream(path, body)
-            p.sse = sse
-            first = await sse.next_event()
-            if p.done:
-                await sse.aclose()
-                return
-            response = LiveResponse(p.request.id, backend.id, stream=self._relay(backend, p, sse, first, want_usage))
-            if not p.future.done():
-                p.future.set_result(response)
-        except asyncio.CancelledError:
-            if p.sse is not None:
-                with contextlib.suppress(Exception):
-                    await p.sse.aclose()
-            raise
-        except BackendUnavailable as exc:
-            if p.sse is not None:
-                with contextlib.suppress(Exception):
-                    await p.sse.aclose()
-                p.sse = None
-            self._requeue(backend, [p], exc)
-        except LiveError as exc:
-            if p.sse is not None:
-                with contextlib.suppress(Exception):
-                    await p.sse.aclose()
-            self._fail(p, exc)
-        except Exception as exc:
-            logger.exception("dispatch of %s to %s failed", p.request.id, backend.id)
-            self._fail(p, UpstreamError(f"backend {backend.id}: {type(exc).__name__}: {exc}"))
-
-    def _first_token_from_timings(self, data: Mapping[str, Any]) -> float | None:
-        """First-token time of a non-streamed answer, where the server reports its decode time.
-
-        llama-server's ``timings.predicted_ms`` is the time spent generating after the prompt, so
-        the first token came that long before now. Other servers do not say: TTFT stays unknown
-        (None) rather than being reported as the end-to-end time.
-        """
-        timings = data.get("timings")
-        if isinstance(timings, dict) and isinstance(timings.get("predicted_ms"), (int, float)):
-            n = timings.get("predicted_n")
-            per_token = timings["predicted_ms"] / n if isinstance(n, (int, float)) and n > 0 else 0.0
-            return max(0.0, self.now() - max(0.0, timings["predicted_ms"] - per_token) / 1000.0)
-        return None
-
-    async def _relay(
-        self, backend: _Backend, p: _Pending, sse: SSEStream, first: dict[str, Any] | None, want_usage: bool
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Pass the backend's chunks through as they arrive, measuring TTFT and counting tokens."""
-        event = first
-        try:
-            while event is not None:
-                if p.done:
-                    raise p.error or UpstreamTimeout("the request ended")
-                usage = event.get("usage")
-                if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-                    p.tokens_seen = max(p.tokens_seen, usage["completion_tokens"])
-                    p.record.output_tokens = p.tokens_seen
-                if _has_content(event):
-                    if not p.first_token:
-                        p.first_token = True
-                        p.record.first_token_s = self.now()
-                    if not isinstance(usage, dict):
-                        p.tokens_seen += 1
-                backend.refresh(p)
-                if want_usage or not usage:
-                    yield event
-                elif event.get("choices"):
-                    yield {k: v for k, v in event.items() if k != "usage"}
-                try:
-                    event = await sse.next_event()
-                except LiveError as exc:
-                    if p.done:
-                        raise (p.error or exc) from None
-                    if isinstance(exc, UpstreamTimeout):
-                        raise
-                    if exc.code == "stream_broken":
-                        self._mark_unhealthy(backend, exc)
-                    raise UpstreamError(
-                        f"backend {backend.id} failed after the stream started (not retried): {exc.message}",
-                        status=exc.status,
-                        code=exc.code,
-                    ) from exc
-                except Exception as exc:
-                    if p.done:
-                        raise (p.error or UpstreamTimeout("the request ended")) from None
-                    raise UpstreamError(f"backend {backend.id} stream failed: {type(exc).__name__}: {exc}") from exc
-            if p.done:
-                raise p.error or UpstreamTimeout("the request ended")
-            self._complete(p, None)
-        except LiveError as exc:
-            self._fail(p, exc)
-            raise
-        except (GeneratorExit, asyncio.CancelledError):
-            self._fail(p, LiveError("the caller closed the stream", status=499, code="cancelled"))
-            raise
-        finally:
-            with contextlib.suppress(Exception):
-                await sse.aclose()
-
-    # -- dispatch: embeddings --------------------------------------------------------------------------
-    async def _run_embedding(self, backend: _Backend, group: list[_Pending]) -> None:
-        """ONE backend call for the whole group; vectors split back to each caller in order."""
-        inputs: list[Any] = []
-        counts: list[int] = []
-        for p in group:
-            items = embedding_inputs(p.body.get("input"))
-            inputs.extend(items)
-            counts.append(len(items))
-        extra = {k: v for k, v in group[0].body.items() if k not in _PER_CALLER_EMBEDDING_FIELDS}
-        try:
-            vectors, usage_tokens = await self._embed_chunked(backend, group[0].request.model, inputs, extra)
-        except BackendUnavailable as exc:
-            self._requeue(backend, [p for p in group if not p.done], exc)
-            return
-        except UpstreamError as exc:
-            live = [p for p in group if not p.done]
-            if len(live) > 1 and 400 <= exc.status < 500:
-                # One caller's input may be at fault: serve the callers one by one so only it fails.
-                # Each caller gets its own task, so failing one cancels only its own call (the
-                # group's task is this one; cancelling it would strand the others).
-                solos = []
-                for p in live:
-                    p.group = [p]
-                    p.task = self._spawn(self._run_embedding(backend, [p]), p.request.id)
-                    solos.append(p.task)
-                await asyncio.gather(*solos, return_exceptions=True)
-                return
-            for p in live:
-                self._fail(p, exc)
-            return
-        except LiveError as exc:
-            for p in group:
-                self._fail(p, exc)
-            return
-        except Exception as exc:
-            logger.exception("embedding batch to %s failed", backend.id)
-            for p in group:
-                self._fail(p, UpstreamError(f"backend {backend.id}: {type(exc).__name__}: {exc}"))
-            return
-        total_est = sum(p.request.embedding_tokens for p in group) or 1
-        offset = 0
-        for p, count in zip(group, counts, strict=True):
-            mine = vectors[offset : offset + count]
-            offset += count
-            if p.done:
-                continue
-            want_b64 = p.body.get("encoding_format") == "base64"
-            tokens = (
-                round(usage_tokens * p.request.embedding_tokens / total_est)
-                if usage_tokens is not None
-                else p.request.embedding_tokens
-            )
-            payload = {
-                "object": "list",
-                "data": [
-                    {"object": "embedding", "index": i, "embedding": encode_base64(vec) if want_b64 else vec}
-                    for i, vec in enumerate(mine)
-                ],
-                "model": p.request.model,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
-            p.first_token = True
-            p.record.first_token_s = self.now()
-            self._complete(p, LiveResponse(p.request.id, backend.id, json=payload))
-
-    @staticmethod
-    async def _embed_chunked(
-        backend: _Backend, model: str, inputs: list[Any], extra: dict[str, Any]
-    ) -> tuple[list[list[float]], int | None]:
-        """Embed `inputs` in as few backend calls as its `max_client_batch_size` allows, in order.
-
-        A caller may send far more inputs than one backend call takes (LangChain chunks 1,000,
-        TEI takes 32): the chunks go out concurrently and the vectors come back in input order.
-        """
-        size = max(1, backend.config.max_client_batch_size)
-        if len(inputs) <= size:
-            return await backend.client.embed(model, inputs, extra)
-        parts = await asyncio.gather(
-            *(backend.client.embed(model, inputs[i : i + size], extra) for i in range(0, len(inputs), size))
-        )
-        vectors = [vec for part, _ in parts for vec in part]
-        counts = [tokens for _, tokens in parts]
-        return vectors, (sum(c for c in counts if c is not None) if all(c is not None for c in counts) else None)
-
     # -- outcomes ---------------------------------------------------------------------------------------
     def _requeue(self, backend: _Backend, members: list[_Pending], exc: LiveError) -> None:
         """Nothing reached the callers: mark the backend unhealthy and offer them to the policy again."""
@@ -1069,4 +621,4 @@ def records_frame(executor: LiveExecutor) -> Any:
     return frame(executor.records)
 
 
-__all__ = ["ExecutorConfig", "LiveExecutor", "LiveResponse", "records_frame"]
+__all__ = ["BackendState", "ExecutorConfig", "LiveExecutor", "LiveResponse", "PendingRequest", "records_frame"]

@@ -12,9 +12,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sagesched.core import Assignment, InstanceView, Request, RequestType
+from sagesched.live.backend_state import BackendState, PendingRequest
 from sagesched.live.backends import BackendConfig, BackendMetrics
 from sagesched.live.errors import LiveError
-from sagesched.live.executor import ExecutorConfig, LiveExecutor, _Backend, _Pending
+from sagesched.live.executor import ExecutorConfig, LiveExecutor
 from sagesched.live.gateway_config import GatewayConfig
 from sagesched.live.server import UnifiedAPIServer
 from sagesched.policies.base import Policy
@@ -30,11 +31,11 @@ def anyio_backend() -> str:
 
 def test_a_scrape_taken_while_full_does_not_outlive_our_own_completions() -> None:
     cfg = BackendConfig("http://127.0.0.1:1", "llm", ["m"], max_inflight=14)
-    backend = _Backend(cfg, client=None)  # type: ignore[arg-type]
+    backend = BackendState(cfg, client=None)  # type: ignore[arg-type]
     backend.healthy = True
     requests = [Request(f"r{i}", RequestType.LLM_CHAT, "m", 0.0, prompt_tokens=4, max_tokens=4) for i in range(14)]
     pendings = [
-        _Pending(request=r, body={}, endpoint="chat", future=None, record=None, deadline=0.0, stream=False)  # type: ignore[arg-type]
+        PendingRequest(request=r, body={}, endpoint="chat", future=None, record=None, deadline=0.0, stream=False)  # type: ignore[arg-type]
         for r in requests
     ]
     for p in pendings:
