@@ -2,6 +2,7 @@
 
 from sagesched.core.assignment import Assignment, Decision, RejectCode, Rejection
 from sagesched.core.instance import InstanceKind, InstanceView
+from sagesched.core.queue import GatewayQueue
 from sagesched.core.records import RECORD_COLUMNS, Outcome, RequestRecord
 from sagesched.core.request import NO_SLO, SLO, Priority, Request, RequestType
 
@@ -11,6 +12,7 @@ __all__ = [
     "SLO",
     "Assignment",
     "Decision",
+    "GatewayQueue",
     "InstanceKind",
     "InstanceView",
     "Outcome",

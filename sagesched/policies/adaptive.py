@@ -30,11 +30,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sagesched.core import Assignment, Decision, InstanceView, Priority, Rejection, Request
-from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable
+from sagesched.core import Assignment, Decision, GatewayQueue, InstanceView, Priority, Rejection, Request
+from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable, servable_classes
 from sagesched.policies.fifo import FifoConfig, FifoPolicy
 from sagesched.policies.priority import PriorityConfig, PriorityPolicy
 from sagesched.policies.registry import register
+from sagesched.policies.slack import count_below
 from sagesched.policies.slo_aware import SloAwareConfig, SloAwarePolicy, best_slack_s
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ class AdaptivePolicy(Policy):
 
     # -- measuring and choosing --------------------------------------------------------------------
     def measure(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> Measurement:
+        if isinstance(queue, GatewayQueue):
+            return self._measure_indexed(now, queue, instances)
         healthy = [v for v in instances if v.healthy]
         _, servable = reject_unservable(queue, instances, self.name)
         if not healthy:
@@ -135,6 +138,20 @@ class AdaptivePolicy(Policy):
                 pressured += 1
         pressure = pressured / len(servable) if servable else 0.0
         return Measurement(load=load, queue_per_instance=len(servable) / len(healthy), slo_pressure=pressure)
+
+    def _measure_indexed(self, now: float, queue: GatewayQueue, instances: Sequence[InstanceView]) -> Measurement:
+        """`measure` from the queue's per-class counts and numpy columns (`policies.slack`): the
+        same figures without a Python pass over every queued request."""
+        healthy = [v for v in instances if v.healthy]
+        _, queue, classes = servable_classes(queue, instances, self.name)
+        counts = queue.counts()
+        servable = sum(counts[cls] for cls in classes)
+        if not healthy:
+            return Measurement(load=1.0, queue_per_instance=float(servable), slo_pressure=0.0)
+        load = sum(min(1.0, v.inflight / max(1, v.max_inflight)) for v in healthy) / len(healthy)
+        pressured = count_below(queue, classes, LoadLedger(instances), now, self.config.slack_threshold_s)
+        pressure = pressured / servable if servable else 0.0
+        return Measurement(load=load, queue_per_instance=servable / len(healthy), slo_pressure=pressure)
 
     def desired_mode(self, m: Measurement) -> tuple[str, str]:
         """The mode the measurement calls for from the current mode, and why (thresholds shown)."""

@@ -23,8 +23,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
-from sagesched.core import Decision, InstanceView, Request
-from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, arrival_order, reject_unservable
+from sagesched.core import Decision, GatewayQueue, InstanceView, Request
+from sagesched.core.queue import RankedMerge, class_of
+from sagesched.policies.base import (
+    LoadLedger,
+    Policy,
+    PolicyConfig,
+    arrival_order,
+    reject_unservable,
+    servable_classes,
+)
 from sagesched.policies.registry import register
 
 
@@ -35,14 +43,26 @@ class _PlacementBaseline(Policy):
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
         decisions: list[Decision]
-        decisions, servable = reject_unservable(queue, instances, self.name)
-        if not servable:
-            return decisions
+        merge: RankedMerge | None = None
+        if isinstance(queue, GatewayQueue):
+            # The queue's arrival index: a class whose instances are all full is skipped whole.
+            decisions, queue, classes = servable_classes(queue, instances, self.name)
+            if not classes:
+                return decisions
+            merge = RankedMerge(queue, classes)
+            ordered = (request for _, request in merge)
+        else:
+            decisions, servable = reject_unservable(queue, instances, self.name)
+            if not servable:
+                return decisions
+            servable.sort(key=arrival_order)
+            ordered = iter(servable)
         ledger = LoadLedger(instances)
-        servable.sort(key=arrival_order)
-        for request in servable:
+        for request in ordered:
             candidates = sorted(ledger.candidates(request), key=_by_id)
             if not candidates:
+                if merge is not None and not ledger.has_room(request):
+                    merge.drop(class_of(request))
                 continue
             target = self.choose(ledger, candidates)
             decisions.append(ledger.assign(target, [request], self.name, self.reason))

@@ -6,8 +6,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sagesched.core import Decision, InstanceView, Request
-from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, arrival_order, reject_unservable
+from sagesched.core import Decision, GatewayQueue, InstanceView, Request
+from sagesched.core.queue import RankedMerge
+from sagesched.policies.base import (
+    LoadLedger,
+    Policy,
+    PolicyConfig,
+    arrival_order,
+    reject_unservable,
+    servable_classes,
+)
 from sagesched.policies.registry import register
 
 
@@ -32,6 +40,8 @@ class FifoPolicy(Policy):
     reason = "arrival order, least outstanding work"
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
+        if isinstance(queue, GatewayQueue):
+            return self._schedule_indexed(now, queue, instances)
         decisions: list[Decision]
         decisions, servable = reject_unservable(queue, instances, self.name)
         if not servable:
@@ -44,6 +54,27 @@ class FifoPolicy(Policy):
             if target is None:
                 if blocking:
                     break
+                continue
+            decisions.append(ledger.assign(target, [request], self.name, self.reason))
+        return decisions
+
+    def _schedule_indexed(self, now: float, queue: GatewayQueue, instances: Sequence[InstanceView]) -> list[Decision]:
+        """`schedule` on the queue's arrival index: the same decisions, without touching the requests
+        of a class once none of its instances has a free slot (past saturation, the whole queue)."""
+        decisions: list[Decision]
+        decisions, queue, classes = servable_classes(queue, instances, self.name)
+        if not classes:
+            return decisions
+        ledger = LoadLedger(instances)
+        blocking = self.config.head_of_line_blocking
+        merge = RankedMerge(queue, classes)
+        for cls, request in merge:
+            target = ledger.least_outstanding(request)
+            if target is None:
+                if blocking:
+                    break
+                if not ledger.has_room(request):
+                    merge.drop(cls)
                 continue
             decisions.append(ledger.assign(target, [request], self.name, self.reason))
         return decisions

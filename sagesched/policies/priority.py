@@ -32,11 +32,12 @@ have earned a fast start by waiting.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sagesched.core import Decision, InstanceView, Priority, Request
-from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable
+from sagesched.core import Decision, GatewayQueue, InstanceView, Priority, Request
+from sagesched.core.queue import RankedMerge
+from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable, servable_classes
 from sagesched.policies.registry import register
 
 # Slack for float rounding in wait / interval, so that a request whose wait is exactly k intervals
@@ -84,17 +85,33 @@ class PriorityPolicy(Policy):
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
         decisions: list[Decision]
-        decisions, servable = reject_unservable(queue, instances, self.name)
-        if not servable:
-            return decisions
+        merge: RankedMerge | None = None
+        if isinstance(queue, GatewayQueue):
+            decisions, queue, classes = servable_classes(queue, instances, self.name)
+            if not classes:
+                return decisions
+            # The order `sorted` gives below, read lazily off the queue's per-priority arrival
+            # streams: along one stream an earlier arrival has waited longer, so its effective class
+            # is never higher, and the streams merge on (class, arrival, id).
+            interval = self.config.aging_interval_s
+            merge = RankedMerge(queue, classes, lambda r: (effective_priority(r, now, interval), r.arrival_s, r.id))
+            ranked: Iterable[tuple[object, Request]] = merge
+        else:
+            decisions, servable = reject_unservable(queue, instances, self.name)
+            if not servable:
+                return decisions
+            ranked = sorted(
+                ((None, r) for r in servable),
+                key=lambda x: (self.effective_priority(x[1], now), x[1].arrival_s, x[1].id),
+            )
         ledger = LoadLedger(instances)
-        ranked = sorted(
-            ((self.effective_priority(r, now), r) for r in servable), key=lambda x: (x[0], x[1].arrival_s, x[1].id)
-        )
-        for klass, request in ranked:
+        for cls, request in ranked:
             candidates = ledger.candidates(request)
             if not candidates:
+                if merge is not None and not ledger.has_room(request):
+                    merge.drop(cls)  # no slot left for its class in this call: skip the rest of it
                 continue
+            klass = self.effective_priority(request, now)
             if klass <= self.config.urgent_max_priority:
                 target = min(candidates, key=lambda v: (ledger.predicted_wait_s(v.id), ledger.inflight(v.id), v.id))
                 reason = f"class {klass} (priority {int(request.priority)}), urgent: lowest predicted wait"

@@ -2,8 +2,9 @@
 
 Arrivals enter the gateway queue; the policy (any `sagesched.policies` object, unchanged) is called
 on every arrival, every completion and every wake-up it asks for, whenever something is queued and
-some instance has a free slot. Its `Assignment`s are dispatched (a multi-id assignment is one
-backend call), its `Rejection`s recorded. Every request ends exactly once: completed, rejected
+some instance has a free slot. Its decisions go through `sagesched.core.decisions.decide` (the
+checks live mode applies too): placements are dispatched (a multi-id assignment is one backend
+call), verdicts recorded. Every request ends exactly once: completed, rejected
 (policy, backend 4xx/429/413, incompatible placement) or failed (unfinished when the clock stops).
 
 Speed: an engine spends one SimPy event per *change of batch*, not per step or token. A run of pure
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -26,14 +28,14 @@ from typing import Any
 import simpy
 
 from sagesched.core import (
-    Assignment,
+    GatewayQueue,
     InstanceKind,
     InstanceView,
     Outcome,
-    Rejection,
     Request,
     RequestRecord,
 )
+from sagesched.core.decisions import Placement, decide
 from sagesched.metrics import records_frame
 from sagesched.policies.base import Policy
 from sagesched.sim.config import ClusterConfig, InstanceConfig, SimConfig
@@ -44,6 +46,7 @@ from sagesched.sim.engines import (
     TeiEngineCore,
     VllmEngineCore,
 )
+from sagesched.sim.frontend import apply_frontend
 from sagesched.sim.results import SimResult, timeline_frame
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,8 @@ _set_embedding_inflight = _slot_setter("embedding_inflight")
 _set_kv_usage = _slot_setter("kv_usage")
 _set_queued_prefill = _slot_setter("queued_prefill_tokens")
 _set_queued_decode = _slot_setter("queued_decode_tokens")
+_set_queued_embedding = _slot_setter("queued_embedding_tokens")
+_set_embedding_inputs = _slot_setter("embedding_inputs_inflight")
 
 # The slot order `_make_view_direct` is written for; `_make_view` falls back to the generic
 # version if `InstanceView` ever changes its fields.
@@ -121,11 +126,22 @@ _VIEW_LAYOUT = (
     "decode_step_s",
     "embedding_tokens_per_s",
     "age_s",
+    "queued_embedding_tokens",
+    "embedding_inputs_inflight",
+    "max_embedding_inputs",
 )
 
 
 def _make_view_generic(
-    static: tuple, running: int, waiting: int, emb_inflight: int, kv: float, prefill: int, decode: int
+    static: tuple,
+    running: int,
+    waiting: int,
+    emb_inflight: int,
+    kv: float,
+    prefill: int,
+    decode: int,
+    emb_tokens: int = 0,
+    emb_inputs: int = 0,
 ) -> InstanceView:
     """`_make_view` for any `InstanceView` layout: copy the template, then set the load fields."""
     view = _new_instance(InstanceView)
@@ -137,6 +153,8 @@ def _make_view_generic(
     _set_kv_usage(view, kv)
     _set_queued_prefill(view, prefill)
     _set_queued_decode(view, decode)
+    _set_queued_embedding(view, emb_tokens)
+    _set_embedding_inputs(view, emb_inputs)
     return view
 
 
@@ -152,7 +170,15 @@ class _ViewBuilder:
 
 
 def _make_view_direct(
-    static: tuple, running: int, waiting: int, emb_inflight: int, kv: float, prefill: int, decode: int
+    static: tuple,
+    running: int,
+    waiting: int,
+    emb_inflight: int,
+    kv: float,
+    prefill: int,
+    decode: int,
+    emb_tokens: int = 0,
+    emb_inputs: int = 0,
 ) -> InstanceView:
     """`_make_view` for the `_VIEW_LAYOUT` slot order (see `_ViewBuilder`)."""
     (
@@ -174,6 +200,9 @@ def _make_view_direct(
         decode_step_s,
         embedding_tokens_per_s,
         age_s,
+        _emb_tokens,
+        _emb_inputs,
+        max_embedding_inputs,
     ) = static
     view = _ViewBuilder()
     view.id = id_
@@ -194,6 +223,9 @@ def _make_view_direct(
     view.decode_step_s = decode_step_s
     view.embedding_tokens_per_s = embedding_tokens_per_s
     view.age_s = age_s
+    view.queued_embedding_tokens = emb_tokens
+    view.embedding_inputs_inflight = emb_inputs
+    view.max_embedding_inputs = max_embedding_inputs
     view.__class__ = InstanceView
     return view
 
@@ -204,7 +236,7 @@ def _direct_views_work() -> bool:
         return False
     static = tuple(getattr(_DEFAULT_VIEW, f) for f in _VIEW_LAYOUT)
     try:
-        view = _make_view_direct(static, 1, 2, 1, 0.5, 3, 4)
+        view = _make_view_direct(static, 1, 2, 1, 0.5, 3, 4, 2, 5)
     except TypeError:  # __class__ assignment refused: the layouts differ
         return False
     expected = dataclasses.replace(
@@ -215,6 +247,8 @@ def _direct_views_work() -> bool:
         kv_usage=0.5,
         queued_prefill_tokens=3,
         queued_decode_tokens=4,
+        queued_embedding_tokens=2,
+        embedding_inputs_inflight=5,
     )
     return type(view) is InstanceView and view == expected
 
@@ -292,6 +326,7 @@ class _Instance:
             decode_step_s=self.decode_step,
             embedding_tokens_per_s=self.emb_rate,
             age_s=0.0,
+            max_embedding_inputs=cfg.tei.max_concurrent_requests if self.tei is not None else 0,
         )
         self.static_view = tuple(getattr(template, f) for f in InstanceView.__slots__)
 
@@ -316,6 +351,8 @@ class Simulator:
         policy: Policy,
         sim: SimConfig,
         perf_provider: PerfProvider | None = None,
+        *,
+        plain_queue: bool = False,
     ) -> None:
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
         ids = [r.id for r in self.requests]
@@ -330,7 +367,11 @@ class Simulator:
         self.by_id = {inst.id: inst for inst in self.instances}
         self.env = simpy.Environment()
         self.records: dict[str, RequestRecord] = {r.id: RequestRecord.from_request(r) for r in self.requests}
-        self.queue: dict[str, Request] = {}
+        # The gateway queue, passed to the policy as is (its indexes let a policy look only at what
+        # it can place); `plain_queue` passes a fresh list instead, as drivers did before the
+        # indexes existed: the reference `tests/sim` compares the indexed fast paths against.
+        self.queue = GatewayQueue()
+        self.plain_queue = plain_queue
         self.calls: dict[str, list[str]] = {}  # TEI call / pooling group id -> request ids
         self.group_left: dict[str, int] = {}
         self.group_of: dict[str, str] = {}
@@ -367,12 +408,17 @@ class Simulator:
             if self._progress is not None:
                 self._progress.close()
         self._close_out()
+        # Issue 11: the serving frontend's client-visible cost (sagesched/sim/frontend.py), after the run.
+        perfs = {i.id: i.llm.perf for i in self.instances if i.llm is not None}
+        fe_applied = apply_frontend(self.records.values(), perfs)
         wall = time.perf_counter() - start
+        stats = self._stats()
+        stats["frontend_applied"] = fe_applied
         return SimResult(
             records=records_frame(self.records.values()),
             timeline=timeline_frame(self.timeline),
             wall_s=wall,
-            stats=self._stats(),
+            stats=stats,
         )
 
     def _arrivals(self):
@@ -385,9 +431,9 @@ class Simulator:
             t = reqs[i].arrival_s
             if t > env.now:
                 yield env.timeout(t - env.now)
-            queue = self.queue
+            add = self.queue.add
             while i < n and reqs[i].arrival_s <= t:
-                queue[reqs[i].id] = reqs[i]
+                add(reqs[i])
                 i += 1
             self.arrivals_left = n - i
             if progress is not None:
@@ -397,14 +443,28 @@ class Simulator:
             self._schedule()
 
     def _sampler(self):
+        """Sample every instance each `timeline_interval_s`, on that grid, while anything happens.
+
+        Nothing changes between events, so across a quiet span (no event for more than an
+        interval) the sampler jumps to the last grid point before the next event: its cost follows
+        the events, not the simulated span (a trace stretched by rate_scale=1e-9 spans 6e10 s). The
+        sample after a jump averages utilisation over the whole span since the previous one.
+        """
         env = self.env
         interval = self.sim.timeline_interval_s
         total = len(self.requests)
+        tick = 0
         while self.ended < total:
-            yield env.timeout(interval)
-            self._sample(env.now)
-            if env.peek() == float("inf"):
+            tick += 1
+            due = tick * interval
+            following = env.peek()
+            if following == float("inf"):
                 return  # nothing else will ever happen (e.g. a policy holding requests forever)
+            if following > due + interval:
+                tick = max(tick, math.floor(following / interval))
+                due = tick * interval
+            yield env.timeout(due - env.now)
+            self._sample(env.now)
 
     def _sample(self, now: float) -> None:
         for inst in self.instances:
@@ -442,31 +502,30 @@ class Simulator:
         now = env.now
         views = [self._view(inst, now) for inst in self.instances]
         t0 = time.perf_counter()
-        decisions = self.policy.schedule(now, list(self.queue.values()), views)
+        queue = list(self.queue) if self.plain_queue else self.queue
+        decided = decide(self.policy, now, queue, views)
         self.policy_s += time.perf_counter() - t0
         self.policy_calls += 1
-        for d in decisions:
-            if isinstance(d, Assignment):
-                self._dispatch(d, now)
-            elif isinstance(d, Rejection):
-                req = self.queue.pop(d.request_id, None)
-                if req is None:
-                    log.warning("policy rejected %s, which is not queued; ignored", d.request_id)
-                    continue
-                rec = self.records[req.id]
-                rec.rule = d.rule
-                self._reject(rec, f"{d.code}: {d.reason}")
-            else:
-                raise TypeError(
-                    f"policy {self.policy.name} returned {type(d).__name__}; expected Assignment or Rejection"
-                )
+        for placement in decided.placements:
+            self._dispatch(placement, now)
+        records = self.records
+        for verdict in decided.verdicts:
+            rid = verdict.request.id
+            if self.queue.pop(rid, None) is None:
+                continue
+            rec = records[rid]
+            rec.rule = verdict.rule
+            rec.outcome = verdict.outcome
+            rec.reason = verdict.message
+            self._ended()
+        acted = decided.placements or decided.verdicts
         if self.backend_refused:
             # Offer the refused calls' capacity again now; each refusal ends a request, so this stops.
             self.backend_refused = False
             self._schedule()
             return
         wake = self.policy.next_wakeup(now)
-        if wake is not None and not decisions and self.arrivals_left == 0 and not self._any_active():
+        if wake is not None and not acted and self.arrivals_left == 0 and not self._any_active():
             wake = None  # a wake-up that changes nothing, with nothing else to come, would loop forever
         if wake is not None and wake > now and wake not in self.wakeups:
             self.wakeups.add(wake)
@@ -509,19 +568,22 @@ class Simulator:
         load = inst.cached_load
         if load is None or load[0] != version:
             load = inst.cached_load = self._load(inst)
-        _, running, waiting, kv, prefill, decode = load
+        _, running, waiting, kv, prefill, decode, emb_tokens, emb_inputs = load
         if run is not None:
             # As `core.kv_used_during(run, m)`: the blocks in use while step m executes, and the
             # run's steps done so far are not applied to the core yet.
             kv = (run.used0 + run.alloc_cum(m if m < run.k - 1 else run.k - 1)) / inst.llm.kv.num_blocks
             decode -= run.n * m
-        view = _make_view(inst.static_view, running, waiting, inst.emb_inflight, kv, prefill, decode)
+        view = _make_view(
+            inst.static_view, running, waiting, inst.emb_inflight, kv, prefill, decode, emb_tokens, emb_inputs
+        )
         inst.cached_view = (version, m, view)
         return view
 
     @staticmethod
     def _load(inst: _Instance) -> tuple:
-        """(version, running, waiting, KV usage, queued prefill, queued decode) of the engines' state.
+        """(version, running, waiting, KV usage, queued prefill, queued decode, queued embedding tokens,
+        embedding inputs in flight) of the engines' state.
 
         KV usage and queued decode tokens are as of the last applied step: `_view` adjusts them for
         a decode run in flight.
@@ -538,32 +600,27 @@ class Simulator:
             waiting_t = tei.waiting_requests()
             running += inst.tei_requests - waiting_t
             waiting += waiting_t
-            prefill += tei.queued_tokens + (tei.batch.total_tokens if tei.batch is not None else 0)
-        return (inst.version, running, waiting, kv, prefill, decode)
+            emb_tokens = tei.queued_tokens + (tei.batch.total_tokens if tei.batch is not None else 0)
+            prefill += emb_tokens
+            return (inst.version, running, waiting, kv, prefill, decode, emb_tokens, tei.inflight_inputs)
+        return (inst.version, running, waiting, kv, prefill, decode, 0, 0)
 
     # -- dispatch ----------------------------------------------------------------------------------
-    def _dispatch(self, a: Assignment, now: float) -> None:
-        inst = self.by_id.get(a.instance_id)
+    def _dispatch(self, a: Placement, now: float) -> None:
+        """Send one validated placement (`core.decisions`) to its instance: one backend call."""
+        inst = self.by_id[a.instance_id]
         reqs: list[Request] = []
-        for rid in a.request_ids:
-            req = self.queue.pop(rid, None)
-            if req is None:
-                log.warning("policy assigned %s, which is not queued; ignored", rid)
+        records = self.records
+        pop = self.queue.pop
+        for req in a.requests:
+            if pop(req.id, None) is None:
                 continue
-            rec = self.records[rid]
+            rec = records[req.id]
             rec.dispatch_s = now if now > req.arrival_s else req.arrival_s
             rec.rule = a.rule
-            rec.batch_size = len(a.request_ids)
-            if inst is None:
-                self._reject(rec, f"policy assigned unknown instance {a.instance_id!r}")
-            elif not inst.serves(req):
-                rec.instance_id = inst.id
-                self._reject(
-                    rec, f"instance {inst.id} ({inst.kind.value}) cannot serve {req.type.value} for {req.model!r}"
-                )
-            else:
-                rec.instance_id = inst.id
-                reqs.append(req)
+            rec.batch_size = len(a.requests)
+            rec.instance_id = inst.id
+            reqs.append(req)
         if not reqs:
             return
         inst.version += 1
@@ -631,7 +688,7 @@ class Simulator:
             inst.emb_inflight += 1
         return True
 
-    def _submit_tei(self, inst: _Instance, reqs: list[Request], a: Assignment) -> None:
+    def _submit_tei(self, inst: _Instance, reqs: list[Request], a: Placement) -> None:
         call_id = self._new_call_id(inst)
         tokens: list[int] = []
         for req in reqs:
@@ -812,7 +869,7 @@ class Simulator:
         for rec in self.records.values():
             if rec.outcome == Outcome.COMPLETED.value and rec.finish_s is None:
                 rec.outcome = Outcome.FAILED.value
-                if rec.request_id in self.queue:
+                if self.queue.has(rec.request_id):
                     rec.reason = "still queued at the gateway when the simulation ended (the policy never placed it)"
                 elif rec.dispatch_s is None:
                     rec.reason = "had not arrived when the simulation ended"
@@ -868,9 +925,12 @@ def simulate(
     sim: SimConfig | None = None,
     *,
     perf_provider: PerfProvider | None = None,
+    plain_queue: bool = False,
 ) -> SimResult:
     """Replay `requests` on `cluster` under `policy`; one record per request.
 
     `perf_provider` replaces the fitted performance models (tests use tiny deterministic ones).
+    `plain_queue` hands the policy a plain list instead of the indexed `GatewayQueue` (the
+    reference the indexed fast paths are checked against; same results, slower past saturation).
     """
-    return Simulator(requests, cluster, policy, sim or SimConfig(), perf_provider).run()
+    return Simulator(requests, cluster, policy, sim or SimConfig(), perf_provider, plain_queue=plain_queue).run()

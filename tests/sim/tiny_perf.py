@@ -24,6 +24,10 @@ class TinyLLMPerf:
     def kv_capacity_tokens(self, gpu_memory_utilization: float = 0.9) -> int:
         return round(self.kv_tokens * gpu_memory_utilization / 0.9)
 
+    def frontend_s(self, prompt_tokens: int, running: int) -> float:
+        """No serving-frontend cost: the stand-in prices engine steps only."""
+        return 0.0
+
 
 class TinyEmbPerf:
     """Batch time affine in its tokens."""

@@ -1,0 +1,257 @@
+"""Least-slack ranking read off the indexed gateway queue: `slo_aware`'s decisions in O(placed).
+
+`SloAwarePolicy.schedule` ranks every queued request by its best slack on every call. Past
+saturation the queue holds thousands of requests while one slot frees per call, so that ranking
+(O(queue x instances) Python arithmetic) was almost all of a simulation's time. Given a
+`GatewayQueue`, this module computes the same best slacks for a whole class at once from the
+queue's numpy columns, and hands the requests to the same placement loops lazily, best first,
+class by class, so that a class whose instances are all full is never looked at again in the call.
+
+The arithmetic below repeats `slo_aware.slack_s` (and the `LoadLedger` / `InstanceView`
+predictions it calls) operation for operation, so the floats, and therefore the decisions, are
+identical; tests/policies/test_slack_indexed.py checks it on random views and requests and on
+whole simulations. Change both together.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sagesched.core import Decision, GatewayQueue, InstanceView, RejectCode, Rejection, Request
+from sagesched.core.queue import ClassKey, Columns
+from sagesched.policies.base import LoadLedger, servable_classes
+
+if TYPE_CHECKING:
+    from sagesched.policies.slo_aware import SloAwarePolicy
+
+_INF = math.inf
+
+
+def class_best_slacks(
+    cols: Columns, views: Sequence[InstanceView], ledger: LoadLedger, now: float, embedding: bool
+) -> np.ndarray:
+    """`slo_aware.best_slack_s` for every row of one class's columns, over `views` (the healthy
+    instances that serve the class, non-empty). Rows without an SLO get +inf."""
+    n = cols.n
+    prompt, max_tokens, work = cols.prompt[:n], cols.max_tokens[:n], cols.work[:n]
+    ttft_due = cols.ttft_deadline[:n] - now
+    e2e_due = cols.deadline[:n] - now
+    has_ttft = cols.has_ttft[:n]
+    has_deadline = ~np.isnan(cols.deadline[:n])
+    if not embedding:
+        tpot_mask = ~np.isnan(cols.tpot_s[:n]) & (max_tokens > 1)
+        steps_left = max_tokens - 1
+    best: np.ndarray | None = None
+    inf = np.full(n, _INF)
+    for view in views:
+        vid = view.id
+        wait = ledger.predicted_wait_s(vid)
+        if embedding:
+            own = work / view.embedding_tokens_per_s
+            ttft = ledger.predicted_embedding_wait_s(vid) + own
+            service = own
+        else:
+            own = prompt / view.prefill_tokens_per_s
+            ttft = wait + own
+            service = own + max_tokens * view.decode_step_s
+        slack = np.where(has_ttft, np.minimum(inf, ttft_due - ttft), inf)
+        slack = np.where(has_deadline, np.minimum(slack, e2e_due - (wait + service)), slack)
+        if not embedding:
+            slack = np.where(tpot_mask, np.minimum(slack, (cols.tpot_s[:n] - view.decode_step_s) * steps_left), slack)
+        best = slack if best is None else np.maximum(best, slack)
+    assert best is not None
+    return best
+
+
+def _sorted_rows(keys: np.ndarray, rows: np.ndarray, cols: Columns) -> Iterator[tuple[tuple, Request]]:
+    """Rows in ``(key, arrival_s, id)`` order, lazily: a sorted prefix at a time (16, 64, 256, ...
+    rows, cut at a key value so that ties stay together), each sorted by Python on exactly the
+    tuple the reference code sorts by."""
+    requests = cols.requests
+    chunk = 16
+    while rows.size:
+        if rows.size > chunk:
+            k = keys[rows]
+            cut = np.partition(k, chunk - 1)[chunk - 1]
+            take_mask = k <= cut
+            take, rows = rows[take_mask], rows[~take_mask]
+            if not take.size:  # NaN keys only: the rest, as they come
+                take, rows = rows, rows[:0]
+        else:
+            take, rows = rows, rows[:0]
+        items = [((float(keys[i]), requests[i].arrival_s, requests[i].id), requests[i]) for i in take.tolist()]
+        items.sort(key=_first)
+        yield from items
+        chunk *= 4
+
+
+def _first(item: tuple) -> tuple:
+    return item[0]
+
+
+class _Merge:
+    """Merge per-class streams of ``(key, request)`` in key order; `drop` a class mid-way."""
+
+    def __init__(self, streams: list[tuple[ClassKey, Iterator[tuple[tuple, Request]]]]) -> None:
+        self.dropped: set[ClassKey] = set()
+        heap = []
+        for n, (cls, it) in enumerate(streams):
+            first = next(it, None)
+            if first is not None:
+                heap.append((first[0], n, cls, first[1], it))
+        heapq.heapify(heap)
+        self.heap = heap
+
+    def drop(self, cls: ClassKey) -> None:
+        self.dropped.add(cls)
+
+    def __iter__(self) -> Iterator[tuple[ClassKey, Request]]:
+        heap, dropped = self.heap, self.dropped
+        while heap:
+            _, n, cls, request, it = heap[0]
+            if cls not in dropped:
+                yield cls, request
+            following = None if cls in dropped else next(it, None)
+            if following is None:
+                heapq.heappop(heap)
+            else:
+                heapq.heapreplace(heap, (following[0], n, cls, following[1], it))
+
+
+def schedule_indexed(
+    policy: SloAwarePolicy, now: float, queue: GatewayQueue, instances: Sequence[InstanceView]
+) -> list[Decision]:
+    """`SloAwarePolicy.schedule` on a `GatewayQueue`: the same decisions in the same order."""
+    from sagesched.policies.slo_aware import best_slack_s, predicted_completion_s, slack_s
+
+    name = policy.name
+    decisions: list[Decision]
+    decisions, queue, classes = servable_classes(queue, instances, name)
+    if not classes:
+        return decisions
+    ledger = LoadLedger(instances)
+    attainable, best_effort, late = [], [], []
+    for cls in classes:
+        cols = queue.columns(cls)
+        n = cols.n
+        alive = cols.alive[:n]
+        has_slo = cols.has_slo[:n]
+        best_effort.append((cls, _sorted_rows(cols.arrival[:n], np.flatnonzero(alive & ~has_slo), cols)))
+        representative = cols.requests[int(np.flatnonzero(alive)[0])]
+        views = [v for v in ledger.views.values() if v.healthy and v.can_serve(representative)]
+        if not views:
+            continue  # every compatible instance is down: its SLO requests stay queued
+        best = class_best_slacks(cols, views, ledger, now, cls[0])
+        with np.errstate(invalid="ignore"):
+            ok = best >= 0
+        slo_rows = alive & has_slo
+        attainable.append((cls, _sorted_rows(best, np.flatnonzero(slo_rows & ok), cols)))
+        late.append((cls, _sorted_rows(cols.arrival[:n], np.flatnonzero(slo_rows & ~ok), cols)))
+
+    moved_late: list[Request] = []
+    merge = _Merge(attainable)
+    for cls, request in merge:
+        candidates = ledger.candidates(request)
+        if not candidates:
+            if not ledger.has_room(request):
+                merge.drop(cls)
+            continue
+        slacks = {v.id: slack_s(ledger, v.id, request, now) for v in candidates}
+        target = min(candidates, key=lambda v: (-slacks[v.id], ledger.inflight(v.id), v.id))
+        if slacks[target.id] < 0:
+            moved_late.append(request)
+            continue
+        decisions.append(
+            ledger.assign(
+                target,
+                [request],
+                name,
+                f"least slack first: {slacks[target.id] * 1000:.0f} ms slack here, the most of any instance",
+                priority_hint=int(request.priority),
+            )
+        )
+
+    merge = _Merge(best_effort)
+    for cls, request in merge:
+        candidates = ledger.candidates(request)
+        if not candidates:
+            if not ledger.has_room(request):
+                merge.drop(cls)
+            continue
+        target = min(
+            candidates, key=lambda v: (predicted_completion_s(ledger, v.id, request), ledger.inflight(v.id), v.id)
+        )
+        decisions.append(
+            ledger.assign(
+                target,
+                [request],
+                name,
+                "no SLO: arrival order, earliest predicted completion",
+                priority_hint=int(request.priority),
+            )
+        )
+
+    shed = policy.config.shed_unattainable
+    for request in moved_late:
+        cls = (request.is_embedding, request.model)
+        late.append((cls, iter([((request.arrival_s, request.arrival_s, request.id), request)])))
+    merge = _Merge([(cls, _rekey_arrival(it)) for cls, it in late])
+    for cls, request in merge:
+        if shed:
+            best = best_slack_s(ledger, request, now)
+            if best is not None and best < 0:
+                decisions.append(
+                    Rejection(
+                        request.id,
+                        f"SLO cannot be met on any instance (best predicted slack {best * 1000:.0f} ms); shed",
+                        RejectCode.SLO_UNATTAINABLE,
+                        name,
+                    )
+                )
+            continue  # shedding: one still attainable on a busy instance waits for a slot there
+        candidates = ledger.candidates(request)
+        if not candidates:
+            if not ledger.has_room(request):
+                merge.drop(cls)
+            continue
+        target = min(
+            candidates, key=lambda v: (predicted_completion_s(ledger, v.id, request), ledger.inflight(v.id), v.id)
+        )
+        decisions.append(
+            ledger.assign(
+                target,
+                [request],
+                name,
+                "SLO no longer attainable: served after requests that can still meet theirs",
+                priority_hint=int(request.priority),
+            )
+        )
+    return decisions
+
+
+def _rekey_arrival(it: Iterator[tuple[tuple, Request]]) -> Iterator[tuple[tuple, Request]]:
+    """Late requests merge on ``(arrival_s, id)`` (their sort key in `slo_aware`)."""
+    for _, request in it:
+        yield (request.arrival_s, request.id), request
+
+
+def count_below(queue: GatewayQueue, classes: list[ClassKey], ledger: LoadLedger, now: float, threshold: float) -> int:
+    """Queued requests with an SLO whose best slack (fresh ledger) is below `threshold` (`adaptive`)."""
+    total = 0
+    for cls in classes:
+        cols = queue.columns(cls)
+        n = cols.n
+        alive = cols.alive[:n]
+        representative = cols.requests[int(np.flatnonzero(alive)[0])]
+        views = [v for v in ledger.views.values() if v.healthy and v.can_serve(representative)]
+        if not views:
+            continue
+        best = class_best_slacks(cols, views, ledger, now, cls[0])
+        with np.errstate(invalid="ignore"):
+            total += int(np.count_nonzero(alive & cols.has_slo[:n] & (best < threshold)))
+    return total
