@@ -105,3 +105,28 @@ def test_pooling_backend_serves_embeddings_inside_vllm():
     assert row.outcome == "completed" and row.output_tokens == 0
     assert row.first_token_s == row.finish_s
     assert df.loc["c0.0", "outcome"] == "completed"
+
+
+def test_anchored_presets_span_time_slicing_to_roofline_overlap():
+    from sagesched.sim.engines.shared_gpu import (
+        DECODE_LLAMA2_7B_A100,
+        PRESETS,
+        TEI_BGE_BASE_A100,
+        ResourceDemand,
+        colocated_stretch,
+    )
+
+    # Separate processes without MPS: each engine gets half the GPU while both are busy.
+    ts = SharedGpu(SharedGpuConfig(**PRESETS["time_slice"]))
+    assert ts.llm_stretch(True) == pytest.approx(2.0) and ts.embedding_stretch(True) == pytest.approx(2.0)
+    # A memory-bound decode and a compute-bound encoder fit together on the roofline: no stretch...
+    ideal = SharedGpu(SharedGpuConfig(**PRESETS["ideal"]))
+    assert ideal.llm_stretch(True) == pytest.approx(1.0) and ideal.embedding_stretch(True) == pytest.approx(1.0)
+    mps = SharedGpu(SharedGpuConfig(**PRESETS["mps"]))
+    assert mps.llm_stretch(True) == pytest.approx(1.5, rel=1e-5)
+    # ...but two compute-bound engines do not: 1.3x the compute there is, even with ideal overlap.
+    heavy = ResourceDemand(compute=0.8, memory=0.1)
+    assert colocated_stretch(heavy, TEI_BGE_BASE_A100, 1.0) == pytest.approx(1.3)
+    assert colocated_stretch(DECODE_LLAMA2_7B_A100, TEI_BGE_BASE_A100, 0.0) == 2.0
+    with pytest.raises(ValueError, match="efficiency"):
+        colocated_stretch(heavy, heavy, 1.5)

@@ -14,12 +14,79 @@ the GPU does the same total work either way); `overlap` = 1 is no interference a
 
 What it predicts (docs/simulator.md has the numbers): with the defaults (w 0.7 / 0.3, overlap 0.2)
 an LLM step that overlaps an embedding batch is 1/0.84 = 1.19x slower and an embedding batch that
-overlaps LLM work 1/0.36 = 2.78x slower; an idle partner costs nothing.
+overlaps LLM work 1/0.36 = 2.78x slower; an idle partner costs nothing. Those defaults are not
+anchored to a measurement. `PRESETS` are: a roofline of the two engines' demands (A100 datasheet,
+our engine profiles) between the two deployments one can run, separate processes time-sliced by
+the driver and overlapping kernels under MPS (`colocated_stretch`). The policy benchmark's
+mixed-versus-siloed study uses them (experiments/policy_benchmark/conf/benchmark/mixvsilo.yaml).
+Known limit: the factor is fixed when a step or batch starts, so which engine started first
+decides how much work overlaps (issue 11); a vLLM decode run is cut at every change of the TEI
+engine's state, but a TEI batch in flight is not re-timed when the LLM side starts.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sagesched.sim.config import SharedGpuConfig
+
+
+@dataclass(frozen=True)
+class ResourceDemand:
+    """What one engine's step uses while it runs alone: fractions of the GPU's peak compute
+    (tensor-core FLOP/s) and of its peak memory bandwidth, each in [0, 1]."""
+
+    compute: float
+    memory: float
+
+
+# Demands on an A100 80GB SXM (datasheet: 312 TFLOP/s dense BF16, 2,039 GB/s HBM2e), computed from
+# the roofline the performance profiles use (sagesched/data/profiles/hardware/a100.yaml):
+# - a Llama-2-7B decode step at batch 32 with ~1k-token contexts streams 13.5 GB of weights plus
+#   ~17 GB of KV cache (at the profile's decode_attention_efficiency 0.6) in ~21.6 ms with 1 ms of
+#   step overhead, and does 2 x 6.74e9 x 32 = 4.3e11 FLOPs: memory 0.69, compute 0.064;
+# - a full TEI batch of bge-base (16k tokens) runs at the profile's flops_efficiency 0.5 of peak
+#   (anchored to TensorRT BERT-base FP16 at 0.61) and re-reads 0.22 GB of weights plus ~3 GB of
+#   activations in ~21 ms: compute 0.5, memory 0.07.
+DECODE_LLAMA2_7B_A100 = ResourceDemand(compute=0.064, memory=0.69)
+TEI_BGE_BASE_A100 = ResourceDemand(compute=0.5, memory=0.07)
+
+
+def colocated_stretch(llm: ResourceDemand, embedding: ResourceDemand, efficiency: float) -> float:
+    """How much longer each engine's step takes while the other one runs too.
+
+    Two engines in separate processes on one GPU without MPS are time-sliced: NVIDIA's MPS
+    documentation states that kernels of different processes do not run concurrently then, so each
+    engine gets about half the GPU while both are busy (stretch 2; ``efficiency`` 0). With MPS (or a
+    single process running both, as ORTHRUS does) kernels overlap, and the ideal is roofline
+    sharing: both fit at full speed while the summed demand on each resource stays within 1, and
+    slow down in proportion beyond it (``efficiency`` 1). Co-location studies (Orion, EuroSys 2024;
+    Elvinger et al., SoCC 2025) measure real overlap between the two: cache and SM contention make
+    a compute-bound and a memory-bound kernel slow each other even when the roofline says they fit.
+    ``efficiency`` interpolates between the two ends; it is the one number here not derived from
+    datasheets or our profiles, so the benchmark reports results at 0, 0.5 and 1.
+    """
+    if not 0.0 <= efficiency <= 1.0:
+        raise ValueError(f"efficiency must be within [0, 1] (0: time slicing, 1: ideal overlap), got {efficiency!r}")
+    demand = max(llm.compute + embedding.compute, llm.memory + embedding.memory)
+    ideal = max(1.0, demand)
+    return 2.0 - efficiency * (2.0 - ideal)
+
+
+def preset(
+    efficiency: float, llm: ResourceDemand = DECODE_LLAMA2_7B_A100, embedding: ResourceDemand = TEI_BGE_BASE_A100
+) -> dict[str, float]:
+    """`SharedGpuConfig` fields for `colocated_stretch`: equal weights, overlap = 2 / stretch - 1, so
+    that both engines' steps take ``stretch`` times as long while the other is busy."""
+    stretch = colocated_stretch(llm, embedding, efficiency)
+    return {"llm_weight": 0.5, "embedding_weight": 0.5, "overlap": round(2.0 / stretch - 1.0, 6)}
+
+
+PRESETS: dict[str, dict[str, float]] = {
+    "time_slice": preset(0.0),  # separate processes, no MPS: stretch 2 for both
+    "mps": preset(0.5),  # half of the ideal overlap: stretch 1.5 for both
+    "ideal": preset(1.0),  # roofline sharing: the two demands fit (0.56 compute, 0.76 memory): stretch 1
+}
 
 
 class SharedGpu:
