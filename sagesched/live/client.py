@@ -39,6 +39,7 @@ from sagesched.live.errors import (
     UpstreamTimeout,
     error_from_response,
 )
+from sagesched.live.openai_schema import check_body
 
 logger = logging.getLogger(__name__)
 
@@ -526,6 +527,7 @@ class UnifiedInferenceClient:
     # -- transport: one JSON call, one stream ----------------------------------------------------------
     async def _call(self, endpoint_name: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
         kind = "embedding" if endpoint_name == "embeddings" else "llm"
+        check_body(endpoint_name, body)  # the gateway's own rules, so a bad call fails here alike
         if self._executor is not None:
             response = await self._executor.submit(None, body, endpoint_name, headers)
             return response.json or {}
@@ -553,6 +555,7 @@ class UnifiedInferenceClient:
         self, endpoint_name: str, body: dict[str, Any], headers: dict[str, str]
     ) -> AsyncIterator[dict[str, Any]]:
         body = {**body, "stream": True}
+        check_body(endpoint_name, body)
         if self._executor is not None:
             response = await self._executor.submit(None, body, endpoint_name, headers)
             stream = response.stream

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sagesched.live.errors import (
@@ -20,7 +19,7 @@ from sagesched.live.errors import (
     LiveError,
     PayloadTooLarge,
 )
-from sagesched.live.requests import _short
+from sagesched.live.openai_schema import check_body
 
 log = logging.getLogger(__name__)
 
@@ -95,119 +94,24 @@ def _error_body(exc: LiveError) -> bytes:
     return _dumps(exc.to_dict())
 
 
-# -- body validation beyond what the scheduler needs ---------------------------------------------------
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    # Ints are compared as ints: math.isfinite(10**400) raises OverflowError.
-    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and math.isfinite(v))
-
-
-def _check_number(body: Mapping[str, Any], key: str, low: float, high: float) -> None:
-    if key in body and body[key] is not None:
-        value = body[key]
-        if not _is_number(value) or not low <= value <= high:
-            raise InvalidRequest(
-                f"'{key}' must be a number between {low:g} and {high:g}, got {_short(value)}", param=key
-            )
-
-
-def _check_int(body: Mapping[str, Any], key: str, low: int, high: int | None = None) -> None:
-    if key in body and body[key] is not None:
-        value = body[key]
-        if not _is_int(value) or value < low or (high is not None and value > high):
-            bound = f"between {low} and {high}" if high is not None else f">= {low}"
-            raise InvalidRequest(f"'{key}' must be an integer {bound}, got {_short(value)}", param=key)
-
-
-def _check_bool(body: Mapping[str, Any], key: str) -> None:
-    if key in body and body[key] is not None and not isinstance(body[key], bool):
-        raise InvalidRequest(f"'{key}' must be true or false, got {body[key]!r}", param=key)
-
-
-MAX_TOKENS_LIMIT = 2**31 - 1
-"""Largest max_tokens accepted (no model has a longer context; bigger ints overflow float maths)."""
+# -- body validation: the shared pydantic rules, plus the gateway's own limit --------------------------
 
 
 def validate_body(endpoint: str, body: Any, max_batch_inputs: int) -> None:
-    """Reject malformed OpenAI fields with 400 naming the field (413 for too many inputs).
+    """Reject a malformed body with 400 naming the field (413 for too many embedding inputs).
 
-    Unknown fields are allowed (passed to the backend); known ones must have the documented types,
-    so a typo'd type is answered here rather than by an opaque backend error.
+    The rules are `sagesched.live.openai_schema.check_body`, which the client applies too. Unknown
+    fields are allowed (passed to the backend); known ones must have the documented types and
+    ranges. `max_batch_inputs` is the gateway's own cap on inputs per embeddings request.
     """
-    if not isinstance(body, dict):
-        raise InvalidRequest(f"the request body must be a JSON object, not a JSON {type(body).__name__}")
-    if "model" not in body:
-        raise InvalidRequest("'model' is required; GET /v1/models lists the served models", param="model")
-    if not isinstance(body["model"], str) or not body["model"].strip():
-        raise InvalidRequest("'model' must be a non-empty string naming a served model", param="model")
+    check_body(endpoint, body)
     if endpoint == "embeddings":
         inputs = body.get("input")
-        if isinstance(inputs, list) and len(inputs) > max_batch_inputs and not all(_is_int(t) for t in inputs):
+        if isinstance(inputs, list) and len(inputs) > max_batch_inputs and not isinstance(inputs[0], int):
             raise PayloadTooLarge(
-                f"'input' has {len(inputs)} items; at most {max_batch_inputs} per request (split the batch)",
+                f"'input' has {len(inputs)} items; at most {max_batch_inputs} per request (max_batch_inputs)",
                 param="input",
             )
-        if isinstance(inputs, str) and not inputs:
-            raise InvalidRequest("'input' must not be an empty string", param="input")
-        if isinstance(inputs, list) and any(isinstance(i, str) and not i for i in inputs):
-            raise InvalidRequest("'input' must not contain empty strings", param="input")
-        fmt = body.get("encoding_format")
-        if fmt is not None and fmt not in ("float", "base64"):
-            raise InvalidRequest(f"'encoding_format' must be 'float' or 'base64', got {fmt!r}", param="encoding_format")
-        _check_int(body, "dimensions", 1)
-        if "user" in body and body["user"] is not None and not isinstance(body["user"], str):
-            raise InvalidRequest("'user' must be a string", param="user")
-        return
-    _check_bool(body, "stream")
-    options = body.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict):
-            raise InvalidRequest(
-                "'stream_options' must be an object like {\"include_usage\": true}", param="stream_options"
-            )
-        if not body.get("stream"):
-            raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-        _check_bool(options, "include_usage")
-    _check_int(body, "n", 1, 128)
-    _check_int(body, "max_tokens", 0, MAX_TOKENS_LIMIT)
-    _check_int(body, "max_completion_tokens", 0, MAX_TOKENS_LIMIT)
-    _check_number(body, "temperature", 0.0, 2.0)
-    _check_number(body, "top_p", 0.0, 1.0)
-    _check_number(body, "presence_penalty", -2.0, 2.0)
-    _check_number(body, "frequency_penalty", -2.0, 2.0)
-    _check_int(body, "seed", -(2**63), 2**64 - 1)
-    stop = body.get("stop")
-    if (
-        stop is not None
-        and not isinstance(stop, str)
-        and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop))
-    ):
-        raise InvalidRequest("'stop' must be a string or a list of strings", param="stop")
-    if "user" in body and body["user"] is not None and not isinstance(body["user"], str):
-        raise InvalidRequest("'user' must be a string", param="user")
-    if endpoint == "chat":
-        _check_bool(body, "logprobs")
-        _check_int(body, "top_logprobs", 0, 20)
-        messages = body.get("messages")
-        if isinstance(messages, list):
-            for i, message in enumerate(messages):
-                if isinstance(message, dict) and "content" in message:
-                    content = message["content"]
-                    if content is not None and not isinstance(content, str | list):
-                        raise InvalidRequest(
-                            f"messages[{i}].content must be a string or a list of parts", param="messages"
-                        )
-    else:
-        _check_bool(body, "echo")
-        _check_int(body, "logprobs", 0, 20)
-        _check_int(body, "best_of", 1, 128)
-        if "suffix" in body and body["suffix"] is not None and not isinstance(body["suffix"], str):
-            raise InvalidRequest("'suffix' must be a string", param="suffix")
 
 
 # -- the Responses API, as a chat completion ---------------------------------------------------------

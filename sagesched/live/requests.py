@@ -33,6 +33,7 @@ from typing import Any
 
 from sagesched.core import SLO, Priority, Request, RequestType
 from sagesched.live.errors import InvalidRequest
+from sagesched.live.openai_schema import MAX_N, MAX_TOKENS_LIMIT
 
 ENDPOINTS: dict[str, RequestType] = {
     "chat": RequestType.LLM_CHAT,
@@ -49,12 +50,6 @@ DEFAULT_MAX_TOKENS = 256
 
 SCHEDULING_FIELDS: frozenset[str] = frozenset({"priority", "deadline_ms", "slo_ttft_ms", "slo_tpot_ms"})
 """Body fields read by the scheduler and not forwarded to backends."""
-
-MAX_TOKENS_LIMIT = 2**31 - 1
-"""Largest max_tokens accepted: no model has a longer context, and bigger ints overflow float maths."""
-
-MAX_N = 128
-"""Most choices per request (`n`), for the gateway and the client alike."""
 
 MAX_SLO_MS = 1e12
 """Largest SLO in milliseconds (~31 years); anything larger is a typo, and huge values overflow."""

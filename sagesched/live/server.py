@@ -44,7 +44,8 @@ from sagesched.live.errors import (
 )
 from sagesched.live.gateway import _ENDPOINT_BY_PATH, Gateway
 from sagesched.live.gateway_config import GatewayConfig
-from sagesched.live.openai_body import MAX_TOKENS_LIMIT, validate_body
+from sagesched.live.openai_body import validate_body
+from sagesched.live.openai_schema import MAX_TOKENS_LIMIT
 
 log = logging.getLogger(__name__)
 

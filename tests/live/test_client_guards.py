@@ -101,3 +101,16 @@ def test_a_client_never_closed_leaves_no_thread(ok_backend) -> None:
     while loop_threads() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert loop_threads() == before
+
+
+@pytest.mark.parametrize(
+    ("kw", "param"),
+    [({"temperature": 10**400}, "temperature"), ({"n": 0}, "n"), ({"max_tokens": "many"}, "max_tokens")],
+)
+def test_the_client_applies_the_gateways_body_rules(ok_backend, kw, param) -> None:
+    with UnifiedInferenceClient(ok_backend.url, "chat-a") as client:
+        calls = len(ok_backend.calls)
+        with pytest.raises(InvalidRequest) as info:
+            client.chat("hi", **kw)
+        assert info.value.param == param
+        assert len(ok_backend.calls) == calls  # refused before anything was sent
