@@ -65,6 +65,30 @@ def _decode_s(perf: LLMPerfModel, prompt: int, steps: int) -> float:
     return steps * (lo + (hi - lo) * frac)
 
 
+def admits(request: Request, instance: InstanceConfig) -> bool:
+    """Whether `instance`'s engine would accept `request` at all (the simulator answers 400 to a
+    request whose KV cache need exceeds the whole cache, or, with `vllm.max_model_len` set, whose
+    prompt plus output exceeds it). A bound for a request no engine admits is NaN: it is rejected,
+    and pricing its prefill would walk a 10**12-token prompt chunk by chunk."""
+    if request.is_embedding:
+        uses_tei = instance.kind is InstanceKind.EMBEDDING or instance.shared.embedding_backend == "tei"
+        if uses_tei:
+            return True
+        total = request.work_tokens
+    else:
+        outputs = request.output_tokens if request.output_tokens is not None else request.max_tokens
+        total = request.prompt_tokens + max(1, outputs)
+        limit = getattr(instance.vllm, "max_model_len", None)
+        if limit is not None and request.prompt_tokens + max(1, request.max_tokens or outputs) > limit:
+            return False
+    block = instance.vllm.block_size
+    blocks = instance.vllm.num_gpu_blocks
+    if blocks is None:  # as `VllmEngineCore` sizes its cache
+        perf = _llm(instance.model, instance.hardware, instance.tensor_parallel, instance.calibration)
+        blocks = int(perf.kv_capacity_tokens(instance.vllm.gpu_memory_utilization)) // block
+    return -(-total // block) <= blocks
+
+
 def isolated_latency_s(request: Request, instance: InstanceConfig, cached_tokens: int = 0) -> tuple[float, float]:
     """(time to first token or result, end-to-end) of `request` alone on `instance`, in seconds."""
     if request.is_embedding:
@@ -90,7 +114,9 @@ def isolated_latencies(requests: Sequence[Request], cluster: ClusterConfig) -> n
     seen_blocks: set[int] = set()
     for i, request in enumerate(requests):
         candidates = [
-            inst for inst in cluster.instances if inst.kind.serves(request.type) and request.model in inst.models
+            inst
+            for inst in cluster.instances
+            if inst.kind.serves(request.type) and request.model in inst.models and admits(request, inst)
         ]
         cached = 0
         if request.prefix_hashes:

@@ -126,6 +126,7 @@ def _run_sim(resolved: dict[str, Any], out_dir: str | Path, *, progress: bool | 
     summary = result.summary()
     offered_s = max(requests[-1].arrival_s - requests[0].arrival_s, 1e-9)
     summary.update(
+        ended_reasons=ended_reasons(result.records),
         driver="sim",
         policy=policy.name,
         label=str(resolved.get("label") or policy.name),
@@ -172,6 +173,55 @@ SUMMARY_TABLE = (
 )
 
 
+def ended_reasons(records: Any, top: int = 3) -> dict[str, dict[str, int]]:
+    """The most common reasons per unsuccessful outcome (rejected, failed), for the summary."""
+    out: dict[str, dict[str, int]] = {}
+    for outcome in ("rejected", "failed"):
+        reasons = records.loc[records["outcome"] == outcome, "reason"]
+        if len(reasons):
+            out[outcome] = {str(k): int(v) for k, v in reasons.value_counts().head(top).items()}
+    return out
+
+
+def unserved_lines(summary: dict[str, Any]) -> list[str]:
+    """Loud lines for requests that were not served: a run that rejected half its workload must
+    not read like a success."""
+    total = summary.get("requests") or 0
+    lines = []
+    for outcome in ("rejected", "failed"):
+        n = summary.get(outcome) or 0
+        if not n or not total:
+            continue
+        reasons = (summary.get("ended_reasons") or {}).get(outcome) or {}
+        common = "; ".join(f"{count} x {reason}" for reason, count in reasons.items())
+        lines.append(
+            f"  WARNING: {n} of {total} requests ({100.0 * n / total:.1f}%) {outcome}"
+            + (f", most often: {common}" if common else "")
+            + " (requests.parquet, column reason; fail_on_unserved=true makes this exit 3)"
+        )
+    return lines
+
+
+def check_overrides(overrides: Sequence[str], groups: Sequence[str]) -> None:
+    """Refuse a command-line override that adds a top-level key nothing reads (`+bogus=1`).
+
+    Hydra accepts any ``+key=value`` and the experiment would silently ignore it; a misspelt or
+    misplaced setting (``+rate_scale=2`` for ``workload.rate_scale=2``) must not pass unnoticed.
+    """
+    known = {"seed", "label", "scenario", "fail_on_unserved", *groups}
+    for override in overrides:
+        if not override.startswith("+"):
+            continue
+        key = override.lstrip("+").split("=", 1)[0].split("@", 1)[0]
+        if "." in key or "/" in key or key in known or key.startswith("hydra"):
+            continue
+        raise ExperimentError(
+            f"{override!r} adds a top-level key {key!r} that the experiment never reads; set a field of a "
+            f"config group instead (e.g. workload.{key}=..., sim.{key}=..., policy.{key}=...). Top-level keys: "
+            f"{', '.join(sorted(known))}"
+        )
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A compact two-column table for the terminal."""
     label = summary.get("label")
@@ -184,7 +234,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if bound.get("slo_attainment_upper") is not None:
         rows.append(("SLO attainment bound", f"{bound['slo_attainment_upper']:.3f}"))
     width = max(len(label) for label, _ in rows)
-    return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)
+    return "\n".join([*(f"  {label:<{width}}  {value}" for label, value in rows), *unserved_lines(summary)])
 
 
 def _hydra_main() -> None:
@@ -196,6 +246,7 @@ def _hydra_main() -> None:
         out_dir = HydraConfig.get().runtime.output_dir
         multirun = HydraConfig.get().mode.name == "MULTIRUN"
         try:
+            check_overrides(HydraConfig.get().overrides.task, list(HydraConfig.get().runtime.choices))
             summary = run(cfg, out_dir, progress=None if not multirun else False)
         except (ValueError, FileNotFoundError) as exc:
             if multirun:
@@ -204,6 +255,8 @@ def _hydra_main() -> None:
             raise SystemExit(2) from None
         print(format_summary(summary), file=sys.stderr if multirun else sys.stdout)
         print(f"outputs: {out_dir}", file=sys.stderr if multirun else sys.stdout)
+        if cfg.get("fail_on_unserved") and (summary.get("rejected") or summary.get("failed")):
+            raise SystemExit(3)
         return summary.get("goodput_rps")
 
     task()

@@ -142,3 +142,25 @@ def test_unservable_requests_are_nan_and_do_not_count_as_met():
     assert emb.any() and np.isnan(lat[emb]).all() and not np.isnan(lat[~emb, 0]).any()
     upper = bound_summary(requests, llm_only)
     assert upper["slo_attainment_upper"] <= 1.0 - emb.mean() + 1e-12
+
+
+def test_a_request_no_engine_admits_gets_no_bound_and_costs_nothing():
+    """A 10**12-token prompt: the simulator refuses it (KV cache), so its bound is NaN, computed at
+    once instead of pricing 5e8 prefill chunks."""
+    import time
+
+    from sagesched.core import Request, RequestType
+    from sagesched.sim import InstanceConfig
+
+    cluster = ClusterConfig((InstanceConfig(id="a", model="llama-2-7b", hardware="a100"),))
+    requests = [
+        Request(id=i, type=RequestType.LLM_CHAT, model="llama-2-7b", arrival_s=0.0, prompt_tokens=p, max_tokens=8)
+        for i, p in (("huge", 10**12), ("ok", 500))
+    ]
+    started = time.perf_counter()
+    lat = isolated_latencies(requests, cluster)
+    assert time.perf_counter() - started < 5.0
+    assert np.isnan(lat[0]).all() and not np.isnan(lat[1]).any()
+    result = simulate(requests, cluster, make_policy("fifo"), SimConfig(progress=False))
+    outcome = dict(zip(result.records.request_id, result.records.outcome, strict=True))
+    assert outcome == {"huge": "rejected", "ok": "completed"}  # the bound agrees with the simulator

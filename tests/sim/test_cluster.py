@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import pandas as pd
@@ -186,3 +187,39 @@ def test_timeline_summary_and_files(tmp_path):
     out = res.write(tmp_path / "run")
     assert pd.read_parquet(out / "records.parquet").shape == res.records.shape
     assert (out / "summary.json").exists()
+
+
+def test_timeline_cost_follows_events_not_the_simulated_span():
+    """A trace stretched by rate_scale=1e-9 spans ~1e10 s: the 1 s sampler must skip the quiet
+    spans (nothing changes between events) instead of walking every second of them."""
+    import time
+
+    reqs = [
+        Request(
+            id=f"c{i}",
+            type=RequestType.LLM_CHAT,
+            model="llama-2-7b",
+            arrival_s=i * 3e9,
+            prompt_tokens=200,
+            max_tokens=40,
+            output_tokens=40,
+        )
+        for i in range(4)
+    ]
+    started = time.perf_counter()
+    result = run(reqs, timeline_interval_s=1.0)
+    assert time.perf_counter() - started < 10.0
+    assert (result.records.outcome == "completed").all()
+    timeline = result.timeline
+    assert 0 < len(timeline) < 200 * len(CLUSTER.instances)
+    times = timeline["t_s"] if "t_s" in timeline else timeline.iloc[:, 0]
+    assert (times.to_numpy() % 1.0 == 0).all()  # still on the 1 s grid
+    assert times.max() > 9e9  # and sampled through the last request
+
+
+def test_busy_timeline_is_unchanged_by_skipping_quiet_spans():
+    """With no quiet span longer than an interval, there is one sample per interval, as before."""
+    result = run(timeline_interval_s=0.5)
+    times = sorted(set(result.timeline.iloc[:, 0]))
+    assert times[:4] == [0.5, 1.0, 1.5, 2.0]
+    assert all(abs(b - a - 0.5) < 1e-9 for a, b in itertools.pairwise(times))

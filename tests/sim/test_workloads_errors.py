@@ -191,3 +191,42 @@ def test_from_dict_forms_and_round_trip():
     assert WorkloadConfig.from_dict(config.to_dict()) == config
     assert WorkloadConfig.from_dict({"tenants": 3}).tenants == {"tenant-0": 1.0, "tenant-1": 1.0, "tenant-2": 1.0}
     assert WorkloadConfig.from_dict(None) == WorkloadConfig()
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "detail"),
+    [
+        ("TIMESTAMP,ContextTokens,GeneratedTokens\n".encode("utf-16"), 1, "UTF-16"),
+        (HEADER.encode() + GOOD_ROW.encode() * 3 + b"\x00\x01\x02binary", 5, "NUL byte"),
+        (HEADER.encode() + GOOD_ROW.encode() * 2 + b"2023-11-16 18:15:47,\xff\xfe12,3\n", 4, "not UTF-8"),
+    ],
+)
+def test_binary_and_non_utf8_traces_name_file_line_and_fix(tmp_path, content, line, detail):
+    path = tmp_path / "conv.csv"
+    path.write_bytes(content)
+    with pytest.raises(TraceFormatError) as info:
+        load_trace("azure_conv", path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:{line}: ") and detail in message
+    assert "UTF-8" in message  # says what to do
+
+
+def test_binary_servegen_files_are_refused_by_name(tmp_path):
+    shutil.copy(TRACE_DIR / "servegen_m-large_chunk-1-dataset.json", tmp_path / "x-dataset.json")
+    rates = tmp_path / "x-trace.csv"
+    rates.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(TraceFormatError, match=re.escape(str(rates))):
+        load_servegen(rates)
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"rate_scale": float("inf")}, "rate_scale"),
+        ({"trace": "poisson", "arrival": {"process": "poisson", "rate_rps": float("inf")}}, "arrival.rate_rps"),
+        ({"embedding": {"stream_rps": float("inf")}}, "embedding.stream_rps"),
+    ],
+)
+def test_infinite_rates_are_refused_with_the_fix(data, key):
+    with pytest.raises(ValueError, match=re.escape(f"{key} must be a finite number, got inf; set workload.{key}")):
+        WorkloadConfig.from_dict(data)

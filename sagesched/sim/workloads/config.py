@@ -36,6 +36,8 @@ def _positive(name: str, value: float | None, *, allow_zero: bool = False) -> No
     ok = value >= 0 if allow_zero else value > 0
     if not ok or (isinstance(value, float) and math.isnan(value)):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    if isinstance(value, float) and math.isinf(value):
+        raise ValueError(f"{name} must be a finite number, got {value}; set workload.{name} to a finite value")
 
 
 @dataclass(frozen=True)

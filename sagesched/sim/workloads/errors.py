@@ -21,3 +21,32 @@ class TraceFormatError(ValueError):
         where = self.path if line is None else f"{self.path}:{line}"
         text = f"{where}: column {column}: {message}" if column else f"{where}: {message}"
         super().__init__(text)
+
+
+def require_utf8_text(path: str | Path) -> None:
+    """Raise `TraceFormatError` (file, line, what to do) unless `path` holds UTF-8 text.
+
+    Without this a binary or UTF-16 file fails deep inside a parser with a bare codec error that
+    names neither the file nor the line.
+    """
+    data = Path(path).read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise TraceFormatError(
+            path, 1, None, "the file is UTF-16 text; save it as UTF-8 (e.g. `iconv -f UTF-16 -t UTF-8`)"
+        )
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise TraceFormatError(
+            path, line, None, f"a NUL byte at byte {nul}: this is a binary or UTF-16 file, not a UTF-8 text trace"
+        )
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise TraceFormatError(
+            path,
+            line,
+            None,
+            f"byte 0x{data[exc.start]:02x} at byte {exc.start} is not UTF-8; save the trace as UTF-8 text",
+        ) from None

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from sagesched.sim.workloads.arrivals import renewal_arrivals
-from sagesched.sim.workloads.errors import TraceFormatError
+from sagesched.sim.workloads.errors import TraceFormatError, require_utf8_text
 from sagesched.sim.workloads.traces import resolve_trace_path
 
 SERVEGEN_COLUMNS = ("window_start_s", "rate_rps", "cv", "pattern", "param1", "param2")
@@ -278,6 +278,8 @@ def load_servegen(path: str | Path | None = None) -> ServeGenTrace:
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
+    require_utf8_text(rates_path)
+    require_utf8_text(length_path)
     starts, rates, cvs, patterns = _parse_rates(rates_path)
     windows = _parse_lengths(length_path)
     start = np.asarray(starts, dtype=np.float64)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sagesched.sim.workloads.errors import TraceFormatError
+from sagesched.sim.workloads.errors import TraceFormatError, require_utf8_text
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +269,7 @@ def load_trace(name: str, path: str | Path | None = None) -> RequestTrace:
         cached = _CACHE.get(key)
     if cached is not None:
         return cached
+    require_utf8_text(target)
     trace = _PARSERS[spec.format](target, name)
     log.debug("parsed trace %s: %d requests over %.0f s", target, len(trace), trace.duration_s)
     with _CACHE_LOCK:
