@@ -15,11 +15,12 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope
 
 from sagesched.live.errors import (
     AuthenticationError,
@@ -34,10 +35,6 @@ from sagesched.live.prometheus import CONTENT_TYPE_LATEST, GatewayMetrics
 from sagesched.live.requests import request_from_body
 
 log = logging.getLogger(__name__)
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def _host_name(host: str) -> str:

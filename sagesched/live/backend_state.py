@@ -86,7 +86,7 @@ class BackendState:
         return str(self.config.id)
 
     def serves(self, request: Request) -> bool:
-        return self.config.kind.serves(request.type) and request.model in self.config.models
+        return self.config.instance_kind.serves(request.type) and request.model in self.config.models
 
     def add(self, p: PendingRequest) -> None:
         self.remove(p.request.id)
@@ -144,7 +144,7 @@ class BackendState:
             kv = min(1.0, max(0.0, m.kv_usage or 0.0))
         return InstanceView(
             id=self.id,
-            kind=self.config.kind,
+            kind=self.config.instance_kind,
             models=frozenset(self.config.models),
             healthy=self.healthy,
             running=running,

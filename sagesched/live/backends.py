@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httpx
@@ -89,6 +89,20 @@ class BackendConfig:
     decode_step_s: float = 0.02
     embedding_tokens_per_s: float = 50_000.0
     scrape_metrics: bool = True
+
+    # Typed views of the fields __post_init__ normalises (a str kind becomes an InstanceKind, a
+    # missing id becomes host:port, models a tuple), so callers need no casts.
+    @property
+    def instance_kind(self) -> InstanceKind:
+        return cast(InstanceKind, self.kind)
+
+    @property
+    def backend_id(self) -> str:
+        return cast(str, self.id)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return cast(tuple[str, ...], self.models)
 
     def __post_init__(self) -> None:
         url = str(self.url).strip().rstrip("/")

@@ -26,7 +26,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 
@@ -244,9 +244,9 @@ class UnifiedInferenceClient:
             config = executor_config
         executor = LiveExecutor(policy, backends, config)
         if llm_model is None:
-            llm_model = next((b.models[0] for b in backends if b.kind.value != "embedding"), None)
+            llm_model = next((b.models[0] for b in backends if b.instance_kind.value != "embedding"), None)
         if embedding_model is None:
-            embedding_model = next((b.models[0] for b in backends if b.kind.value != "llm"), None)
+            embedding_model = next((b.models[0] for b in backends if b.instance_kind.value != "llm"), None)
         client = cls(
             None, llm_model, None, embedding_model, timeout_s=timeout_s, mode="control_plane", _executor=executor
         )
@@ -397,7 +397,7 @@ class UnifiedInferenceClient:
             and messages
             and all(isinstance(m, Mapping) and isinstance(m.get("role"), str) for m in messages)
         ):
-            return [dict(m) for m in messages]
+            return [dict(cast(Mapping[str, Any], m)) for m in messages]
         raise InvalidRequest(
             "messages must be a string or a non-empty list of {'role': ..., 'content': ...} dicts, "
             f"not {_describe(messages)}",

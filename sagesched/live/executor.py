@@ -121,7 +121,7 @@ class LiveExecutor(Dispatcher):
                 read_timeout_s=self.config.request_timeout_s,
                 probe_timeout_s=self.config.probe_timeout_s,
             )
-            self._backends[cfg.id] = _Backend(cfg, client)
+            self._backends[cfg.backend_id] = _Backend(cfg, client)
         self._started = True
         await asyncio.gather(*(self._probe(b) for b in self._backends.values()))
         self._health_task = self._loop.create_task(self._health_loop(), name="sagesched-health")
@@ -196,7 +196,9 @@ class LiveExecutor(Dispatcher):
     def models(self, endpoint: str | None = None) -> list[str]:
         """Models served by at least one backend (for `endpoint`'s request type, if given)."""
         rtype = ENDPOINTS.get(endpoint) if endpoint else None
-        found = {m for cfg in self.backend_configs if rtype is None or cfg.kind.serves(rtype) for m in cfg.models}
+        found = {
+            m for cfg in self.backend_configs if rtype is None or cfg.instance_kind.serves(rtype) for m in cfg.models
+        }
         return sorted(found)
 
     def backend_for(self, instance_id: str) -> BackendConfig:
@@ -210,7 +212,7 @@ class LiveExecutor(Dispatcher):
             backends[b.id] = {
                 "id": b.id,
                 "url": b.config.url,
-                "kind": b.config.kind.value,
+                "kind": b.config.instance_kind.value,
                 "models": list(b.config.models),
                 "healthy": b.healthy,
                 "inflight": len(b.inflight),
@@ -273,7 +275,7 @@ class LiveExecutor(Dispatcher):
         record = RequestRecord.from_request(request)
         if not any(b.serves(request) for b in self._backends.values()):
             served = self.models(endpoint)
-            error = ModelNotFound(
+            error: LiveError = ModelNotFound(
                 f"model {request.model!r} is not served for {endpoint}; available: {', '.join(served) or '(none)'}",
                 param="model",
             )

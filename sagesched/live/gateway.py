@@ -14,11 +14,12 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
 
 from sagesched.live.admin import GatewayRoutes
 from sagesched.live.errors import (
@@ -38,10 +39,6 @@ from sagesched.live.prometheus import GatewayMetrics
 from sagesched.live.requests import request_from_body
 
 log = logging.getLogger(__name__)
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -113,7 +110,7 @@ class Gateway(GatewayRoutes):
 
         cfg = self.config
         fields = set(getattr(ExecutorConfig, "__dataclass_fields__", {}))
-        wanted = {
+        wanted: dict[str, Any] = {
             "max_queue": cfg.max_queue,
             "request_timeout_s": cfg.request_timeout_s,
             "health_interval_s": cfg.health_interval_s,
@@ -312,10 +309,10 @@ class Gateway(GatewayRoutes):
             self.metrics.reject("client_disconnected")
             log.debug("client disconnected; request cancelled")
         except TimeoutError:
-            exc = UpstreamTimeout(
+            timeout = UpstreamTimeout(
                 f"the request did not finish within {self.config.request_timeout_s:g} s (request_timeout_s)"
             )
-            await self._fail(send, exc, endpoint, started, counted=False)
+            await self._fail(send, timeout, endpoint, started, counted=False)
         except LiveError as exc:
             await self._fail(send, exc, endpoint, started, counted=submitted)
         except Exception as exc:  # a bug must still answer in OpenAI shape and never kill the connection

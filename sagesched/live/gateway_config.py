@@ -170,7 +170,8 @@ def parse_gateway_config(text: str, source: str = "<config>") -> GatewayConfig:
     if data is None:
         raise GatewayConfigError(f"{source}: the file is empty; it needs at least a `backends:` list")
     lines: dict[tuple[Any, ...], int] = {}
-    _collect_lines(node, (), lines)
+    if node is not None:
+        _collect_lines(node, (), lines)
     return _Parser(source, lines).parse(data)
 
 
@@ -252,6 +253,7 @@ class _Parser:
     # -- sections ----------------------------------------------------------------------------------
     def policy(self, value: Any) -> tuple[str, dict[str, Any]]:
         if isinstance(value, str):
+            path: tuple[str, ...]
             name, config, path = value, {}, ("policy",)
         elif isinstance(value, Mapping):
             if "name" not in value or not isinstance(value["name"], str):

@@ -103,7 +103,7 @@ def protocol_class() -> type[asyncio.Protocol] | None:
                 extensions = self.scope.get("extensions")
                 if extensions is None:
                     extensions = self.scope["extensions"] = {}  # type: ignore[typeddict-unknown-key]
-                extensions[DISCONNECT_EXTENSION] = functools.partial(setattr, cycle, _CALLBACK_ATTR)
+                extensions[DISCONNECT_EXTENSION] = functools.partial(setattr, cycle, _CALLBACK_ATTR)  # type: ignore[assignment]
 
         def send_400_response(self, msg: str) -> None:
             """uvicorn's own parse errors (bad request line, bad headers) in the OpenAI error shape."""

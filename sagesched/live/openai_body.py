@@ -11,7 +11,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sagesched.live.errors import (
@@ -22,10 +21,6 @@ from sagesched.live.errors import (
 from sagesched.live.openai_schema import check_body
 
 log = logging.getLogger(__name__)
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def _reject_constant(name: str) -> Any:
@@ -138,7 +133,7 @@ def responses_to_chat(body: Any) -> dict[str, Any]:
                 raise InvalidRequest(f"input[{i}] must be an object with 'role' and 'content'", param="input")
             content = item.get("content")
             if isinstance(content, list):  # [{"type": "input_text", "text": ...}, ...]
-                texts = [p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+                texts = [str(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
                 content = "".join(texts)
             if not isinstance(content, str):
                 raise InvalidRequest(f"input[{i}].content must be text", param="input")

@@ -142,7 +142,7 @@ def check_body(endpoint: str, body: Any) -> None:
         field = str(loc[0]) if loc else None
         if first.get("type") == "missing":
             message = f"'{_where(loc)}' is required for {endpoint}"
-        elif (endpoint, field) in _UNION_HELP:
+        elif field is not None and (endpoint, field) in _UNION_HELP:
             message = f"{_UNION_HELP[endpoint, field]}; got {_short(body.get(field))}"
         else:
             message = f"'{_where(loc)}': {first.get('msg', 'invalid value')}, got {_short(first.get('input'))}"

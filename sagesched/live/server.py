@@ -35,6 +35,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from sagesched.live.admin import _error_response
 from sagesched.live.errors import (
@@ -48,10 +49,6 @@ from sagesched.live.openai_body import validate_body
 from sagesched.live.openai_schema import MAX_TOKENS_LIMIT
 
 log = logging.getLogger(__name__)
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 # -- the app -----------------------------------------------------------------------------------------

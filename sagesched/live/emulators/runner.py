@@ -115,8 +115,8 @@ def build_app(kind: str, **options: Any) -> tuple[Any, str]:
         from sagesched.live.emulators.tei_app import TeiEmulatorConfig, build_tei_app
 
         names = {f.name for f in fields(TeiEmulatorConfig)}
-        config = TeiEmulatorConfig(**{k: v for k, v in options.items() if k in names})
-        return build_tei_app(config, **{k: v for k, v in options.items() if k not in names}), config.name
+        tei_config = TeiEmulatorConfig(**{k: v for k, v in options.items() if k in names})
+        return build_tei_app(tei_config, **{k: v for k, v in options.items() if k not in names}), tei_config.name
     raise ValueError(f"unknown emulator kind {kind!r}; use 'vllm' or 'tei'")
 
 
