@@ -14,8 +14,8 @@ without bound (the benchmark's p99 TTFT past saturation was 1.7-3.5x FIFO's). Ad
   its wait is bounded by the urgent work alone instead of by the whole backlog.
 
 Shedding is rationed by a budget: over the requests this controller has seen, at most
-``max_shed_fraction`` are shed, lowest priority class first (ties: the most hopeless, i.e. most
-negative best slack, first). Requests at or above ``protect_priority`` in urgency (critical by
+``max_shed_fraction`` are shed, the most hopeless first (most negative best slack: the ones that
+would otherwise wait longest past their SLO, i.e. the tail), lowest class first among equals. Requests at or above ``protect_priority`` in urgency (critical by
 default) are never shed. The budget is what keeps shedding from being a hidden win: a policy that
 sheds half its load can post any goodput; one that sheds at most 5% cannot.
 
@@ -40,6 +40,9 @@ class AdmissionConfig:
     defer_slack_s: attainable requests with more best slack than this are served after late ones
         (bounded tails); ``inf`` keeps the old order (late last).
     protect_priority: requests of this priority class or more urgent are never shed.
+    late_first_priority: late requests of this class or more urgent that are not shed go first,
+        before even the urgent attainable requests (default 1, high: interactive work's tail stays
+        bounded by its own queue); less urgent late ones go after the urgent attainable ones.
     retry_after_s: what the rejection's reason suggests as a retry delay (the gateway's 429 carries
         its own ``Retry-After``).
     """
@@ -48,6 +51,7 @@ class AdmissionConfig:
     defer_slack_s: float = 5.0
     protect_priority: int = int(Priority.CRITICAL)
     retry_after_s: float = 1.0
+    late_first_priority: int = int(Priority.HIGH)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_shed_fraction <= 1.0:
@@ -56,6 +60,8 @@ class AdmissionConfig:
             raise ValueError(f"defer_slack_s must be >= 0 s (inf: late requests last), got {self.defer_slack_s!r}")
         if not 0 <= int(self.protect_priority) <= int(Priority.BACKGROUND):
             raise ValueError(f"protect_priority must be 0-4, got {self.protect_priority!r}")
+        if not -1 <= int(self.late_first_priority) <= int(Priority.BACKGROUND):
+            raise ValueError(f"late_first_priority must be -1 (none) to 4, got {self.late_first_priority!r}")
         if not self.retry_after_s > 0:
             raise ValueError(f"retry_after_s must be > 0 s, got {self.retry_after_s!r}")
 
@@ -95,7 +101,7 @@ class AdmissionControl:
         if budget > 0:
             sheddable = sorted(
                 (item for item in late if int(item[1].priority) > c.protect_priority),
-                key=lambda item: (-int(item[1].priority), item[0], item[1].arrival_s, item[1].id),
+                key=lambda item: (item[0], -int(item[1].priority), item[1].arrival_s, item[1].id),
             )
             shed_ids = set()
             for slack, request in sheddable[:budget]:

@@ -82,10 +82,11 @@ class SloAwareConfig(PolicyConfig):
         request that still can succeed. Unbounded: under overload it may shed a large share.
     admission: SLO-aware admission with a shed budget and bounded tails (`sagesched.policies.admission`):
         late requests are shed (code ``queue_full``: 429 + Retry-After live) while at most
-        ``max_shed_fraction`` of the requests seen have been shed, lowest class first; the rest
+        ``max_shed_fraction`` of the requests seen have been shed, most hopeless first; the rest
         are served before attainable requests with more than ``defer_slack_s`` of slack, in
         (priority, arrival) order, instead of after everything. Off by default (the baseline).
-    max_shed_fraction, defer_slack_s, protect_priority: the admission knobs (see `AdmissionConfig`).
+    max_shed_fraction, defer_slack_s, protect_priority, late_first_priority: the admission knobs
+        (see `AdmissionConfig`).
     """
 
     shed_unattainable: bool = False
@@ -93,9 +94,18 @@ class SloAwareConfig(PolicyConfig):
     max_shed_fraction: float = 0.05
     defer_slack_s: float = 5.0
     protect_priority: int = 0
+    late_first_priority: int = 1
 
     def __post_init__(self) -> None:
-        AdmissionConfig(self.max_shed_fraction, self.defer_slack_s, self.protect_priority)  # validates
+        self.admission_config()  # validates
+
+    def admission_config(self) -> AdmissionConfig:
+        return AdmissionConfig(
+            self.max_shed_fraction,
+            self.defer_slack_s,
+            self.protect_priority,
+            late_first_priority=self.late_first_priority,
+        )
 
 
 @register
@@ -107,11 +117,7 @@ class SloAwarePolicy(Policy):
     def __init__(self, config: PolicyConfig | None = None, **overrides) -> None:
         super().__init__(config, **overrides)
         c = self.config
-        self.admission = (
-            AdmissionControl(AdmissionConfig(c.max_shed_fraction, c.defer_slack_s, c.protect_priority))
-            if c.admission
-            else None
-        )
+        self.admission = AdmissionControl(c.admission_config()) if c.admission else None
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
         decisions: list[Decision]
@@ -147,10 +153,17 @@ class SloAwarePolicy(Policy):
             horizon = admission.config.defer_slack_s
             urgent = [r for slack, r in attainable if slack <= horizon]
             relaxed = [r for slack, r in attainable if slack > horizon]
+            first = admission.config.late_first_priority
+            for request in kept:
+                if int(request.priority) <= first:
+                    self._place_soonest(ledger, request, decisions, "SLO lost, urgent class: served first (admission)")
             for request in urgent:
                 self._place_by_slack(ledger, request, now, decisions, None)
             for request in kept:
-                self._place_soonest(ledger, request, decisions, "SLO lost: served before long-slack work (admission)")
+                if int(request.priority) > first:
+                    self._place_soonest(
+                        ledger, request, decisions, "SLO lost: served before long-slack work (admission)"
+                    )
             for request in relaxed:
                 self._place_by_slack(ledger, request, now, decisions, None)
             for request in best_effort:

@@ -9,7 +9,7 @@ from sagesched.policies import make_policy
 from sagesched.policies.admission import AdmissionConfig, AdmissionControl
 
 
-def test_budget_grows_with_requests_seen_and_sheds_lowest_class_first(make_request):
+def test_budget_grows_with_requests_seen_and_sheds_the_most_hopeless_first(make_request):
     control = AdmissionControl(AdmissionConfig(max_shed_fraction=0.1))
     requests = [make_request(f"r{i}") for i in range(30)]
     control.observe(requests)
@@ -23,10 +23,10 @@ def test_budget_grows_with_requests_seen_and_sheds_lowest_class_first(make_reque
         (-9.0, make_request("crit", priority="critical")),
     ]
     shed, kept = control.split_late(late, "t")
-    # Background first, then the more hopeless of the two low ones; critical is never shed.
-    assert [r.request_id for r in shed] == ["bg", "low-b", "low-a"]
+    # The latest first (the tail a served-late request would make); critical is never shed.
+    assert [r.request_id for r in shed] == ["low-b", "high", "bg"]
     assert all(r.code == RejectCode.QUEUE_FULL and "retry after" in r.reason for r in shed)
-    assert [r.id for r in kept] == ["crit", "high"]  # (priority, arrival) order
+    assert [r.id for r in kept] == ["crit", "low-a"]  # (priority, arrival) order
     assert control.budget() == 0 and control.shed_fraction == pytest.approx(0.1)
     shed, kept = control.split_late([(-1.0, make_request("late2", priority="low"))], "t")
     assert shed == [] and [r.id for r in kept] == ["late2"]  # budget spent: served, not shed
