@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +22,7 @@ from typing import Any
 import httpx
 
 from sagesched.live.gateway_config import GatewayConfig, GatewayConfigError, load_gateway_config
+from sagesched.live.processes import cmdline_contains, is_alive, port_problem, terminate
 
 log = logging.getLogger(__name__)
 
@@ -54,30 +52,6 @@ def _files() -> tuple[Path, Path, Path]:
 # -- process bookkeeping ---------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
-    with contextlib.suppress(OSError):
-        status = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-        if status == "Z":
-            return False
-    return True
-
-
-def _is_gateway(pid: int) -> bool:
-    """Guard against a stale pid file whose pid now belongs to an unrelated process."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return _alive(pid)
-    return b"sagesched" in cmdline
-
-
 def read_state() -> dict[str, Any] | None:
     """The running gateway's state, or None (stale files of a dead server are removed)."""
     pid_file, state_file, _ = _files()
@@ -88,7 +62,7 @@ def read_state() -> dict[str, Any] | None:
     except ValueError:
         pid_file.unlink(missing_ok=True)
         return None
-    if not _alive(pid) or not _is_gateway(pid):
+    if not is_alive(pid) or not cmdline_contains(pid, "sagesched"):
         pid_file.unlink(missing_ok=True)
         state_file.unlink(missing_ok=True)
         return None
@@ -123,27 +97,6 @@ def _clear_state() -> None:
             return
     pid_file.unlink(missing_ok=True)
     state_file.unlink(missing_ok=True)
-
-
-def port_problem(host: str, port: int) -> str | None:
-    """A message saying why `host:port` cannot be bound, or None when it is free."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return (
-                    f"port {port} on {host} is already in use by another program; "
-                    f"choose another with --port, or stop whatever listens there (`ss -ltnp 'sport = :{port}'` shows it)"
-                )
-            if exc.errno == errno.EADDRNOTAVAIL:
-                return f"cannot bind {host}: no such local address; use 127.0.0.1 or an address of this machine"
-            if exc.errno == errno.EACCES:
-                return f"no permission to bind port {port}; use a port above 1023"
-            return f"cannot bind {host}:{port}: {exc.strerror}"
-    return None
 
 
 def _already_running_message(state: dict[str, Any]) -> str:
@@ -301,16 +254,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print("sagesched gateway: not running")
         return EXIT_OK
     pid = int(state["pid"])
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            break
-        time.sleep(0.05)
-    else:
-        print(f"sagesched gateway (pid {pid}) did not stop within {args.timeout:.0f} s; killing it", file=sys.stderr)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    if not terminate(pid, args.timeout):
+        print(f"sagesched gateway (pid {pid}) did not stop within {args.timeout:.0f} s; killed it", file=sys.stderr)
     pid_file, state_file, _ = _files()
     pid_file.unlink(missing_ok=True)
     state_file.unlink(missing_ok=True)

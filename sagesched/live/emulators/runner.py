@@ -6,44 +6,28 @@ The thread form starts in a fraction of a second and is what most tests use; the
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-import httpx
 import uvicorn
+
+from sagesched.live.processes import free_port, wait_http_ok
 
 logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_healthy(url: str, timeout_s: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
     """Poll `/health` until 200; RuntimeError naming the URL (and exit code) otherwise."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"emulator at {url} exited with code {process.returncode} before becoming healthy")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"emulator at {url} not healthy after {timeout_s:.0f}s")
+    wait_http_ok(f"{url}/health", timeout_s, process, what="emulator")
 
 
 @dataclass
