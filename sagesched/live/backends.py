@@ -24,11 +24,12 @@ Each reading carries the loop time it was taken at, so views can say how old it 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -174,32 +175,36 @@ class BackendMetrics:
 
 
 def parse_prometheus_text(text: str) -> dict[str, float]:
-    """Samples of a Prometheus text exposition, summed over label sets, by metric name.
+    """Samples of a Prometheus text exposition, summed over label sets, by sample name.
 
-    Summing is right for the load gauges read here (vLLM labels them per model; one engine serves
-    one model). Malformed lines are skipped rather than failing the scrape.
+    Parsed with prometheus_client's parser. Summing is right for the load gauges read here (vLLM
+    labels them per model; one engine serves one model). NaN samples are left out. A page the parser
+    rejects is parsed again line by line so that one malformed line (some exporters write them)
+    costs only that sample, not the whole scrape.
     """
+    from prometheus_client.parser import text_string_to_metric_families
+
     samples: dict[str, float] = {}
+
+    def add(families: Iterable[Any]) -> None:
+        for family in families:
+            for sample in family.samples:
+                if not math.isnan(sample.value):
+                    # The parser names a counter's samples `<name>_total`; keep the name the text used.
+                    name = sample.name if sample.name in text else family.name
+                    samples[name] = samples.get(name, 0.0) + float(sample.value)
+
+    try:
+        add(text_string_to_metric_families(text))
+        return samples
+    except ValueError:
+        samples.clear()
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if "{" in line:
-            name, _, rest = line.partition("{")
-            _, _, rest = rest.rpartition("}")
-        else:
-            name, _, rest = line.partition(" ")
-        fields_ = rest.split()
-        if not fields_:
-            continue
-        try:
-            value = float(fields_[0])
-        except ValueError:
-            continue
-        if math.isnan(value):
-            continue
-        name = name.strip()
-        samples[name] = samples.get(name, 0.0) + value
+        with contextlib.suppress(ValueError):
+            add(text_string_to_metric_families(line + "\n"))
     return samples
 
 

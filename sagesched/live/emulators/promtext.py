@@ -144,11 +144,18 @@ class Registry:
 
 
 def parse_text(text: str) -> dict[str, float]:
-    """Parse exposition text into {'name{labels}': value}; used by tests and quick inspection."""
+    """Parse exposition text into {'name{labels}': value} with prometheus_client's parser.
+
+    Labels are written back in the order the text gives them, so keys match what `Registry.render`
+    wrote; used by tests and quick inspection.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
     values: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, raw = line.rpartition(" ")
-        values[key] = float(raw.replace("+Inf", "inf"))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            # The parser names a counter's samples `<name>_total`; keep the name the text used.
+            name = sample.name if sample.name in text else family.name
+            labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
+            values[f"{name}{{{labels}}}" if labels else name] = float(sample.value)
     return values
