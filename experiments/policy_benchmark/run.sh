@@ -3,22 +3,49 @@
 #
 #     bash experiments/policy_benchmark/run.sh [extra Hydra overrides, e.g. hydra.launcher.n_jobs=8]
 #
-# Runs the four scenario sweeps (conf/benchmark/*.yaml: 10 policies x 4 loads x 3 seeds each, 480
-# runs) on local cores with the joblib launcher, then writes the report: about 12 minutes on 2 busy cores.
+# Sweeps (conf/benchmark/*.yaml), 518 simulated runs in all:
+#   - the four scenarios: 8 policies x 4 loads x 2 seeds each (256 runs);
+#   - mixed versus siloed at 4 GPUs on embedding_heavy (loads 3, 4) and rag (load 2.2): siloed
+#     layouts once, mixed layouts under each interference preset; fifo, slo_aware, hybrid (252 runs);
+#   - multi_tenant: four tenants (40/20/20/20%), 5 policies, 2 seeds (10 runs);
+# then `sagesched.report` (the per-scenario tables and plots) and `analyze.py` (paired-by-seed
+# comparisons, gap to the bound closed, shed fractions, mixed vs siloed, Jain's index).
+# One job at a time by default (N_JOBS=1; the machine it was tuned on has 2 shared cores): ~30 min.
 # Set SAGESCHED_BENCH_DIR to keep the run folders elsewhere (default: multirun/policy_benchmark).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python}
 OUT=${SAGESCHED_BENCH_DIR:-multirun/policy_benchmark}
 HERE=experiments/policy_benchmark
-rm -rf "$OUT"
-for scenario in azure_conv azure_code rag embedding_heavy; do
+JOBS=${N_JOBS:-1}
+rm -rf "$OUT" "$OUT-mvs"
+mkdir -p "$(dirname "$OUT")"
+
+sweep() {  # sweep NAME [overrides...]: one Hydra multirun, logged to $OUT.NAME.log
+    local name=$1
+    shift
+    local start
     start=$(date +%s)
-    SAGESCHED_BENCH_DIR="$OUT" "$PYTHON" -m sagesched.experiment -m --config-dir "$HERE/conf" "+benchmark=$scenario" "$@" \
-        >"$OUT.$scenario.log" 2>&1 || { tail -40 "$OUT.$scenario.log"; exit 1; }
-    echo "$scenario: $(find "$OUT/$scenario" -name summary.json | wc -l) runs in $(( $(date +%s) - start )) s"
+    SAGESCHED_BENCH_DIR="${DEST:-$OUT}" "$PYTHON" -m sagesched.experiment -m --config-dir "$HERE/conf" \
+        "hydra.launcher.n_jobs=$JOBS" "$@" >"$OUT.$name.log" 2>&1 || { tail -40 "$OUT.$name.log"; exit 1; }
+    echo "$name: done in $(($(date +%s) - start)) s"
+}
+
+for scenario in azure_conv azure_code rag embedding_heavy; do
+    sweep "$scenario" "+benchmark=$scenario" "${@}"
 done
+MIXED=mixed_1llm_2mix_1tei,mixed_2llm_2mix,mixed_3mix_1tei,all_mixed_4
+for wl in embedding_heavy rag; do
+    DEST="$OUT-mvs" sweep "mvs_${wl}_silo" "+benchmark=mvs_$wl" "${@}"
+    DEST="$OUT-mvs" sweep "mvs_${wl}_mixed" "+benchmark=mvs_$wl" "cluster=$MIXED" "interference=time_slice,mps,ideal" "${@}"
+done
+sweep multi_tenant "+benchmark=multi_tenant" "${@}"
+echo "runs: $(find "$OUT" "$OUT-mvs" -name summary.json | wc -l)"
+
 analysis=()
 [[ -f "$HERE/analysis.md" ]] && analysis=(--analysis "$HERE/analysis.md")
+# The per-scenario report covers the four scenarios and multi_tenant; the mixed-versus-siloed runs
+# (in $OUT-mvs) are read by analyze.py, which writes its tables into the same report folder.
 "$PYTHON" -m sagesched.report "$OUT" --out reports/policy_benchmark --title "Policy benchmark" \
     --command "bash experiments/policy_benchmark/run.sh" "${analysis[@]}"
+"$PYTHON" "$HERE/analyze.py" "$OUT" "$OUT-mvs" --out reports/policy_benchmark
