@@ -75,7 +75,9 @@ def test_mean_and_student_t_interval_over_seeds(sweep):
 def test_t_values_shrink_towards_the_normal_quantile():
     assert math.isnan(t95(1))
     assert t95(2) == pytest.approx(12.706)
-    assert t95(3) > t95(10) > t95(100) == pytest.approx(1.96)
+    assert t95(3) > t95(10) > t95(100) > 1.96
+    assert t95(12) == pytest.approx(2.2010, abs=1e-4)  # df=11 (a rounded table said 2.179)
+    assert t95(41) == pytest.approx(2.0211, abs=1e-4)  # df=40 (the table fell back to 1.96)
 
 
 def test_readme_table_holds_the_summaries_numbers_and_the_bound(sweep, tmp_path):
