@@ -1,0 +1,205 @@
+"""Paired-by-seed comparisons for the policy benchmark, beside what `sagesched.report` tabulates.
+
+    python experiments/policy_benchmark/analyze.py MAIN_DIR MVS_DIR --out reports/policy_benchmark
+
+Reads every run folder (summary.json + requests.parquet) and writes `comparisons.md` and
+`comparisons.csv` into the report folder:
+
+- per scenario and load, each policy's goodput, its ratio to FIFO's and to the best policy's
+  (means over seeds of the per-seed ratios: runs are paired by seed, i.e. by trace window), the
+  fraction of the FIFO-to-bound gap it closes ``(g - g_fifo) / (g_bound - g_fifo)`` with the
+  isolated-service bound of the same run, the shed fraction (requests the policy refused:
+  ``queue_full`` / ``slo_unattainable``) and all rejections, the interactive class's p99 TTFT and
+  its ratio to FIFO's, and the query embeddings' SLO attainment;
+- mixed versus siloed at equal GPU count: goodput per layout, interference preset and policy,
+  and each mixed layout's ratio to the best siloed layout's goodput (paired by seed);
+- multi-tenant: Jain's index over the tenants' service (prompt + output tokens of the requests
+  dispatched before the last arrival, i.e. while every tenant was backlogged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sagesched.policies.fair_share import jain_index
+
+RUN = re.compile(r"^(?P<label>.+)_x(?P<load>[0-9.]+)_s(?P<seed>\d+)$")
+SHED_CODES = ("queue_full", "slo_unattainable")
+PRESETS = ("none", "time_slice", "mps", "ideal")
+
+
+def load_runs(root: Path) -> pd.DataFrame:
+    rows = []
+    for summary_path in sorted(root.glob("*/*/summary.json")):
+        run_dir = summary_path.parent
+        m = RUN.match(run_dir.name)
+        if m is None:
+            continue
+        s = json.loads(summary_path.read_text())
+        r = pd.read_parquet(run_dir / "requests.parquet")
+        reason = r["reason"].fillna("")
+        inter = r[(r["workload_class"] == "interactive") & r["ttft_ms"].notna()]
+        query = r[r["workload_class"] == "query_embedding"]
+        row = {
+            "scenario": run_dir.parent.name,
+            "label": m["label"],
+            "load": float(m["load"]),
+            "seed": int(m["seed"]),
+            "goodput": s["goodput_rps"],
+            "bound": (s.get("bound") or {}).get("goodput_rps_upper", np.nan),
+            "attainment": s["slo_attainment"],
+            "shed": float(reason.str.startswith(SHED_CODES).mean()),
+            "rejected": s["rejected"] / max(1, s["requests"]),
+            "inter_ttft_p99_ms": float(inter["ttft_ms"].quantile(0.99)) if len(inter) else np.nan,
+            "query_attainment": float(query["slo_met"].mean()) if len(query) else np.nan,
+        }
+        if r["tenant"].nunique() > 1:
+            row["jain"] = _jain(r)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _jain(r: pd.DataFrame) -> float:
+    """Jain's index of the tokens dispatched per tenant before the last arrival (all backlogged)."""
+    end = r["arrival_s"].max()
+    served = r[r["dispatch_s"].notna() & (r["dispatch_s"] <= end)]
+    tokens = served["prompt_tokens"] + served["output_tokens"].fillna(0)
+    per_tenant = tokens.groupby(served["tenant"]).sum()
+    return jain_index([float(per_tenant.get(t, 0.0)) for t in sorted(r["tenant"].unique())])
+
+
+def paired(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (scenario, load, label): means over seeds of per-seed ratios against FIFO and the best."""
+    out = []
+    for (scenario, load), cell in df.groupby(["scenario", "load"]):
+        by_seed = {seed: runs.set_index("label") for seed, runs in cell.groupby("seed")}
+        for label, runs in cell.groupby("label"):
+            ratios_fifo, ratios_best, closed, tail = [], [], [], []
+            for _, run in runs.iterrows():
+                seed_runs = by_seed[run["seed"]]
+                best = seed_runs["goodput"].max()
+                ratios_best.append(run["goodput"] / best if best > 0 else np.nan)
+                if "fifo" in seed_runs.index:
+                    fifo = seed_runs.loc["fifo"]
+                    ratios_fifo.append(run["goodput"] / fifo["goodput"] if fifo["goodput"] > 0 else np.nan)
+                    gap = run["bound"] - fifo["goodput"]
+                    closed.append((run["goodput"] - fifo["goodput"]) / gap if gap > 1e-9 else np.nan)
+                    tail.append(run["inter_ttft_p99_ms"] / fifo["inter_ttft_p99_ms"])
+            out.append(
+                {
+                    "scenario": scenario,
+                    "load": load,
+                    "policy": label,
+                    "seeds": len(runs),
+                    "goodput": runs["goodput"].mean(),
+                    "vs_best": np.nanmean(ratios_best),
+                    "worst_seed_vs_best": np.nanmin(ratios_best),
+                    "vs_fifo": np.nanmean(ratios_fifo) if ratios_fifo else np.nan,
+                    "gap_closed": np.nanmean(closed) if closed else np.nan,
+                    "shed": runs["shed"].mean(),
+                    "rejected": runs["rejected"].mean(),
+                    "inter_ttft_p99_ms": runs["inter_ttft_p99_ms"].mean(),
+                    "inter_tail_vs_fifo": np.nanmax(tail) if tail else np.nan,
+                    "query_attainment": runs["query_attainment"].mean(),
+                    "jain": runs["jain"].mean() if "jain" in runs else np.nan,
+                }
+            )
+    return pd.DataFrame(out)
+
+
+def split_mvs_label(label: str) -> tuple[str, str, str]:
+    """``<cluster>_<preset>_<policy>`` -> (cluster, preset, policy); cluster names hold underscores."""
+    for preset in PRESETS:
+        for policy in ("slo_aware", "hybrid", "fifo"):
+            suffix = f"_{preset}_{policy}"
+            if label.endswith(suffix):
+                return label[: -len(suffix)], preset, policy
+    raise ValueError(f"cannot split mixed-vs-siloed run label {label!r}")
+
+
+def mixed_vs_siloed(df: pd.DataFrame) -> pd.DataFrame:
+    parts = df["label"].map(split_mvs_label)
+    df = df.assign(layout=[p[0] for p in parts], preset=[p[1] for p in parts], policy=[p[2] for p in parts])
+    out = []
+    for (scenario, load), cell in df.groupby(["scenario", "load"]):
+        silo = cell[cell["layout"].str.startswith("silo")]
+        # The best siloed layout per seed, over every policy (the strongest siloed competitor).
+        best_silo = silo.groupby("seed")["goodput"].max()
+        for (layout, preset, policy), runs in cell.groupby(["layout", "preset", "policy"]):
+            ratio = [run["goodput"] / best_silo.get(run["seed"], np.nan) for _, run in runs.iterrows()]
+            out.append(
+                {
+                    "scenario": scenario,
+                    "load": load,
+                    "layout": layout,
+                    "interference": preset,
+                    "policy": policy,
+                    "goodput": runs["goodput"].mean(),
+                    "bound": runs["bound"].mean(),
+                    "vs_best_siloed": float(np.nanmean(ratio)) if not np.all(np.isnan(ratio)) else np.nan,
+                    "query_attainment": runs["query_attainment"].mean(),
+                    "shed": runs["shed"].mean(),
+                }
+            )
+    return pd.DataFrame(out)
+
+
+def _md(df: pd.DataFrame, floats: str = "{:.3f}") -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        cells = [floats.format(v) if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("main_dir", type=Path)
+    parser.add_argument("mvs_dir", type=Path, nargs="?")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(args.main_dir)
+    table = paired(runs).sort_values(["scenario", "load", "goodput"], ascending=[True, True, False])
+    table.to_csv(args.out / "comparisons.csv", index=False)
+    text = [
+        "# Paired comparisons (written by experiments/policy_benchmark/analyze.py)",
+        "",
+        "Per cell, means over seeds of per-seed figures (each seed is one trace window, the same for every",
+        "policy). `vs_best`: goodput over the best policy's in that seed; `worst_seed_vs_best`: its minimum",
+        "over seeds; `vs_fifo`: over FIFO's; `gap_closed`: (goodput - FIFO's) / (isolated-service bound -",
+        "FIFO's); `shed`: fraction of requests the policy refused (queue_full / slo_unattainable);",
+        "`rejected`: all rejections (backend 400s for prompts over max_model_len included);",
+        "`inter_tail_vs_fifo`: the worst seed's interactive p99 TTFT over FIFO's; `jain`: Jain's index over",
+        "the tenants' tokens dispatched while all were backlogged (multi_tenant only).",
+        "",
+        _md(table),
+    ]
+    if args.mvs_dir is not None and args.mvs_dir.exists():
+        mvs = mixed_vs_siloed(load_runs(args.mvs_dir)).sort_values(
+            ["scenario", "load", "goodput"], ascending=[True, True, False]
+        )
+        mvs.to_csv(args.out / "mixed_vs_siloed.csv", index=False)
+        text += [
+            "",
+            "## Mixed versus siloed at 4 GPUs",
+            "",
+            "`vs_best_siloed`: goodput over the best siloed layout's (best over layouts and policies) in the",
+            "same seed. `interference`: the shared-GPU preset (none for siloed layouts).",
+            "",
+            _md(mvs),
+        ]
+    (args.out / "comparisons.md").write_text("\n".join(text) + "\n")
+    print(f"wrote {args.out / 'comparisons.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
