@@ -1,6 +1,7 @@
 """How much latency and throughput the gateway costs, against a zero-latency backend.
 
     python benchmarks/gateway_overhead.py --json            # writes benchmarks/results/gateway_overhead.json
+    python benchmarks/gateway_overhead.py --soak 0          # skip the 100,000-request RSS soak
 
 One run starts, as separate processes on 127.0.0.1: a zero-latency OpenAI backend (`--backend
 minimal`, the default: the small Starlette app at the bottom of this file, the cheapest backend
@@ -11,7 +12,10 @@ generator then drives the backend directly and through the gateway:
 
 - open loop at fixed rates: requests leave at their scheduled times whatever the answers do, and
   latency counts from the scheduled time (so a stalled server cannot hide its queueing);
-- closed loop with 64 concurrent clients, each on its own keep-alive connection: the throughput.
+- closed loop with 64 concurrent clients, each on its own keep-alive connection: the throughput;
+- a soak of `--soak` requests (100,000 by default) through the gateway, its RSS sampled after every
+  few seconds of load: it must be flat after warm-up (`soak_flat`: growth under 5%), since the
+  executor keeps a bounded window of records and running counters.
 
 The load generator is a raw-HTTP/1.1 asyncio client (uvloop when installed) that costs a few
 microseconds per request; its own ceiling is measured against a null server that answers from a
@@ -431,6 +435,48 @@ def run_load(port: int, mode: str, *, rate: float = 0, clients: int = 64, durati
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _rss_mib(pids: list[int]) -> float:
+    import psutil
+
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            total += psutil.Process(pid).memory_info().rss
+    return round(total / 2**20, 1)
+
+
+def run_soak(port: int, pids: list[int], total: int, clients: int, chunk_s: float = 3.0) -> dict[str, Any]:
+    """Drive `total` requests through the gateway in closed-loop chunks, sampling its RSS after each.
+
+    The gateway keeps a bounded record window (executor.max_records, 10,000 by default) plus
+    running counters, so its RSS should rise while that window fills and then stay flat: `growth_*`
+    compares the sample at the first chunk past `warmup_requests` with the last.
+    """
+    samples = [{"requests": 0, "rss_mib": _rss_mib(pids)}]
+    done = errors = 0
+    started = time.monotonic()
+    while done < total:
+        row = run_load(port, "closed", clients=clients, duration=chunk_s)
+        done += row["requests"]
+        errors += row.get("errors", 0)
+        samples.append({"requests": done, "rss_mib": _rss_mib(pids), "rps": row["rps"]})
+    warmup = min(20_000, total // 5)
+    after = next(s for s in samples if s["requests"] >= warmup)
+    growth = round(samples[-1]["rss_mib"] - after["rss_mib"], 1)
+    span = samples[-1]["requests"] - after["requests"]
+    return {
+        "requests": done,
+        "errors": errors,
+        "wall_s": round(time.monotonic() - started, 1),
+        "warmup_requests": warmup,
+        "rss_after_warmup_mib": after["rss_mib"],
+        "rss_end_mib": samples[-1]["rss_mib"],
+        "growth_after_warmup_mib": growth,
+        "growth_per_100k_requests_mib": round(growth * 100_000 / span, 1) if span else None,
+        "samples": samples,
+    }
+
+
 _WRK_LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -530,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", default="1", help="gateway worker counts to measure, comma-separated (e.g. 1,2)")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where --json writes the result")
+    parser.add_argument(
+        "--soak", type=int, default=100_000, help="requests of the RSS soak through the gateway (0 skips it)"
+    )
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",") if r]
     worker_counts = [int(w) for w in args.workers.split(",") if w]
@@ -613,6 +662,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 result["wrk"] = "not installed (apt-get install -y wrk)"
 
+            if args.soak:
+                g = worker_counts[0]
+                result["soak"] = run_soak(gateway_ports[g], _family(gateway_pids[g]), args.soak, args.clients)
+
             headline = open_rows[0]
             gw = closed[f"gateway_workers_{worker_counts[0]}"]
             result.update(
@@ -629,6 +682,10 @@ def main(argv: list[str] | None = None) -> int:
             result["meets_targets"] = bool(
                 result["added_p50_ms"] <= 1.0 and result["added_p99_ms"] <= 5.0 and (result["ratio"] or 0) >= 0.4
             )
+            if "soak" in result:
+                # Flat: after warm-up the gateway grows by less than 5% of its size (allocator noise).
+                soak = result["soak"]
+                result["soak_flat"] = bool(soak["growth_after_warmup_mib"] <= 0.05 * soak["rss_after_warmup_mib"])
         finally:
             procs.stop_all()
 
@@ -640,6 +697,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for key in keys:
             print(f"{key}: {result[key]}")
+        if "soak" in result:
+            soak = result["soak"]
+            print(
+                f"soak: {soak['requests']} requests, RSS {soak['rss_after_warmup_mib']} MiB after warm-up -> "
+                f"{soak['rss_end_mib']} MiB at the end ({soak['growth_after_warmup_mib']:+} MiB)"
+            )
         print(f"load generator ceiling: {result['load_generator_ceiling']['closed_loop_rps']} req/s")
         for row in open_rows:
             print(
