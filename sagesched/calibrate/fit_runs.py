@@ -23,11 +23,13 @@ from sagesched.calibrate.runs import STATS, MeasuredRun
 from sagesched.sim.perf.calibration import LLMCalibration
 from sagesched.sim.perf_model import LLMPerfModel
 
-#: name -> (initial value, lower bound, upper bound, typical magnitude for scaling).
+#: name -> (initial value, lower bound, upper bound, typical magnitude for scaling). Decode attention's
+#: bandwidth efficiency is not among them: light-load runs cannot tell it from the operator scale (a
+#: fit on runs of at most ~20 concurrent sequences extrapolated to 80 as saturated), so it is set to the
+#: fraction of HBM bandwidth the GPU's GEMMs reach in Vidur's profiles (`anchored_coefficients`).
 PARAMS: dict[str, tuple[float, float, float, float]] = {
     "frontend_request_s": (0.008, 0.0, 0.2, 0.01),
     "frontend_prompt_token_s": (5e-6, 0.0, 1e-4, 1e-5),
-    "decode_attention_efficiency": (0.8, 0.1, 1.0, 0.5),
     "step_overhead_s": (0.0008, 0.0, 0.02, 0.001),
     "seq_overhead_s": (2e-5, 0.0, 2e-3, 5e-5),
     "frontend_seq_s": (5e-5, 0.0, 2e-3, 5e-5),
@@ -51,6 +53,18 @@ class FitResult:
     def rms_relative_error(self) -> float:
         vals = [v for st in self.residuals.values() for v in st.values()]
         return float(np.sqrt(np.mean(np.square(vals)))) if vals else float("nan")
+
+
+def anchored_coefficients(hardware: str) -> dict[str, float]:
+    """Coefficients set from independent measurements rather than fitted to the runs: decode attention
+    streams the KV cache at the HBM fraction the GPU's GEMMs reach in Vidur's operator profiles
+    (0.90 on H100, `sagesched.sim.perf.operators.fit_roofline`)."""
+    from sagesched.sim.perf.operators import fit_roofline
+
+    try:
+        return {"decode_attention_efficiency": round(fit_roofline(hardware).gemm_bandwidth_efficiency, 4)}
+    except ValueError:  # no Vidur profile on this GPU: keep the hardware profile's value
+        return {}
 
 
 def perf_for(run: MeasuredRun, coefficients: dict[str, float], base: LLMCalibration | None = None) -> LLMPerfModel:
@@ -86,6 +100,7 @@ def fit_runs(
         raise ValueError(f"runs {bad} are saturated (many failed requests): leave them out of the fit")
     if not runs:
         raise ValueError("no runs to fit")
+    anchored = {k: v for k, v in anchored_coefficients(runs[0].hardware).items() if k not in free}
     names = list(free)
     x0 = np.array([PARAMS[n][0] for n in names])
     lo = np.array([PARAMS[n][1] for n in names])
@@ -97,7 +112,7 @@ def fit_runs(
     def fun(z: np.ndarray) -> np.ndarray:
         nonlocal evals
         evals += 1
-        coef = dict(zip(names, np.clip(z * scale, lo, hi), strict=True))
+        coef = {**anchored, **dict(zip(names, np.clip(z * scale, lo, hi), strict=True))}
         res = residuals_for(runs, coef, window_s, warmup_s)
         vec = np.concatenate([np.array([r[k] for k in STATS]) * w for r in res.values()])
         return np.nan_to_num(vec, nan=10.0)
@@ -106,6 +121,6 @@ def fit_runs(
     sol = least_squares(
         fun, x0 / scale, bounds=(lo / scale, hi / scale), diff_step=0.03, x_scale=1.0, max_nfev=max_nfev
     )
-    coef = {n: float(v) for n, v in zip(names, np.clip(sol.x * scale, lo, hi), strict=True)}
+    coef = {**anchored, **{n: float(v) for n, v in zip(names, np.clip(sol.x * scale, lo, hi), strict=True)}}
     res = residuals_for(runs, coef, window_s, warmup_s)
     return FitResult(coef, res, [r.name for r in runs], float(sol.cost), evals, time.perf_counter() - t)

@@ -213,10 +213,31 @@ class InstanceConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> InstanceConfig:
         d = _plain(data)
         _check_keys(cls, d, f"instance config {d.get('id', '?')!r}")
+        if not isinstance(d.get("vllm"), VllmEngineConfig):
+            d["vllm"] = {**vllm_defaults_for(d.get("hardware", "a100")), **(d.get("vllm") or {})}
         for key, sub in (("vllm", VllmEngineConfig), ("tei", TeiEngineConfig), ("shared", SharedGpuConfig)):
             if key in d and not isinstance(d[key], sub):
                 d[key] = sub.from_dict(d[key])
         return cls(**d)
+
+
+def vllm_defaults_for(hardware: str) -> dict[str, int]:
+    """vLLM's default step budgets on this GPU type (from its hardware profile; {} if it names none).
+
+    vLLM's OpenAI server picks larger defaults on H100-class GPUs (>= 70 GiB, not A100): 8192 batched
+    tokens and 1024 sequences, against 2048 / 256 elsewhere. Configs that set the keys keep theirs.
+    """
+    from sagesched.sim.perf.profiles import available_hardware, load_hardware
+
+    if hardware not in available_hardware():
+        return {}
+    hw = load_hardware(hardware)
+    out = {}
+    if hw.vllm_max_num_batched_tokens:
+        out["max_num_batched_tokens"] = int(hw.vllm_max_num_batched_tokens)
+    if hw.vllm_max_num_seqs:
+        out["max_num_seqs"] = int(hw.vllm_max_num_seqs)
+    return out
 
 
 @dataclass(frozen=True)

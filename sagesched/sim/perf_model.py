@@ -105,6 +105,8 @@ def available_embedding_models() -> list[str]:
 
 
 def _load_pair(model: str, hardware: str, kind: str) -> tuple[ModelProfile, HardwareProfile]:
+    if kind == "llm" and model.endswith(".json"):  # a Hugging Face config.json: roofline operators
+        return load_model(model), load_hardware(hardware)
     valid = available_model_profiles(kind)
     if model not in valid:
         what = "an LLM" if kind == "llm" else "an embedding model"

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from sagesched.calibrate.cli import main as calibrate_main
-from sagesched.calibrate.fit_runs import fit_runs, perf_for
+from sagesched.calibrate.fit_runs import anchored_coefficients, fit_runs, perf_for
 from sagesched.calibrate.predict import predict_run
 from sagesched.calibrate.runs import RunFormatError, build_requests, find_runs, load_inference_perf
 from sagesched.sim.perf.calibration import LLMCalibration, parse_calibration, read_calibration_file
@@ -73,7 +73,7 @@ def synthetic_runs(tmp_path: Path) -> Path:
     for name, rates, q in (("alpha", [2.0, 6.0], 300), ("beta", [4.0], 900)):
         folder = write_run(tmp_path, name, rates, q)
         run = load_inference_perf(folder)
-        pred = predict_run(run, perf_for(run, TRUE))
+        pred = predict_run(run, perf_for(run, {**anchored_coefficients("h100"), **TRUE}))
         write_stats = [{k: p[k] for k in ("e2e_mean", "e2e_p90", "ttft_mean", "ttft_p90")} for p in pred]
         for i, st in enumerate(write_stats):
             path = folder / "results" / f"stage_{i}_lifecycle_metrics.json"

@@ -262,3 +262,23 @@ def test_step_time_never_falls_when_a_prefill_is_added():
         * perf.kv_bytes_per_token_per_gpu()
         / (perf.hardware.hbm_bandwidth_bytes_per_s * perf._hw("decode_attention_efficiency"))
     )
+
+
+def test_default_step_budgets_follow_the_gpu_like_vllms():
+    from sagesched.sim import InstanceConfig as IC
+
+    h100 = IC.from_dict({"id": "a", "hardware": "h100"})
+    a100 = IC.from_dict({"id": "b", "hardware": "a100"})
+    assert (h100.vllm.max_num_batched_tokens, h100.vllm.max_num_seqs) == (8192, 1024)
+    assert (a100.vllm.max_num_batched_tokens, a100.vllm.max_num_seqs) == (2048, 256)
+    mine = IC.from_dict({"id": "c", "hardware": "h100", "vllm": {"max_num_batched_tokens": 1024}})
+    assert (mine.vllm.max_num_batched_tokens, mine.vllm.max_num_seqs) == (1024, 1024)
+
+
+def test_h200_beside_h100_same_compute_more_bandwidth_and_memory():
+    h100 = LLMPerfModel.load("llama-2-7b", "h100")
+    h200 = LLMPerfModel.load("llama-2-7b", "h200")
+    assert h200.source == "roofline"  # no Vidur profile on H200: H100's fitted roofline efficiencies
+    assert h200.kv_capacity_tokens() > 1.5 * h100.kv_capacity_tokens()
+    decode = BatchShape(decode_tokens=64, decode_context_tokens=64 * 1000)
+    assert h200.step_time_s(decode) < h100.step_time_s(decode)

@@ -39,7 +39,7 @@ def report() -> dict:
 
 
 def test_names_are_the_documented_ones() -> None:
-    assert available_hardware() == ["a100", "h100"]
+    assert available_hardware() == ["a100", "h100", "h200"]
     assert sorted(available_llm_models()) == sorted(LLMS)
     assert sorted(available_embedding_models()) == sorted(ENCODERS)
     assert sorted(available_models()) == sorted(LLMS + ENCODERS)
@@ -376,3 +376,41 @@ def test_fit_command_text_output(capsys) -> None:
     assert fit.main([]) == 0
     text = capsys.readouterr().out
     assert "a100_Llama-2-7b-hf_mlp.csv" in text and "Splitwise" in text and "held-out TP" in text
+
+
+def test_a_dense_decoder_from_its_hf_config_needs_no_profile(tmp_path):
+    import json
+
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "max_position_embeddings": 4096,
+        "model_type": "llama",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 32,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "vocab_size": 32000,
+    }
+    path = tmp_path / "llama-2-7b.config.json"
+    path.write_text(json.dumps(cfg))
+    from_config = LLMPerfModel.load(str(path), "h100")
+    shipped = LLMPerfModel.load("llama-2-7b", "h100")
+    assert from_config.model.num_params == shipped.model.num_params  # 6,738,415,616: the shapes add up
+    assert from_config.model.kv_bytes_per_token == shipped.model.kv_bytes_per_token
+    assert from_config.source == "roofline" and shipped.source == "vidur"
+    for shape in (
+        BatchShape(decode_tokens=16, decode_context_tokens=16 * 800),
+        BatchShape(prefill_tokens=2048, prefill_context_tokens=2048, num_prefills=1),
+    ):
+        # The roofline fitted on the GPU's Vidur files lands near the measured operator curves.
+        assert from_config.step_time_s(shape) == pytest.approx(shipped.step_time_s(shape), rel=0.25)
+    cfg["num_local_experts"] = 8
+    path.write_text(json.dumps(cfg))
+    from sagesched.sim.perf.profiles import model_from_hf_config
+
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        model_from_hf_config(path)

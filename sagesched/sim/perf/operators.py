@@ -187,6 +187,9 @@ def fit_roofline(hw_name: str) -> RooflineParams:
     """
     hw = load_hardware(hw_name)
     files = _vidur_files_for(hw_name)
+    if not files and hw.roofline_reference:
+        # Same silicon, other memory (H200 = H100's SMs with HBM3e): the achieved fractions carry over.
+        return fit_roofline(hw.roofline_reference)
     if not files:
         raise ValueError(f"no Vidur profile on {hw_name!r} to fit a roofline from; add one to {VIDUR_DIR}")
     g_w, g_f, g_a, g_y, e_x, e_y = [], [], [], [], [], []

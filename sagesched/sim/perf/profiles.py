@@ -7,6 +7,7 @@ review against the cited datasheet or config.json) without touching the model co
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -47,7 +48,10 @@ class HardwareProfile:
     encoder model's constants; `seq_overhead_s` CPU cost per sequence in a step; `frontend_request_s`
     and `frontend_prompt_token_s` the OpenAI server's cost per request and per prompt token (HTTP,
     tokenisation, hand-off, first chunk), `frontend_seq_s` its cost per running sequence (stream
-    output processing), added to client-side TTFT and E2E.
+    output processing), added to client-side TTFT and E2E; `vllm_max_num_batched_tokens` /
+    `vllm_max_num_seqs` vLLM's default step budgets on this GPU (0: the engine config's defaults);
+    `roofline_reference` a GPU of the same silicon whose fitted roofline efficiencies this one reuses
+    when it has no Vidur profile of its own.
     """
 
     name: str
@@ -69,6 +73,9 @@ class HardwareProfile:
     frontend_request_s: float = 0.0
     frontend_prompt_token_s: float = 0.0
     frontend_seq_s: float = 0.0
+    vllm_max_num_batched_tokens: float = 0.0
+    vllm_max_num_seqs: float = 0.0
+    roofline_reference: str = ""
 
 
 @dataclass(frozen=True)
@@ -169,17 +176,88 @@ def load_hardware(name: str) -> HardwareProfile:
         numbers = {
             k: _number(path, k, v, int if k == "memory_bytes" else float)
             for k, v in data.items()
-            if k not in ("name", "description")
+            if k not in ("name", "description", "roofline_reference")
         }
         embedding = EmbeddingRoofline(**{k: _number(path, k, v, float) for k, v in emb.items()})
-        return HardwareProfile(embedding=embedding, name=data["name"], description=data["description"], **numbers)
+        return HardwareProfile(
+            embedding=embedding,
+            name=data["name"],
+            description=data["description"],
+            roofline_reference=str(data.get("roofline_reference") or ""),
+            **numbers,
+        )
     except (TypeError, KeyError) as exc:
         raise ValueError(f"{path}: {exc}") from exc
 
 
+#: torch_dtype -> bytes per parameter.
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1, "int8": 1}
+
+
+def model_from_hf_config(path: str | Path, name: str | None = None) -> ModelProfile:
+    """A dense decoder's profile from its Hugging Face `config.json` (Llama/Mistral/Qwen-style keys).
+
+    Why: a new model then needs no profile file; its step time comes from the roofline operators with
+    the GPU's fitted efficiencies (`sagesched.sim.perf.operators`). Parameters are counted from the
+    shapes: embeddings, per layer q/k/v/o projections, gated (or plain) MLP and two norms, the final
+    norm, and an untied LM head. ValueError naming the missing key or an MoE config (not modelled).
+    """
+    p = Path(path)
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{p}: not a readable config.json ({exc})") from exc
+    if any(k in cfg for k in ("num_local_experts", "num_experts", "n_routed_experts")):
+        raise ValueError(f"{p}: mixture-of-experts models are not modelled (dense decoders only)")
+
+    def need(key: str) -> Any:
+        if key not in cfg:
+            raise ValueError(f"{p}: config.json lacks {key!r} (a dense decoder's config needs it)")
+        return cfg[key]
+
+    layers, hidden = int(need("num_hidden_layers")), int(need("hidden_size"))
+    heads = int(need("num_attention_heads"))
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    inter, vocab = int(need("intermediate_size")), int(need("vocab_size"))
+    gated = cfg.get("hidden_act", "silu") in ("silu", "swiglu", "gelu_pytorch_tanh") or "llama" in str(
+        cfg.get("model_type", "")
+    )
+    dtype = str(cfg.get("torch_dtype") or "bfloat16")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"{p}: torch_dtype {dtype!r} not supported; one of {sorted(DTYPE_BYTES)}")
+    b = DTYPE_BYTES[dtype]
+    attn = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
+    mlp = (3 if gated else 2) * hidden * inter
+    per_layer = attn + mlp + 2 * hidden
+    params = vocab * hidden + layers * per_layer + hidden
+    if not cfg.get("tie_word_embeddings", False):
+        params += vocab * hidden
+    return ModelProfile(
+        name=name or p.stem.replace(".config", ""),
+        kind="llm",
+        hf_id=str(cfg.get("_name_or_path") or p.stem),
+        num_layers=layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        gated_mlp=gated,
+        num_params=params,
+        dtype_bytes=b,
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+        kv_bytes_per_token=2 * layers * kv_heads * head_dim * b,
+    )
+
+
 @functools.cache
 def load_model(name: str) -> ModelProfile:
-    """The model profile `name`; ValueError listing the valid names if there is none."""
+    """The model profile `name`, or one built from a Hugging Face config.json when `name` is a path to one;
+    ValueError listing the valid names if there is neither."""
+    if name.endswith(".json"):
+        return model_from_hf_config(name, name)
     valid = _names("models")
     if name not in valid:
         raise ValueError(f"unknown model {name!r}; valid: {valid}")
