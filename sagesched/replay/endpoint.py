@@ -12,12 +12,11 @@ gateway) or failed (any other error, with the status and message as its reason).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Mapping
 from typing import Any
-
-import httpx
 
 from sagesched.core import Outcome, Request, RequestRecord
 
@@ -69,15 +68,20 @@ def _error_reason(status: int, text: str) -> tuple[str, str]:
 
 
 class EndpointClient:
-    """Sends replayed requests to `url` and measures them on `clock` (seconds, the replay's clock)."""
+    """Sends replayed requests to `url` and measures them on `clock` (seconds, the replay's clock).
 
-    def __init__(self, url: str, *, timeout_s: float, max_connections: int = 1024, api_key: str | None = None) -> None:
+    Uses the executor's own lean HTTP/1.1 client (`sagesched.live.transport`) and SSE reader:
+    httpx's per-chunk cost made the generator's own event loop the bottleneck at 50 req/s of
+    streamed answers (benchmarks/replay_lateness.py).
+    """
+
+    def __init__(self, url: str, *, timeout_s: float, max_connections: int = 4096, api_key: str | None = None) -> None:
+        from sagesched.live.transport import ConnectionPool
+
         self.url = url.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s, connect=10.0),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            headers=headers,
+        self.pool = ConnectionPool(
+            self.url, max_connections=max_connections, connect_timeout_s=10.0, read_timeout_s=timeout_s, headers=headers
         )
         self._t0 = time.monotonic()
 
@@ -85,63 +89,63 @@ class EndpointClient:
         return time.monotonic() - self._t0
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.pool.aclose()
 
     async def send(
         self, request: Request, body: dict[str, Any], endpoint: str, record: RequestRecord
     ) -> dict[str, Any]:
         """Send one request, fill `record` (dispatch, first token, finish, outcome); return its usage."""
+        from sagesched.live.backends import SSEStream
+        from sagesched.live.errors import LiveError
+        from sagesched.live.transport import TransportError
+
         record.dispatch_s = self.now()
         record.instance_id = "endpoint"
+        record.outcome, record.reason = Outcome.FAILED.value, "no_answer: the request ended without one"
         usage: dict[str, Any] = {}
         stream = bool(body.get("stream"))
+        headers = {"Content-Type": "application/json", **scheduling_headers(request)}
+        if stream:
+            headers["Accept"] = "text/event-stream"
+        response = None
         try:
+            response = await self.pool.request("POST", PATHS[endpoint], json.dumps(body).encode(), headers=headers)
+            if response.status != 200:
+                text = (await response.read()).decode("utf-8", "replace")
+                record.outcome, record.reason = _error_reason(response.status, text)
+                return usage
             if stream:
-                async with self.client.stream(
-                    "POST", self.url + PATHS[endpoint], json=body, headers=scheduling_headers(request)
-                ) as resp:
-                    if resp.status_code != 200:
-                        text = (await resp.aread()).decode("utf-8", "replace")
-                        record.outcome, record.reason = _error_reason(resp.status_code, text)
-                        return usage
-                    chunks = 0
-                    async for line in resp.aiter_lines():
-                        if not line.startswith("data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == "[DONE]":
-                            break
-                        event = json.loads(data)
-                        if isinstance(event.get("usage"), dict):
-                            usage = event["usage"]
-                        if has_content(event):
-                            chunks += 1
-                            if record.first_token_s is None:
-                                record.first_token_s = self.now()
-                    record.output_tokens = int(usage.get("completion_tokens", chunks))
+                sse = SSEStream(response, "endpoint")
+                chunks = 0
+                while (event := await sse.next_event()) is not None:
+                    if isinstance(event.get("usage"), dict):
+                        usage = event["usage"]
+                    if has_content(event):
+                        chunks += 1
+                        if record.first_token_s is None:
+                            record.first_token_s = self.now()
+                record.output_tokens = int(usage.get("completion_tokens", chunks))
             else:
-                resp = await self.client.post(
-                    self.url + PATHS[endpoint], json=body, headers=scheduling_headers(request)
-                )
-                if resp.status_code != 200:
-                    record.outcome, record.reason = _error_reason(resp.status_code, resp.text)
-                    return usage
-                data = resp.json()
+                data = json.loads(await response.read())
                 usage = data.get("usage") or {}
                 record.output_tokens = int(usage.get("completion_tokens", 0)) if endpoint != "embeddings" else 0
                 if endpoint == "embeddings":
                     record.first_token_s = self.now()
-            record.outcome = Outcome.COMPLETED.value
+            record.outcome, record.reason = Outcome.COMPLETED.value, ""
             return usage
         except asyncio.CancelledError:
             record.outcome = Outcome.FAILED.value
             record.reason = "interrupted: the replay stopped before the answer ended"
             raise
-        except httpx.HTTPError as exc:
+        except LiveError as exc:
+            record.outcome = Outcome.FAILED.value
+            record.reason = f"{exc.code}: {exc.message}"
+            return usage
+        except (TransportError, OSError) as exc:
             record.outcome = Outcome.FAILED.value
             record.reason = f"transport: {type(exc).__name__}: {exc}"
             return usage
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, AttributeError, TypeError) as exc:
             record.outcome = Outcome.FAILED.value
             record.reason = f"bad_response: {type(exc).__name__}: {exc}"
             return usage
@@ -149,3 +153,6 @@ class EndpointClient:
             record.finish_s = self.now()
             if record.outcome != Outcome.COMPLETED.value and record.first_token_s is None:
                 record.output_tokens = 0
+            if response is not None:
+                with contextlib.suppress(Exception):
+                    await response.aclose()

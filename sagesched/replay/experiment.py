@@ -24,7 +24,7 @@ def run_live(
     resolved: dict[str, Any], driver: DriverConfig, out: Path, *, progress: bool | None = None
 ) -> dict[str, Any]:
     """Replay `resolved` (a composed experiment config) with `driver`; write into `out`; return the summary."""
-    from sagesched.experiment import ExperimentError, _json_default, build_policy, workload_requests
+    from sagesched.experiment import ExperimentError, _json_default, build_policy, ended_reasons, workload_requests
     from sagesched.metrics import summarize
     from sagesched.replay.cluster import backend_configs, block_tokens, sim_cluster_dict
     from sagesched.replay.live import replay
@@ -70,6 +70,7 @@ def run_live(
         log.info("no offline bound for this cluster: %s", exc)
     summary["sim"] = None
     summary.update(
+        ended_reasons=ended_reasons(result.records),
         driver="live",
         policy=policy.name if policy else "endpoint",
         label=label,
