@@ -58,6 +58,8 @@ class VllmEngineConfig:
         vLLM's OpenAI server does. None: unchecked. (vLLM's own default is the model's
         max_position_embeddings; it is opt-in here because the shipped Azure traces hold ~8% requests
         longer than Llama-2's 4096 that the workloads and bounds still count as served.)
+    async_scheduling: vLLM's --async-scheduling: the CPU part of a step (scheduling, per-sequence input
+        preparation) overlaps the GPU part, so a step takes max(GPU, CPU) rather than their sum.
     """
 
     max_num_batched_tokens: int = 2048
@@ -69,6 +71,7 @@ class VllmEngineConfig:
     prefix_hash_block_tokens: int = 512
     scheduling_policy: str = "fcfs"
     max_model_len: int | None = None
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 1:

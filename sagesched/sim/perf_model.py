@@ -324,6 +324,25 @@ class LLMPerfModel:
             t += self._prefill_attention(batch)
         return t + self._c_decode * batch.decode_context_tokens + self._c_seq * rows
 
+    def cpu_time_s(self, batch: BatchShape) -> float:
+        """The CPU share of `step_time_s(batch)`: the per-step and per-sequence overheads."""
+        k = batch.num_prefills
+        rows = batch.decode_tokens + (k if k > 0 else (1 if batch.prefill_tokens > 0 else 0))
+        return self.calibration.scale * self._hw("step_overhead_s") + self._c_seq * rows
+
+    def step_time_async_s(self, batch: BatchShape) -> float:
+        """Step time under vLLM's async scheduling: max(GPU part, CPU part), the two overlapping.
+
+        Non-decreasing in every field like `step_time_s`; not affine in the decode context once the
+        CPU part dominates, which the decode jump detects (it then sums step times explicitly).
+        """
+        t = self.step_time_s(batch)
+        if t <= 0.0:
+            return 0.0
+        cpu = self.cpu_time_s(batch)
+        gpu = t - cpu
+        return gpu if gpu > cpu else cpu
+
     def weight_bytes_per_gpu(self) -> float:
         """Bytes of weights each of the `tensor_parallel` GPUs holds."""
         return self.model.weight_bytes / self.tensor_parallel

@@ -282,3 +282,47 @@ def test_h200_beside_h100_same_compute_more_bandwidth_and_memory():
     assert h200.kv_capacity_tokens() > 1.5 * h100.kv_capacity_tokens()
     decode = BatchShape(decode_tokens=64, decode_context_tokens=64 * 1000)
     assert h200.step_time_s(decode) < h100.step_time_s(decode)
+
+
+@pytest.mark.parametrize("mode", ["jump", "step"])
+def test_async_scheduling_hides_the_cpu_part_of_each_step(mode):
+    perf = LLMPerfModel.load("llama-2-7b", "h100")
+    shape = BatchShape(decode_tokens=32, decode_context_tokens=32 * 600)
+    assert perf.step_time_async_s(shape) == pytest.approx(perf.step_time_s(shape) - perf.cpu_time_s(shape))
+    reqs = [
+        Request(
+            id=f"r{i}",
+            type=RequestType.LLM_CHAT,
+            model="llama-2-7b",
+            arrival_s=0.01 * i,
+            prompt_tokens=300,
+            max_tokens=40,
+            output_tokens=40,
+        )
+        for i in range(20)
+    ]
+
+    def e2e(async_scheduling: bool) -> float:
+        inst = InstanceConfig(id="v", hardware="h100", vllm=VllmEngineConfig(async_scheduling=async_scheduling))
+        res = simulate(reqs, ClusterConfig((inst,)), FifoPolicy(), SimConfig(mode=mode))
+        return float(res.records.e2e_ms.mean())
+
+    assert e2e(True) < e2e(False)
+
+
+def test_async_scheduling_jump_equals_step():
+    reqs = [
+        Request(
+            id=f"r{i}",
+            type=RequestType.LLM_CHAT,
+            model="llama-2-7b",
+            arrival_s=0.003 * i,
+            prompt_tokens=200 + i,
+            max_tokens=60,
+            output_tokens=30 + i,
+        )
+        for i in range(40)
+    ]
+    inst = InstanceConfig(id="v", hardware="h100", vllm=VllmEngineConfig(async_scheduling=True))
+    a, b = (simulate(reqs, ClusterConfig((inst,)), FifoPolicy(), SimConfig(mode=m)).records for m in ("jump", "step"))
+    assert (a.e2e_ms - b.e2e_ms).abs().max() < 1e-6 and (a.ttft_ms - b.ttft_ms).abs().max() < 1e-6

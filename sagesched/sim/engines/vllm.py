@@ -243,6 +243,13 @@ class VllmEngineCore:
     def __init__(self, config: VllmEngineConfig, perf) -> None:
         self.config = config
         self.perf = perf
+        # vLLM's --async-scheduling overlaps the CPU side of a step with the GPU side of the previous one.
+        self._step_time = perf.step_time_s
+        if config.async_scheduling:
+            fn = getattr(perf, "step_time_async_s", None)
+            if fn is None:
+                raise ValueError("async_scheduling needs a performance model with step_time_async_s (LLMPerfModel)")
+            self._step_time = fn
         bs = config.block_size
         if config.num_gpu_blocks is not None:
             blocks = config.num_gpu_blocks
@@ -518,7 +525,7 @@ class VllmEngineCore:
         return StepPlan(scheduled, shape, preempted)
 
     def step_time_s(self, plan: StepPlan) -> float:
-        return self.perf.step_time_s(plan.shape)
+        return self._step_time(plan.shape)
 
     def finish_step(self, plan: StepPlan, now: float = 0.0) -> StepOutcome:
         """Apply a planned step's results: computed tokens, emitted tokens, completions (blocks freed)."""
@@ -619,7 +626,7 @@ class VllmEngineCore:
             run.k = k = lo
         if k == 0:
             return run
-        step = self.perf.step_time_s
+        step = self._step_time
         shape = _DecodeShape(n, ctx)
         a = step(shape)
         run.factor = factor
