@@ -18,19 +18,28 @@ Errors are `sagesched.live.errors.LiveError` subclasses, whichever mode raised t
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import logging
-import os
-import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import httpx
 
 from sagesched.live.backends import SSEStream, decode_base64
+from sagesched.live.client_inputs import as_messages, as_prompt, as_texts
+from sagesched.live.discovery import (
+    DEFAULT_PROBE_PORTS,
+    ENV_CHAT_MODEL,
+    ENV_CHAT_URL,
+    ENV_EMBEDDING_MODEL,
+    ENV_EMBEDDING_URL,
+    ENV_UNIFIED_URL,
+    _looks_like_embedding,
+    create_auto,
+    probe_local,
+)
 from sagesched.live.errors import (
     InvalidRequest,
     LiveError,
@@ -39,25 +48,13 @@ from sagesched.live.errors import (
     UpstreamTimeout,
     error_from_response,
 )
+from sagesched.live.loop_thread import LoopThread
 from sagesched.live.openai_schema import check_body
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-ENV_UNIFIED_URL = "SAGE_UNIFIED_BASE_URL"
-ENV_CHAT_URL = "SAGE_CHAT_BASE_URL"
-ENV_EMBEDDING_URL = "SAGE_EMBEDDING_BASE_URL"
-ENV_CHAT_MODEL = "SAGE_CHAT_MODEL"
-ENV_EMBEDDING_MODEL = "SAGE_EMBEDDING_MODEL"
-ENV_CHAT_KEY = "SAGE_CHAT_API_KEY"
-ENV_EMBEDDING_KEY = "SAGE_EMBEDDING_API_KEY"
-ENV_API_KEY = "SAGE_API_KEY"
-
-DEFAULT_PROBE_PORTS: tuple[int, ...] = (8000, 8001, 8002, 8080, 8081, 8090, 8888)
-"""Local ports `create_auto` probes (gateway, vLLM, TEI and llama-server defaults)."""
-
-_EMBEDDING_NAME_HINTS = ("embed", "bge", "minilm", "e5-", "gte", "nomic", "mpnet", "sentence")
 
 MODES = ("simple", "gateway", "control_plane")
 
@@ -67,20 +64,6 @@ def _root(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
-def _looks_like_embedding(model: str) -> bool:
-    name = model.lower()
-    return any(hint in name for hint in _EMBEDDING_NAME_HINTS)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
-
-
 @dataclass(frozen=True)
 class Endpoint:
     """One OpenAI-compatible server the client talks to: base URL (no /v1), model, key."""
@@ -88,44 +71,6 @@ class Endpoint:
     url: str
     model: str | None = None
     api_key: str | None = None
-
-
-class _LoopThread:
-    """A private asyncio loop on a daemon thread; coroutines are submitted to it from any thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="sagesched-client-loop", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
-        if self.loop.is_closed():
-            if hasattr(coro, "close"):
-                coro.close()  # type: ignore[attr-defined]
-            raise RuntimeError("the client is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
-
-    def run(self, coro: Awaitable[T]) -> T:
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("a sync client method was called from inside the client's own loop")
-        return self.submit(coro).result()
-
-    async def arun(self, coro: Awaitable[T]) -> T:
-        return await asyncio.wrap_future(self.submit(coro))
-
-    def close(self) -> None:
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        if threading.current_thread() is self._thread:
-            return  # called from the loop itself (a finalizer run there): the loop stops after this step
-        self._thread.join(timeout=5)
-        if not self._thread.is_alive():
-            self.loop.close()
 
 
 class UnifiedInferenceClient:
@@ -167,12 +112,12 @@ class UnifiedInferenceClient:
         self.llm_model = llm_model
         self.embedding_model = embedding_model
         self._executor = _executor
-        self._runner = _LoopThread()
+        self._runner = LoopThread()
         self._http: httpx.AsyncClient | None = None
         self._closed = False
         # A client dropped without close() must not leave its loop thread behind. The runner holds
         # no reference to the client, so the client can be collected and this stops the thread.
-        self._finalizer = weakref.finalize(self, _LoopThread.close, self._runner)
+        self._finalizer = weakref.finalize(self, LoopThread.close, self._runner)
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -267,61 +212,7 @@ class UnifiedInferenceClient:
         Models come from SAGE_CHAT_MODEL / SAGE_EMBEDDING_MODEL (else the server's `/v1/models`);
         keys from SAGE_CHAT_API_KEY / SAGE_EMBEDDING_API_KEY, falling back to SAGE_API_KEY.
         """
-        env = os.environ
-        chat_model = env.get(ENV_CHAT_MODEL) or None
-        embedding_model = env.get(ENV_EMBEDDING_MODEL) or None
-        shared_key = env.get(ENV_API_KEY) or None
-        unified = env.get(ENV_UNIFIED_URL)
-        if unified:
-            logger.info("create_auto: gateway mode via %s=%s", ENV_UNIFIED_URL, unified)
-            return cls.create_gateway(
-                unified, llm_model=chat_model, embedding_model=embedding_model, api_key=shared_key, timeout_s=timeout_s
-            )
-        chat_url = env.get(ENV_CHAT_URL) or None
-        embedding_url = env.get(ENV_EMBEDDING_URL) or None
-        if chat_url or embedding_url:
-            logger.info(
-                "create_auto: simple mode via %s=%s, %s=%s", ENV_CHAT_URL, chat_url, ENV_EMBEDDING_URL, embedding_url
-            )
-            return cls(
-                chat_url,
-                chat_model,
-                embedding_url,
-                embedding_model,
-                llm_api_key=env.get(ENV_CHAT_KEY) or shared_key,
-                embedding_api_key=env.get(ENV_EMBEDDING_KEY) or shared_key,
-                timeout_s=timeout_s,
-            )
-        found = probe_local(ports, probe_timeout_s)
-        llm = next(((url, m) for url, models in found for m in models if not _looks_like_embedding(m)), None)
-        emb = next(((url, m) for url, models in found for m in models if _looks_like_embedding(m)), None)
-        if llm is None and emb is None:
-            raise LiveError(
-                "no inference endpoint found: set "
-                f"{ENV_UNIFIED_URL} (a sagesched gateway), or {ENV_CHAT_URL} and/or {ENV_EMBEDDING_URL} "
-                f"(with {ENV_CHAT_MODEL}, {ENV_EMBEDDING_MODEL}, {ENV_API_KEY}); probed 127.0.0.1 ports "
-                f"{', '.join(map(str, ports))} and found no OpenAI-compatible server",
-                status=503,
-                code="no_endpoint",
-            )
-        if llm is not None and emb is not None and llm[0] == emb[0]:
-            logger.info("create_auto: found a unified server at %s", llm[0])
-            return cls.create_gateway(
-                llm[0],
-                llm_model=chat_model or llm[1],
-                embedding_model=embedding_model or emb[1],
-                api_key=shared_key,
-                timeout_s=timeout_s,
-            )
-        logger.info("create_auto: probed local servers: llm=%s embedding=%s", llm, emb)
-        return cls(
-            llm[0] if llm else None,
-            chat_model or (llm[1] if llm else None),
-            emb[0] if emb else None,
-            embedding_model or (emb[1] if emb else None),
-            api_key=shared_key,
-            timeout_s=timeout_s,
-        )
+        return create_auto(cls, ports=ports, probe_timeout_s=probe_timeout_s, timeout_s=timeout_s)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def _aclose_core(self) -> None:
@@ -386,51 +277,6 @@ class UnifiedInferenceClient:
         return self._runner.run(take())
 
     # -- request building (shared by every mode) ---------------------------------------------------------
-    @staticmethod
-    def _messages(messages: str | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """A user string or a list of {role, content} mappings; anything else is InvalidRequest, not TypeError."""
-        if isinstance(messages, str):
-            return [{"role": "user", "content": messages}]
-        if (
-            isinstance(messages, Sequence)
-            and not isinstance(messages, bytes | bytearray)
-            and messages
-            and all(isinstance(m, Mapping) and isinstance(m.get("role"), str) for m in messages)
-        ):
-            return [dict(cast(Mapping[str, Any], m)) for m in messages]
-        raise InvalidRequest(
-            "messages must be a string or a non-empty list of {'role': ..., 'content': ...} dicts, "
-            f"not {_describe(messages)}",
-            param="messages",
-        )
-
-    @staticmethod
-    def _prompt(prompt: Any) -> str | list[Any]:
-        """A completions prompt: a string, a list of strings, a token list or a list of token lists."""
-        if isinstance(prompt, str):
-            return prompt
-        if isinstance(prompt, list) and prompt:
-            if all(isinstance(p, str) for p in prompt) or all(_is_int(t) for t in prompt):
-                return prompt
-            if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
-                return prompt
-        raise InvalidRequest(
-            f"prompt must be a string, a list of strings or a list of token ids, not {_describe(prompt)}",
-            param="prompt",
-        )
-
-    @staticmethod
-    def _texts(texts: Any) -> list[str]:
-        """Embedding inputs: one string or a list/tuple of strings (a dict's keys are not texts)."""
-        if isinstance(texts, str):
-            return [texts]
-        if isinstance(texts, list | tuple) and all(isinstance(t, str) for t in texts):
-            return list(texts)
-        raise InvalidRequest(
-            f"texts must be a string or a list of strings, not {_describe(texts)}",
-            param="input",
-        )
-
     @staticmethod
     def _sampling(body: dict[str, Any], kw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         """Move keyword arguments into the body; None means "not given" (so temperature=0 is sent)."""
@@ -600,16 +446,16 @@ class UnifiedInferenceClient:
     # -- the one implementation per operation ------------------------------------------------------------
     async def _achat_completion(self, messages: Any, kw: dict[str, Any]) -> dict[str, Any]:
         model = await self._resolve_model("llm", kw.pop("model", None))
-        body, headers = self._sampling({"model": model, "messages": self._messages(messages)}, kw)
+        body, headers = self._sampling({"model": model, "messages": as_messages(messages)}, kw)
         return await self._call("chat", body, headers)
 
     async def _acompletion(self, prompt: Any, kw: dict[str, Any]) -> dict[str, Any]:
         model = await self._resolve_model("llm", kw.pop("model", None))
-        body, headers = self._sampling({"model": model, "prompt": self._prompt(prompt)}, kw)
+        body, headers = self._sampling({"model": model, "prompt": as_prompt(prompt)}, kw)
         return await self._call("completions", body, headers)
 
     async def _aembed(self, texts: str | Sequence[str], kw: dict[str, Any]) -> list[list[float]]:
-        texts = self._texts(texts)
+        texts = as_texts(texts)
         if not texts:
             return []
         model = await self._resolve_model("embedding", kw.pop("model", None))
@@ -623,7 +469,7 @@ class UnifiedInferenceClient:
     async def _astream_text(self, endpoint_name: str, payload: Any, kw: dict[str, Any]) -> AsyncIterator[str]:
         model = await self._resolve_model("llm", kw.pop("model", None))
         key = "messages" if endpoint_name == "chat" else "prompt"
-        value = self._messages(payload) if endpoint_name == "chat" else self._prompt(payload)
+        value = as_messages(payload) if endpoint_name == "chat" else as_prompt(payload)
         body, headers = self._sampling({"model": model, key: value}, kw)
         async for chunk in self._stream(endpoint_name, body, headers):
             for choice in chunk.get("choices") or ():
@@ -747,30 +593,6 @@ class UnifiedInferenceClient:
         finally:
             if not self._runner.loop.is_closed():
                 await self._runner.arun(agen.aclose())  # type: ignore[attr-defined]
-
-
-def probe_local(ports: Sequence[int], timeout_s: float = 0.3) -> list[tuple[str, list[str]]]:
-    """OpenAI-compatible servers on 127.0.0.1 `ports`: (base URL, model ids) for each that answers.
-
-    Asks ``/v1/models`` (a server that answers only ``/health`` is listed with no models).
-    """
-    found: list[tuple[str, list[str]]] = []
-    with httpx.Client(timeout=timeout_s) as client:
-        for port in ports:
-            url = f"http://127.0.0.1:{int(port)}"
-            try:
-                response = client.get(f"{url}/v1/models")
-            except httpx.HTTPError:
-                continue
-            if response.status_code != 200:
-                continue
-            try:
-                ids = [m["id"] for m in response.json().get("data", []) if isinstance(m, dict) and "id" in m]
-            except (ValueError, AttributeError):
-                continue
-            if ids:
-                found.append((url, ids))
-    return found
 
 
 __all__ = ["DEFAULT_PROBE_PORTS", "MODES", "Endpoint", "UnifiedInferenceClient", "probe_local"]
