@@ -53,19 +53,28 @@ async def run_open_loop(
 ) -> None:
     """Start `send(i)` as its own task at `schedule.intended_s[i]` on `clock`; append tasks to `tasks`.
 
-    Returns when every request has been started (not finished). Cancel the task running this to
-    stop sending (Ctrl-C): requests not yet started keep `send_s = None`.
+    Returns when every request's task has been created (not finished). `schedule.send_s[i]` is
+    stamped when request i's task starts, just before `send(i)` hands it over. Cancel the task
+    running this, and the request tasks, to stop sending (Ctrl-C): requests whose task had not
+    started keep `send_s = None`.
     """
     loop = asyncio.get_running_loop()
     sleep = asyncio.sleep
+    send_s = schedule.send_s
+
+    async def start(i: int) -> None:
+        # Stamped in the request's own task, right before it is handed over: a send is late by
+        # however long the loop took to get here, not just by the generator's wake-up.
+        send_s[i] = clock()
+        await send(i)
+
     for i, target in enumerate(schedule.intended_s):
         delay = target - clock()
         if delay > spin_s:
             await sleep(delay - spin_s)
         while clock() < target:
             await sleep(0)
-        schedule.send_s[i] = clock()
-        tasks.append(loop.create_task(send(i), name=f"replay-{i}"))
+        tasks.append(loop.create_task(start(i), name=f"replay-{i}"))
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
