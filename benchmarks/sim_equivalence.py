@@ -70,7 +70,7 @@ def run_cell(policy: str, scenario: str, scale: float, mode: str, plain: bool = 
     wl.pop("name", None)
     requests = build_workload(WorkloadConfig.from_dict(wl), int(resolved["seed"]))
     sim = SimConfig.from_dict({**resolved["sim"], "progress": False, "mode": mode, "seed": int(resolved["seed"])})
-    kwargs = {"plain_queue": True} if plain else {}  # the reference path (absent before the indexes)
+    kwargs = {"plain_inputs": True} if plain else {}  # the reference path (absent before the indexes)
     result = simulate(
         requests, ClusterConfig.from_dict(resolved["cluster"]), build_policy(resolved["policy"]), sim, **kwargs
     )

@@ -28,12 +28,13 @@ The module is pure: no clock, no I/O, no event loop. It never raises because of 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from sagesched.core.assignment import Assignment, Rejection
 from sagesched.core.instance import InstanceView
+from sagesched.core.pool import views_by_id
 from sagesched.core.request import Request
 
 logger = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def _apply(
 ) -> None:
     """Check each decision against the queue and the views; the first decision about a request wins."""
     decided: set[str] = set()
-    views: dict[str, InstanceView] | None = None
+    views: Mapping[str, InstanceView] | None = None
     for d in raw:
         if isinstance(d, Rejection):
             rid = d.request_id
@@ -207,7 +208,7 @@ def _apply(
             )
             continue
         if views is None:
-            views = {v.id: v for v in view_list}
+            views = views_by_id(view_list)  # lazy for an `InstancePool`: only the named views
         view = views.get(d.instance_id)
         placed: list[Request] = []
         for rid in d.request_ids:

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import math
 import time
+from bisect import bisect_left, insort
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -36,6 +37,7 @@ from sagesched.core import (
     RequestRecord,
 )
 from sagesched.core.decisions import Placement, decide
+from sagesched.core.pool import InstancePool, is_idle
 from sagesched.metrics import records_frame
 from sagesched.policies.base import Policy
 from sagesched.sim.config import ClusterConfig, InstanceConfig, SimConfig
@@ -282,6 +284,7 @@ class _Instance:
         # The vLLM segment in flight: a planned step or a decode run, started at llm_t0.
         self.llm_plan = None
         self.llm_run = None
+        self.index = 0  # position in the simulator's instance list (and its views)
         self.llm_t0 = 0.0
         self.llm_gen = 0
         self.llm_event: simpy.Event | None = None  # the end event of the decode run in flight
@@ -352,7 +355,7 @@ class Simulator:
         sim: SimConfig,
         perf_provider: PerfProvider | None = None,
         *,
-        plain_queue: bool = False,
+        plain_inputs: bool = False,
     ) -> None:
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
         ids = [r.id for r in self.requests]
@@ -364,14 +367,25 @@ class Simulator:
         self.step_mode = sim.mode == "step"
         provider = perf_provider or default_perf_provider
         self.instances = [_Instance(cfg, *provider(cfg)) for cfg in cluster.instances]
+        for index, inst in enumerate(self.instances):
+            inst.index = index
+        # A call's views are built lazily (`InstancePool`, `_pool`): up front only for the instances
+        # whose state changed since the last call (`_stale`, which keeps the idle index exact), so
+        # a call's cost follows what changed and what the policy reads, not the pool size.
+        self._ids: list[str] | None = None
+        self._index: dict[str, int] = {}
+        self._stale: set[_Instance] = set()
+        self._idle: list[str] = []  # sorted ids of idle instances (see `InstancePool`)
+        self._idle_set: set[str] = set()
         self.by_id = {inst.id: inst for inst in self.instances}
         self.env = simpy.Environment()
         self.records: dict[str, RequestRecord] = {r.id: RequestRecord.from_request(r) for r in self.requests}
         # The gateway queue, passed to the policy as is (its indexes let a policy look only at what
-        # it can place); `plain_queue` passes a fresh list instead, as drivers did before the
-        # indexes existed: the reference `tests/sim` compares the indexed fast paths against.
+        # it can place), and the views as an `InstancePool` (with its idle index); `plain_inputs`
+        # passes plain lists instead, as drivers did before the indexes existed: the reference
+        # tests/sim/test_indexed_queue.py compares the indexed fast paths against.
         self.queue = GatewayQueue()
-        self.plain_queue = plain_queue
+        self.plain_inputs = plain_inputs
         self.calls: dict[str, list[str]] = {}  # TEI call / pooling group id -> request ids
         self.group_left: dict[str, int] = {}
         self.group_of: dict[str, str] = {}
@@ -500,12 +514,14 @@ class Simulator:
             return
         env = self.env
         now = env.now
-        views = [self._view(inst, now) for inst in self.instances]
+        pool = self._pool(now)
+        views = list(pool) if self.plain_inputs else pool
         t0 = time.perf_counter()
-        queue = list(self.queue) if self.plain_queue else self.queue
+        queue = list(self.queue) if self.plain_inputs else self.queue
         decided = decide(self.policy, now, queue, views)
         self.policy_s += time.perf_counter() - t0
         self.policy_calls += 1
+        pool.close()
         for placement in decided.placements:
             self._dispatch(placement, now)
         records = self.records
@@ -531,6 +547,33 @@ class Simulator:
             self.wakeups.add(wake)
             ev = env.timeout(wake - now)
             ev.callbacks.append(lambda _e, w=wake: self._wake(w))
+
+    def _pool(self, now: float) -> InstancePool:
+        """This call's views: built lazily (`InstancePool`), with the sorted ids of idle instances.
+
+        Only instances whose state changed since the last call (`_stale`) are snapshotted up front,
+        to keep the idle index exact (an instance in a decode run is never idle, and the others
+        only change with their version); the rest are built if and when the policy reads them.
+        """
+        instances = self.instances
+        views: list[InstanceView | None] = [None] * len(instances)
+        idle, idle_set = self._idle, self._idle_set
+        if self._ids is None:
+            self._ids = [inst.id for inst in instances]
+            self._index = {inst.id: inst.index for inst in instances}
+            self._stale.update(instances)
+        view = self._view
+        for inst in self._stale:
+            v = views[inst.index] = view(inst, now)
+            if is_idle(v) != (inst.id in idle_set):
+                if inst.id in idle_set:
+                    idle_set.discard(inst.id)
+                    del idle[bisect_left(idle, inst.id)]
+                else:
+                    idle_set.add(inst.id)
+                    insort(idle, inst.id)
+        self._stale.clear()
+        return InstancePool(views, self._ids, self._index, lambda i: view(instances[i], now), tuple(idle))
 
     def _any_active(self) -> bool:
         return any(inst.llm_active or inst.tei_batch is not None for inst in self.instances)
@@ -624,6 +667,7 @@ class Simulator:
         if not reqs:
             return
         inst.version += 1
+        self._stale.add(inst)
         priority = a.priority_hint
         llm_added = False
         embeddings: list[Request] = []
@@ -740,6 +784,7 @@ class Simulator:
         now = env.now
         factor = inst.gpu.llm_stretch(inst.tei_batch is not None) if inst.gpu is not None else 1.0
         inst.version += 1
+        self._stale.add(inst)
         inst.llm_gen += 1
         gen = inst.llm_gen
         if not self.step_mode:
@@ -831,6 +876,7 @@ class Simulator:
         batch = tei.next_batch()
         inst.tei_batch = batch
         inst.version += 1
+        self._stale.add(inst)
         self._set_busy(inst, now)
         if inst.gpu is not None and was_busy != (batch is not None) and inst.llm_run is not None:
             self._cut_run(inst)
@@ -925,12 +971,13 @@ def simulate(
     sim: SimConfig | None = None,
     *,
     perf_provider: PerfProvider | None = None,
-    plain_queue: bool = False,
+    plain_inputs: bool = False,
 ) -> SimResult:
     """Replay `requests` on `cluster` under `policy`; one record per request.
 
     `perf_provider` replaces the fitted performance models (tests use tiny deterministic ones).
-    `plain_queue` hands the policy a plain list instead of the indexed `GatewayQueue` (the
-    reference the indexed fast paths are checked against; same results, slower past saturation).
+    `plain_inputs` hands the policy plain lists instead of the indexed `GatewayQueue` and
+    `InstancePool` (the reference the indexed fast paths are checked against; same results,
+    slower past saturation and on large pools).
     """
-    return Simulator(requests, cluster, policy, sim or SimConfig(), perf_provider, plain_queue=plain_queue).run()
+    return Simulator(requests, cluster, policy, sim or SimConfig(), perf_provider, plain_inputs=plain_inputs).run()

@@ -7,6 +7,7 @@ got before the indexes existed). Every record must match: placement, order, time
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pandas as pd
@@ -84,14 +85,21 @@ def cluster() -> ClusterConfig:
     )
 
 
-def records(policy: str, plain: bool, mode: str = "jump") -> pd.DataFrame:
+def records(policy: str, plain: bool, mode: str = "jump", light: bool = False) -> pd.DataFrame:
+    reqs = saturating_workload()
+    pool = cluster()
+    if light:  # arrivals 20x sparser on a pool with several idle instances at a time
+        reqs = [dataclasses.replace(r, arrival_s=20 * r.arrival_s) for r in reqs]
+        pool = ClusterConfig(
+            pool.instances + tuple(InstanceConfig(id=f"b{k:02d}", model="llm-a", max_inflight=2) for k in range(9))
+        )
     result = simulate(
-        saturating_workload(),
-        cluster(),
+        reqs,
+        pool,
         make_policy(policy),
         SimConfig(mode=mode, timeline_interval_s=0),
         perf_provider=make_provider(60_000),
-        plain_queue=plain,
+        plain_inputs=plain,
     )
     return result.records.sort_values("request_id").reset_index(drop=True)
 
@@ -102,6 +110,13 @@ def test_indexed_queue_gives_the_reference_results(policy):
     # llm-b has no instance: those are rejected, the rest queue up well past the pool's slots.
     assert (reference.outcome == "rejected").any() and (reference.outcome == "completed").sum() > 200
     assert (reference.dispatch_s - reference.arrival_s).max() > 1.0  # the gateway queue did build up
+    pd.testing.assert_frame_equal(fast, reference)
+
+
+@pytest.mark.parametrize("policy", ["fifo", "priority", "least_loaded", "slo_aware", "hybrid"])
+def test_idle_index_gives_the_reference_results(policy):
+    fast, reference = records(policy, plain=False, light=True), records(policy, plain=True, light=True)
+    assert reference.instance_id.str.startswith("b").any()  # the extra instances took work
     pd.testing.assert_frame_equal(fast, reference)
 
 
