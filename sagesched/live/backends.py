@@ -138,12 +138,10 @@ class BackendConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BackendConfig:
-        """Build from a mapping; unknown keys are an error naming the valid ones."""
-        valid = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ValueError(f"unknown backend key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
-        return cls(**dict(data))
+        """Build from a mapping through the typed config layer: unknown keys and wrong types named."""
+        from sagesched.live.typed_config import from_mapping
+
+        return from_mapping(cls, data, "backend")
 
 
 # -- metrics ---------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -68,11 +67,10 @@ class ExecutorConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExecutorConfig:
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ValueError(f"unknown executor key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
-        return cls(**dict(data))
+        """Build from a mapping through the typed config layer: unknown keys and wrong types named."""
+        from sagesched.live.typed_config import from_mapping
+
+        return from_mapping(cls, data, "executor")
 
 
 @dataclass

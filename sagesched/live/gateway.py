@@ -118,7 +118,7 @@ class Gateway(GatewayRoutes):
         }
         kwargs = {k: v for k, v in wanted.items() if k in fields}
         kwargs.update(cfg.executor)
-        return LiveExecutor(cfg.make_policy(), cfg.backend_configs(), ExecutorConfig(**kwargs))
+        return LiveExecutor(cfg.make_policy(), cfg.backend_configs(), ExecutorConfig.from_dict(kwargs))
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:

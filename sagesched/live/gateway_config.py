@@ -335,36 +335,31 @@ class _Parser:
         return entry
 
     def check_backend(self, path: tuple[Any, ...], entry: BackendEntry) -> None:
-        """Let the executor's own BackendConfig judge extra fields, when it is importable."""
+        """Let the executor's own BackendConfig judge the entry (types and values), at the field's line."""
+        from sagesched.live.backends import BackendConfig
+        from sagesched.live.typed_config import ConfigFieldError, from_mapping
+
+        fields: dict[str, Any] = {"url": entry.url, "kind": entry.kind, "models": list(entry.models), "api": entry.api}
+        for key in ("id", "api_key", "max_inflight"):
+            if getattr(entry, key) is not None:
+                fields[key] = getattr(entry, key)
+        fields.update(entry.extra)
         try:
-            from sagesched.live.backends import BackendConfig
-        except ImportError:
-            return
-        valid = {f.name for f in dataclasses.fields(BackendConfig)} if dataclasses.is_dataclass(BackendConfig) else None
-        if valid is not None:
-            for key in entry.extra:
-                if key not in valid:
-                    raise self.fail(
-                        (*path, key), f"unknown backend key {key!r}; valid keys: {', '.join(sorted(valid))}"
-                    )
-        try:
-            entry.to_backend_config()
-        except (TypeError, ValueError) as exc:
-            raise self.fail(path, f"invalid backend: {exc}") from None
+            from_mapping(BackendConfig, fields, "backend")
+        except ConfigFieldError as exc:
+            raise self.fail(
+                (*path, *exc.path), exc.message if exc.path else f"invalid backend: {exc.message}"
+            ) from None
 
     def check_executor(self, values: dict[str, Any]) -> None:
+        """The `executor:` section through the typed config layer: unknown keys, types and values, by line."""
+        from sagesched.live.executor_config import ExecutorConfig
+        from sagesched.live.typed_config import ConfigFieldError, from_mapping
+
         try:
-            from sagesched.live.executor import ExecutorConfig
-        except ImportError:
-            return
-        if not dataclasses.is_dataclass(ExecutorConfig):
-            return
-        valid = {f.name for f in dataclasses.fields(ExecutorConfig)}
-        for key in values:
-            if key not in valid:
-                raise self.fail(
-                    ("executor", key), f"unknown executor key {key!r}; valid keys: {', '.join(sorted(valid))}"
-                )
+            from_mapping(ExecutorConfig, values, "executor")
+        except ConfigFieldError as exc:
+            raise self.fail(("executor", *exc.path), exc.message) from None
 
     # -- scalars -----------------------------------------------------------------------------------
     def host(self, value: Any) -> str:

@@ -114,3 +114,22 @@ def test_from_dict_and_overrides():
     )
     changed = config.with_overrides(port=0, host=None)
     assert changed.port == 0 and changed.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("extra", "pattern"),
+    [
+        ("executor: {max_queue: lots}\n", r"line 5: executor\.max_queue: must be int"),
+        ("executor:\n  max_records: 0\n", r"line 6: executor\.max_records: max_records must be >= 1"),
+        ("executor: {bogus: 1}\n", r"line 5: executor\.bogus: unknown executor key 'bogus'; valid keys: .*max_queue"),
+    ],
+)
+def test_executor_section_is_typed_with_lines(extra, pattern):
+    with pytest.raises(GatewayConfigError, match=pattern):
+        parse_gateway_config(MINIMAL + extra, source="g.yaml")
+
+
+def test_backend_extra_fields_are_typed_with_lines():
+    text = MINIMAL.replace("models: [bge-base]", "models: [bge-base], max_client_batch_size: many")
+    with pytest.raises(GatewayConfigError, match=r"line 4: backends\[1\]\.max_client_batch_size: must be int"):
+        parse_gateway_config(text, source="g.yaml")
