@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
@@ -33,6 +33,9 @@ from sagesched.live.gateway_config import GatewayConfig
 from sagesched.live.openai_body import _error_body, _loads, chat_to_response, responses_to_chat, validate_body
 from sagesched.live.prometheus import CONTENT_TYPE_LATEST, GatewayMetrics
 from sagesched.live.requests import request_from_body
+
+if TYPE_CHECKING:
+    from sagesched.live.executor import LiveExecutor
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ class GatewayRoutes:
 
     config: GatewayConfig
     metrics: GatewayMetrics
-    _executor: Any
+    _executor: LiveExecutor | None
     _api_keys: set[bytes]
     _admin_key: bytes | None
     counters: Any
@@ -94,7 +97,7 @@ class GatewayRoutes:
     _summary_lock: asyncio.Lock
 
     @property
-    def executor(self) -> Any:
+    def executor(self) -> LiveExecutor:
         raise NotImplementedError
 
     def _authorized(self, scope: Scope, keys: set[bytes] | None) -> bool:
@@ -112,7 +115,9 @@ class GatewayRoutes:
     def _collect(self) -> dict[str, Any]:
         snapshot = self.executor.snapshot() if self._executor is not None else {}
         executor = self._executor
-        total = getattr(executor, "records_total", 0)
+        if executor is None:
+            return {}
+        total = executor.records_total
         new_count = total - self._records_seen
         if new_count > 0:
             window = executor.records  # a bounded deque, newest last
@@ -274,8 +279,8 @@ class GatewayRoutes:
         return _error_response(AuthenticationError("admin routes need 'Authorization: Bearer <admin_key>'"))
 
     def _policy_description(self) -> dict[str, Any]:
-        policy = getattr(self._executor, "policy", None)
-        if policy is not None and hasattr(policy, "describe"):
+        policy = self._executor.policy if self._executor is not None else None
+        if policy is not None:
             described = policy.describe()
             return {"name": described.pop("name", self.policy_name), "config": described}
         return {"name": self.policy_name, "config": self.policy_config}
@@ -347,7 +352,7 @@ class GatewayRoutes:
         a tight polling loop costs one computation per interval.
         """
         executor = self._executor
-        records = getattr(executor, "records", None)
+        records = executor.records if executor is not None else None
         if not records:
             return None
         now = time.monotonic()

@@ -183,6 +183,10 @@ class LiveExecutor(Dispatcher):
         self._policy = policy
         self._kick()
 
+    def in_flight(self, request_id: str) -> bool:
+        """Whether a request with this id is queued or running now (ids must be unique among those)."""
+        return request_id in self._pending
+
     def abort_all(self, error: LiveError) -> int:
         """End every queued and in-flight request with `error` now (a gateway's drain deadline).
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -16,7 +17,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
@@ -37,6 +38,9 @@ from sagesched.live.http_protocol import DISCONNECT_EXTENSION
 from sagesched.live.openai_body import _dumps, _error_body, _loads, validate_body
 from sagesched.live.prometheus import GatewayMetrics
 from sagesched.live.requests import request_from_body
+
+if TYPE_CHECKING:
+    from sagesched.live.executor import LiveExecutor
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ class _Counters:
 class Gateway(GatewayRoutes):
     """Per-app state and the request handlers; one per `create_app` call (one per process)."""
 
-    def __init__(self, config: GatewayConfig, executor: Any | None = None) -> None:
+    def __init__(self, config: GatewayConfig, executor: LiveExecutor | None = None) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
         self._executor = executor
@@ -100,16 +104,16 @@ class Gateway(GatewayRoutes):
 
     # -- lifecycle -----------------------------------------------------------------------------------
     @property
-    def executor(self) -> Any:
+    def executor(self) -> LiveExecutor:
         if self._executor is None:
             raise RuntimeError("the gateway's executor is not started (the app's lifespan did not run)")
         return self._executor
 
-    def build_executor(self) -> Any:
+    def build_executor(self) -> LiveExecutor:
         from sagesched.live.executor import ExecutorConfig, LiveExecutor
 
         cfg = self.config
-        fields = set(getattr(ExecutorConfig, "__dataclass_fields__", {}))
+        fields = {f.name for f in dataclasses.fields(ExecutorConfig)}
         wanted: dict[str, Any] = {
             "max_queue": cfg.max_queue,
             "request_timeout_s": cfg.request_timeout_s,
@@ -148,8 +152,8 @@ class Gateway(GatewayRoutes):
 
     def _end_inflight(self) -> None:
         executor = self._executor
-        abort = getattr(executor, "abort_all", None)
-        if callable(abort):
+        if executor is not None:
+            abort = executor.abort_all
             from sagesched.live.errors import ServiceStopping
 
             count = abort(
@@ -173,8 +177,7 @@ class Gateway(GatewayRoutes):
 
     # -- helpers -------------------------------------------------------------------------------------
     def _now(self) -> float:
-        clock = getattr(self._executor, "now", None)
-        return clock() if callable(clock) else time.monotonic()
+        return self._executor.now() if self._executor is not None else time.monotonic()
 
     async def _send_json(
         self, send: Send, status: int, payload: bytes, extra: list[tuple[bytes, bytes]] | None = None
@@ -201,8 +204,7 @@ class Gateway(GatewayRoutes):
             raise InvalidRequest(
                 "X-Request-Id must be 1-128 characters of letters, digits and . _ : -", param="X-Request-Id"
             )
-        pending = getattr(self._executor, "_pending", None)
-        if pending is not None and given in pending:
+        if self._executor is not None and self._executor.in_flight(given):
             return f"{given}~{next(self._ids)}"
         return given
 
@@ -271,7 +273,7 @@ class Gateway(GatewayRoutes):
                 async with _DisconnectWatch(scope, receive):
                     submitted = True
                     response = await self.executor.submit(request, body, endpoint)
-                raw_json = getattr(response, "raw", None)
+                raw_json = response.raw
                 out = raw_json if raw_json is not None else _dumps(response.json)
                 await self._send_json(send, 200, out, [(b"x-request-id", request_id.encode())])
             else:
@@ -283,7 +285,7 @@ class Gateway(GatewayRoutes):
                 ):
                     submitted = True
                     response = await self.executor.submit(request, body, endpoint)
-                    chunks = getattr(response, "stream", None)
+                    chunks = response.stream
                     if chunks is None:
                         payload = response.json
                     else:

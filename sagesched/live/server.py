@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
@@ -48,13 +48,16 @@ from sagesched.live.gateway_config import GatewayConfig
 from sagesched.live.openai_body import validate_body
 from sagesched.live.openai_schema import MAX_TOKENS_LIMIT
 
+if TYPE_CHECKING:
+    from sagesched.live.executor import LiveExecutor
+
 log = logging.getLogger(__name__)
 
 
 # -- the app -----------------------------------------------------------------------------------------
 
 
-def create_app(config: GatewayConfig, executor: Any | None = None) -> Starlette:
+def create_app(config: GatewayConfig, executor: LiveExecutor | None = None) -> Starlette:
     """Build the gateway's ASGI app; the executor starts and stops with the app's lifespan.
 
     Pass `executor` to serve an executor the caller manages (entered and exited by the caller).
@@ -271,7 +274,12 @@ class UnifiedAPIServer:
     """
 
     def __init__(
-        self, config: GatewayConfig, *, host: str | None = None, port: int | None = None, executor: Any | None = None
+        self,
+        config: GatewayConfig,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        executor: LiveExecutor | None = None,
     ) -> None:
         self.config = config.with_overrides(host=host, port=port)
         self.app = create_app(self.config, executor)
