@@ -5,6 +5,18 @@ and reports simulated requests per second, the speed-up, the largest per-request
 difference between the two modes, peak memory and the machine.
 
     python benchmarks/sim_speed.py --json [--out benchmarks/results/sim_speed.json] [--policy hybrid]
+
+Suites (issue 12: speed past saturation and at fleet scale), each cell in its own process with a
+time limit (a cell past it is reported as such, not waited for) and its own peak RSS:
+
+    python benchmarks/sim_speed.py --suite loads      # every shipped policy, default workload at 1x/2x/3x
+    python benchmarks/sim_speed.py --suite embedding  # every policy, embedding_heavy at 3x on rag_mixed
+    python benchmarks/sim_speed.py --suite instances  # the Azure conv trace on 4/64/256/1024 instances
+    python benchmarks/sim_speed.py --suite fleet      # 1,000,000 requests on 1,000 instances at ~80% busy
+    python benchmarks/sim_speed.py --suite all --out benchmarks/results/sim_speed_suites.json
+
+Targets are ratios within one run (the machine is shared): per policy, requests/s at 3x >= 0.3x its
+own 1x figure; 256 instances >= 0.7x the 4-instance figure; the fleet run < 10 min, < 4 GB RSS.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from datetime import datetime
@@ -71,6 +84,228 @@ def policy_for(name: str):
         return make_policy("fifo"), "fifo"
 
 
+# -- suites (issue 12) ------------------------------------------------------------------------------
+SCALES = (1.0, 2.0, 3.0)
+INSTANCE_COUNTS = (4, 64, 256, 1024)
+INSTANCE_POLICIES = ("fifo", "hybrid")
+FLEET_REQUESTS = 1_000_000
+FLEET_INSTANCES = 1_000
+# Arrivals per instance per second that keep a Llama-2-7B A100 instance ~80% busy under FIFO with
+# Azure conv lengths: pilot runs of 3,000 requests on 8 instances gave utilisation 0.58 at 0.25,
+# 0.68 at 0.30, 0.81 at 0.38 and 0.92 at 0.50 req/s; the fleet run reports its own utilisation.
+FLEET_RATE_PER_INSTANCE = 0.38
+LIMITS_S = {"loads": 300, "embedding": 300, "instances": 600, "fleet": 900}
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+
+
+def _experiment_cell(overrides: list[str]) -> dict:
+    """Simulate one composed experiment config (as `python -m sagesched.experiment` would)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from sagesched.experiment import build_policy, conf_dir, workload_requests
+    from sagesched.replay.cluster import sim_cluster_dict
+
+    with initialize_config_dir(version_base=None, config_dir=str(conf_dir())):
+        cfg = compose(config_name="config", overrides=[*overrides, "sim.progress=false"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    seed = int(resolved["seed"])
+    reqs = workload_requests(resolved["workload"], seed)
+    cluster = ClusterConfig.from_dict(sim_cluster_dict(resolved["cluster"]))
+    sim = SimConfig.from_dict({**resolved["sim"], "seed": seed})
+    result = simulate(reqs, cluster, build_policy(resolved["policy"]), sim)
+    return _cell_result(result, len(reqs))
+
+
+def _cell_result(result, n: int) -> dict:
+    out = result.records.outcome
+    calls = result.stats["policy_calls"]
+    return {
+        "requests": n,
+        "wall_s": round(result.wall_s, 3),
+        "requests_per_s": round(n / result.wall_s, 1),
+        "policy_calls": calls,
+        "policy_s": round(result.stats["policy_s"], 3),
+        "policy_us_per_call": round(1e6 * result.stats["policy_s"] / max(1, calls), 1),
+        "completed": int((out == "completed").sum()),
+        "rejected": int((out == "rejected").sum()),
+        "sim_time_s": round(result.stats["sim_time_s"], 1),
+    }
+
+
+def _instances_cell(policy: str, count: int) -> dict:
+    model = "llama-2-7b"
+    reqs, _ = requests(model)
+    cluster = ClusterConfig(
+        tuple(InstanceConfig(id=f"llm-{k:04d}", model=model, hardware="a100") for k in range(count))
+    )
+    result = simulate(reqs, cluster, make_policy(policy), SimConfig(mode="jump", timeline_interval_s=1.0))
+    return _cell_result(result, len(reqs))
+
+
+def _fleet_cell(n: int, count: int, rate_per_instance: float) -> dict:
+    """Poisson arrivals at `rate_per_instance` x `count`, (prompt, output) pairs drawn from the
+    Azure conv trace, on `count` Llama-2-7B A100 instances under FIFO."""
+    model = "llama-2-7b"
+    _, prompt, output, _ = load_azure_conv()
+    rng = np.random.default_rng(12)
+    pick = rng.integers(0, len(prompt), n)
+    arrival = np.cumsum(rng.exponential(1.0 / (rate_per_instance * count), n))
+    reqs = [
+        Request(
+            id=f"fleet-{i}",
+            type=RequestType.LLM_CHAT,
+            model=model,
+            arrival_s=float(arrival[i]),
+            prompt_tokens=int(prompt[pick[i]]),
+            max_tokens=max(1, int(output[pick[i]])),
+            output_tokens=max(1, int(output[pick[i]])),
+        )
+        for i in range(n)
+    ]
+    del arrival, pick
+    cluster = ClusterConfig(
+        tuple(InstanceConfig(id=f"llm-{k:04d}", model=model, hardware="a100") for k in range(count))
+    )
+    result = simulate(reqs, cluster, make_policy("fifo"), SimConfig(mode="jump", timeline_interval_s=1.0))
+    util = [s["utilization"] for s in result.stats["instances"].values()]
+    return {
+        **_cell_result(result, n),
+        "instances": count,
+        "rate_rps": rate_per_instance * count,
+        "mean_utilization": round(float(np.mean(util)), 3),
+        "timeline_rows": 0 if result.timeline is None else len(result.timeline),
+    }
+
+
+def run_cell(spec: dict) -> dict:
+    """One cell, in this process (the `--cell` entry point)."""
+    kind = spec["kind"]
+    if kind in ("loads", "embedding"):
+        out = _experiment_cell(spec["overrides"])
+    elif kind == "instances":
+        out = _instances_cell(spec["policy"], spec["count"])
+    elif kind == "fleet":
+        out = _fleet_cell(spec["requests"], spec["count"], spec["rate_per_instance"])
+    else:
+        raise ValueError(f"unknown cell kind {kind!r}")
+    return {**spec, **out, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _spawn(spec: dict, limit_s: float) -> dict:
+    started = time.perf_counter()
+    cmd = [sys.executable, __file__, "--cell", json.dumps(spec)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        return {**spec, "timed_out_after_s": limit_s}
+    if done.returncode != 0:
+        return {**spec, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out["process_wall_s"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+def suite_specs(name: str, policies: list[str]) -> list[tuple[dict, float]]:
+    specs: list[tuple[dict, float]] = []
+    if name in ("loads", "all"):
+        for policy in policies:
+            for scale in SCALES:
+                overrides = [f"policy={policy}", f"workload.rate_scale={scale}"]
+                specs.append(({"kind": "loads", "policy": policy, "scale": scale, "overrides": overrides}, 0))
+    if name in ("embedding", "all"):
+        for policy in policies:
+            overrides = [f"policy={policy}", "workload=embedding_heavy", "cluster=rag_mixed", "workload.rate_scale=3.0"]
+            specs.append(({"kind": "embedding", "policy": policy, "scale": 3.0, "overrides": overrides}, 0))
+    if name in ("instances", "all"):
+        for policy in INSTANCE_POLICIES:
+            for count in INSTANCE_COUNTS:
+                specs.append(({"kind": "instances", "policy": policy, "count": count}, 0))
+    if name in ("fleet", "all"):
+        spec = {
+            "kind": "fleet",
+            "requests": FLEET_REQUESTS,
+            "count": FLEET_INSTANCES,
+            "rate_per_instance": FLEET_RATE_PER_INSTANCE,
+        }
+        specs.append((spec, 0))
+    return [(spec, LIMITS_S[spec["kind"]]) for spec, _ in specs]
+
+
+def summarize_suite(cells: list[dict]) -> dict:
+    """The issue's targets as ratios within this run."""
+    out: dict = {}
+    loads = {(c["policy"], c["scale"]): c for c in cells if c["kind"] == "loads"}
+    ratios = {}
+    for policy in sorted({p for p, _ in loads}):
+        one, three = loads.get((policy, 1.0)), loads.get((policy, 3.0))
+        if one and three and "requests_per_s" in one and "requests_per_s" in three:
+            ratios[policy] = round(three["requests_per_s"] / one["requests_per_s"], 3)
+        else:
+            ratios[policy] = None
+    if ratios:
+        out["speed_3x_over_1x"] = ratios
+        out["target_3x_over_1x_met"] = {p: (r is not None and r >= 0.3) for p, r in ratios.items()}
+    inst = {(c["policy"], c["count"]): c for c in cells if c["kind"] == "instances"}
+    scaling = {}
+    for policy in INSTANCE_POLICIES:
+        base = inst.get((policy, 4))
+        if not base or "requests_per_s" not in base:
+            continue
+        scaling[policy] = {
+            str(n): round(inst[(policy, n)]["requests_per_s"] / base["requests_per_s"], 3)
+            for n in INSTANCE_COUNTS
+            if (policy, n) in inst and "requests_per_s" in inst[(policy, n)]
+        }
+    if scaling:
+        out["speed_vs_4_instances"] = scaling
+        out["target_256_over_4_met"] = {p: s.get("256", 0) >= 0.7 for p, s in scaling.items()}
+    fleet = [c for c in cells if c["kind"] == "fleet"]
+    if fleet and "wall_s" in fleet[0]:
+        f = fleet[0]
+        out["fleet"] = {
+            "wall_s": f["wall_s"],
+            "peak_rss_mb": f["peak_rss_mb"],
+            "target_met": f["wall_s"] < 600 and f["peak_rss_mb"] < 4096,
+        }
+    return out
+
+
+def run_suite(name: str, policies: list[str] | None, out_path: Path | None) -> dict:
+    from sagesched.policies import available_policies
+
+    chosen = policies or sorted(available_policies())
+    load_before = os.getloadavg()
+    cells = []
+    for spec, limit in suite_specs(name, chosen):
+        cell = _spawn(spec, limit)
+        cells.append(cell)
+        brief = {k: cell.get(k) for k in ("wall_s", "requests_per_s", "peak_rss_mb", "timed_out_after_s", "error")}
+        label = spec.get("policy", "fifo")
+        sys.stderr.write(f"{spec['kind']:>9} {label:>13} {spec.get('scale', spec.get('count', ''))!s:>6}: {brief}\n")
+        if out_path:  # keep what is done so far
+            out_path.write_text(json.dumps({"suite": name, "cells": cells}, indent=2) + "\n")
+    result = {
+        "benchmark": "sim_speed",
+        "suite": name,
+        "summary": summarize_suite(cells),
+        "cells": cells,
+        "machine": {
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "cpu_count": os.cpu_count(),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
+    }
+    if out_path:
+        out_path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -85,7 +320,23 @@ def main(argv: list[str] | None = None) -> dict:
         default=3,
         help="runs of each mode, interleaved; the fastest counts (a shared machine only ever adds time)",
     )
+    parser.add_argument("--suite", choices=["loads", "embedding", "instances", "fleet", "all"], default=None)
+    parser.add_argument("--policies", default=None, help="comma-separated policies for --suite (default: all)")
+    parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # one suite cell, as JSON (internal)
     args = parser.parse_args(argv)
+
+    if args.cell:
+        result = run_cell(json.loads(args.cell))
+        sys.stdout.write(json.dumps(result) + "\n")
+        return result
+    if args.suite:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        policies = args.policies.split(",") if args.policies else None
+        result = run_suite(args.suite, policies, args.out)
+        if args.json:
+            sys.stdout.write(json.dumps(result["summary"], indent=2) + "\n")
+        return result
 
     model = "llama-2-7b"
     load_before = os.getloadavg()

@@ -33,7 +33,7 @@ class PoolClosed(RuntimeError):
 class InstancePool(Sequence[InstanceView]):
     """Lazily built views of one policy call (module docstring)."""
 
-    __slots__ = ("_build", "_closed", "_ids", "_index", "_views", "idle_ids")
+    __slots__ = ("_build", "_closed", "_ids", "_index", "_views", "idle_ids", "serves_class")
 
     def __init__(
         self,
@@ -42,6 +42,7 @@ class InstancePool(Sequence[InstanceView]):
         index: Mapping[str, int],
         build: Callable[[int], InstanceView],
         idle_ids: tuple[str, ...] = (),
+        serves_class: dict | None = None,
     ) -> None:
         self._views = views  # None where not built yet (the pool's own list)
         self._ids = ids
@@ -49,6 +50,9 @@ class InstancePool(Sequence[InstanceView]):
         self._build = build
         self._closed = False
         self.idle_ids = idle_ids
+        # (is_embedding, model) -> whether any instance serves it, shared by the calls of a driver
+        # whose instances never change kind or models (`policies.base.servable_classes`).
+        self.serves_class = serves_class
 
     def _get(self, i: int) -> InstanceView:
         view = self._views[i]
@@ -79,8 +83,8 @@ class InstancePool(Sequence[InstanceView]):
 
     def __iter__(self) -> Iterator[InstanceView]:
         get = self._get
-        for i in range(len(self._views)):
-            yield get(i)
+        for i, view in enumerate(self._views):
+            yield get(i) if view is None else view
 
     def by_id(self) -> _ById:
         return _ById(self)

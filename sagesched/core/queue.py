@@ -323,6 +323,12 @@ class RankedMerge:
 
     def __iter__(self) -> Iterator[tuple[ClassKey, Request]]:
         heap, dropped, key = self._heap, self._dropped, self._key
+        if len(heap) == 1:  # one stream (one class, one priority): no ordering to do
+            _, cls, request, it = heap.pop()
+            while request is not None and cls not in dropped:
+                yield cls, request
+                request = next(it, None)
+            return
         while heap:
             _, cls, request, it = heap[0]
             if cls in dropped:

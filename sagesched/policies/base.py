@@ -18,6 +18,7 @@ from sagesched.core.pool import views_by_id
 from sagesched.core.queue import ClassKey, GatewayQueue
 
 _EMBEDDING_KIND = InstanceKind.EMBEDDING
+_LLM_KIND = InstanceKind.LLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +98,12 @@ def unservable_rejection(request: Request, rule: str) -> Rejection:
     )
 
 
+def class_served_by(view: InstanceView, cls: ClassKey) -> bool:
+    """`view.can_serve(request)` for every request of class `cls` (kind and model)."""
+    embedding, model = cls
+    return (view.kind is not _LLM_KIND if embedding else view.kind is not _EMBEDDING_KIND) and model in view.models
+
+
 def servable_classes(
     queue: Sequence[Request], instances: Sequence[InstanceView], rule: str
 ) -> tuple[list[Rejection], GatewayQueue, list[ClassKey]]:
@@ -109,9 +116,16 @@ def servable_classes(
     q = GatewayQueue.of(queue)
     classes: list[ClassKey] = []
     unservable: list[Request] = []
+    # A driver whose instances never change kind or models (the simulator) passes a pool that
+    # remembers the answer per class across calls.
+    known = getattr(instances, "serves_class", None)
     for cls in q.classes():
-        representative = next(iter(q.in_arrival_order((cls,))))
-        if any(view.can_serve(representative) for view in instances):
+        served = None if known is None else known.get(cls)
+        if served is None:
+            served = any(class_served_by(view, cls) for view in instances)
+            if known is not None:
+                known[cls] = served
+        if served:
             classes.append(cls)
         else:
             unservable.extend(q.of_class(cls))

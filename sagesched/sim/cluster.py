@@ -377,6 +377,7 @@ class Simulator:
         self._stale: set[_Instance] = set()
         self._idle: list[str] = []  # sorted ids of idle instances (see `InstancePool`)
         self._idle_set: set[str] = set()
+        self._serves_class: dict = {}  # class -> served by some instance (kinds and models never change)
         self.by_id = {inst.id: inst for inst in self.instances}
         self.env = simpy.Environment()
         self.records: dict[str, RequestRecord] = {r.id: RequestRecord.from_request(r) for r in self.requests}
@@ -573,7 +574,9 @@ class Simulator:
                     idle_set.add(inst.id)
                     insort(idle, inst.id)
         self._stale.clear()
-        return InstancePool(views, self._ids, self._index, lambda i: view(instances[i], now), tuple(idle))
+        return InstancePool(
+            views, self._ids, self._index, lambda i: view(instances[i], now), tuple(idle), self._serves_class
+        )
 
     def _any_active(self) -> bool:
         return any(inst.llm_active or inst.tei_batch is not None for inst in self.instances)
