@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sagesched.core import Assignment, Decision, GatewayQueue, InstanceView, Priority, Rejection, Request
-from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable, servable_classes
+from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable, servable_classes, use_index
 from sagesched.policies.fifo import FifoConfig, FifoPolicy
 from sagesched.policies.priority import PriorityConfig, PriorityPolicy
 from sagesched.policies.registry import register
@@ -119,7 +119,7 @@ class AdaptivePolicy(Policy):
 
     # -- measuring and choosing --------------------------------------------------------------------
     def measure(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> Measurement:
-        if isinstance(queue, GatewayQueue):
+        if use_index(queue):
             return self._measure_indexed(now, queue, instances)
         healthy = [v for v in instances if v.healthy]
         _, servable = reject_unservable(queue, instances, self.name)

@@ -98,6 +98,17 @@ def unservable_rejection(request: Request, rule: str) -> Rejection:
     )
 
 
+# Below this many queued requests a policy's plain-list code (a sort of a short list) is cheaper
+# than reading the queue's indexes (merging streams, numpy columns): at light load the queue holds a
+# request or two per call. Both paths give the same decisions (tests/sim/test_indexed_queue.py).
+INDEX_MIN_QUEUE = 24
+
+
+def use_index(queue: Sequence[Request]) -> bool:
+    """Whether to take the indexed path: a `GatewayQueue` long enough to be worth it."""
+    return isinstance(queue, GatewayQueue) and len(queue) >= INDEX_MIN_QUEUE
+
+
 def class_served_by(view: InstanceView, cls: ClassKey) -> bool:
     """`view.can_serve(request)` for every request of class `cls` (kind and model)."""
     embedding, model = cls

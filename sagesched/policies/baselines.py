@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
-from sagesched.core import Decision, GatewayQueue, InstanceView, Request
+from sagesched.core import Decision, InstanceView, Request
 from sagesched.core.queue import RankedMerge, class_of
 from sagesched.policies.base import (
     LoadLedger,
@@ -32,6 +32,7 @@ from sagesched.policies.base import (
     arrival_order,
     reject_unservable,
     servable_classes,
+    use_index,
 )
 from sagesched.policies.registry import register
 
@@ -44,7 +45,7 @@ class _PlacementBaseline(Policy):
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
         decisions: list[Decision]
         merge: RankedMerge | None = None
-        if isinstance(queue, GatewayQueue):
+        if use_index(queue):
             # The queue's arrival index: a class whose instances are all full is skipped whole.
             decisions, queue, classes = servable_classes(queue, instances, self.name)
             if not classes:

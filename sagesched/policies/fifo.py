@@ -15,6 +15,7 @@ from sagesched.policies.base import (
     arrival_order,
     reject_unservable,
     servable_classes,
+    use_index,
 )
 from sagesched.policies.registry import register
 
@@ -40,7 +41,7 @@ class FifoPolicy(Policy):
     reason = "arrival order, least outstanding work"
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
-        if isinstance(queue, GatewayQueue):
+        if use_index(queue):
             return self._schedule_indexed(now, queue, instances)
         decisions: list[Decision]
         decisions, servable = reject_unservable(queue, instances, self.name)

@@ -35,9 +35,9 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sagesched.core import Decision, GatewayQueue, InstanceView, Priority, Request
+from sagesched.core import Decision, InstanceView, Priority, Request
 from sagesched.core.queue import RankedMerge
-from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable, servable_classes
+from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable, servable_classes, use_index
 from sagesched.policies.registry import register
 
 # Slack for float rounding in wait / interval, so that a request whose wait is exactly k intervals
@@ -86,7 +86,7 @@ class PriorityPolicy(Policy):
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
         decisions: list[Decision]
         merge: RankedMerge | None = None
-        if isinstance(queue, GatewayQueue):
+        if use_index(queue):
             decisions, queue, classes = servable_classes(queue, instances, self.name)
             if not classes:
                 return decisions
