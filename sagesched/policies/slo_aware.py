@@ -37,8 +37,9 @@ from dataclasses import dataclass
 
 from sagesched.core import Decision, InstanceView, RejectCode, Rejection, Request
 from sagesched.policies.admission import AdmissionConfig, AdmissionControl
-from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, arrival_order, reject_unservable
+from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, arrival_order, reject_unservable, use_index
 from sagesched.policies.registry import register
+from sagesched.policies.slack import schedule_indexed
 
 
 def has_slo(request: Request) -> bool:
@@ -120,6 +121,10 @@ class SloAwarePolicy(Policy):
         self.admission = AdmissionControl(c.admission_config()) if c.admission else None
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
+        if use_index(queue):
+            if self.admission is None:  # the same decisions, read off the queue's indexes
+                return schedule_indexed(self, now, queue, instances)
+            queue = list(queue)  # admission ranks late requests itself (no indexed path for it yet)
         decisions: list[Decision]
         decisions, servable = reject_unservable(queue, instances, self.name)
         if not servable:
