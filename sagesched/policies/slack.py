@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sagesched.core import Decision, GatewayQueue, InstanceView, RejectCode, Rejection, Request
 from sagesched.core.queue import ClassKey, Columns
-from sagesched.policies.base import LoadLedger, servable_classes
+from sagesched.policies.base import LoadLedger, class_served_by, servable_classes
 
 if TYPE_CHECKING:
     from sagesched.policies.slo_aware import SloAwarePolicy
@@ -73,7 +73,7 @@ def _sorted_rows(keys: np.ndarray, rows: np.ndarray, cols: Columns) -> Iterator[
     rows, cut at a key value so that ties stay together), each sorted by Python on exactly the
     tuple the reference code sorts by."""
     requests = cols.requests
-    chunk = 16
+    chunk = 4  # usually one slot frees per call: sort a few rows first
     while rows.size:
         if rows.size > chunk:
             k = keys[rows]
@@ -95,12 +95,21 @@ def _first(item: tuple) -> tuple:
 
 
 class _Merge:
-    """Merge per-class streams of ``(key, request)`` in key order; `drop` a class mid-way."""
+    """Merge per-class streams of ``(key, request)`` in key order; `drop` a class mid-way.
 
-    def __init__(self, streams: list[tuple[ClassKey, Iterator[tuple[tuple, Request]]]]) -> None:
-        self.dropped: set[ClassKey] = set()
+    Streams are given as factories and made only for classes not in `dropped` (shared between the
+    merges of one call: a class without a free slot has none for the rest of the call).
+    """
+
+    def __init__(
+        self, streams: list[tuple[ClassKey, Callable[[], Iterator[tuple[tuple, Request]]]]], dropped: set[ClassKey]
+    ) -> None:
+        self.dropped = dropped
         heap = []
-        for n, (cls, it) in enumerate(streams):
+        for n, (cls, make) in enumerate(streams):
+            if cls in dropped:
+                continue
+            it = make()
             first = next(it, None)
             if first is not None:
                 heap.append((first[0], n, cls, first[1], it))
@@ -141,20 +150,20 @@ def schedule_indexed(
         n = cols.n
         alive = cols.alive[:n]
         has_slo = cols.has_slo[:n]
-        best_effort.append((cls, _sorted_rows(cols.arrival[:n], np.flatnonzero(alive & ~has_slo), cols)))
-        representative = cols.requests[int(np.flatnonzero(alive)[0])]
-        views = [v for v in ledger.views.values() if v.healthy and v.can_serve(representative)]
+        best_effort.append((cls, _rows_factory(cols.arrival[:n], alive & ~has_slo, cols)))
+        views = [v for v in ledger.views.values() if v.healthy and class_served_by(v, cls)]
         if not views:
             continue  # every compatible instance is down: its SLO requests stay queued
         best = class_best_slacks(cols, views, ledger, now, cls[0])
         with np.errstate(invalid="ignore"):
             ok = best >= 0
         slo_rows = alive & has_slo
-        attainable.append((cls, _sorted_rows(best, np.flatnonzero(slo_rows & ok), cols)))
-        late.append((cls, _sorted_rows(cols.arrival[:n], np.flatnonzero(slo_rows & ~ok), cols)))
+        attainable.append((cls, _rows_factory(best, slo_rows & ok, cols)))
+        late.append((cls, _rows_factory(cols.arrival[:n], slo_rows & ~ok, cols)))
 
+    dropped: set[ClassKey] = set()  # classes with no free slot left in this call
     moved_late: list[Request] = []
-    merge = _Merge(attainable)
+    merge = _Merge(attainable, dropped)
     for cls, request in merge:
         candidates = ledger.candidates(request)
         if not candidates:
@@ -176,7 +185,7 @@ def schedule_indexed(
             )
         )
 
-    merge = _Merge(best_effort)
+    merge = _Merge(best_effort, dropped)
     for cls, request in merge:
         candidates = ledger.candidates(request)
         if not candidates:
@@ -199,8 +208,9 @@ def schedule_indexed(
     shed = policy.config.shed_unattainable
     for request in moved_late:
         cls = (request.is_embedding, request.model)
-        late.append((cls, iter([((request.arrival_s, request.arrival_s, request.id), request)])))
-    merge = _Merge([(cls, _rekey_arrival(it)) for cls, it in late])
+        late.append((cls, lambda r=request: iter([((r.arrival_s, r.arrival_s, r.id), r)])))
+    # Shedding looks at every late request (it rejects whatever is unattainable, room or not).
+    merge = _Merge([(cls, _rekeyed(make)) for cls, make in late], set() if shed else dropped)
     for cls, request in merge:
         if shed:
             best = best_slack_s(ledger, request, now)
@@ -234,10 +244,19 @@ def schedule_indexed(
     return decisions
 
 
-def _rekey_arrival(it: Iterator[tuple[tuple, Request]]) -> Iterator[tuple[tuple, Request]]:
+def _rekeyed(make: Callable[[], Iterator[tuple[tuple, Request]]]) -> Callable[[], Iterator[tuple[tuple, Request]]]:
     """Late requests merge on ``(arrival_s, id)`` (their sort key in `slo_aware`)."""
-    for _, request in it:
-        yield (request.arrival_s, request.id), request
+
+    def rekeyed() -> Iterator[tuple[tuple, Request]]:
+        for _, request in make():
+            yield (request.arrival_s, request.id), request
+
+    return rekeyed
+
+
+def _rows_factory(keys: np.ndarray, mask: np.ndarray, cols: Columns) -> Callable[[], Iterator[tuple[tuple, Request]]]:
+    """A `_sorted_rows` stream over the rows in `mask`, made only if a merge asks for it."""
+    return lambda: _sorted_rows(keys, np.flatnonzero(mask), cols)
 
 
 def count_below(queue: GatewayQueue, classes: list[ClassKey], ledger: LoadLedger, now: float, threshold: float) -> int:
@@ -247,8 +266,7 @@ def count_below(queue: GatewayQueue, classes: list[ClassKey], ledger: LoadLedger
         cols = queue.columns(cls)
         n = cols.n
         alive = cols.alive[:n]
-        representative = cols.requests[int(np.flatnonzero(alive)[0])]
-        views = [v for v in ledger.views.values() if v.healthy and v.can_serve(representative)]
+        views = [v for v in ledger.views.values() if v.healthy and class_served_by(v, cls)]
         if not views:
             continue
         best = class_best_slacks(cols, views, ledger, now, cls[0])

@@ -20,15 +20,23 @@ from sagesched.sim import ClusterConfig, InstanceConfig, SimConfig, simulate
 
 POLICIES = [
     "fifo",
+    "fifo:head_of_line_blocking",
     "priority",
     "round_robin",
     "random",
     "least_loaded",
     "power_of_two",
     "slo_aware",
+    "slo_aware:shed_unattainable",
     "adaptive",
     "hybrid",
 ]
+
+
+def build(spec: str):
+    """``name`` or ``name:flag`` (a boolean config field set to True)."""
+    name, _, flag = spec.partition(":")
+    return make_policy(name, **({flag: True} if flag else {}))
 
 
 def saturating_workload(n: int = 400, seed: int = 3) -> list[Request]:
@@ -96,7 +104,7 @@ def records(policy: str, plain: bool, mode: str = "jump", light: bool = False) -
     result = simulate(
         reqs,
         pool,
-        make_policy(policy),
+        build(policy),
         SimConfig(mode=mode, timeline_interval_s=0),
         perf_provider=make_provider(60_000),
         plain_inputs=plain,
