@@ -94,7 +94,7 @@ FLEET_INSTANCES = 1_000
 # Azure conv lengths: pilot runs of 3,000 requests on 8 instances gave utilisation 0.58 at 0.25,
 # 0.68 at 0.30, 0.81 at 0.38 and 0.92 at 0.50 req/s; the fleet run reports its own utilisation.
 FLEET_RATE_PER_INSTANCE = 0.38
-LIMITS_S = {"loads": 300, "embedding": 300, "instances": 600, "fleet": 900}
+LIMITS_S = {"loads": 300, "embedding": 300, "instances": 600, "fleet": 1800}
 
 
 def _peak_rss_mb() -> float:
@@ -209,7 +209,9 @@ def _spawn(spec: dict, limit_s: float) -> dict:
     return out
 
 
-def suite_specs(name: str, policies: list[str]) -> list[tuple[dict, float]]:
+def suite_specs(
+    name: str, policies: list[str], counts: tuple[int, ...] = INSTANCE_COUNTS, limit_s: float | None = None
+) -> list[tuple[dict, float]]:
     specs: list[tuple[dict, float]] = []
     if name in ("loads", "all"):
         for policy in policies:
@@ -221,8 +223,8 @@ def suite_specs(name: str, policies: list[str]) -> list[tuple[dict, float]]:
             overrides = [f"policy={policy}", "workload=embedding_heavy", "cluster=rag_mixed", "workload.rate_scale=3.0"]
             specs.append(({"kind": "embedding", "policy": policy, "scale": 3.0, "overrides": overrides}, 0))
     if name in ("instances", "all"):
-        for policy in INSTANCE_POLICIES:
-            for count in INSTANCE_COUNTS:
+        for policy in [p for p in policies if p in INSTANCE_POLICIES] or list(INSTANCE_POLICIES):
+            for count in counts:
                 specs.append(({"kind": "instances", "policy": policy, "count": count}, 0))
     if name in ("fleet", "all"):
         spec = {
@@ -232,7 +234,7 @@ def suite_specs(name: str, policies: list[str]) -> list[tuple[dict, float]]:
             "rate_per_instance": FLEET_RATE_PER_INSTANCE,
         }
         specs.append((spec, 0))
-    return [(spec, LIMITS_S[spec["kind"]]) for spec, _ in specs]
+    return [(spec, limit_s or LIMITS_S[spec["kind"]]) for spec, _ in specs]
 
 
 def summarize_suite(cells: list[dict]) -> dict:
@@ -274,13 +276,19 @@ def summarize_suite(cells: list[dict]) -> dict:
     return out
 
 
-def run_suite(name: str, policies: list[str] | None, out_path: Path | None) -> dict:
+def run_suite(
+    name: str,
+    policies: list[str] | None,
+    out_path: Path | None,
+    counts: tuple[int, ...] = INSTANCE_COUNTS,
+    limit_s: float | None = None,
+) -> dict:
     from sagesched.policies import available_policies
 
     chosen = policies or sorted(available_policies())
     load_before = os.getloadavg()
     cells = []
-    for spec, limit in suite_specs(name, chosen):
+    for spec, limit in suite_specs(name, chosen, counts, limit_s):
         cell = _spawn(spec, limit)
         cells.append(cell)
         brief = {k: cell.get(k) for k in ("wall_s", "requests_per_s", "peak_rss_mb", "timed_out_after_s", "error")}
@@ -322,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--suite", choices=["loads", "embedding", "instances", "fleet", "all"], default=None)
     parser.add_argument("--policies", default=None, help="comma-separated policies for --suite (default: all)")
+    parser.add_argument("--counts", default=None, help="comma-separated instance counts for --suite instances")
+    parser.add_argument("--limit-s", type=float, default=None, help="per-cell time limit (default per suite)")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # one suite cell, as JSON (internal)
     args = parser.parse_args(argv)
 
@@ -333,7 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
         policies = args.policies.split(",") if args.policies else None
-        result = run_suite(args.suite, policies, args.out)
+        counts = tuple(int(c) for c in args.counts.split(",")) if args.counts else INSTANCE_COUNTS
+        result = run_suite(args.suite, policies, args.out, counts, args.limit_s)
         if args.json:
             sys.stdout.write(json.dumps(result["summary"], indent=2) + "\n")
         return result
