@@ -28,7 +28,7 @@ def run_live(
     from sagesched.metrics import summarize
     from sagesched.replay.cluster import backend_configs, block_tokens, sim_cluster_dict
     from sagesched.replay.live import replay
-    from sagesched.replay.prompts import Calibration, PromptBuilder, calibrate
+    from sagesched.replay.prompts import Calibration, PromptBuilder, calibrate, calibrate_embeddings
 
     seed = int(resolved.get("seed", 0))
     out.mkdir(parents=True, exist_ok=True)
@@ -52,6 +52,16 @@ def run_live(
                 raise ExperimentError(f"no cluster instance with a url serves model {llm[0].model!r}")
             url = serving[0].url
         calibration = calibrate(url, llm[0].model, endpoints, use_tokenize=driver.prompts.tokenize)
+    embeddings = [r for r in requests if r.is_embedding]
+    if driver.prompts.calibrate and embeddings:
+        model = embeddings[0].model
+        if endpoint_mode:
+            emb_url = str(driver.endpoint.url)
+        else:
+            serving = [b for b in backends if model in b.models and b.kind.value != "llm" and b.api == "openai"]
+            emb_url = serving[0].url if serving else ""
+        if emb_url:
+            calibrate_embeddings(calibration, emb_url, model)
     blocks = driver.prompts.block_tokens or block_tokens(resolved["cluster"])
     builder = PromptBuilder(calibration, block_tokens=blocks, seed=driver.prompts.seed)
 

@@ -64,8 +64,8 @@ class Calibration:
     """
 
     units: tuple[str, ...] = UNITS
-    per_unit: dict[str, float] = field(default_factory=lambda: {"chat": 1.0, "completions": 1.0})
-    overhead: dict[str, float] = field(default_factory=lambda: {"chat": 0.0, "completions": 0.0})
+    per_unit: dict[str, float] = field(default_factory=lambda: {"chat": 1.0, "completions": 1.0, "embeddings": 1.0})
+    overhead: dict[str, float] = field(default_factory=lambda: {"chat": 0.0, "completions": 0.0, "embeddings": 0.0})
     method: str = "assumed"
 
     def units_for(self, endpoint: str, tokens: int) -> int:
@@ -127,12 +127,17 @@ class PromptBuilder:
         return " " + " ".join(words)
 
     def embedding_inputs(self, request: Request) -> list[str]:
-        """`embedding_inputs` texts splitting `embedding_tokens` between them (one unit per token)."""
+        """`embedding_inputs` texts splitting `embedding_tokens` between them (per-input overhead,
+        such as a BOS token, calibrated under the endpoint name "embeddings")."""
         k = max(1, request.embedding_inputs)
         total = max(k, request.embedding_tokens or request.prompt_tokens or k)
         sizes = [total // k + (1 if i < total % k else 0) for i in range(k)]
         seed = _seed_of(f"emb:{self.seed}:{request.id}")
-        return [" ".join(_seeded_units(self.calibration.units, seed + i, size)) for i, size in enumerate(sizes)]
+        units = self.calibration.units
+        return [
+            " ".join(_seeded_units(units, seed + i, self.calibration.units_for("embeddings", size)))
+            for i, size in enumerate(sizes)
+        ]
 
 
 def endpoint_of(request: Request) -> str:
@@ -221,4 +226,36 @@ def calibrate(
             cal.per_unit[endpoint] = per
             cal.overhead[endpoint] = t1 - per * n1
     log.info("prompt calibration at %s: %s", url, cal.as_dict())
+    return cal
+
+
+def calibrate_embeddings(cal: Calibration, url: str, model: str, *, timeout_s: float = 60.0) -> Calibration:
+    """Add the "embeddings" line (tokens per unit, overhead per input) measured on the server at
+    `url` from two one-input probes; where the server reports no usage, one unit = one token stays."""
+    counts = []
+    with httpx.Client(timeout=timeout_s) as client:
+        for n in PROBE_UNITS:
+            text = " ".join(_seeded_units(cal.units, _seed_of(f"probe-emb:{n}"), n))
+            try:
+                resp = client.post(
+                    f"{url}/v1/embeddings",
+                    json={"model": model, "input": [text]},
+                    headers={"X-Request-Id": f"{PROBE_ID_PREFIX}embeddings-{n}"},
+                )
+            except httpx.HTTPError as exc:
+                raise PromptCalibrationError(
+                    f"could not probe {url}/v1/embeddings ({type(exc).__name__}: {exc}); is the server up? "
+                    "(driver.prompts.calibrate=false skips probing)"
+                ) from None
+            usage = resp.json().get("usage") if resp.status_code == 200 else None
+            tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+            if not isinstance(tokens, int) or tokens <= 0:
+                log.info("no usage.prompt_tokens from %s/v1/embeddings: assuming one token per unit", url)
+                return cal
+            counts.append(tokens)
+    (n1, n2), (t1, t2) = PROBE_UNITS, counts
+    per = (t2 - t1) / (n2 - n1)
+    if per > 0:
+        cal.per_unit["embeddings"] = per
+        cal.overhead["embeddings"] = t1 - per * n1
     return cal

@@ -48,8 +48,10 @@ def test_prompt_and_output_lengths_are_the_workloads(run_pair):
     live_table = pd.read_parquet(run_pair.live / "live.parquet")
     llm = live_table[live_table["requested_output_tokens"] > 0]
     assert len(llm) > 0
-    # The emulator's usage.prompt_tokens equals the requested count: calibrated prompts are exact.
-    assert (llm["server_prompt_tokens"] == llm["requested_prompt_tokens"]).all()
+    # The emulators' usage.prompt_tokens equals the requested count: calibrated prompts are exact,
+    # for chat prompts (template included) and for embedding inputs alike.
+    assert (live_table["server_prompt_tokens"] == live_table["requested_prompt_tokens"]).all()
+    assert (live_table["requested_output_tokens"] == 0).any()
     assert (llm["output_tokens"] == llm["requested_output_tokens"]).all()
     summary = run_pair.summary("live")
     assert summary["prompt_token_mismatches"] == 0 and summary["output_token_mismatches"] == 0
