@@ -124,3 +124,34 @@ def test_responses_api_with_the_official_sdk(start_gateway, backend) -> None:
         client.responses.create(model="z-chat", input="hello", stream=True)
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model="z-chat", input=[{"nope": 1}])
+
+
+def test_admin_metrics_summary_never_blocks_requests(start_gateway, backend, monkeypatch) -> None:
+    import threading
+
+    import sagesched.metrics
+
+    real = sagesched.metrics.summarize
+
+    def slow_summary(*args, **kwargs):
+        time.sleep(2.0)  # a blocking computation: on the event loop it would stall every request
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sagesched.metrics, "summarize", slow_summary)
+    gw = start_gateway(pool(backend))
+    body = {"model": "z-chat", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(f"{gw.url}/v1/chat/completions", json=body).status_code == 200  # one record to summarise
+    finished: list[str] = []
+
+    def admin() -> None:
+        r = httpx.get(f"{gw.url}/admin/metrics", timeout=30)
+        assert r.status_code == 200 and r.json()["summary"]
+        finished.append("admin")
+
+    thread = threading.Thread(target=admin)
+    thread.start()
+    time.sleep(0.3)  # the admin call is now inside the slow summary
+    assert httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+    finished.append("chat")
+    thread.join(30)
+    assert finished == ["chat", "admin"]
