@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy.optimize import least_squares
 
-from sagesched.calibrate.predict import predict_run, profile_name
+from sagesched.calibrate.predict import model_ref, predict_run
 from sagesched.calibrate.runs import STATS, MeasuredRun
 from sagesched.sim.perf.calibration import LLMCalibration
 from sagesched.sim.perf_model import LLMPerfModel
@@ -67,20 +67,29 @@ def anchored_coefficients(hardware: str) -> dict[str, float]:
         return {}
 
 
-def perf_for(run: MeasuredRun, coefficients: dict[str, float], base: LLMCalibration | None = None) -> LLMPerfModel:
-    """The LLM performance model of `run`'s server with `coefficients` applied over `base`."""
-    cal = replace(base or LLMCalibration(), **coefficients)
-    proto = LLMPerfModel.load(profile_name(run.server.model), run.hardware, run.server.tensor_parallel)
+def perf_for(
+    run: MeasuredRun, coefficients: dict[str, float], base: LLMCalibration | None = None, operators: str = "vidur"
+) -> LLMPerfModel:
+    """The LLM performance model of `run`'s server with `coefficients` applied over `base` (`operators`:
+    see `predict.model_ref`)."""
+    # The fit measures the operator scale itself (`linear_scale`), from the uncorrected curves.
+    cal = replace(base or LLMCalibration(roofline_operator_scale=1.0), **coefficients)
+    proto = LLMPerfModel.load(model_ref(run, operators), run.hardware, run.server.tensor_parallel)
     return LLMPerfModel(proto.model, proto.hardware, proto.tensor_parallel, cal)
 
 
 def residuals_for(
-    runs: list[MeasuredRun], coefficients: dict[str, float], window_s: float | None, warmup_s: float
+    runs: list[MeasuredRun],
+    coefficients: dict[str, float],
+    window_s: float | None,
+    warmup_s: float,
+    operators: str = "vidur",
 ) -> dict[str, dict[str, float]]:
     """Relative error (simulated / measured - 1) of every statistic of every stage of `runs`."""
     out: dict[str, dict[str, float]] = {}
     for run in runs:
-        pred = predict_run(run, perf_for(run, coefficients), window_s=window_s, warmup_s=warmup_s)
+        perf = perf_for(run, coefficients, operators=operators)
+        pred = predict_run(run, perf, window_s=window_s, warmup_s=warmup_s)
         for st, p in zip(run.stages, pred, strict=True):
             out[f"{run.name}/stage{st.index}"] = {k: p[k] / st.stats[k] - 1.0 for k in STATS}
     return out
@@ -92,6 +101,7 @@ def fit_runs(
     warmup_s: float = 10.0,
     free: tuple[str, ...] = tuple(PARAMS),
     max_nfev: int = 40,
+    operators: str = "vidur",
 ) -> FitResult:
     """Least-squares fit of the `free` coefficients to `runs` (saturated runs are refused: their
     successes are a biased sample, see `MeasuredRun.saturated`)."""
@@ -113,7 +123,7 @@ def fit_runs(
         nonlocal evals
         evals += 1
         coef = {**anchored, **dict(zip(names, np.clip(z * scale, lo, hi), strict=True))}
-        res = residuals_for(runs, coef, window_s, warmup_s)
+        res = residuals_for(runs, coef, window_s, warmup_s, operators)
         vec = np.concatenate([np.array([r[k] for k in STATS]) * w for r in res.values()])
         return np.nan_to_num(vec, nan=10.0)
 
@@ -122,5 +132,5 @@ def fit_runs(
         fun, x0 / scale, bounds=(lo / scale, hi / scale), diff_step=0.03, x_scale=1.0, max_nfev=max_nfev
     )
     coef = {**anchored, **{n: float(v) for n, v in zip(names, np.clip(sol.x * scale, lo, hi), strict=True)}}
-    res = residuals_for(runs, coef, window_s, warmup_s)
+    res = residuals_for(runs, coef, window_s, warmup_s, operators)
     return FitResult(coef, res, [r.name for r in runs], float(sol.cost), evals, time.perf_counter() - t)

@@ -32,6 +32,20 @@ def profile_name(hf_id: str) -> str:
     raise ValueError(f"no model profile for {hf_id!r}; known: {sorted(HF_TO_PROFILE)}")
 
 
+def model_ref(run: MeasuredRun, operators: str = "vidur") -> str:
+    """What `LLMPerfModel.load` gets for `run`'s model: the shipped profile ("vidur": its Vidur operator
+    curves where they exist), or ("roofline") the run's own Hugging Face config.json next to the runs
+    (`model_config/<name>.config.json`), timed by the GPU's fitted roofline with no profile at all."""
+    if operators == "vidur":
+        return profile_name(run.server.model)
+    if operators != "roofline":
+        raise ValueError(f"operators={operators!r}: use 'vidur' or 'roofline'")
+    path = run.path.parent / "model_config" / f"{run.server.model.split('/')[-1]}.config.json"
+    if not path.is_file():
+        raise ValueError(f"no {path} for the roofline path (a Hugging Face config.json of {run.server.model})")
+    return str(path)
+
+
 def instance_for(run: MeasuredRun, max_inflight: int = 100_000) -> InstanceConfig:
     """One vLLM instance configured as the measured server was (budget, sequence cap, max_model_len)."""
     s = run.server
@@ -70,7 +84,7 @@ def predict_run(
     Requests are attributed to the stage they arrived in; requests arriving in the first `warmup_s` of
     a stage are left out of its statistics (the server was already warm when the measured stage began,
     except for the very first). Requests unfinished at the end are left out, as inference-perf reports
-    only successes.
+    only successes; for a saturated run, so are those that finish after the run's last stage ends.
     """
     inst = instance_for(run)
     reqs, spans = build_requests(run, inst.model, window_s)
@@ -95,6 +109,10 @@ def predict_run(
     for i, (a, b) in enumerate(spans):
         lo = a + (warmup_s if i > 0 else 0.0)
         sel = done & (arrival >= lo) & (arrival < b)
+        if run.saturated:
+            # Past saturation the client gave up on what had not finished when the run ended (inference-perf
+            # counts those as failures): compare the requests that finished by then.
+            sel &= arrival + e2e <= spans[-1][1]
         if not sel.any():
             stages.append(
                 {

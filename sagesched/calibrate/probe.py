@@ -184,10 +184,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
     }
     if args.engine == "vllm":
         doc.update(model=args.profile, hardware=args.hardware, tensor_parallel=args.tensor_parallel)
-    doc.update({k: float(f"{v:.6g}") for k, v in fit["coefficients"].items()})
+    # A scale fitted to 0 means the probes did not exercise that term (e.g. attention with short
+    # prompts): leave it out (the profile's value stays) rather than write an invalid calibration.
+    unidentified = [k for k, v in fit["coefficients"].items() if k.endswith("scale") and v <= 0.0]
+    doc.update({k: float(f"{v:.6g}") for k, v in fit["coefficients"].items() if k not in unidentified})
     doc["fit"] = {
         "mean_abs_residual": round(float(np.mean(np.abs(fit["residuals"]))), 4),
         "mean_abs_leave_one_out": round(float(np.mean(np.abs(fit["leave_one_out"]))), 4),
+        "unidentified": unidentified,
         "points": fit["points"],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

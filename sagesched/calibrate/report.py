@@ -6,7 +6,8 @@ For each run R: fit the coefficients (`fit_runs`) on the other runs that are not
 full stages through the simulator with them, and compare each stage's statistics with R's measurement.
 Nothing is fitted to the run it is scored on. The same table is computed for the model as it was before
 issue 11 (no frontend term, decode attention at 60% of HBM bandwidth, 1 ms step overhead) for reference.
-Writes `loo.json` and the tables in `README.md`'s part (i) are printed from it (`--markdown`).
+Writes `loo.json` (every number) and `loo.md` (the tables of `README.md`'s part (i); `--markdown` prints
+them again from an existing `loo.json`).
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ BEFORE: dict[str, float] = {
 BLIS = {"e2e_mean": 9.1, "ttft_mean": 19.5, "itl_mean": 9.8}
 
 
-def score(run: MeasuredRun, coefficients: dict[str, float], window_s: float | None) -> list[dict]:
+def score(
+    run: MeasuredRun, coefficients: dict[str, float], window_s: float | None, operators: str = "vidur"
+) -> list[dict]:
     """Per stage: measured and simulated statistics and the signed relative error in percent."""
-    pred = predict_run(run, perf_for(run, coefficients), window_s=window_s)
+    pred = predict_run(run, perf_for(run, coefficients, operators=operators), window_s=window_s)
     rows = []
     for st, p in zip(run.stages, pred, strict=True):
         rows.append(
@@ -58,15 +61,17 @@ def score(run: MeasuredRun, coefficients: dict[str, float], window_s: float | No
     return rows
 
 
-def leave_one_out(runs: list[MeasuredRun], window_s: float, full_window: float | None) -> dict:
+def leave_one_out(
+    runs: list[MeasuredRun], window_s: float, full_window: float | None, operators: str = "vidur"
+) -> dict:
     """The leave-one-out table, plus the fit on every unsaturated run (the shipped coefficients)."""
     folds = []
     for held in runs:
         train = [r for r in runs if r is not held and not r.saturated]
         t = time.perf_counter()
-        fit = fit_runs(train, window_s=window_s)
-        rows = score(held, fit.coefficients, full_window)
-        before = score(held, BEFORE, full_window)
+        fit = fit_runs(train, window_s=window_s, operators=operators)
+        rows = score(held, fit.coefficients, full_window, operators)
+        before = score(held, BEFORE, full_window, operators)
         folds.append(
             {
                 "held_out": held.name,
@@ -80,16 +85,29 @@ def leave_one_out(runs: list[MeasuredRun], window_s: float, full_window: float |
             }
         )
         print(f"fold {held.name}: {[{k: round(v, 1) for k, v in r['error_pct'].items()} for r in rows]}", flush=True)
-    full = fit_runs([r for r in runs if not r.saturated], window_s=window_s)
-    return {
-        "folds": folds,
-        "full_fit": {
+    # The reasoning-held-out fold already fitted every unsaturated run: reuse it as the full fit.
+    full_fold = next((f for f in folds if set(f["trained_on"]) == {r.name for r in runs if not r.saturated}), None)
+    full = (
+        None
+        if full_fold is not None
+        else fit_runs([r for r in runs if not r.saturated], window_s=window_s, operators=operators)
+    )
+    if full is not None:
+        full_fit = {
             "coefficients": full.coefficients,
-            "residuals": full.residuals,
             "training_runs": full.training_runs,
             "rms_relative_error": full.rms_relative_error(),
-        },
-        "settings": {"fit_window_s": window_s, "score_window_s": full_window},
+        }
+    else:
+        full_fit = {
+            "coefficients": full_fold["coefficients"],
+            "training_runs": full_fold["trained_on"],
+            "rms_relative_error": full_fold["train_rms_relative_error"],
+        }
+    return {
+        "folds": folds,
+        "full_fit": full_fit,
+        "settings": {"fit_window_s": window_s, "score_window_s": full_window, "operators": operators},
     }
 
 
@@ -115,7 +133,12 @@ def markdown(result: dict) -> str:
             def cell(k: str, unit: float = 1e3, e=e, m=m, s=s) -> str:
                 return f"{e[k]:+.1f}% ({s[k] * unit:.1f} vs {m[k] * unit:.1f})"
 
-            sat = " (saturated)" if r["saturated"] else ""
+            sat = (
+                f" (saturated: {r['completed_sim']} simulated vs {r['completed_measured']} measured requests "
+                "finished by the end)"
+                if r["saturated"]
+                else ""
+            )
             be = b["error_pct"]
             lines.append(
                 f"| {r['run']}{sat} | {r['stage']} | {r['rate']:g} | {cell('e2e_mean')} | {cell('e2e_p90')} | "
@@ -150,17 +173,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-window", type=float, default=40.0, help="seconds of each stage replayed while fitting")
     ap.add_argument("--score-window", type=float, default=None, help="seconds of each stage scored (default: all)")
     ap.add_argument("--markdown", action="store_true", help="only print the tables of an existing loo.json")
+    ap.add_argument(
+        "--operators",
+        choices=("vidur", "roofline"),
+        default="vidur",
+        help="operator curves: the Vidur profile, or the roofline from the runs' config.json (files *_roofline.*)",
+    )
     args = ap.parse_args(argv)
-    path = args.out / "loo.json"
+    suffix = "" if args.operators == "vidur" else "_roofline"
+    path = args.out / f"loo{suffix}.json"
     if args.markdown:
         sys.stdout.write(markdown(json.loads(path.read_text())) + "\n")
         return 0
-    result = leave_one_out(find_runs(args.runs), args.fit_window, args.score_window)
+    result = leave_one_out(find_runs(args.runs), args.fit_window, args.score_window, args.operators)
     result["summary"] = summary(result)
     result["summary_before"] = summary(result, "before")
     result["source"] = str(args.runs)
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    (args.out / f"loo{suffix}.md").write_text(markdown(result) + "\n")
     sys.stdout.write(markdown(result) + "\n")
     return 0
 

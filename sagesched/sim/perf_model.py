@@ -40,6 +40,7 @@ from sagesched.sim.perf.calibration import (
 from sagesched.sim.perf.operators import OperatorCurves, operator_curves
 from sagesched.sim.perf.piecewise import PiecewiseLinear, add_curves
 from sagesched.sim.perf.profiles import (
+    PROFILES_DIR,
     HardwareProfile,
     ModelProfile,
     available_hardware,
@@ -116,6 +117,16 @@ def _load_pair(model: str, hardware: str, kind: str) -> tuple[ModelProfile, Hard
     return load_model(model), load_hardware(hardware)
 
 
+#: Calibration files applied without flags: `<model>-<hardware>-tp<N>.yaml`, fitted to real servers.
+DEFAULT_CALIBRATION_DIR: Path = PROFILES_DIR / "calibration" / "defaults"
+
+
+def default_calibration(model: str, hardware: str, tensor_parallel: int) -> Path | None:
+    """The shipped calibration for this deployment, if one was fitted (`calibration="none"` skips it)."""
+    path = DEFAULT_CALIBRATION_DIR / f"{model}-{hardware}-tp{tensor_parallel}.yaml"
+    return path if path.is_file() else None
+
+
 def valid_tensor_parallel(model: ModelProfile, max_tp: int = 8) -> list[int]:
     """TP degrees vLLM accepts for `model` on one 8-GPU node: divide the heads; KV heads split or replicate evenly."""
     kv = model.num_kv_heads
@@ -150,6 +161,7 @@ class LLMPerfModel:
         "_y0",
         "_ys",
         "calibration",
+        "calibration_file",
         "curves",
         "decode_step_s",
         "hardware",
@@ -167,6 +179,7 @@ class LLMPerfModel:
         self.hardware = hardware
         self.tensor_parallel = tensor_parallel
         self.calibration = calibration
+        self.calibration_file: str | None = None
         curves: OperatorCurves = operator_curves(model.name, hardware.name, tensor_parallel)
         self.curves = curves
         self.source = curves.source
@@ -193,6 +206,10 @@ class LLMPerfModel:
         if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel not in tps:
             raise ValueError(f"tensor_parallel={tensor_parallel!r} is not valid for {model}; valid: {tps}")
         cal = LLMCalibration()
+        if calibration is None:
+            calibration = default_calibration(model, hardware, tensor_parallel)
+        elif str(calibration) == "none":
+            calibration = None
         if calibration is not None:
             data = read_calibration_file(calibration)
             cal = parse_calibration(
@@ -201,7 +218,9 @@ class LLMPerfModel:
                 str(calibration),
                 {"model": model, "hardware": hardware, "tensor_parallel": tensor_parallel},
             )
-        return cls(m, hw, tensor_parallel, cal)
+        model_ = cls(m, hw, tensor_parallel, cal)
+        model_.calibration_file = None if calibration is None else str(calibration)
+        return model_
 
     def _hw(self, name: str) -> float:
         value = getattr(self.calibration, name)
@@ -219,7 +238,10 @@ class LLMPerfModel:
         m, hw, tp, cal = self.model, self.hardware, self.tensor_parallel, self.calibration
         b = float(m.dtype_bytes)
         # Non-attention operators (ms -> s).
-        self._ops = self.curves.step_curve_ms(m.num_layers).scaled(1e-3 * cal.linear_scale)
+        # Roofline operators carry the GPU's calibrated correction (`roofline_operator_scale`, fitted to real
+        # servers); Vidur's measured curves do not need one.
+        op_scale = self._hw("roofline_operator_scale") if self.source == "roofline" else 1.0
+        self._ops = self.curves.step_curve_ms(m.num_layers).scaled(1e-3 * cal.linear_scale * op_scale)
         # Constants per step: CPU/scheduling overhead, per-layer launch gaps, all-reduce latency (per ring step).
         self._overhead = m.num_layers * self._hw("layer_overhead_s") + self._hw("step_overhead_s")
         self._ar_latency = self.allreduce_hops() * self._hw("allreduce_latency_s")

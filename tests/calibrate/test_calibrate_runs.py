@@ -109,7 +109,7 @@ def test_a_folder_missing_a_file_names_it(tmp_path):
 
 def test_frontend_cost_reaches_ttft_and_e2e_equally_at_light_load(tmp_path):
     run = load_inference_perf(write_run(tmp_path, "alpha", [1.0], 300))
-    plain = predict_run(run, perf_for(run, {}))[0]
+    plain = predict_run(run, perf_for(run, {"frontend_request_s": 0.0}))[0]
     slow = predict_run(run, perf_for(run, {"frontend_request_s": 0.05}))[0]
     assert slow["ttft_mean"] - plain["ttft_mean"] == pytest.approx(0.05, rel=1e-6)
     assert slow["e2e_mean"] - plain["e2e_mean"] == pytest.approx(0.05, rel=1e-6)

@@ -15,7 +15,8 @@ Schema (YAML or JSON, one flat mapping, every key optional):
              prefill_attention_efficiency, decode_attention_efficiency, seq_overhead_s (per
              sequence in a step), frontend_request_s and frontend_prompt_token_s (the serving
              frontend's cost per request and per prompt token, added to TTFT and E2E), frontend_seq_s
-             (the frontend's cost per sequence running when a token is delivered).
+             (the frontend's cost per sequence running when a token is delivered),
+             roofline_operator_scale (x roofline operator curves; Vidur curves are not affected).
   embedding  scale (x the whole batch time), and overrides flops_efficiency, bandwidth_efficiency,
              batch_overhead_s, per_input_overhead_s.
 Unknown keys are an error naming the valid ones (a typo must not silently do nothing).
@@ -54,6 +55,7 @@ class LLMCalibration:
     frontend_request_s: float | None = None
     frontend_prompt_token_s: float | None = None
     frontend_seq_s: float | None = None
+    roofline_operator_scale: float | None = None
 
 
 @dataclass(frozen=True)

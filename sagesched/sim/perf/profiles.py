@@ -51,7 +51,8 @@ class HardwareProfile:
     output processing), added to client-side TTFT and E2E; `vllm_max_num_batched_tokens` /
     `vllm_max_num_seqs` vLLM's default step budgets on this GPU (0: the engine config's defaults);
     `roofline_reference` a GPU of the same silicon whose fitted roofline efficiencies this one reuses
-    when it has no Vidur profile of its own.
+    when it has no Vidur profile of its own; `roofline_operator_scale` multiplies roofline operator
+    times on this GPU (fitted to real servers: the Vidur-fitted roofline vs what vLLM achieves).
     """
 
     name: str
@@ -76,6 +77,7 @@ class HardwareProfile:
     vllm_max_num_batched_tokens: float = 0.0
     vllm_max_num_seqs: float = 0.0
     roofline_reference: str = ""
+    roofline_operator_scale: float = 1.0
 
 
 @dataclass(frozen=True)
