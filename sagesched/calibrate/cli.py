@@ -56,18 +56,22 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not usable:
         print("sagesched calibrate: no unsaturated run to fit", file=sys.stderr)
         return 2
-    fit = fit_runs(usable, window_s=args.window)
+    fit = fit_runs(usable, window_s=args.window, operators=args.operators)
     print(f"coefficients: {fit.coefficients}")
     print(f"in-sample RMS relative error: {fit.rms_relative_error():.3f} ({fit.evaluations} simulations of the runs)")
     cv = None
     if args.cv and len(usable) > 1:
         cv = {}
         for held in usable:
-            sub = fit_runs([r for r in usable if r is not held], window_s=args.window)
-            cv.update(residuals_for([held], sub.coefficients, args.window, 10.0))
+            sub = fit_runs([r for r in usable if r is not held], window_s=args.window, operators=args.operators)
+            cv.update(residuals_for([held], sub.coefficients, args.window, 10.0, args.operators))
         errs = [abs(v) for st in cv.values() for v in st.values()]
         print(f"leave-one-run-out mean absolute relative error: {np.mean(errs):.3f}")
     doc = calibration_document(usable, fit, cv)
+    if args.operators == "roofline":
+        # The fit's operator scale is the GPU's roofline correction (`roofline_operator_scale`).
+        doc["roofline_operator_scale"] = doc.pop("linear_scale", 1.0)
+        doc.pop("model", None)  # hardware-level constants: usable with any model's config.json on this GPU
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(yaml.safe_dump(doc, sort_keys=False))
     print(f"wrote {args.out}")
@@ -84,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", type=Path, required=True, help="calibration file to write (YAML)")
     r.add_argument("--window", type=float, default=40.0, help="seconds of each stage simulated per evaluation")
     r.add_argument("--no-cv", dest="cv", action="store_false", help="skip the leave-one-run-out cross-validation")
+    r.add_argument(
+        "--operators",
+        choices=("vidur", "roofline"),
+        default="vidur",
+        help="operator curves: the model's Vidur profile, or the roofline from the runs' model_config/*.config.json",
+    )
     r.set_defaults(func=cmd_runs)
     try:
         from sagesched.calibrate import probe
