@@ -44,19 +44,31 @@ def cmdline_contains(pid: int, needle: str) -> bool:
 
 
 def terminate(pid: int, timeout_s: float = 10.0) -> bool:
-    """SIGTERM `pid`, wait up to `timeout_s`, then SIGKILL. Returns True if it stopped by itself."""
+    """SIGTERM `pid`, wait up to `timeout_s`, then SIGKILL. Returns True if it stopped by itself.
+
+    Waits by polling rather than with `psutil.Process.wait`, which reaps a child of ours: the
+    `subprocess.Popen` that started it must still see the real exit status.
+    """
     try:
         process = psutil.Process(pid)
         process.terminate()
-        process.wait(timeout_s)
-        return True
     except psutil.NoSuchProcess:
         return True
-    except psutil.TimeoutExpired:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-            process.wait(timeout_s)
-        return False
+    if _gone_within(pid, timeout_s):
+        return True
+    with contextlib.suppress(psutil.NoSuchProcess):
+        process.kill()
+    _gone_within(pid, timeout_s)
+    return False
+
+
+def _gone_within(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while is_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def free_port(host: str = HOST) -> int:
@@ -88,26 +100,47 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
+def http_status(url: str, timeout_s: float = 1.0) -> str:
+    """'ok' when GET `url` answers 2xx within `timeout_s`; else what happened ('HTTP 503: ...', 'ConnectError')."""
+    try:
+        response = httpx.get(url, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+    return "ok" if 200 <= response.status_code < 300 else f"HTTP {response.status_code}: {response.text[:200]}"
+
+
 def http_ok(url: str, timeout_s: float = 1.0) -> bool:
     """GET `url` answers 2xx within `timeout_s`."""
-    try:
-        return 200 <= httpx.get(url, timeout=timeout_s).status_code < 300
-    except httpx.HTTPError:
-        return False
+    return http_status(url, timeout_s) == "ok"
 
 
 def wait_http_ok(
-    url: str, timeout_s: float = 30.0, process: subprocess.Popen[bytes] | None = None, what: str = "server"
+    url: str,
+    timeout_s: float = 30.0,
+    process: subprocess.Popen[bytes] | None = None,
+    what: str = "server",
+    error: type[Exception] = RuntimeError,
 ) -> None:
-    """Poll `url` until it answers 2xx; RuntimeError naming the URL (and the exit code) otherwise."""
+    """Poll `url` until it answers 2xx; `error` naming the URL, the exit code or the last answer otherwise."""
     deadline = time.monotonic() + timeout_s
+    last = "no answer"
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{what} at {url} exited with code {process.returncode} before becoming healthy")
-        if http_ok(url):
+            raise error(f"{what} at {url} exited with code {process.returncode} before becoming healthy")
+        last = http_status(url, timeout_s=2.0)
+        if last == "ok":
             return
         time.sleep(0.05)
-    raise RuntimeError(f"{what} at {url} not healthy after {timeout_s:.0f}s")
+    raise error(f"{what} at {url} not healthy after {timeout_s:.0f}s (last: {last})")
 
 
-__all__ = ["cmdline_contains", "free_port", "http_ok", "is_alive", "port_problem", "terminate", "wait_http_ok"]
+__all__ = [
+    "cmdline_contains",
+    "free_port",
+    "http_ok",
+    "http_status",
+    "is_alive",
+    "port_problem",
+    "terminate",
+    "wait_http_ok",
+]

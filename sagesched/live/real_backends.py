@@ -38,11 +38,9 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -50,6 +48,7 @@ from types import TracebackType
 import httpx
 
 from sagesched.live import backend_build
+from sagesched.live.processes import free_port, http_status, is_alive, terminate, wait_http_ok
 
 logger = logging.getLogger(__name__)
 
@@ -147,13 +146,6 @@ def install(*, force: bool = False, native: bool | None = None, check: bool = Tr
 # -- running servers -------------------------------------------------------------------------------
 
 
-def free_port(host: str = HOST) -> int:
-    """A TCP port nothing listens on right now (the OS picks; a race with other binders is possible)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def _die_with_parent() -> None:
     """In the child before exec: ask Linux to SIGTERM us if the parent dies, so tests leave no orphans."""
     with contextlib.suppress(Exception):
@@ -163,32 +155,9 @@ def _die_with_parent() -> None:
 
 def terminate_pid(pid: int, timeout_s: float = 10.0) -> bool:
     """SIGTERM `pid`, SIGKILL it if still alive after `timeout_s`; True if it was running."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
+    if not is_alive(pid):
         return False
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not _pid_alive(pid):
-            return True
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    return True
-
-
-def _pid_alive(pid: int) -> bool:
-    # Reap it if it is our child (otherwise a zombie looks alive to kill(pid, 0)).
-    with contextlib.suppress(ChildProcessError, OSError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    terminate(pid, timeout_s)
     return True
 
 
@@ -293,21 +262,7 @@ def llama_server_command(
 
 def wait_healthy(url: str, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 120.0) -> None:
     """Poll `/health` until it answers 200; raise BackendStartError if the process dies or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    with httpx.Client(timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if process is not None and process.poll() is not None:
-                raise BackendStartError(f"llama-server exited with code {process.returncode} before becoming healthy")
-            try:
-                response = client.get(f"{url}/health")
-                if response.status_code == 200:
-                    return
-                last = f"HTTP {response.status_code}: {response.text[:200]}"
-            except httpx.HTTPError as exc:
-                last = type(exc).__name__
-            time.sleep(0.1)
-    raise BackendStartError(f"llama-server at {url} not healthy after {timeout_s:.0f}s (last: {last})")
+    wait_http_ok(f"{url}/health", timeout_s, process, what="llama-server", error=BackendStartError)
 
 
 def start_llama_server(
@@ -463,11 +418,8 @@ def _pid_files() -> list[Path]:
 
 
 def _health(url: str) -> str:
-    try:
-        response = httpx.get(f"{url}/health", timeout=2.0)
-        return "healthy" if response.status_code == 200 else f"HTTP {response.status_code}"
-    except httpx.HTTPError as exc:
-        return f"unreachable ({type(exc).__name__})"
+    status = http_status(f"{url}/health", timeout_s=2.0)
+    return "healthy" if status == "ok" else (status if status.startswith("HTTP") else f"unreachable ({status})")
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
@@ -495,7 +447,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         pid_file = directory / f"{role}.json"
         if pid_file.exists():
             old = json.loads(pid_file.read_text())
-            if _pid_alive(int(old["pid"])):
+            if is_alive(int(old["pid"])):
                 print(f"{role}: already running at {old['url']} (pid {old['pid']}); `stop` it first")
                 continue
         server = start_llama_server(
@@ -532,7 +484,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     healthy = True
     for pid_file in files:
         record = json.loads(pid_file.read_text())
-        state = _health(record["url"]) if _pid_alive(int(record["pid"])) else "dead"
+        state = _health(record["url"]) if is_alive(int(record["pid"])) else "dead"
         healthy &= state == "healthy"
         print(f"{record['role']}: {record['url']} model={record['model']} pid={record['pid']} {state}")
     return 0 if healthy else 1
