@@ -266,7 +266,9 @@ def test_zero_time_scale_is_fast(emulator) -> None:  # type: ignore[no-untyped-d
     emu = emulator("vllm", time_scale=0)
     start = time.monotonic()
     data = httpx.post(
-        f"{emu.url}/v1/completions", json={"model": emu.model, "prompt": "go", "max_tokens": 200, "ignore_eos": True}, timeout=30
+        f"{emu.url}/v1/completions",
+        json={"model": emu.model, "prompt": "go", "max_tokens": 200, "ignore_eos": True},
+        timeout=30,
     ).json()
     assert data["usage"]["completion_tokens"] == 200
     assert time.monotonic() - start < 1.0  # the model predicts ~3 s of A100 time for this
