@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -33,14 +34,15 @@ HERE = Path(__file__).resolve().parent
 
 # The default workload, shrunk to what two CPU llama-servers can serve on a shared 2-core machine.
 SCALING = [
-    "workload.rate_scale=0.04",  # 4% of the trace's arrival rate (the trace averages ~5.4 chat req/s)
-    "workload.duration_s=4",  # a 4 s window of the trace, stretched by 1/rate_scale to ~100 s
-    "+workload.lengths.max_prompt_tokens=256",  # clip prompts (trace mean ~1,000 tokens)
-    "+workload.lengths.max_output_tokens=24",  # clip outputs (trace mean ~200 tokens)
-    "workload.embedding.stream_rps=4.0",  # the default query stream, x rate_scale = 0.16/s
+    "workload.rate_scale=0.1",  # a tenth of the trace's arrival rate (the trace averages ~5.4 chat req/s)
+    "workload.duration_s=10",  # the first 10 s of the trace (13 chats), stretched by 1/rate_scale to ~100 s
+    "+workload.lengths.max_prompt_tokens=128",  # clip prompts (trace mean ~1,000 tokens)
+    "+workload.lengths.max_output_tokens=16",  # clip outputs (trace mean ~200 tokens)
+    "workload.embedding.stream_rps=4.0",  # the default query stream, x rate_scale = 0.4/s (29 requests)
     "model.llm=gemma-3-270m",  # the model the llama-servers serve (and the simulator's profile of it)
     "model.embedding=all-minilm-l6-v2",  # the smallest encoder profile for the simulator
 ]
+LIVE = ["driver.request_timeout_s=120"]  # a request unfinished 2 min after its arrival fails
 POLICIES = ("fifo", "hybrid")
 
 
@@ -98,6 +100,10 @@ def backends(emulators: bool, llm_slots: int):
         else:
             from sagesched.live import real_backends as rb
 
+            # One ggml thread per server: three servers share two cores with other work, and ggml's
+            # spinning workers made 2 threads each several times slower (real_backends.default_threads).
+            os.environ.setdefault("SAGESCHED_LLAMA_THREADS", "1")
+
             llms = [stack.enter_context(rb.start_llama_server(parallel=llm_slots)) for _ in range(2)]
             emb = stack.enter_context(rb.start_llama_server(embeddings=True, parallel=1))
             yield [s.url for s in llms], emb.url, f"llama-server ({' '.join(llms[0].command[1:])})"
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         for policy in POLICIES:
             for driver in ("sim", "live"):
                 name = f"{policy}_{driver}"
-                overrides = [f"policy={policy}", *SCALING, f"driver={driver}"]
+                overrides = [f"policy={policy}", *SCALING, f"driver={driver}", *(LIVE if driver == "live" else [])]
                 print(f"== {name}", flush=True)
                 summaries[name] = run(compose(overrides, cluster), runs / name, progress=False)
     texts = []
