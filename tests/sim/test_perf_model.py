@@ -414,3 +414,14 @@ def test_a_dense_decoder_from_its_hf_config_needs_no_profile(tmp_path):
 
     with pytest.raises(ValueError, match="mixture-of-experts"):
         model_from_hf_config(path)
+
+
+def test_the_shipped_h100_calibration_applies_without_flags() -> None:
+    from sagesched.sim.perf_model import DEFAULT_CALIBRATION_DIR
+
+    calibrated = LLMPerfModel.load("llama-2-7b", "h100")
+    plain = LLMPerfModel.load("llama-2-7b", "h100", calibration="none")
+    assert calibrated.calibration_file == str(DEFAULT_CALIBRATION_DIR / "llama-2-7b-h100-tp1.yaml")
+    assert plain.calibration_file is None
+    assert calibrated.frontend_s(600, 10) > 0.005 and calibrated.decode_step_s != plain.decode_step_s
+    assert LLMPerfModel.load("llama-2-7b", "a100").calibration_file is None  # only where one was fitted
