@@ -116,17 +116,22 @@ def _experiment_cell(overrides: list[str]) -> dict:
     reqs = workload_requests(resolved["workload"], seed)
     cluster = ClusterConfig.from_dict(sim_cluster_dict(resolved["cluster"]))
     sim = SimConfig.from_dict({**resolved["sim"], "seed": seed})
+    cpu = time.process_time()
     result = simulate(reqs, cluster, build_policy(resolved["policy"]), sim)
-    return _cell_result(result, len(reqs))
+    return _cell_result(result, len(reqs), time.process_time() - cpu)
 
 
-def _cell_result(result, n: int) -> dict:
+def _cell_result(result, n: int, cpu_s: float) -> dict:
+    """Wall and CPU figures of one simulation. On a shared machine the wall time also counts time
+    other jobs held the cores; the simulation's own CPU time (`sim_cpu_s`) does not."""
     out = result.records.outcome
     calls = result.stats["policy_calls"]
     return {
         "requests": n,
         "wall_s": round(result.wall_s, 3),
         "requests_per_s": round(n / result.wall_s, 1),
+        "sim_cpu_s": round(cpu_s, 3),
+        "requests_per_cpu_s": round(n / max(cpu_s, 1e-9), 1),
         "policy_calls": calls,
         "policy_s": round(result.stats["policy_s"], 3),
         "policy_us_per_call": round(1e6 * result.stats["policy_s"] / max(1, calls), 1),
@@ -142,8 +147,9 @@ def _instances_cell(policy: str, count: int) -> dict:
     cluster = ClusterConfig(
         tuple(InstanceConfig(id=f"llm-{k:04d}", model=model, hardware="a100") for k in range(count))
     )
+    cpu = time.process_time()
     result = simulate(reqs, cluster, make_policy(policy), SimConfig(mode="jump", timeline_interval_s=1.0))
-    return _cell_result(result, len(reqs))
+    return _cell_result(result, len(reqs), time.process_time() - cpu)
 
 
 def _fleet_cell(n: int, count: int, rate_per_instance: float) -> dict:
@@ -170,10 +176,12 @@ def _fleet_cell(n: int, count: int, rate_per_instance: float) -> dict:
     cluster = ClusterConfig(
         tuple(InstanceConfig(id=f"llm-{k:04d}", model=model, hardware="a100") for k in range(count))
     )
+    cpu = time.process_time()
     result = simulate(reqs, cluster, make_policy("fifo"), SimConfig(mode="jump", timeline_interval_s=1.0))
+    cpu = time.process_time() - cpu
     util = [s["utilization"] for s in result.stats["instances"].values()]
     return {
-        **_cell_result(result, n),
+        **_cell_result(result, n, cpu),
         "instances": count,
         "rate_rps": rate_per_instance * count,
         "mean_utilization": round(float(np.mean(util)), 3),
@@ -192,7 +200,10 @@ def run_cell(spec: dict) -> dict:
         out = _fleet_cell(spec["requests"], spec["count"], spec["rate_per_instance"])
     else:
         raise ValueError(f"unknown cell kind {kind!r}")
-    return {**spec, **out, "peak_rss_mb": _peak_rss_mb()}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    # CPU seconds of this process (building the workload included): on a shared machine the wall
+    # time also counts the time other jobs held the cores.
+    return {**spec, **out, "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_mb": _peak_rss_mb()}
 
 
 def _spawn(spec: dict, limit_s: float) -> dict:
@@ -248,6 +259,13 @@ def summarize_suite(cells: list[dict]) -> dict:
             ratios[policy] = round(three["requests_per_s"] / one["requests_per_s"], 3)
         else:
             ratios[policy] = None
+    cpu_ratios = {}
+    for policy in sorted({p for p, _ in loads}):
+        one, three = loads.get((policy, 1.0)), loads.get((policy, 3.0))
+        if one and three and "requests_per_cpu_s" in one and "requests_per_cpu_s" in three:
+            cpu_ratios[policy] = round(three["requests_per_cpu_s"] / one["requests_per_cpu_s"], 3)
+    if cpu_ratios:
+        out["cpu_speed_3x_over_1x"] = cpu_ratios
     if ratios:
         out["speed_3x_over_1x"] = ratios
         out["target_3x_over_1x_met"] = {p: (r is not None and r >= 0.3) for p, r in ratios.items()}
@@ -262,6 +280,17 @@ def summarize_suite(cells: list[dict]) -> dict:
             for n in INSTANCE_COUNTS
             if (policy, n) in inst and "requests_per_s" in inst[(policy, n)]
         }
+    cpu_scaling = {}
+    for policy in INSTANCE_POLICIES:
+        base = inst.get((policy, 4))
+        if base and "requests_per_cpu_s" in base:
+            cpu_scaling[policy] = {
+                str(n): round(inst[(policy, n)]["requests_per_cpu_s"] / base["requests_per_cpu_s"], 3)
+                for n in INSTANCE_COUNTS
+                if (policy, n) in inst and "requests_per_cpu_s" in inst[(policy, n)]
+            }
+    if cpu_scaling:
+        out["cpu_speed_vs_4_instances"] = cpu_scaling
     if scaling:
         out["speed_vs_4_instances"] = scaling
         out["target_256_over_4_met"] = {p: s.get("256", 0) >= 0.7 for p, s in scaling.items()}

@@ -295,6 +295,7 @@ class _Instance:
         self.busy_acc = 0.0
         self.sample_busy = 0.0
         self.sample_t = 0.0
+        self.sample_quiet: tuple | None = None  # (version, row) when idle at the last timeline sample
         # Bumped by every change of the instance's state (dispatch, segment start/end); a decode run
         # in flight changes only its step count m. Snapshots are cached by (version, m), and the
         # part of a snapshot that m does not change by version alone (see `Simulator._view`).
@@ -482,7 +483,15 @@ class Simulator:
             self._sample(env.now)
 
     def _sample(self, now: float) -> None:
+        timeline = self.timeline
         for inst in self.instances:
+            quiet = inst.sample_quiet
+            if quiet is not None and quiet[0] == inst.version and inst.busy_since is None:
+                # Idle at the last sample and untouched since (every change bumps the version):
+                # the same row, busy 0 (on a large mostly idle pool this was most of a run's time).
+                inst.sample_t = now
+                timeline.append((now, inst.id, *quiet[1]))
+                continue
             busy = inst.busy_total(now)
             span = now - inst.sample_t
             frac = (busy - inst.sample_busy) / span if span > 0 else 0.0
@@ -502,7 +511,8 @@ class Simulator:
                 waiting += waiting_t
                 if inst.tei_batch is not None:
                     batch += inst.tei_batch.num_inputs
-            self.timeline.append((now, inst.id, running, waiting, kv, batch, frac))
+            timeline.append((now, inst.id, running, waiting, kv, batch, frac))
+            inst.sample_quiet = (inst.version, (running, waiting, kv, batch, 0.0)) if inst.busy_since is None else None
 
     # -- policy ------------------------------------------------------------------------------------
     def _schedule(self) -> None:

@@ -160,3 +160,27 @@ def test_gateway_queue_stays_correct_through_compaction():
             assert q.pop(victim) is alive.pop(victim)
     assert list(q) == list(alive.values())
     assert list(q.in_arrival_order()) == sorted(alive.values(), key=lambda r: (r.arrival_s, r.id))
+
+
+def test_quiet_timeline_rows_are_the_rows_a_full_sample_gives(monkeypatch):
+    """The sampler reuses the row of an instance idle and untouched since its last sample; with
+    that shortcut disabled the timeline must be the same."""
+    from sagesched.sim import cluster as sim_cluster
+
+    reqs = [dataclasses.replace(r, arrival_s=20 * r.arrival_s) for r in saturating_workload()]
+
+    def timeline() -> pd.DataFrame:
+        sim = SimConfig(timeline_interval_s=0.5)
+        return simulate(reqs, cluster(), build("fifo"), sim, perf_provider=make_provider(60_000)).timeline
+
+    fast = timeline()
+    full_sample = sim_cluster.Simulator._sample
+
+    def without_shortcut(self, now):
+        for inst in self.instances:
+            inst.sample_quiet = None
+        full_sample(self, now)
+
+    monkeypatch.setattr(sim_cluster.Simulator, "_sample", without_shortcut)
+    pd.testing.assert_frame_equal(fast, timeline())
+    assert (fast.iloc[:, -1] == 0).any() and (fast.iloc[:, -1] > 0).any()
