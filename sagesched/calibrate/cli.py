@@ -21,7 +21,7 @@ from sagesched.calibrate.predict import profile_name
 from sagesched.calibrate.runs import RunFormatError, find_runs
 
 
-def calibration_document(runs, fit, cv: dict[str, dict[str, dict[str, float]]] | None) -> dict:
+def calibration_document(runs, fit, cv: dict[str, dict[str, float]] | None) -> dict:
     """The calibration file's content: metadata, the coefficients, and how they were fitted."""
     first = runs[0]
     doc = {
@@ -59,7 +59,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     fit = fit_runs(usable, window_s=args.window, operators=args.operators)
     print(f"coefficients: {fit.coefficients}")
     print(f"in-sample RMS relative error: {fit.rms_relative_error():.3f} ({fit.evaluations} simulations of the runs)")
-    cv = None
+    cv: dict[str, dict[str, float]] | None = None
     if args.cv and len(usable) > 1:
         cv = {}
         for held in usable:

@@ -87,7 +87,7 @@ def predict_run(
     only successes; for a saturated run, so are those that finish after the run's last stage ends.
     """
     inst = instance_for(run)
-    reqs, spans = build_requests(run, inst.model, window_s)
+    reqs, spans = build_requests(run, profile_name(run.server.model), window_s)
     horizon = spans[-1][1] + (600.0 if window_s is None else 4.0 * window_s)
     res = simulate(
         reqs,

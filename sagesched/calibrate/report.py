@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,7 @@ def leave_one_out(
     runs: list[MeasuredRun], window_s: float, full_window: float | None, operators: str = "vidur"
 ) -> dict:
     """The leave-one-out table, plus the fit on every unsaturated run (the shipped coefficients)."""
-    folds = []
+    folds: list[dict[str, Any]] = []
     for held in runs:
         train = [r for r in runs if r is not held and not r.saturated]
         t = time.perf_counter()
@@ -99,6 +100,7 @@ def leave_one_out(
             "rms_relative_error": full.rms_relative_error(),
         }
     else:
+        assert full_fold is not None
         full_fit = {
             "coefficients": full_fold["coefficients"],
             "training_runs": full_fold["trained_on"],

@@ -182,18 +182,26 @@ class LlamaCppEngineCore:
         total = sum(t for _, t in batch)
         if total == 0:
             return 0.0
-        dec = sum(1 for s, t in batch if s.req.n_past >= s.req.prompt)
-        pf = total - dec
-        dec_ctx = sum(s.req.prompt + s.req.generated for s, t in batch if s.req.n_past >= s.req.prompt)
-        pf_ctx = sum(s.req.n_past + t for s, t in batch if s.req.n_past < s.req.prompt)
-        pairs = sum(t * (s.req.n_past + t - 0.5 * t) for s, t in batch if s.req.n_past < s.req.prompt)
+        dec = pf = dec_ctx = pf_ctx = n_pf = 0
+        pairs = 0.0
+        for slot, t in batch:
+            r = slot.req
+            assert r is not None  # a planned batch holds busy slots only
+            if r.n_past >= r.prompt:
+                dec += 1
+                dec_ctx += r.prompt + r.generated
+            else:
+                pf += t
+                pf_ctx += r.n_past + t
+                n_pf += 1
+                pairs += t * (r.n_past + t - 0.5 * t)
         n_ub = math.ceil(total / self.config.n_ubatch)
         shape = BatchShape(
             prefill_tokens=math.ceil(pf / n_ub),
             decode_tokens=math.ceil(dec / n_ub),
             prefill_context_tokens=math.ceil(pf_ctx / n_ub),
             decode_context_tokens=math.ceil(dec_ctx / n_ub),
-            num_prefills=sum(1 for s, _ in batch if s.req.n_past < s.req.prompt),
+            num_prefills=n_pf,
             prefill_attention_pairs=pairs / n_ub,
         )
         return n_ub * self.perf.step_time_s(shape)
@@ -204,6 +212,7 @@ class LlamaCppEngineCore:
         self.ubatches += math.ceil(sum(t for _, t in batch) / self.config.n_ubatch)
         for slot, t in batch:
             r = slot.req
+            assert r is not None
             if r.n_past < r.prompt:
                 r.n_past += t
                 if r.n_past < r.prompt:
