@@ -221,17 +221,27 @@ def _spawn(spec: dict, limit_s: float) -> dict:
 
 
 def suite_specs(
-    name: str, policies: list[str], counts: tuple[int, ...] = INSTANCE_COUNTS, limit_s: float | None = None
+    name: str,
+    policies: list[str],
+    counts: tuple[int, ...] = INSTANCE_COUNTS,
+    limit_s: float | None = None,
+    extra: tuple[str, ...] = (),
 ) -> list[tuple[dict, float]]:
     specs: list[tuple[dict, float]] = []
     if name in ("loads", "all"):
         for policy in policies:
             for scale in SCALES:
-                overrides = [f"policy={policy}", f"workload.rate_scale={scale}"]
+                overrides = [f"policy={policy}", f"workload.rate_scale={scale}", *extra]
                 specs.append(({"kind": "loads", "policy": policy, "scale": scale, "overrides": overrides}, 0))
     if name in ("embedding", "all"):
         for policy in policies:
-            overrides = [f"policy={policy}", "workload=embedding_heavy", "cluster=rag_mixed", "workload.rate_scale=3.0"]
+            overrides = [
+                f"policy={policy}",
+                "workload=embedding_heavy",
+                "cluster=rag_mixed",
+                "workload.rate_scale=3.0",
+                *extra,
+            ]
             specs.append(({"kind": "embedding", "policy": policy, "scale": 3.0, "overrides": overrides}, 0))
     if name in ("instances", "all"):
         for policy in [p for p in policies if p in INSTANCE_POLICIES] or list(INSTANCE_POLICIES):
@@ -311,13 +321,14 @@ def run_suite(
     out_path: Path | None,
     counts: tuple[int, ...] = INSTANCE_COUNTS,
     limit_s: float | None = None,
+    extra: tuple[str, ...] = (),
 ) -> dict:
     from sagesched.policies import available_policies
 
     chosen = policies or sorted(available_policies())
     load_before = os.getloadavg()
     cells = []
-    for spec, limit in suite_specs(name, chosen, counts, limit_s):
+    for spec, limit in suite_specs(name, chosen, counts, limit_s, extra):
         cell = _spawn(spec, limit)
         cells.append(cell)
         brief = {k: cell.get(k) for k in ("wall_s", "requests_per_s", "peak_rss_mb", "timed_out_after_s", "error")}
@@ -361,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--policies", default=None, help="comma-separated policies for --suite (default: all)")
     parser.add_argument("--counts", default=None, help="comma-separated instance counts for --suite instances")
     parser.add_argument("--limit-s", type=float, default=None, help="per-cell time limit (default per suite)")
+    parser.add_argument("--override", action="append", default=[], help="extra Hydra override for experiment cells")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # one suite cell, as JSON (internal)
     args = parser.parse_args(argv)
 
@@ -373,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.out.parent.mkdir(parents=True, exist_ok=True)
         policies = args.policies.split(",") if args.policies else None
         counts = tuple(int(c) for c in args.counts.split(",")) if args.counts else INSTANCE_COUNTS
-        result = run_suite(args.suite, policies, args.out, counts, args.limit_s)
+        result = run_suite(args.suite, policies, args.out, counts, args.limit_s, tuple(args.override))
         if args.json:
             sys.stdout.write(json.dumps(result["summary"], indent=2) + "\n")
         return result
