@@ -90,7 +90,10 @@ async def run_probes(
         return [rng.randrange(100, 30000) for _ in range(n)]
 
     points: list[ProbePoint] = []
-    async with httpx.AsyncClient(timeout=timeout_s) as client:
+    # A fresh connection per request: llama-server closes a connection after a stream ends, and a
+    # pooled connection reused after that fails with "server disconnected".
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         await _stream(client, url, model, ids(8), 1)  # warm the connection and the server's first-request paths
         for p in prompt_lengths:
             runs = []
@@ -171,7 +174,15 @@ def fit_probes(points: list[ProbePoint], engine: str, perf=None) -> dict:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    points = asyncio.run(run_probes(args.url, args.model, repeats=args.repeats))
+    points = asyncio.run(
+        run_probes(
+            args.url,
+            args.model,
+            prompt_lengths=tuple(args.prompts),
+            concurrencies=tuple(args.concurrency),
+            repeats=args.repeats,
+        )
+    )
     perf = None
     if args.engine == "vllm":
         from sagesched.sim.perf_model import LLMPerfModel
@@ -211,5 +222,7 @@ def add_parser(sub) -> None:
     p.add_argument("--hardware", default="a100", help="vllm: the GPU profile to calibrate")
     p.add_argument("--tensor-parallel", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--prompts", type=int, nargs="+", default=[16, 128, 512, 1024], help="prefill sweep lengths")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8], help="decode sweep stream counts")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_probe)

@@ -71,3 +71,23 @@ def test_affine_fit_recovers_a_known_cpu_model_exactly():
     for key, want in (("step_s", 0.02), ("prefill_token_s", 4e-4), ("decode_seq_s", 3e-3), ("frontend_request_s", fe)):
         assert got[key] == pytest.approx(want, rel=1e-3, abs=1e-9)
     assert max(abs(r) for r in fit["leave_one_out"]) < 1e-3
+
+
+@pytest.mark.backends
+def test_probes_run_against_a_real_llama_server(llm_server):
+    points = asyncio.run(
+        run_probes(
+            llm_server.url, llm_server.model, prompt_lengths=(16, 96), concurrencies=(1, 2), decode_tokens=6, repeats=1
+        )
+    )
+    assert [(p.kind, p.prompt_tokens, p.concurrency) for p in points] == [
+        ("prefill", 16, 1),
+        ("prefill", 96, 1),
+        ("decode", 64, 1),
+        ("decode", 64, 2),
+    ]
+    assert all(p.seconds > 0 for p in points)
+    assert points[1].seconds > points[0].seconds  # six times the prompt costs more to prefill
+    fit = fit_probes(points, "llamacpp")
+    assert all(v >= 0 for v in fit["coefficients"].values())
+    assert len(fit["leave_one_out"]) == 4
