@@ -326,3 +326,31 @@ def test_async_scheduling_jump_equals_step():
     inst = InstanceConfig(id="v", hardware="h100", vllm=VllmEngineConfig(async_scheduling=True))
     a, b = (simulate(reqs, ClusterConfig((inst,)), FifoPolicy(), SimConfig(mode=m)).records for m in ("jump", "step"))
     assert (a.e2e_ms - b.e2e_ms).abs().max() < 1e-6 and (a.ttft_ms - b.ttft_ms).abs().max() < 1e-6
+
+
+def test_client_latency_includes_the_serving_frontend_in_both_modes():
+    perf = LLMPerfModel.load("llama-2-7b", "h100")  # the shipped, calibrated H100 model has a frontend term
+    plain = LLMPerfModel.load("llama-2-7b", "a100")  # no frontend measured on A100: nothing added
+    req = Request(
+        id="solo",
+        type=RequestType.LLM_CHAT,
+        model="llama-2-7b",
+        arrival_s=0.5,
+        prompt_tokens=700,
+        max_tokens=20,
+        output_tokens=20,
+    )
+    inst = InstanceConfig(id="v", hardware="h100")
+    engine_ttft = perf.step_time_s(
+        BatchShape(prefill_tokens=700, prefill_context_tokens=700, num_prefills=1, prefill_attention_pairs=700 * 350)
+    )
+    for mode in ("jump", "step"):
+        res = simulate(
+            [req], ClusterConfig((inst,)), FifoPolicy(), SimConfig(mode=mode), perf_provider=lambda _c: (perf, None)
+        )
+        rec = res.records.iloc[0]
+        # At its first token the request is the one sequence in flight; at its end, none is.
+        assert rec.ttft_ms / 1e3 == pytest.approx(engine_ttft + perf.frontend_s(700, 1), rel=1e-9)
+        assert res.stats["frontend_applied"] == 1
+    res = simulate([req], ClusterConfig((inst,)), FifoPolicy(), SimConfig(), perf_provider=lambda _c: (plain, None))
+    assert res.stats["frontend_applied"] == 0
