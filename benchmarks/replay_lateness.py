@@ -118,7 +118,7 @@ def replay_row(mode: str, rate: float, duration: float, url: str) -> dict[str, A
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=50.0, help="requests per second (Poisson)")
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per row")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per row")
     parser.add_argument(
         "--time-scale",
         type=float,
