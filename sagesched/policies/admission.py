@@ -69,24 +69,32 @@ class AdmissionConfig:
 class AdmissionControl:
     """The shed budget and the shed decision over one call's late requests."""
 
-    __slots__ = ("config", "seen", "shed")
+    __slots__ = ("_last", "config", "seen_count", "shed")
 
     def __init__(self, config: AdmissionConfig) -> None:
         self.config = config
-        self.seen: set[str] = set()
+        self.seen_count = 0
+        self._last: set[str] = set()
         self.shed = 0
 
     def observe(self, requests: Iterable[Request]) -> None:
-        """Count requests as seen (each id once), so the budget grows with the offered load."""
-        self.seen.update(r.id for r in requests)
+        """Count requests as seen (each id once), so the budget grows with the offered load.
+
+        Ids are deduplicated against the previous call's only: a queued request is offered call
+        after call and a dispatched one never comes back, so this counts each once while memory
+        stays bounded by the queue (a set of every id ever seen grew without end in a gateway).
+        """
+        ids = {r.id for r in requests}
+        self.seen_count += len(ids - self._last)
+        self._last = ids
 
     @property
     def shed_fraction(self) -> float:
-        return self.shed / len(self.seen) if self.seen else 0.0
+        return self.shed / self.seen_count if self.seen_count else 0.0
 
     def budget(self) -> int:
         """How many more requests may be shed now."""
-        return max(0, int(self.config.max_shed_fraction * len(self.seen)) - self.shed)
+        return max(0, int(self.config.max_shed_fraction * self.seen_count) - self.shed)
 
     def split_late(self, late: list[tuple[float, Request]], rule: str) -> tuple[list[Rejection], list[Request]]:
         """Shed what the budget allows of `late` ((best slack, request) pairs, best slack < 0).
