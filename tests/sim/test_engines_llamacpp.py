@@ -77,3 +77,24 @@ def test_slot_prompt_cache_reuses_the_common_prefix():
     slot, tokens = batch[0]
     assert slot.id == 0 and tokens == 330 - 15 * 16  # the slot holding a's prompt, 15 blocks reused
     assert core.prompt_cache_tokens == 240
+
+
+def test_replay_driver_queues_past_the_slots_and_times_each_request():
+    from sagesched.sim.engines.llamacpp_driver import replay_llamacpp
+
+    cfg = LlamaCppConfig(n_parallel=1, n_ctx=2048)
+    reqs = [
+        (0.0, EngineRequest(id="a", prompt_tokens=100, output_tokens=3)),
+        (0.001, EngineRequest(id="b", prompt_tokens=100, output_tokens=3)),
+    ]
+    a, b = replay_llamacpp(reqs, cfg, PERF, frontend_request_s=0.002)
+    prefill = PERF.step_time_s(
+        BatchShape(prefill_tokens=100, prefill_context_tokens=100, num_prefills=1, prefill_attention_pairs=100 * 50)
+    )
+    decode = PERF.step_time_s(BatchShape(decode_tokens=1))
+    assert a.ttft_s == pytest.approx(prefill + 0.002)
+    assert a.e2e_s == pytest.approx(prefill + 2 * decode + 0.002)
+    # b waited for the only slot: it starts when a finishes.
+    assert b.first_token_s == pytest.approx(prefill + 2 * decode + prefill + 0.002)
+    shed = replay_llamacpp(reqs, LlamaCppConfig(n_parallel=1, n_ctx=2048, reject_when_busy=True), PERF)
+    assert shed[1].status == 503 and shed[1].finish_s is None
