@@ -2,6 +2,7 @@
 
     python benchmarks/gateway_overhead.py --json            # writes benchmarks/results/gateway_overhead.json
     python benchmarks/gateway_overhead.py --soak 0          # skip the 100,000-request RSS soak
+    python benchmarks/gateway_overhead.py _policy hybrid    # one policy call's cost, alone and via the decision core
 
 One run starts, as separate processes on 127.0.0.1: a zero-latency OpenAI backend (`--backend
 minimal`, the default: the small Starlette app at the bottom of this file, the cheapest backend
@@ -662,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 result["wrk"] = "not installed (apt-get install -y wrk)"
 
+            result["policy_call"] = policy_call_us(args.policy)
             if args.soak:
                 g = worker_counts[0]
                 result["soak"] = run_soak(gateway_ports[g], _family(gateway_pids[g]), args.soak, args.clients)
@@ -781,6 +783,31 @@ class _CpuMeter:
             }
 
 
+def policy_call_us(policy: str, repeat: int = 20_000) -> dict[str, float]:
+    """Cost of one policy call in the gateway's common case (one queued chat, one idle instance):
+    the policy alone and through the decision core, best of three rounds, in microseconds."""
+    from sagesched.core import InstanceKind, InstanceView, Request, RequestType
+    from sagesched.core.decisions import decide
+    from sagesched.policies import make_policy
+
+    pol = make_policy(policy)
+    queue = [Request("a", RequestType.LLM_CHAT, MODEL, 0.0, prompt_tokens=10, max_tokens=4)]
+    views = [InstanceView("i", InstanceKind.LLM, frozenset({MODEL}), max_inflight=512)]
+    out: dict[str, float] = {}
+    for label, call in (
+        ("schedule_us", lambda: pol.schedule(0.0, queue, views)),
+        ("decide_us", lambda: decide(pol, 0.0, queue, views)),
+    ):
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(repeat):
+                call()
+            best = min(best, (time.perf_counter() - start) / repeat * 1e6)
+        out[label] = round(best, 1)
+    return out
+
+
 def _has(module: str) -> bool:
     try:
         __import__(module)
@@ -790,6 +817,9 @@ def _has(module: str) -> bool:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "_policy":
+        print(json.dumps({"policy": sys.argv[2], **policy_call_us(sys.argv[2])}))
+        raise SystemExit(0)
     if len(sys.argv) > 1 and sys.argv[1] in {"_load", "_null", "_backend"}:
         sub = argparse.ArgumentParser()
         sub.add_argument("role")
