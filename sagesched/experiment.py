@@ -222,6 +222,13 @@ def check_overrides(overrides: Sequence[str], groups: Sequence[str]) -> None:
         )
 
 
+LIVE_TABLE = (
+    ("send_lateness_p99_ms", "send lateness p99 (ms)", "{:.2f}"),
+    ("prompt_token_mismatches", "prompt token mismatches", "{:d}"),
+    ("output_token_mismatches", "output token mismatches", "{:d}"),
+)
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A compact two-column table for the terminal."""
     label = summary.get("label")
@@ -230,6 +237,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     for key, label, fmt in SUMMARY_TABLE:
         value = summary.get(key)
         rows.append((label, "–" if value is None else fmt.format(value)))
+    if summary.get("driver") == "live":  # what only a live run measures (docs/replay.md)
+        for key, label, fmt in LIVE_TABLE:
+            value = summary.get(key)
+            rows.append((label, "–" if value is None else fmt.format(value)))
     bound = summary.get("bound") or {}
     if bound.get("slo_attainment_upper") is not None:
         rows.append(("SLO attainment bound", f"{bound['slo_attainment_upper']:.3f}"))

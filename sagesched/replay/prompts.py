@@ -52,7 +52,7 @@ PROBE_UNITS = (16, 96)
 """Unit counts of the two calibration probes per endpoint (a line through two points)."""
 
 
-class PromptCalibrationError(RuntimeError):
+class PromptCalibrationError(ValueError):
     """The server could not be probed for its token counts; the message names the URL and the fix."""
 
 
