@@ -28,7 +28,7 @@ places with it on the least-outstanding instance, and hybrid can use it as its L
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,14 +68,16 @@ class FairShare:
         tenant = request.tenant
         self.counters[tenant] = self.counters.get(tenant, 0.0) + request_cost(request) / self.weight(tenant)
 
-    def order(self, queue: Sequence[Request]):
+    def order(self, queue: Sequence[Request], key: Callable[[Request], Any] | None = None):
         """Yield queued requests least-served tenant first; `charge` between yields moves the order.
 
-        The caller charges each request it places (before asking for the next); one it cannot place
-        it reports by sending True into the generator, which then skips the rest of that tenant.
+        Within a tenant, requests come in `key` order (default (priority, arrival, id); slo_aware
+        passes its own bounded order). The caller charges each request it places (before asking
+        for the next); one it cannot place it reports by sending True into the generator, which
+        then skips the rest of that tenant.
         """
         per_tenant: dict[str, list[Request]] = {}
-        for request in sorted(queue, key=lambda r: (int(r.priority), r.arrival_s, r.id)):
+        for request in sorted(queue, key=key or (lambda r: (int(r.priority), r.arrival_s, r.id))):
             per_tenant.setdefault(request.tenant, []).append(request)
         self.start_call(set(per_tenant))
         heap = [(self.counters.get(t, 0.0), t) for t in per_tenant]

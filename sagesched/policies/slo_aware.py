@@ -32,12 +32,13 @@ also makes a request wait at the gateway), so "unattainable" is never claimed to
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from sagesched.core import Decision, InstanceView, RejectCode, Rejection, Request
 from sagesched.policies.admission import AdmissionConfig, AdmissionControl
 from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, arrival_order, reject_unservable, use_index
+from sagesched.policies.fair_share import FairShare, FairShareConfig
 from sagesched.policies.registry import register
 from sagesched.policies.slack import schedule_indexed
 
@@ -88,6 +89,9 @@ class SloAwareConfig(PolicyConfig):
         (priority, arrival) order, instead of after everything. Off by default (the baseline).
     max_shed_fraction, defer_slack_s, protect_priority, late_first_priority: the admission knobs
         (see `AdmissionConfig`).
+    fair_share: per-tenant weighted fair share (`sagesched.policies.fair_share`): the least-served
+        backlogged tenant places next, each tenant's requests in the order above (admission's
+        order, shedding only with ``admission``). With ``tenant_weights`` (default 1 per tenant).
     """
 
     shed_unattainable: bool = False
@@ -96,9 +100,12 @@ class SloAwareConfig(PolicyConfig):
     defer_slack_s: float = 5.0
     protect_priority: int = 0
     late_first_priority: int = 1
+    fair_share: bool = False
+    tenant_weights: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.admission_config()  # validates
+        FairShareConfig(tenant_weights=self.tenant_weights)  # validates
 
     def admission_config(self) -> AdmissionConfig:
         return AdmissionConfig(
@@ -119,12 +126,13 @@ class SloAwarePolicy(Policy):
         super().__init__(config, **overrides)
         c = self.config
         self.admission = AdmissionControl(c.admission_config()) if c.admission else None
+        self.fair = FairShare(c.tenant_weights) if c.fair_share else None
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
         if use_index(queue):
-            if self.admission is None:  # the same decisions, read off the queue's indexes
+            if self.admission is None and self.fair is None:  # the same decisions, off the indexes
                 return schedule_indexed(self, now, queue, instances)
-            queue = list(queue)  # admission ranks late requests itself (no indexed path for it yet)
+            queue = list(queue)  # admission / fair share rank requests themselves (no indexed path yet)
         decisions: list[Decision]
         decisions, servable = reject_unservable(queue, instances, self.name)
         if not servable:
@@ -150,29 +158,39 @@ class SloAwarePolicy(Policy):
         attainable.sort(key=lambda x: (x[0], x[1].arrival_s, x[1].id))
         best_effort.sort(key=arrival_order)
 
-        if admission is not None:
-            # Bounded tails: urgent attainable work, then the late requests not shed, then work
-            # with plenty of slack, then work without an SLO.
-            shed, kept = admission.split_late(late, self.name)
-            decisions.extend(shed)
-            horizon = admission.config.defer_slack_s
-            urgent = [r for slack, r in attainable if slack <= horizon]
-            relaxed = [r for slack, r in attainable if slack > horizon]
-            first = admission.config.late_first_priority
-            for request in kept:
-                if int(request.priority) <= first:
-                    self._place_soonest(ledger, request, decisions, "SLO lost, urgent class: served first (admission)")
-            for request in urgent:
-                self._place_by_slack(ledger, request, now, decisions, None)
-            for request in kept:
-                if int(request.priority) > first:
-                    self._place_soonest(
-                        ledger, request, decisions, "SLO lost: served before long-slack work (admission)"
-                    )
-            for request in relaxed:
-                self._place_by_slack(ledger, request, now, decisions, None)
-            for request in best_effort:
-                self._place_soonest(ledger, request, decisions, "no SLO: arrival order, earliest predicted completion")
+        if admission is not None or self.fair is not None:
+            # Bounded tails: late requests of urgent classes, urgent attainable work, the other late
+            # requests not shed, then work with plenty of slack, then work without an SLO.
+            if admission is not None:
+                shed, kept = admission.split_late(late, self.name)
+                decisions.extend(shed)
+                config = admission.config
+            else:
+                config = self.config.admission_config()
+                kept = sorted((r for _, r in late), key=lambda r: (int(r.priority), r.arrival_s, r.id))
+            horizon, first = config.defer_slack_s, config.late_first_priority
+            plan: list[tuple[Request, str]] = [(r, _LATE_FIRST) for r in kept if int(r.priority) <= first]
+            plan += [(r, _SLACK) for slack, r in attainable if slack <= horizon]
+            plan += [(r, _LATE) for r in kept if int(r.priority) > first]
+            plan += [(r, _SLACK) for slack, r in attainable if slack > horizon]
+            plan += [(r, _NO_SLO) for r in best_effort]
+            if self.fair is None:
+                for request, how in plan:
+                    self._place(ledger, request, how, now, decisions)
+                return decisions
+            # Fair share: the least-served backlogged tenant places next, in the plan's order.
+            step = {r.id: (i, how) for i, (r, how) in enumerate(plan)}
+            fair = self.fair
+            order = fair.order([r for r, _ in plan], key=lambda r: step[r.id][0])
+            try:
+                request = next(order)
+                while True:
+                    placed = self._place(ledger, request, step[request.id][1], now, decisions)
+                    if placed:
+                        fair.charge(request)
+                    request = order.send(not placed)
+            except StopIteration:
+                pass
             return decisions
 
         deferred: list[Request] = []
@@ -209,17 +227,18 @@ class SloAwarePolicy(Policy):
         now: float,
         decisions: list[Decision],
         deferred: list[Request] | None,
-    ) -> None:
+    ) -> bool:
         """The candidate with the most slack; with `deferred`, a request no free instance can serve
-        in time any more (this call's placements used its slack) is deferred there instead."""
+        in time any more (this call's placements used its slack) is deferred there instead.
+        Whether it was placed."""
         candidates = ledger.candidates(request)
         if not candidates:
-            return
+            return False
         slacks = {v.id: slack_s(ledger, v.id, request, now) for v in candidates}
         target = min(candidates, key=lambda v: (-slacks[v.id], ledger.inflight(v.id), v.id))
         if deferred is not None and slacks[target.id] < 0:
             deferred.append(request)
-            return
+            return False
         decisions.append(
             ledger.assign(
                 target,
@@ -229,13 +248,29 @@ class SloAwarePolicy(Policy):
                 priority_hint=int(request.priority),
             )
         )
+        return True
 
-    def _place_soonest(self, ledger: LoadLedger, request: Request, decisions: list[Decision], reason: str) -> None:
-        """The candidate with the earliest predicted completion."""
+    def _place_soonest(self, ledger: LoadLedger, request: Request, decisions: list[Decision], reason: str) -> bool:
+        """The candidate with the earliest predicted completion; whether it was placed."""
         candidates = ledger.candidates(request)
         if not candidates:
-            return
+            return False
         target = min(
             candidates, key=lambda v: (predicted_completion_s(ledger, v.id, request), ledger.inflight(v.id), v.id)
         )
         decisions.append(ledger.assign(target, [request], self.name, reason, priority_hint=int(request.priority)))
+        return True
+
+    def _place(self, ledger: LoadLedger, request: Request, how: str, now: float, decisions: list[Decision]) -> bool:
+        """Place `request` by the rule its place in the bounded order calls for."""
+        if how == _SLACK:
+            return self._place_by_slack(ledger, request, now, decisions, None)
+        return self._place_soonest(ledger, request, decisions, _REASONS[how])
+
+
+_LATE_FIRST, _SLACK, _LATE, _NO_SLO = "late-first", "slack", "late", "no-slo"
+_REASONS = {
+    _LATE_FIRST: "SLO lost, urgent class: served first (admission)",
+    _LATE: "SLO lost: served before long-slack work (admission)",
+    _NO_SLO: "no SLO: arrival order, earliest predicted completion",
+}

@@ -103,3 +103,25 @@ def test_hybrid_can_use_fair_share_for_llm_work(make_request, make_view):
 def test_bad_weight_names_the_fix():
     with pytest.raises(ValueError, match="tenant_weights"):
         make_policy("fair_share", tenant_weights={"a": 0})
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [
+        ("slo_aware", {"fair_share": True}),
+        ("slo_aware", {"fair_share": True, "admission": True}),
+        ("hybrid", {"llm_fallback_config": {"fair_share": True}}),  # slo_aware + admission + fair share
+    ],
+)
+def test_least_slack_policies_can_order_by_fair_share(name, config, make_request, make_view):
+    # Every request can still meet its (generous) SLO, so least slack alone would serve the flood first.
+    queue = [make_request(f"big-{k}", tenant="big", prompt_tokens=300, e2e_ms=60_000.0) for k in range(200)]
+    queue += [
+        make_request(f"{t}-{k}", tenant=t, prompt_tokens=300, arrival_s=1.0, e2e_ms=60_000.0)
+        for t in ("a", "b", "c")
+        for k in range(20)
+    ]
+    served = _drain(make_policy(name, **config), queue, make_view, steps=40)[-1]
+    assert jain_index([served.get(t, 0) for t in ("big", "a", "b", "c")]) >= 0.95
+    plain = _drain(make_policy("slo_aware"), queue, make_view, steps=40)[-1]
+    assert jain_index([plain.get(t, 0) for t in ("big", "a", "b", "c")]) < 0.5
