@@ -353,6 +353,11 @@ def describe_exit(code: int | None) -> str:
             "cannot execute, typically a native build (GGML_NATIVE=ON) made elsewhere or under a hypervisor "
             "that hides AVX-512/AMX"
         )
+    if -code == signal.SIGSEGV:
+        return (
+            f"killed by {name}: if it died while loading the model, the usual cause is the same as SIGILL's, "
+            "a native build (GGML_NATIVE=ON) whose AVX-512/AMX paths this machine does not run"
+        )
     return f"killed by {name}"
 
 
