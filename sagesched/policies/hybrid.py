@@ -286,8 +286,13 @@ class HybridPolicy(Policy):
         # A lone queued LLM request needs no ordering; when hybrid places it and the fallback could
         # not reject it (only shedding rejects: unservable requests never reach the fallback), the
         # fallback is skipped (`_place_lone_llm`).
+        # A stateful order must see every request: a shedding fallback may refuse even a lone one,
+        # and a fair-share one must charge it to its tenant.
         self._lone_fast_path = c.prefer_specialized_instances and not (
-            fallback_config.get("shed_unattainable", False) or fallback_config.get("admission", False)
+            fallback_config.get("shed_unattainable", False)
+            or fallback_config.get("admission", False)
+            or fallback_config.get("fair_share", False)
+            or c.llm_fallback_policy == "fair_share"
         )
         self._held_deadlines: list[float] = []
         # Constant per policy, so built once rather than on every call.

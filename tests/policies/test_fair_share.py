@@ -125,3 +125,10 @@ def test_least_slack_policies_can_order_by_fair_share(name, config, make_request
     assert jain_index([served.get(t, 0) for t in ("big", "a", "b", "c")]) >= 0.95
     plain = _drain(make_policy("slo_aware"), queue, make_view, steps=40)[-1]
     assert jain_index([plain.get(t, 0) for t in ("big", "a", "b", "c")]) < 0.5
+
+
+def test_hybrid_charges_a_lone_llm_request_to_its_tenant(make_request, make_view):
+    policy = make_policy("hybrid", llm_fallback_policy="fair_share")
+    (d,) = policy.schedule(0.0, [make_request("a-0", tenant="a", prompt_tokens=100, max_tokens=50)], [make_view("gpu")])
+    assert d.request_ids == ("a-0",)
+    assert policy.llm_fallback.fair.counters["a"] == 150
