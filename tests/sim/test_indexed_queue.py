@@ -112,6 +112,15 @@ def records(policy: str, plain: bool, mode: str = "jump", light: bool = False) -
     return result.records.sort_values("request_id").reset_index(drop=True)
 
 
+@pytest.fixture(autouse=True, params=["lazy pool", "eager views"])
+def views_mode(request, monkeypatch):
+    """Run every test with the lazy `InstancePool` (forced on these small pools) and without it."""
+    from sagesched.sim import cluster as sim_cluster
+
+    monkeypatch.setattr(sim_cluster, "EAGER_VIEWS_MAX", 0 if request.param == "lazy pool" else 10_000)
+    return request.param
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_indexed_queue_gives_the_reference_results(policy):
     fast, reference = records(policy, plain=False), records(policy, plain=True)
