@@ -129,7 +129,7 @@ class HybridConfig(PolicyConfig):
         adaptive pressure ``sum(wait / target)`` over a type's queued requests. A request's own SLO
         (``ttft_ms``, else ``e2e_ms``) replaces the default target.
     llm_fallback_policy: the policy that orders LLM requests (and, without
-        ``prefer_specialized_instances``, places them): fifo, priority, slo_aware or adaptive.
+        ``prefer_specialized_instances``, places them): fifo, priority, slo_aware, adaptive or fair_share.
         Default ``slo_aware`` with admission (below): least slack first, late requests shed within
         a 5% budget or served right after urgent work. The previous default, ``adaptive``, trailed
         it by up to 0.4% past saturation and kept late requests last (docs/policies/hybrid.md).
