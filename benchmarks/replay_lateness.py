@@ -14,7 +14,7 @@ One run, in this order, in this process:
 2. `driver=live` (mode policy): the shipped Azure conv workload's lengths on Poisson arrivals at
    `--rate` for `--duration` seconds, through the LiveExecutor with the hybrid policy, streaming,
    against a vLLM emulator at zero latency (`sagesched emulate vllm --time-scale 0`, a separate
-   process on the same cores: every request really streams its tokens over HTTP);
+   process on the same cores: every request really streams its tokens over HTTP, all at once);
 3. the same workload in mode endpoint (our HTTP client straight to the emulator, no policy).
 
 The machine is shared (2 cores, other work): compare rows within one run; the reference row
@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--time-scale",
         type=float,
-        default=1.0,
-        help="emulator wall seconds per engine second (1 = an A100's pace; 0 = zero latency)",
+        default=0.0,
+        help="emulator wall seconds per engine second (0 = zero latency: every token streams at once, "
+        "the hardest case for the driver's loop; 1 = an A100's pace)",
     )
     parser.add_argument("--modes", nargs="+", default=["policy", "endpoint"], choices=["policy", "endpoint"])
     parser.add_argument("--json", action="store_true", help=f"write {RESULTS.relative_to(ROOT)}")

@@ -17,11 +17,6 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-# asyncio's timers wake up to ~1 ms late (epoll's timeout is in whole milliseconds); sleeping to
-# just before the target and yielding the rest keeps p99 lateness well under a millisecond
-# (benchmarks/replay_lateness.py: p99 0.9 ms with the spin vs 1.3 ms without, at 50 req/s).
-SPIN_S = 0.0015
-
 
 @dataclass
 class Schedule:
@@ -48,33 +43,43 @@ async def run_open_loop(
     send: Callable[[int], Awaitable[None]],
     clock: Callable[[], float],
     tasks: list[asyncio.Task[None]],
-    *,
-    spin_s: float = SPIN_S,
 ) -> None:
     """Start `send(i)` as its own task at `schedule.intended_s[i]` on `clock`; append tasks to `tasks`.
 
-    Returns when every request's task has been created (not finished). `schedule.send_s[i]` is
-    stamped when request i's task starts, just before `send(i)` hands it over. Cancel the task
-    running this, and the request tasks, to stop sending (Ctrl-C): requests whose task had not
-    started keep `send_s = None`.
+    Every send is a timer on the event loop (`call_at`), armed up front: a timer's callback runs
+    at the start of the loop iteration in which it expires, ahead of the task steps queued by
+    streamed chunks, and creates the request's task directly, one loop hop earlier than a
+    generator coroutine that sleeps and then spawns. Returns once every request's task has been
+    created (not finished). `schedule.send_s[i]` is stamped when request i's task starts, just
+    before `send(i)` hands it over. Cancel the task running this, and the request tasks, to stop
+    sending (Ctrl-C): requests whose task had not started keep `send_s = None`.
     """
     loop = asyncio.get_running_loop()
-    sleep = asyncio.sleep
     send_s = schedule.send_s
+    n = len(schedule.intended_s)
+    if not n:
+        return
+    offset = loop.time() - clock()
+    done: asyncio.Future[None] = loop.create_future()
+    fired = 0
 
     async def start(i: int) -> None:
-        # Stamped in the request's own task, right before it is handed over: a send is late by
-        # however long the loop took to get here, not just by the generator's wake-up.
         send_s[i] = clock()
         await send(i)
 
-    for i, target in enumerate(schedule.intended_s):
-        delay = target - clock()
-        if delay > spin_s:
-            await sleep(delay - spin_s)
-        while clock() < target:
-            await sleep(0)
+    def fire(i: int) -> None:
+        nonlocal fired
         tasks.append(loop.create_task(start(i), name=f"replay-{i}"))
+        fired += 1
+        if fired == n and not done.done():
+            done.set_result(None)
+
+    handles = [loop.call_at(t + offset, fire, i) for i, t in enumerate(schedule.intended_s)]
+    try:
+        await done
+    finally:
+        for handle in handles:
+            handle.cancel()
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
