@@ -202,8 +202,12 @@ BENCH = REPO / "experiments" / "policy_benchmark"
 
 
 @pytest.mark.parametrize("scenario", ["azure_conv", "azure_code", "rag", "embedding_heavy"])
-def test_benchmark_scenarios_compose_and_sweep_every_policy(scenario):
-    """The committed benchmark compares all registered policies plus the tuned hybrid, light to past saturation."""
+def test_benchmark_scenarios_compose_and_sweep_the_policies(scenario):
+    """The committed benchmark compares the registered policies, light to past saturation.
+
+    Left out, as experiments/policy_benchmark/README.md says: `random` and `power_of_two` (to fit the
+    machine; last or tied in the previous report) and `fair_share` (it has its own multi-tenant scenario).
+    """
     from hydra import initialize_config_dir as init
 
     with init(config_dir=str(CONF), version_base=None):
@@ -214,7 +218,12 @@ def test_benchmark_scenarios_compose_and_sweep_every_policy(scenario):
         )
     assert cfg.workload.name == scenario
     params = cfg.hydra.sweeper.params
-    assert set(params.policy.split(",")) == {*available_policies(), "hybrid_tuned"}
+    swept = set(params.policy.split(","))
+    omitted = {"random", "power_of_two", "fair_share"}
+    assert swept == (set(available_policies()) - omitted) | {"hybrid_noadmit"}
+    assert all(
+        (CONF / "policy" / f"{p}.yaml").exists() or (BENCH / "conf" / "policy" / f"{p}.yaml").exists() for p in swept
+    )
     loads = [float(x) for x in params["workload.rate_scale"].split(",")]
     assert len(loads) >= 3 and loads == sorted(loads)
     assert len(params.seed.split(",")) >= 2
@@ -276,3 +285,16 @@ def test_installed_wheel_runs_outside_the_checkout(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert (work / "run" / "summary.json").is_file() and (work / "run" / "requests.parquet").is_file()
+
+
+def test_multi_tenant_scenario_sweeps_fair_share_against_fifo_and_hybrid():
+    from hydra import initialize_config_dir as init
+
+    with init(config_dir=str(CONF), version_base=None):
+        cfg = compose(
+            config_name="config",
+            overrides=["+benchmark=multi_tenant", "hydra.searchpath=[file://" + str(BENCH / "conf") + "]"],
+            return_hydra_config=True,
+        )
+    swept = set(cfg.hydra.sweeper.params.policy.split(","))
+    assert {"fifo", "fair_share", "hybrid"} <= swept
