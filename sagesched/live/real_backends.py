@@ -524,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="show recorded servers and their health")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll is noise here
     handlers = {
         "check": _cmd_check,
         "install": _cmd_install,
