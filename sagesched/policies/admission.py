@@ -84,9 +84,23 @@ class AdmissionControl:
         after call and a dispatched one never comes back, so this counts each once while memory
         stays bounded by the queue (a set of every id ever seen grew without end in a gateway).
         """
-        ids = {r.id for r in requests}
+        self.observe_ids({r.id for r in requests})
+
+    def observe_ids(self, ids: set[str]) -> None:
+        """`observe` given the offered requests' ids (a set the caller built; kept, not copied)."""
         self.seen_count += len(ids - self._last)
         self._last = ids
+
+    def shed_rejection(self, request: Request, slack: float, rule: str) -> Rejection:
+        """The rejection of a shed late request (best predicted slack `slack` < 0)."""
+        return Rejection(
+            request.id,
+            f"SLO cannot be met given the predicted queue (best predicted lateness "
+            f"{-slack * 1000:.0f} ms); refused rather than served late, retry after "
+            f"{self.config.retry_after_s:g} s",
+            RejectCode.QUEUE_FULL,
+            rule,
+        )
 
     @property
     def shed_fraction(self) -> float:
@@ -114,16 +128,7 @@ class AdmissionControl:
             shed_ids = set()
             for slack, request in sheddable[:budget]:
                 shed_ids.add(request.id)
-                rejections.append(
-                    Rejection(
-                        request.id,
-                        f"SLO cannot be met given the predicted queue (best predicted lateness "
-                        f"{-slack * 1000:.0f} ms); refused rather than served late, retry after "
-                        f"{c.retry_after_s:g} s",
-                        RejectCode.QUEUE_FULL,
-                        rule,
-                    )
-                )
+                rejections.append(self.shed_rejection(request, slack, rule))
             self.shed += len(shed_ids)
             kept = [r for _, r in late if r.id not in shed_ids]
         else:

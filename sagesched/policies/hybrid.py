@@ -48,13 +48,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sagesched.core import (
     Assignment,
     Decision,
+    GatewayQueue,
     InstanceKind,
     InstanceView,
     Priority,
@@ -63,9 +64,20 @@ from sagesched.core import (
     Request,
     RequestType,
 )
-from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, arrival_order, reject_unservable
+from sagesched.core.queue import ClassKey
+from sagesched.policies.base import (
+    LoadLedger,
+    Policy,
+    PolicyConfig,
+    arrival_order,
+    reject_unservable,
+    servable_classes,
+    use_index,
+)
 from sagesched.policies.priority import effective_priority
 from sagesched.policies.registry import config_fields, make_policy, register
+from sagesched.policies.slack import schedule_admission_indexed
+from sagesched.policies.slo_aware import SloAwarePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -251,10 +263,28 @@ class _Call:
     # waited the window, the model's queue is flushed in batches for the whole call.
     oldest: dict[str, float]
     llm: list[Request]
+    # How many LLM requests are still queued; `llm` is built only when a fallback call needs it
+    # (`llm_list`): past saturation most calls find no LLM room and never read it.
+    llm_n: int
+    # Indexed calls: the queue and its servable LLM classes (`llm` not built yet: `llm_built`), and
+    # the LLM requests this call placed or rejected (no longer offered to the fallback).
+    llm_queue: GatewayQueue | None
+    llm_classes: list[ClassKey]
+    llm_built: bool
+    llm_done: set[str]
     # Queued requests per type, per model (LLM / EMBEDDING -> model -> count).
     waiting: dict[str, dict[str, int]]
     embedding_hint: int | None
     order_reason: str
+
+    def llm_list(self) -> list[Request]:
+        """The queued LLM requests in arrival order (built from the queue's index on first use)."""
+        if not self.llm_built:
+            assert self.llm_queue is not None
+            done = self.llm_done
+            self.llm = [r for r in self.llm_queue.in_arrival_order(self.llm_classes) if r.id not in done]
+            self.llm_built = True
+        return self.llm
 
     def unqueue(self, kind: str, requests: Iterable[Request]) -> None:
         for request in requests:
@@ -295,6 +325,11 @@ class HybridPolicy(Policy):
             or c.llm_fallback_policy == "fair_share"
         )
         self._held_deadlines: list[float] = []
+        # slo_aware with admission (the default fallback) has a twin that reads the queue's indexes.
+        fallback = self.llm_fallback
+        self._fallback_indexed = (
+            isinstance(fallback, SloAwarePolicy) and fallback.admission is not None and fallback.fair is None
+        )
         # Constant per policy, so built once rather than on every call.
         self._llm_rule = f"{self.name}/llm/{c.llm_fallback_policy}"
         mode = c.embedding_priority
@@ -318,15 +353,54 @@ class HybridPolicy(Policy):
         return min(upcoming) if upcoming else None
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
-        c = self.config
+        if self.config.embedding_priority != "adaptive" and use_index(queue) and isinstance(queue, GatewayQueue):
+            return self._schedule_indexed(now, queue, instances)
         decisions: list[Decision]
         decisions, servable = reject_unservable(queue, instances, self.name)
+        llm = [r for r in servable if not r.is_embedding]
+        embeddings = self._reject_too_large(servable, instances, decisions)
+        first, order_reason = self._claim_order(now, embeddings, llm)  # (queue order: pressure sums)
+        llm.sort(key=arrival_order)
+        waiting = _count_by_model(llm)
+        return self._run(now, instances, decisions, embeddings, llm, None, [], waiting, first, order_reason)
+
+    def _schedule_indexed(self, now: float, queue: GatewayQueue, instances: Sequence[InstanceView]) -> list[Decision]:
+        """`schedule` off the `GatewayQueue`'s indexes: the same decisions, without walking the
+        LLM backlog unless the fallback is called (some LLM-capable instance has room).
+
+        Rejections by class (`servable_classes`), LLM counts per model from the queue's counts, the
+        oldest LLM request from its arrival index, and the LLM list in arrival order (what the plain
+        path sorts) built only when `_place_llm` hands it to the fallback. Embeddings (a short queue)
+        are read per class in queue order, as the plain path meets them. Not used with
+        ``embedding_priority=adaptive``, whose pressure sums over every queued LLM request.
+        """
+        decisions: list[Decision]
+        decisions, q, classes = servable_classes(queue, instances, self.name)
+        llm_classes = [cls for cls in classes if not cls[0]]
+        embedding_classes = [cls for cls in classes if cls[0]]
+        servable_embeddings: list[Request] = []
+        if embedding_classes:
+            servable_embeddings = [r for cls in embedding_classes for r in q.of_class(cls)]
+            if len(embedding_classes) > 1:
+                servable_embeddings.sort(key=lambda r: q.serial(r.id))
+        embeddings = self._reject_too_large(servable_embeddings, instances, decisions)
+        counts = q.counts()
+        waiting = {cls[1]: counts[cls] for cls in llm_classes}
+        llm_n = sum(waiting.values())
+        # `_claim_order` reads only whether LLM work waits and its oldest (arrival_s, id) here.
+        oldest = [next(iter(q.in_arrival_order(llm_classes)))] if llm_n else []
+        first, order_reason = self._claim_order(now, embeddings, oldest)
+        return self._run(now, instances, decisions, embeddings, [], q, llm_classes, waiting, first, order_reason)
+
+    def _reject_too_large(
+        self, servable: Iterable[Request], instances: Sequence[InstanceView], decisions: list[Decision]
+    ) -> list[Request]:
+        """The servable embedding requests, in order, less those above every instance's input cap
+        (rejected into `decisions`)."""
         embeddings: list[Request] = []
-        llm: list[Request] = []
         input_limit: dict[str, int] | None = None  # built on the first embedding request only
         for request in servable:
             if not request.is_embedding:
-                llm.append(request)
                 continue
             if input_limit is None:
                 input_limit = _input_limits(instances)
@@ -343,8 +417,22 @@ class HybridPolicy(Policy):
                 )
                 continue
             embeddings.append(request)
+        return embeddings
 
-        first, order_reason = self._claim_order(now, embeddings, llm)
+    def _run(
+        self,
+        now: float,
+        instances: Sequence[InstanceView],
+        decisions: list[Decision],
+        embeddings: list[Request],
+        llm: list[Request],
+        llm_queue: GatewayQueue | None,
+        llm_classes: list[ClassKey],
+        waiting_llm: dict[str, int],
+        first: str,
+        order_reason: str,
+    ) -> list[Decision]:
+        """The claim rounds over this call's queued work (shared by both front ends of `schedule`)."""
         self.last_first = first
         rank: dict[str, tuple[int, float, str]] = {}
         groups: dict[str, list[Request]] = {}
@@ -354,7 +442,6 @@ class HybridPolicy(Policy):
             for request in sorted(embeddings, key=lambda r: rank[r.id]):
                 groups.setdefault(request.model, []).append(request)
             oldest = {model: min(r.arrival_s for r in group) for model, group in groups.items()}
-        llm.sort(key=arrival_order)
         call = _Call(
             now=now,
             views=instances,
@@ -364,21 +451,26 @@ class HybridPolicy(Policy):
             rank=rank,
             oldest=oldest,
             llm=llm,
-            waiting={EMBEDDING: _count_by_model(embeddings), LLM: _count_by_model(llm)},
+            llm_n=len(llm) if llm_queue is None else sum(waiting_llm.values()),
+            llm_queue=llm_queue,
+            llm_classes=llm_classes,
+            llm_built=llm_queue is None,
+            llm_done=set(),
+            waiting={EMBEDDING: _count_by_model(embeddings), LLM: waiting_llm},
             embedding_hint=self._embedding_hint_base(first),
             order_reason=order_reason,
         )
 
-        llm_views = [v for v in instances if v.kind is not _EMBEDDING_ONLY] if llm else []
+        llm_views = [v for v in instances if v.kind is not _EMBEDDING_ONLY] if call.llm_n else []
         second = LLM if first == EMBEDDING else EMBEDDING
         for kind in (first, second, first):
             if kind == EMBEDDING:
                 if call.groups:
                     self._place_embeddings(call)
-            elif call.llm and llm_views:
+            elif call.llm_n and llm_views:
                 self._place_llm(call, llm_views)
 
-        window_s = c.window_s
+        window_s = self.config.window_s
         self._held_deadlines = [r.arrival_s + window_s for group in call.groups.values() for r in group]
         return decisions
 
@@ -535,23 +627,26 @@ class HybridPolicy(Policy):
         no order to decide, so the fallback is not asked (the common case at light load, and half of
         a call's cost if it were). The request goes where `_llm_target` sends it, its priority as hint.
         """
-        request = call.llm[0]
-        found = self._llm_target(call, views, call.llm)
+        lone = call.llm_list()
+        request = lone[0]
+        found = self._llm_target(call, views, lone)
         if found is None:
             return
         target, load = found
         call.decisions.append(
             call.ledger.assign(
                 target,
-                call.llm,
+                lone,
                 self._llm_rule,
                 f"the only queued LLM request; placed on the {target.kind.value} instance with the least work "
                 f"per LLM capacity ({load:.2f} s); {call.order_reason}",
                 priority_hint=int(request.priority),
             )
         )
-        call.unqueue(LLM, call.llm)
+        call.unqueue(LLM, lone)
         call.llm = []
+        call.llm_n = 0
+        call.llm_done.add(request.id)
 
     def _place_llm(self, call: _Call, views: Sequence[InstanceView]) -> None:
         """Let the fallback order (and, without the preference, place) the queued LLM requests.
@@ -560,26 +655,42 @@ class HybridPolicy(Policy):
         ``prefer_specialized_instances`` each of its assignments, taken in its order, is re-targeted
         by `_llm_target`; an assignment that finds no room there any more stays queued.
         """
-        if self._lone_fast_path and len(call.llm) == 1:
+        if self._lone_fast_path and call.llm_n == 1:
             self._place_lone_llm(call, views)
             return
         adjusted = self._fallback_views(call, views)
         if adjusted is None:
             return
         policy = self.llm_fallback
-        queue = call.llm
-        by_id = {r.id: r for r in queue}
+        lookup: Callable[[str], Request | None]
+        if call.llm_queue is not None and not call.llm_built and self._fallback_indexed:
+            # slo_aware with admission, off the queue's indexes: the same decisions as on the list
+            # below (tests/sim/test_indexed_queue.py), without reading the whole LLM backlog.
+            q, done_before = call.llm_queue, call.llm_done
+            assert isinstance(policy, SloAwarePolicy)
+            fallback_decisions = schedule_admission_indexed(
+                policy, call.now, q, adjusted, classes=call.llm_classes, exclude=done_before
+            )
+
+            def lookup(rid: str) -> Request | None:
+                found = q.get(rid)
+                return None if found is None or found.is_embedding or rid in done_before else found
+        else:
+            queue = call.llm_list()
+            lookup = {r.id: r for r in queue}.get
+            fallback_decisions = policy.schedule(call.now, queue, adjusted)
         view_ids = {v.id for v in views}
         rule = self._llm_rule
         prefer = self.config.prefer_specialized_instances
         done: set[str] = set()
-        for decision in policy.schedule(call.now, queue, adjusted):
+        for decision in fallback_decisions:
             if isinstance(decision, Assignment):
-                if decision.instance_id not in view_ids or any(i not in by_id for i in decision.request_ids):
+                looked_up = [lookup(i) for i in decision.request_ids]
+                if decision.instance_id not in view_ids or any(r is None for r in looked_up):
                     raise RuntimeError(
                         f"fallback {policy.name!r} assigned outside what it was given: {decision}; this is a bug in it"
                     )
-                requests = [by_id[i] for i in decision.request_ids]
+                requests = [r for r in looked_up if r is not None]
                 sub_rule = f" [{decision.rule}]" if decision.rule and decision.rule != policy.name else ""
                 target_id = decision.instance_id
                 if prefer:
@@ -602,7 +713,7 @@ class HybridPolicy(Policy):
                 done.update(decision.request_ids)
                 call.unqueue(LLM, requests)
             elif isinstance(decision, Rejection):
-                request = by_id.get(decision.request_id)
+                request = lookup(decision.request_id)
                 if request is None:
                     continue
                 # The fallback saw every LLM-capable instance, so its rejection is final.
@@ -610,7 +721,10 @@ class HybridPolicy(Policy):
                 done.add(request.id)
                 call.unqueue(LLM, [request])
         if done:
-            call.llm = [r for r in call.llm if r.id not in done]
+            call.llm_done.update(done)
+            if call.llm_built:
+                call.llm = [r for r in call.llm if r.id not in done]
+            call.llm_n -= len(done)
 
     # -- embeddings --------------------------------------------------------------------------------
     def _embedding_targets(self, call: _Call, head: Request, ignore_inputs: bool = False) -> list[InstanceView]:

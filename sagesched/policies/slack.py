@@ -273,3 +273,140 @@ def count_below(queue: GatewayQueue, classes: list[ClassKey], ledger: LoadLedger
         with np.errstate(invalid="ignore"):
             total += int(np.count_nonzero(alive & cols.has_slo[:n] & (best < threshold)))
     return total
+
+
+def schedule_admission_indexed(
+    policy: SloAwarePolicy,
+    now: float,
+    queue: GatewayQueue,
+    instances: Sequence[InstanceView],
+    classes: list[ClassKey] | None = None,
+    exclude: frozenset[str] | set[str] = frozenset(),
+) -> list[Decision]:
+    """`SloAwarePolicy.schedule` with admission (no fair share) on a `GatewayQueue`: the same
+    decisions in the same order.
+
+    `classes` (default: the queue's servable classes, unservable ones rejected first) and `exclude`
+    (ids not offered: hybrid's fallback sees only its LLM classes, less what this call placed)
+    say which queued requests the call is about; they are exactly the plain path's `servable`.
+    Admission counts their ids (`AdmissionControl.observe_ids`, set arithmetic in C), best slacks
+    come per class from the numpy columns, the budget's most hopeless late requests are found by a
+    partition, and the bounded order (late urgent, attainable urgent, other late, relaxed, no SLO)
+    is merged lazily per class, a class without a free slot dropped for the rest of the call.
+    """
+    from sagesched.policies.slo_aware import _LATE, _LATE_FIRST, _NO_SLO, _SLACK
+
+    admission = policy.admission
+    assert admission is not None and policy.fair is None
+    name = policy.name
+    decisions: list[Decision]
+    if classes is None:
+        decisions, queue, classes = servable_classes(queue, instances, name)
+    else:
+        decisions = []
+    if not classes:
+        return decisions
+    columns = [(cls, queue.columns(cls)) for cls in classes]
+    ids: set[str] = set().union(*(cols.row.keys() for _, cols in columns))
+    if exclude:
+        ids -= exclude
+    if not ids:
+        return decisions
+    admission.observe_ids(ids)
+    ledger = LoadLedger(instances)
+    config = admission.config
+    horizon, first = config.defer_slack_s, config.late_first_priority
+
+    # Per class: the rows offered, their best slacks, and which are attainable / late.
+    per_class = []
+    for cls, cols in columns:
+        n = cols.n
+        alive = cols.alive[:n]
+        if exclude:
+            gone = [cols.row[i] for i in exclude if i in cols.row]
+            if gone:
+                alive = alive.copy()
+                alive[gone] = False
+        has_slo = cols.has_slo[:n]
+        views = [v for v in ledger.views.values() if v.healthy and class_served_by(v, cls)]
+        if views:
+            best = class_best_slacks(cols, views, ledger, now, cls[0])
+            with np.errstate(invalid="ignore"):
+                ok = best >= 0
+            slo_rows = alive & has_slo
+            attainable, late = slo_rows & ok, slo_rows & ~ok
+        else:  # every compatible instance is down: its SLO requests stay queued
+            best = np.full(n, _INF)
+            attainable = late = np.zeros(n, dtype=bool)
+        per_class.append((cls, cols, alive & ~has_slo, best, attainable, late, _priority_column(policy, cls, cols)))
+
+    # Shedding: the budget's most hopeless sheddable late requests, (slack, -priority, arrival, id).
+    budget = admission.budget()
+    if budget > 0:
+        pool = []
+        for _, cols, _, best, _, late, prio in per_class:
+            rows = np.flatnonzero(late & (prio > config.protect_priority))
+            if rows.size:
+                pool.append((cols, best, rows, prio))
+        total = sum(rows.size for _, _, rows, _ in pool)
+        if total:
+            if total > budget:
+                cut = np.partition(np.concatenate([best[rows] for _, best, rows, _ in pool]), budget - 1)[budget - 1]
+                pool = [(cols, best, rows[best[rows] <= cut], prio) for cols, best, rows, prio in pool]
+            items = [
+                ((float(best[i]), -int(prio[i]), cols.requests[i].arrival_s, cols.requests[i].id), cols, i)
+                for cols, best, rows, prio in pool
+                for i in rows.tolist()
+            ]
+            items.sort(key=_first)
+            shed = items[:budget]
+            for key, cols, i in shed:
+                decisions.append(admission.shed_rejection(cols.requests[i], key[0], name))
+            admission.shed += len(shed)
+            shed_rows: dict[int, list[int]] = {}
+            for _, cols, i in shed:
+                shed_rows.setdefault(id(cols), []).append(i)
+            for k, (cls, cols, no_slo, best, attainable, late, prio) in enumerate(per_class):
+                rows = shed_rows.get(id(cols))
+                if rows:
+                    late = late.copy()
+                    late[rows] = False
+                    per_class[k] = (cls, cols, no_slo, best, attainable, late, prio)
+
+    with np.errstate(invalid="ignore"):
+        stages = [
+            (_LATE_FIRST, [(c[0], _rows_factory(c[6], c[5] & (c[6] <= first), c[1])) for c in per_class]),
+            (_SLACK, [(c[0], _rows_factory(c[3], c[4] & (c[3] <= horizon), c[1])) for c in per_class]),
+            (_LATE, [(c[0], _rows_factory(c[6], c[5] & (c[6] > first), c[1])) for c in per_class]),
+            (_SLACK, [(c[0], _rows_factory(c[3], c[4] & ~(c[3] <= horizon), c[1])) for c in per_class]),
+            (_NO_SLO, [(c[0], _rows_factory(c[1].arrival[: c[1].n], c[2], c[1])) for c in per_class]),
+        ]
+    dropped: set[ClassKey] = set()  # classes with no free slot left in this call
+    for how, streams in stages:
+        merge = _Merge(streams, dropped)
+        for cls, request in merge:
+            if not policy._place(ledger, request, how, now, decisions) and not ledger.has_room(request):
+                merge.drop(cls)
+    return decisions
+
+
+def _priority_column(policy: SloAwarePolicy, cls: ClassKey, cols: Columns) -> np.ndarray:
+    """``int(priority)`` per row of `cols`, kept on the policy per class and extended as rows are
+    appended (a row's request never changes; a compaction makes a new `Columns`, rebuilt here)."""
+    cache: dict[ClassKey, tuple[Columns, np.ndarray, int]] = policy.__dict__.setdefault("_priority_columns", {})
+    n = cols.n
+    cached = cache.get(cls)
+    if cached is not None and cached[0] is cols:
+        column, filled = cached[1], cached[2]
+        if filled >= n:
+            return column[:n]
+    else:
+        column, filled = np.empty(0, dtype=np.int64), 0
+    if column.size < n:
+        grown = np.empty(max(n, 2 * column.size), dtype=np.int64)
+        grown[:filled] = column[:filled]
+        column = grown
+    requests = cols.requests
+    column[filled:n] = [int(requests[i].priority) for i in range(filled, n)]
+    cache[cls] = (cols, column, n)
+    return column[:n]

@@ -40,7 +40,7 @@ from sagesched.policies.admission import AdmissionConfig, AdmissionControl
 from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, arrival_order, reject_unservable, use_index
 from sagesched.policies.fair_share import FairShare, FairShareConfig
 from sagesched.policies.registry import register
-from sagesched.policies.slack import schedule_indexed
+from sagesched.policies.slack import schedule_admission_indexed, schedule_indexed
 
 
 def has_slo(request: Request) -> bool:
@@ -132,7 +132,9 @@ class SloAwarePolicy(Policy):
         if use_index(queue):
             if self.admission is None and self.fair is None:  # the same decisions, off the indexes
                 return schedule_indexed(self, now, queue, instances)
-            queue = list(queue)  # admission / fair share rank requests themselves (no indexed path yet)
+            if self.fair is None:  # with admission: the same decisions, off the indexes too
+                return schedule_admission_indexed(self, now, queue, instances)  # type: ignore[arg-type]
+            queue = list(queue)  # fair share ranks requests itself (no indexed path yet)
         decisions: list[Decision]
         decisions, servable = reject_unservable(queue, instances, self.name)
         if not servable:

@@ -28,14 +28,24 @@ POLICIES = [
     "power_of_two",
     "slo_aware",
     "slo_aware:shed_unattainable",
+    "slo_aware:admission",
     "adaptive",
     "hybrid",
+    # hybrid's indexed path (LLM backlog read only when its fallback is called) in each claim order,
+    # with a fallback that takes its lone-request shortcut, and with the fallback placing LLM work.
+    "hybrid:embedding_priority=high",
+    "hybrid:embedding_priority=low",
+    "hybrid:llm_fallback_policy=fifo",
+    "hybrid:prefer_specialized_instances=false",
 ]
 
 
 def build(spec: str):
-    """``name`` or ``name:flag`` (a boolean config field set to True)."""
+    """``name``, ``name:flag`` (a boolean config field set to True) or ``name:field=value``."""
     name, _, flag = spec.partition(":")
+    if "=" in flag:
+        key, _, value = flag.partition("=")
+        return make_policy(name, **{key: {"false": False, "true": True}.get(value, value)})
     return make_policy(name, **({flag: True} if flag else {}))
 
 
