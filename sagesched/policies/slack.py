@@ -375,9 +375,9 @@ def schedule_admission_indexed(
 
     with np.errstate(invalid="ignore"):
         stages = [
-            (_LATE_FIRST, [(c[0], _rows_factory(c[6], c[5] & (c[6] <= first), c[1])) for c in per_class]),
+            (_LATE_FIRST, [(c[0], _priority_rows_factory(c[6], c[5] & (c[6] <= first), c[1])) for c in per_class]),
             (_SLACK, [(c[0], _rows_factory(c[3], c[4] & (c[3] <= horizon), c[1])) for c in per_class]),
-            (_LATE, [(c[0], _rows_factory(c[6], c[5] & (c[6] > first), c[1])) for c in per_class]),
+            (_LATE, [(c[0], _priority_rows_factory(c[6], c[5] & (c[6] > first), c[1])) for c in per_class]),
             (_SLACK, [(c[0], _rows_factory(c[3], c[4] & ~(c[3] <= horizon), c[1])) for c in per_class]),
             (_NO_SLO, [(c[0], _rows_factory(c[1].arrival[: c[1].n], c[2], c[1])) for c in per_class]),
         ]
@@ -410,3 +410,23 @@ def _priority_column(policy: SloAwarePolicy, cls: ClassKey, cols: Columns) -> np
     column[filled:n] = [int(requests[i].priority) for i in range(filled, n)]
     cache[cls] = (cols, column, n)
     return column[:n]
+
+
+def _priority_rows_factory(
+    priority: np.ndarray, mask: np.ndarray, cols: Columns
+) -> Callable[[], Iterator[tuple[tuple, Request]]]:
+    """The rows in `mask` in ``(priority, arrival_s, id)`` order, lazily: one priority at a time,
+    each in arrival order (`_sorted_rows` on the arrival column: a priority holds many rows, so
+    sorting on it alone would sort a whole priority's rows at once)."""
+
+    def rows() -> Iterator[tuple[tuple, Request]]:
+        found = np.flatnonzero(mask)
+        if not found.size:
+            return
+        prio = priority[found]
+        arrival = cols.arrival
+        for p in np.unique(prio).tolist():
+            for (_, arrival_s, rid), request in _sorted_rows(arrival, found[prio == p], cols):
+                yield (p, arrival_s, rid), request
+
+    return rows
