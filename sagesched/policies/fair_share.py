@@ -28,12 +28,14 @@ places with it on the least-outstanding instance, and hybrid can use it as its L
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sagesched.core import Decision, InstanceView, Request
-from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable
+from sagesched.core import Decision, GatewayQueue, InstanceView, Request
+from sagesched.core.queue import ClassKey, RankedMerge
+from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable, servable_classes, use_index
 from sagesched.policies.registry import register
 
 
@@ -77,7 +79,7 @@ class FairShare:
         then skips the rest of that tenant.
         """
         per_tenant: dict[str, list[Request]] = {}
-        for request in sorted(queue, key=key or (lambda r: (int(r.priority), r.arrival_s, r.id))):
+        for request in sorted(queue, key=key or _priority_arrival):
             per_tenant.setdefault(request.tenant, []).append(request)
         self.start_call(set(per_tenant))
         heap = [(self.counters.get(t, 0.0), t) for t in per_tenant]
@@ -92,6 +94,47 @@ class FairShare:
                 continue  # this tenant's head cannot be placed now: the others go on
             position[tenant] = i + 1
             if i + 1 < len(requests):
+                heapq.heappush(heap, (self.counters.get(tenant, 0.0), tenant))
+
+    def order_indexed(self, queue: GatewayQueue, classes: list[ClassKey]):
+        """`order` over the requests of `classes` in a `GatewayQueue`, in the default order: the
+        same yields and counter updates, without sorting the queue.
+
+        The tenant set is read off the queue's columns (one pass building a set: no sort);
+        each tenant's requests come from one shared lazy merge of the queue's (class, priority)
+        streams in (priority, arrival, id) order, buffered per tenant, so a call reads only up to
+        the last request it yields.
+        """
+        tenants = {r.tenant for cls in classes for r in _class_requests(queue, cls)}
+        self.start_call(tenants)
+        merged = iter(RankedMerge(queue, classes, key=_priority_arrival))
+        buffered: dict[str, deque[Request]] = {t: deque() for t in tenants}
+
+        def next_of(tenant: str) -> Request | None:
+            own = buffered[tenant]
+            if own:
+                return own.popleft()
+            for _, request in merged:
+                if request.tenant == tenant:
+                    return request
+                buffered[request.tenant].append(request)
+            return None
+
+        heap = [(self.counters.get(t, 0.0), t) for t in tenants]
+        heapq.heapify(heap)
+        heads = {t: next_of(t) for t in sorted(tenants)} if len(tenants) > 1 else None
+        while heap:
+            _, tenant = heapq.heappop(heap)
+            request = heads[tenant] if heads is not None else next_of(tenant)
+            if heads is None:
+                heads = {tenant: request}
+            assert request is not None
+            blocked = yield request
+            if blocked:
+                continue
+            following = next_of(tenant)
+            heads[tenant] = following
+            if following is not None:
                 heapq.heappush(heap, (self.counters.get(tenant, 0.0), tenant))
 
 
@@ -127,12 +170,19 @@ class FairSharePolicy(Policy):
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
         decisions: list[Decision]
-        decisions, servable = reject_unservable(queue, instances, self.name)
-        if not servable:
-            return decisions
-        ledger = LoadLedger(instances)
         fair = self.fair
-        order = fair.order(servable)
+        if use_index(queue):
+            # The same order off the queue's indexes (tests/sim/test_indexed_queue.py).
+            decisions, q, classes = servable_classes(queue, instances, self.name)
+            if not classes:
+                return decisions
+            order = fair.order_indexed(q, classes)
+        else:
+            decisions, servable = reject_unservable(queue, instances, self.name)
+            if not servable:
+                return decisions
+            order = fair.order(servable)
+        ledger = LoadLedger(instances)
         try:
             request = next(order)
             while True:
@@ -159,6 +209,17 @@ class FairSharePolicy(Policy):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "counters": dict(self.fair.counters)}
+
+
+def _priority_arrival(request: Request) -> tuple[int, float, str]:
+    return (int(request.priority), request.arrival_s, request.id)
+
+
+def _class_requests(queue: GatewayQueue, cls: ClassKey) -> Iterator[Request]:
+    """One class's queued requests, unordered (its columns' rows: no sort)."""
+    cols = queue.columns(cls)
+    requests = cols.requests
+    return (requests[i] for i in cols.row.values())
 
 
 def jain_index(values: Sequence[float]) -> float:

@@ -29,6 +29,7 @@ POLICIES = [
     "slo_aware",
     "slo_aware:shed_unattainable",
     "slo_aware:admission",
+    "fair_share",
     "adaptive",
     "hybrid",
     # hybrid's indexed path (LLM backlog read only when its fallback is called) in each claim order,
@@ -103,8 +104,11 @@ def cluster() -> ClusterConfig:
     )
 
 
-def records(policy: str, plain: bool, mode: str = "jump", light: bool = False) -> pd.DataFrame:
+def records(policy: str, plain: bool, mode: str = "jump", light: bool = False, tenants: int = 0) -> pd.DataFrame:
     reqs = saturating_workload()
+    if tenants:  # tenants of unequal demand (fair share's order depends on who is backlogged)
+        rng = random.Random(7)
+        reqs = [dataclasses.replace(r, tenant=f"t{min(rng.randrange(2 * tenants), tenants - 1)}") for r in reqs]
     pool = cluster()
     if light:  # arrivals 20x sparser on a pool with several idle instances at a time
         reqs = [dataclasses.replace(r, arrival_s=20 * r.arrival_s) for r in reqs]
@@ -137,6 +141,12 @@ def test_indexed_queue_gives_the_reference_results(policy):
     # llm-b has no instance: those are rejected, the rest queue up well past the pool's slots.
     assert (reference.outcome == "rejected").any() and (reference.outcome == "completed").sum() > 200
     assert (reference.dispatch_s - reference.arrival_s).max() > 1.0  # the gateway queue did build up
+    pd.testing.assert_frame_equal(fast, reference)
+
+
+def test_fair_share_indexed_order_with_several_tenants():
+    fast, reference = records("fair_share", plain=False, tenants=3), records("fair_share", plain=True, tenants=3)
+    assert (reference.dispatch_s - reference.arrival_s).max() > 1.0
     pd.testing.assert_frame_equal(fast, reference)
 
 
