@@ -7,6 +7,8 @@ import pytest
 
 from sagesched.replay.compare import CompareError, compare, load_run, paired, side_by_side
 
+from .reference_data import CALIBRATION, needs_reference_data
+
 
 def test_compare_pairs_every_request_of_a_sim_live_pair(run_pair, tmp_path):
     text = compare(run_pair.sim, run_pair.live, tmp_path / "cmp")
@@ -39,12 +41,11 @@ def test_paired_stats_are_the_distribution_of_b_minus_a(run_pair):
     assert (same["diff_p50"] == 0).all() and (same["ratio_p50"] == 1).all()
 
 
+@needs_reference_data
 def test_a_summary_only_run_gets_the_table_but_no_pairs(run_pair, tmp_path):
-    from pathlib import Path
-
     from sagesched.replay.formats import import_run
 
-    report = next((Path(__file__).resolve().parents[3] / "shared" / "calibration").glob("*/*codegen/results"))
+    report = next(CALIBRATION.glob("*codegen/results"))
     import_run("inference-perf", report, tmp_path / "ip")
     a, b = load_run(tmp_path / "ip"), load_run(run_pair.live)
     assert paired(a, b)[2]["paired_requests"] == 0

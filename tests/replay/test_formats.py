@@ -19,13 +19,11 @@ from sagesched.replay.formats import (
     write_vllm_bench,
 )
 
-CALIBRATION = Path(__file__).resolve().parents[3] / "shared" / "calibration" / "vllm-h100-llama-2-7b"
+from .reference_data import CALIBRATION, needs_reference_data
+from .reference_data import calibration_reports as _calibration_reports
 
 
-def _calibration_reports() -> list[Path]:
-    return sorted(CALIBRATION.glob("*/results/*_lifecycle_metrics.json"))
-
-
+@needs_reference_data
 def test_the_shared_calibration_reports_exist():
     """The inference-perf files these tests read ship in ../shared (the repository's reference data)."""
     assert len(_calibration_reports()) >= 8, f"no inference-perf reports under {CALIBRATION}"
@@ -47,6 +45,7 @@ def test_inference_perf_reports_import_into_our_summary_keys(path):
     assert summary["source"]["per_request"] is False
 
 
+@needs_reference_data
 def test_inference_perf_results_folder_imports_as_a_summary_only_run(tmp_path):
     folder = next(CALIBRATION.glob("*codegen/results"))
     summary = import_run("inference-perf", folder, tmp_path / "run")
