@@ -108,6 +108,16 @@ def replay_row(mode: str, rate: float, duration: float, url: str) -> dict[str, A
         "offered_rps": round(len(requests) / duration, 2),
         "output_tokens_streamed": int(result.records["output_tokens"].sum()),
         "outcomes": {str(k): int(v) for k, v in outcomes.items()},
+        # Failures are the server's answers, e.g. its 400 for prompt + output beyond the model's context.
+        "failure_reasons": {
+            str(k)[:120]: int(v)
+            for k, v in result.records.loc[result.records["outcome"] != "completed", "reason"]
+            .str.replace(r"[0-9a-f]{32}", "<id>", regex=True)
+            .str.replace(r"\d+", "N", regex=True)
+            .value_counts()
+            .head(3)
+            .items()
+        },
         "send_lateness": _stats(result.live["send_lateness_ms"].dropna().tolist()),
         "wall_s": round(wall, 2),
         "driver_cpu_s": round(cpu, 2),

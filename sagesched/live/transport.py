@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 _HIGH_WATER = 1 << 20  # buffered body bytes before the socket stops being read (back-pressure)
+_LINES_PER_TURN = 32  # body lines handed out before the reader lets other tasks run
 
 
 class TransportError(Exception):
@@ -215,8 +216,13 @@ class Response:
                 if conn.buf:
                     lines = (pending + conn.take_body()).split(b"\n")
                     pending = lines.pop()
-                    for line in lines:
+                    for i, line in enumerate(lines, 1):
                         yield (line[:-1] if line.endswith(b"\r") else line).decode("utf-8", "replace")
+                        if i % _LINES_PER_TURN == 0:
+                            # A server that sends hundreds of events at once would otherwise hold
+                            # the loop for their whole parse (~27 us each): timers due meanwhile
+                            # (an open-loop sender's next request) would fire late.
+                            await asyncio.sleep(0)
                 elif conn.complete:
                     break
                 elif conn.error is not None:
