@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +79,7 @@ _SUMMARY_TTL_S = 2.0
 """How long /admin/metrics reuses its latency summary (it is recomputed in a thread after that)."""
 
 
-class GatewayRoutes:
+class GatewayRoutes(ABC):
     """The non-hot-path routes of `sagesched.live.gateway.Gateway` (which inherits them)."""
 
     config: GatewayConfig
@@ -97,20 +98,25 @@ class GatewayRoutes:
     _summary_lock: asyncio.Lock
 
     @property
+    @abstractmethod
     def executor(self) -> LiveExecutor:
-        raise NotImplementedError
+        """Provided by `Gateway`."""
 
+    @abstractmethod
     def _authorized(self, scope: Scope, keys: set[bytes] | None) -> bool:
-        raise NotImplementedError
+        """Provided by `Gateway`."""
 
+    @abstractmethod
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        raise NotImplementedError
+        """Provided by `Gateway`."""
 
+    @abstractmethod
     def _request_id(self, given: str | None) -> str:
-        raise NotImplementedError
+        """Provided by `Gateway`."""
 
+    @abstractmethod
     def _now(self) -> float:
-        raise NotImplementedError
+        """Provided by `Gateway`."""
 
     def _collect(self) -> dict[str, Any]:
         snapshot = self.executor.snapshot() if self._executor is not None else {}

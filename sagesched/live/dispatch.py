@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -48,28 +49,34 @@ def _has_content(chunk: Mapping[str, Any]) -> bool:
     return False
 
 
-class Dispatcher:
+class Dispatcher(ABC):
     """The dispatch half of `LiveExecutor` (see the module docstring)."""
 
     config: ExecutorConfig
 
+    @abstractmethod
     def now(self) -> float:
-        raise NotImplementedError
+        """Provided by `LiveExecutor`."""
 
+    @abstractmethod
     def _complete(self, p: PendingRequest, response: LiveResponse | None) -> None:
-        raise NotImplementedError
+        """Provided by `LiveExecutor`."""
 
+    @abstractmethod
     def _fail(self, p: PendingRequest, error: LiveError) -> None:
-        raise NotImplementedError
+        """Provided by `LiveExecutor`."""
 
+    @abstractmethod
     def _requeue(self, backend: BackendState, members: list[PendingRequest], exc: LiveError) -> None:
-        raise NotImplementedError
+        """Provided by `LiveExecutor`."""
 
+    @abstractmethod
     def _mark_unhealthy(self, backend: BackendState, exc: LiveError) -> None:
-        raise NotImplementedError
+        """Provided by `LiveExecutor`."""
 
+    @abstractmethod
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
-        raise NotImplementedError
+        """Provided by `LiveExecutor`."""
 
     # -- dispatch: LLM ---------------------------------------------------------------------------------
     async def _run_llm(self, backend: BackendState, p: PendingRequest) -> None:
