@@ -136,7 +136,7 @@ def schedule_indexed(
     policy: SloAwarePolicy, now: float, queue: GatewayQueue, instances: Sequence[InstanceView]
 ) -> list[Decision]:
     """`SloAwarePolicy.schedule` on a `GatewayQueue`: the same decisions in the same order."""
-    from sagesched.policies.slo_aware import best_slack_s, predicted_completion_s, slack_s
+    from sagesched.policies.slo_aware import best_slack_s, slack_s
 
     name = policy.name
     decisions: list[Decision]
@@ -187,23 +187,10 @@ def schedule_indexed(
 
     merge = _Merge(best_effort, dropped)
     for cls, request in merge:
-        candidates = ledger.candidates(request)
-        if not candidates:
-            if not ledger.has_room(request):
-                merge.drop(cls)
-            continue
-        target = min(
-            candidates, key=lambda v: (predicted_completion_s(ledger, v.id, request), ledger.inflight(v.id), v.id)
-        )
-        decisions.append(
-            ledger.assign(
-                target,
-                [request],
-                name,
-                "no SLO: arrival order, earliest predicted completion",
-                priority_hint=int(request.priority),
-            )
-        )
+        if not policy._place_soonest(
+            ledger, request, decisions, "no SLO: arrival order, earliest predicted completion"
+        ) and not ledger.has_room(request):
+            merge.drop(cls)
 
     shed = policy.config.shed_unattainable
     for request in moved_late:
@@ -224,23 +211,10 @@ def schedule_indexed(
                     )
                 )
             continue  # shedding: one still attainable on a busy instance waits for a slot there
-        candidates = ledger.candidates(request)
-        if not candidates:
-            if not ledger.has_room(request):
-                merge.drop(cls)
-            continue
-        target = min(
-            candidates, key=lambda v: (predicted_completion_s(ledger, v.id, request), ledger.inflight(v.id), v.id)
-        )
-        decisions.append(
-            ledger.assign(
-                target,
-                [request],
-                name,
-                "SLO no longer attainable: served after requests that can still meet theirs",
-                priority_hint=int(request.priority),
-            )
-        )
+        if not policy._place_soonest(
+            ledger, request, decisions, "SLO no longer attainable: served after requests that can still meet theirs"
+        ) and not ledger.has_room(request):
+            merge.drop(cls)
     return decisions
 
 
