@@ -17,7 +17,6 @@ same states and gives the same per-request latencies.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -50,6 +49,7 @@ from sagesched.sim.engines import (
 )
 from sagesched.sim.frontend import apply_frontend
 from sagesched.sim.results import SimResult, timeline_frame
+from sagesched.sim.views import DEFAULT_VIEW, make_view
 
 log = logging.getLogger(__name__)
 
@@ -94,179 +94,6 @@ def split_tokens(total: int, n: int) -> tuple[int, ...]:
     """Spread `total` tokens over `n` inputs as evenly as integers allow."""
     base, extra = divmod(total, n)
     return tuple(base + 1 if i < extra else base for i in range(n))
-
-
-def _slot_setter(name: str):
-    return getattr(InstanceView, name).__set__
-
-
-_DEFAULT_VIEW = InstanceView(id="_", kind=InstanceKind.LLM, models=frozenset({"_"}))
-_new_instance = object.__new__
-_ALL_SETTERS = tuple(_slot_setter(f) for f in InstanceView.__slots__)
-_set_running = _slot_setter("running")
-_set_waiting = _slot_setter("waiting")
-_set_embedding_inflight = _slot_setter("embedding_inflight")
-_set_kv_usage = _slot_setter("kv_usage")
-_set_queued_prefill = _slot_setter("queued_prefill_tokens")
-_set_queued_decode = _slot_setter("queued_decode_tokens")
-_set_queued_embedding = _slot_setter("queued_embedding_tokens")
-_set_embedding_inputs = _slot_setter("embedding_inputs_inflight")
-
-# The slot order `_make_view_direct` is written for; `_make_view` falls back to the generic
-# version if `InstanceView` ever changes its fields.
-_VIEW_LAYOUT = (
-    "id",
-    "kind",
-    "models",
-    "healthy",
-    "running",
-    "waiting",
-    "embedding_inflight",
-    "kv_usage",
-    "queued_prefill_tokens",
-    "queued_decode_tokens",
-    "max_inflight",
-    "max_num_seqs",
-    "max_batch_tokens",
-    "max_client_batch_size",
-    "prefill_tokens_per_s",
-    "decode_step_s",
-    "embedding_tokens_per_s",
-    "age_s",
-    "queued_embedding_tokens",
-    "embedding_inputs_inflight",
-    "max_embedding_inputs",
-)
-
-
-def _make_view_generic(
-    static: tuple,
-    running: int,
-    waiting: int,
-    emb_inflight: int,
-    kv: float,
-    prefill: int,
-    decode: int,
-    emb_tokens: int = 0,
-    emb_inputs: int = 0,
-) -> InstanceView:
-    """`_make_view` for any `InstanceView` layout: copy the template, then set the load fields."""
-    view = _new_instance(InstanceView)
-    for setter, value in zip(_ALL_SETTERS, static, strict=True):
-        setter(view, value)
-    _set_running(view, running)
-    _set_waiting(view, waiting)
-    _set_embedding_inflight(view, emb_inflight)
-    _set_kv_usage(view, kv)
-    _set_queued_prefill(view, prefill)
-    _set_queued_decode(view, decode)
-    _set_queued_embedding(view, emb_tokens)
-    _set_embedding_inputs(view, emb_inputs)
-    return view
-
-
-class _ViewBuilder:
-    """A plain (writable) class with `InstanceView`'s slot layout, for `_make_view_direct`.
-
-    A view is filled in as a `_ViewBuilder`, with ordinary attribute stores, then becomes an
-    `InstanceView` by assigning `__class__` (Python allows it between classes with the same slots),
-    frozen from then on: about a third of the cost of calling each slot's setter.
-    """
-
-    __slots__ = _VIEW_LAYOUT
-
-
-def _make_view_direct(
-    static: tuple,
-    running: int,
-    waiting: int,
-    emb_inflight: int,
-    kv: float,
-    prefill: int,
-    decode: int,
-    emb_tokens: int = 0,
-    emb_inputs: int = 0,
-) -> InstanceView:
-    """`_make_view` for the `_VIEW_LAYOUT` slot order (see `_ViewBuilder`)."""
-    (
-        id_,
-        kind,
-        models,
-        healthy,
-        _running,
-        _waiting,
-        _emb_inflight,
-        _kv,
-        _prefill,
-        _decode,
-        max_inflight,
-        max_num_seqs,
-        max_batch_tokens,
-        max_client_batch_size,
-        prefill_tokens_per_s,
-        decode_step_s,
-        embedding_tokens_per_s,
-        age_s,
-        _emb_tokens,
-        _emb_inputs,
-        max_embedding_inputs,
-    ) = static
-    view = _ViewBuilder()
-    view.id = id_
-    view.kind = kind
-    view.models = models
-    view.healthy = healthy
-    view.running = running
-    view.waiting = waiting
-    view.embedding_inflight = emb_inflight
-    view.kv_usage = kv
-    view.queued_prefill_tokens = prefill
-    view.queued_decode_tokens = decode
-    view.max_inflight = max_inflight
-    view.max_num_seqs = max_num_seqs
-    view.max_batch_tokens = max_batch_tokens
-    view.max_client_batch_size = max_client_batch_size
-    view.prefill_tokens_per_s = prefill_tokens_per_s
-    view.decode_step_s = decode_step_s
-    view.embedding_tokens_per_s = embedding_tokens_per_s
-    view.age_s = age_s
-    view.queued_embedding_tokens = emb_tokens
-    view.embedding_inputs_inflight = emb_inputs
-    view.max_embedding_inputs = max_embedding_inputs
-    view.__class__ = InstanceView
-    return view
-
-
-def _direct_views_work() -> bool:
-    """Whether `_make_view_direct` builds exactly the view the constructor builds (same layout)."""
-    if InstanceView.__slots__ != _VIEW_LAYOUT:
-        return False
-    static = tuple(getattr(_DEFAULT_VIEW, f) for f in _VIEW_LAYOUT)
-    try:
-        view = _make_view_direct(static, 1, 2, 1, 0.5, 3, 4, 2, 5)
-    except TypeError:  # __class__ assignment refused: the layouts differ
-        return False
-    expected = dataclasses.replace(
-        _DEFAULT_VIEW,
-        running=1,
-        waiting=2,
-        embedding_inflight=1,
-        kv_usage=0.5,
-        queued_prefill_tokens=3,
-        queued_decode_tokens=4,
-        queued_embedding_tokens=2,
-        embedding_inputs_inflight=5,
-    )
-    return type(view) is InstanceView and view == expected
-
-
-# A snapshot from the instance's constant fields (`static`, in slot order) and its load. Hot path:
-# a policy call needs one view per instance in both modes (so this caps the jump mode's speed-up),
-# and the dataclass constructor (keyword arguments, frozen setattr, __post_init__) costs more than
-# the rest of a view's computation, so the slots are filled directly (the constant values were
-# validated once by the real constructor). The generic version is the fallback should
-# `InstanceView`'s fields ever change.
-_make_view = _make_view_direct if _direct_views_work() else _make_view_generic
 
 
 class _Instance:
@@ -314,12 +141,12 @@ class _Instance:
             self.max_batch_tokens = cfg.vllm.max_num_batched_tokens
         else:
             self.prefill_rate = float(emb_perf.tokens_per_s)
-            self.decode_step = _DEFAULT_VIEW.decode_step_s
+            self.decode_step = DEFAULT_VIEW.decode_step_s
             self.max_num_seqs = cfg.tei.max_concurrent_requests
             self.max_batch_tokens = cfg.tei.max_batch_tokens
         self.emb_rate = float(emb_perf.tokens_per_s) if emb_perf is not None else self.prefill_rate
         self.max_client_batch = (
-            cfg.tei.max_client_batch_size if self.tei is not None else _DEFAULT_VIEW.max_client_batch_size
+            cfg.tei.max_client_batch_size if self.tei is not None else DEFAULT_VIEW.max_client_batch_size
         )
         # The constant part of this instance's snapshots (validated once by the constructor).
         template = InstanceView(
@@ -639,7 +466,7 @@ class Simulator:
             # run's steps done so far are not applied to the core yet.
             kv = (run.used0 + run.alloc_cum(m if m < run.k - 1 else run.k - 1)) / inst.llm.kv.num_blocks
             decode -= run.n * m
-        view = _make_view(
+        view = make_view(
             inst.static_view, running, waiting, inst.emb_inflight, kv, prefill, decode, emb_tokens, emb_inputs
         )
         inst.cached_view = (version, m, view)
