@@ -1,0 +1,182 @@
+"""The hybrid policy's configuration, constants and rule names (the policy is in `hybrid.py`).
+
+Split from the policy so that the knobs and their validation read on their own: every field of
+`HybridConfig` is documented where it is declared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagesched.core import InstanceKind
+from sagesched.policies.base import PolicyConfig
+from sagesched.policies.registry import config_fields
+
+EMBEDDING_PRIORITIES = ("high", "normal", "low", "adaptive")
+LLM_FALLBACK_POLICIES = ("fifo", "priority", "slo_aware", "adaptive", "fair_share")
+
+EMBEDDING = "embedding"
+LLM = "llm"
+
+RULE_FULL = "hybrid/embedding-batch-full"
+RULE_EXPIRED = "hybrid/embedding-wait-expired"
+RULE_IDLE = "hybrid/embedding-idle"
+RULE_OVERSIZE = "hybrid/embedding-oversize"
+RULE_TOO_LARGE = "hybrid/embedding-too-large"
+
+HOLD_CUT = "cut below min_embedding_batch_size by free slots"
+HOLD_PARTIAL = "partial batch inside its window"
+
+# The instance kinds, bound once: an enum member lookup (`InstanceKind.LLM`) costs about 0.1 us in
+# CPython 3.11, and these are compared per instance on every call.
+_LLM_ONLY = InstanceKind.LLM
+_EMBEDDING_ONLY = InstanceKind.EMBEDDING
+_MIXED = InstanceKind.LLM_EMBEDDING
+
+# Slack for float rounding: a wait of exactly the window (in real numbers) counts as expired, and a
+# share of exactly k slots (0.7 * 10) is k, not k - 1.
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class HybridConfig(PolicyConfig):
+    """Configuration of the hybrid policy (the seed's five fields plus the knobs they need).
+
+    embedding_batch_size: most texts (summed ``embedding_inputs``) one merged embedding call may
+        carry. The target instance's ``max_client_batch_size`` caps it further. A single request with
+        more texts goes alone (rule ``hybrid/embedding-oversize``); it is rejected (``too_large``)
+        only if it exceeds every compatible instance's ``max_client_batch_size``.
+    embedding_batch_token_budget: most input tokens one merged call may carry (default 16384,
+        TEI's ``max_batch_tokens``). A single request above it goes alone.
+    min_embedding_batch_size: fewest texts a batch that could still grow is released with before
+        its wait expires (applies to idle release and to batches cut short by the target's free
+        slots). A full batch is always released: waiting cannot make it larger.
+    max_embedding_wait_ms: the batching window. Once the oldest queued embedding request of a model
+        has waited this long, that model's requests are released in batches of whatever size they
+        have. `next_wakeup` reports when the earliest window closes.
+    release_when_idle: release a partial batch of at least ``min_embedding_batch_size`` texts at
+        once when its target has no embedding work in flight (an embedding-only instance: nothing in
+        flight; a mixed one: no embedding in flight, whatever its LLM load). Batching only pays while
+        the embedding engine is busy: an idle one would start a lone request at once, so holding it
+        adds the window to its latency for nothing. On by default; ``max_embedding_wait_ms`` still
+        bounds the wait while the target is busy. False: batches wait for full or expired.
+    embedding_priority: how embedding batches rank against LLM requests for mixed capacity and in
+        the backend's ``priority_hint``: ``high`` (embeddings claim first, hint 0), ``normal`` (the
+        type whose oldest request arrived first claims first; hint = the batch's best request
+        priority), ``low`` (LLM claims first, hint 4) or ``adaptive`` (the type with the larger
+        queue pressure claims first; leading embeddings get hint 0, trailing ones their priority).
+    embedding_aging_ms: waiting this long promotes a queued embedding request by one priority class
+        when ranking which requests are batched and released first, so a low-priority embedding is
+        never starved by a stream of urgent ones (it is class 0 after ``priority * aging``).
+    embedding_target_wait_ms / llm_target_wait_ms: the waits that count as "on target" in the
+        adaptive pressure ``sum(wait / target)`` over a type's queued requests. A request's own SLO
+        (``ttft_ms``, else ``e2e_ms``) replaces the default target.
+    llm_fallback_policy: the policy that orders LLM requests (and, without
+        ``prefer_specialized_instances``, places them): fifo, priority, slo_aware, adaptive or fair_share.
+        Default ``slo_aware`` with admission (below): least slack first, late requests shed within
+        a 5% budget or served right after urgent work. The previous default, ``adaptive``, trailed
+        it by up to 0.4% past saturation and kept late requests last (docs/policies/hybrid.md).
+        With ``fifo``, LLM requests go in arrival order; their priority then reaches only the backend.
+    llm_fallback_config: config keys for the fallback policy (checked against its Config).
+    admission: with the ``slo_aware`` fallback, its SLO-aware admission (`sagesched.policies.admission`:
+        shed late LLM requests within ``max_shed_fraction`` = 5% of those seen, code ``queue_full``
+        = 429 + Retry-After live; serve the rest before long-slack work). An explicit
+        ``llm_fallback_config.admission`` wins. Ignored by the other fallbacks.
+    hybrid_instance_ratio: the LLM share of a mixed instance's ``max_inflight`` slots while
+        embedding work waits for it; embeddings get ``1 - ratio`` while LLM work waits. When only one
+        type waits, it may use the whole instance.
+    prefer_specialized_instances: specialized instances first, mixed instances absorbing
+        overflow by load: each LLM request (embedding batch) goes where its normalised load (see the
+        module docstring: load over the type's share of the instance, the ratio applied on mixed
+        instances while the other type is present) is lowest, ties to the LLM-only (embedding-only)
+        instance. False: the fallback's own placement for LLM work, the lowest predicted time to
+        result for embedding batches, all compatible instances alike. (Embedding batches go to the
+        lowest predicted time to result either way; the preference only breaks ties.)
+    colocated_embedding_slowdown: how much longer an embedding batch takes on a mixed GPU while its
+        LLM engine is busy (the shared-GPU interference, see `sagesched.sim.engines.shared_gpu`);
+        multiplies the predicted time to result there when ranking targets. 1.5 sits between the
+        anchored interference model's stretch at light and heavy decode load.
+    embedding_holdback_ms: priority holdback for embedding work without an SLO (bulk ingestion): it
+        is sent only to an embedding engine with at most this much predicted work queued (stretched
+        on a busy mixed GPU), and otherwise waits at the gateway, where SLO-bound queries overtake
+        it. TEI's queue is FIFO, so a query placed behind ingestion waits for all of it; with the
+        holdback it waits at most this long plus the batch in progress. 0 turns it off.
+    """
+
+    embedding_batch_size: int = 32
+    embedding_batch_token_budget: int = 16384
+    min_embedding_batch_size: int = 1
+    max_embedding_wait_ms: float = 10.0
+    release_when_idle: bool = True
+    embedding_priority: str = "normal"
+    embedding_aging_ms: float = 1000.0
+    embedding_target_wait_ms: float = 50.0
+    llm_target_wait_ms: float = 500.0
+    llm_fallback_policy: str = "slo_aware"
+    llm_fallback_config: Mapping[str, Any] = field(default_factory=dict)
+    admission: bool = True
+    hybrid_instance_ratio: float = 0.7
+    prefer_specialized_instances: bool = True
+    colocated_embedding_slowdown: float = 1.5
+    embedding_holdback_ms: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.embedding_batch_size < 1:
+            raise ValueError(f"embedding_batch_size must be >= 1 text, got {self.embedding_batch_size!r}")
+        if self.embedding_batch_token_budget < 1:
+            raise ValueError(
+                f"embedding_batch_token_budget must be >= 1 token, got {self.embedding_batch_token_budget!r}"
+            )
+        if not 1 <= self.min_embedding_batch_size <= self.embedding_batch_size:
+            raise ValueError(
+                f"min_embedding_batch_size must be between 1 and embedding_batch_size "
+                f"({self.embedding_batch_size}), got {self.min_embedding_batch_size!r}"
+            )
+        if not self.embedding_holdback_ms >= 0:
+            raise ValueError(f"embedding_holdback_ms must be >= 0 ms (0 = off), got {self.embedding_holdback_ms!r}")
+        if not self.colocated_embedding_slowdown >= 1.0:
+            raise ValueError(
+                f"colocated_embedding_slowdown must be >= 1 (1 = no interference), got {self.colocated_embedding_slowdown!r}"
+            )
+        for name in ("max_embedding_wait_ms", "embedding_aging_ms", "embedding_target_wait_ms", "llm_target_wait_ms"):
+            value = getattr(self, name)
+            positive = name != "max_embedding_wait_ms"
+            if not (value > 0 if positive else value >= 0):
+                raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} ms, got {value!r}")
+        if not 0.0 <= self.hybrid_instance_ratio <= 1.0:
+            raise ValueError(f"hybrid_instance_ratio must be within [0, 1], got {self.hybrid_instance_ratio!r}")
+        priority = str(self.embedding_priority).strip().lower()
+        if priority not in EMBEDDING_PRIORITIES:
+            raise ValueError(
+                f"unknown embedding_priority {self.embedding_priority!r}; use one of {', '.join(EMBEDDING_PRIORITIES)}"
+            )
+        object.__setattr__(self, "embedding_priority", priority)
+        fallback = str(self.llm_fallback_policy).strip().lower()
+        if fallback not in LLM_FALLBACK_POLICIES:
+            raise ValueError(
+                f"unknown llm_fallback_policy {self.llm_fallback_policy!r}; "
+                f"use one of {', '.join(LLM_FALLBACK_POLICIES)}"
+            )
+        object.__setattr__(self, "llm_fallback_policy", fallback)
+        sub_config = dict(self.llm_fallback_config or {})
+        valid = set(config_fields(fallback))
+        unknown = sorted(set(sub_config) - valid)
+        if unknown:
+            raise ValueError(
+                f"unknown llm_fallback_config key(s) {', '.join(map(repr, unknown))} for fallback {fallback!r}; "
+                f"valid keys: {', '.join(sorted(valid)) or '(none)'}"
+            )
+        object.__setattr__(self, "llm_fallback_config", sub_config)
+
+    # -- derived -----------------------------------------------------------------------------------
+    @property
+    def window_s(self) -> float:
+        return self.max_embedding_wait_ms / 1000.0
+
+    def share(self, kind: str, max_inflight: int) -> int:
+        """Slots of a mixed instance `kind` may hold while the other type waits for it."""
+        fraction = self.hybrid_instance_ratio if kind == LLM else 1.0 - self.hybrid_instance_ratio
+        return max(0, math.floor(fraction * max_inflight + _EPS))
