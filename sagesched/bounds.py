@@ -101,11 +101,11 @@ def isolated_latency_s(request: Request, instance: InstanceConfig, cached_tokens
             llm = _llm(instance.model, instance.hardware, instance.tensor_parallel, instance.calibration)
             t = _prefill_s(llm, request.work_tokens, 0, instance.vllm.max_num_batched_tokens)
         return t, t
-    perf = _llm(instance.model, instance.hardware, instance.tensor_parallel, instance.calibration)
+    llm = _llm(instance.model, instance.hardware, instance.tensor_parallel, instance.calibration)
     cached = min(cached_tokens, max(0, request.prompt_tokens - 1))
-    ttft = _prefill_s(perf, request.prompt_tokens, cached, instance.vllm.max_num_batched_tokens)
+    ttft = _prefill_s(llm, request.prompt_tokens, cached, instance.vllm.max_num_batched_tokens)
     outputs = request.output_tokens if request.output_tokens is not None else request.max_tokens
-    return ttft, ttft + _decode_s(perf, request.prompt_tokens, max(0, outputs - 1))
+    return ttft, ttft + _decode_s(llm, request.prompt_tokens, max(0, outputs - 1))
 
 
 def isolated_latencies(requests: Sequence[Request], cluster: ClusterConfig) -> np.ndarray:

@@ -251,11 +251,12 @@ def format_summary(summary: dict[str, Any]) -> str:
 def _hydra_main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
     def task(cfg) -> float | None:
         out_dir = HydraConfig.get().runtime.output_dir
-        multirun = HydraConfig.get().mode.name == "MULTIRUN"
+        multirun = HydraConfig.get().mode is RunMode.MULTIRUN
         try:
             check_overrides(HydraConfig.get().overrides.task, list(HydraConfig.get().runtime.choices))
             summary = run(cfg, out_dir, progress=None if not multirun else False)

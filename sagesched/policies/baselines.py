@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -45,15 +45,18 @@ class _PlacementBaseline(Policy):
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
         decisions: list[Decision]
         merge: RankedMerge | None = None
+        ordered: Iterator[Request]
         if use_index(queue):
             # The queue's arrival index: a class whose instances are all full is skipped whole.
-            decisions, queue, classes = servable_classes(queue, instances, self.name)
+            rejections, indexed, classes = servable_classes(queue, instances, self.name)
+            decisions = [*rejections]
             if not classes:
                 return decisions
-            merge = RankedMerge(queue, classes)
+            merge = RankedMerge(indexed, classes)
             ordered = (request for _, request in merge)
         else:
-            decisions, servable = reject_unservable(queue, instances, self.name)
+            rejections, servable = reject_unservable(queue, instances, self.name)
+            decisions = [*rejections]
             if not servable:
                 return decisions
             servable.sort(key=arrival_order)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sagesched.core import Decision, GatewayQueue, InstanceView, Request
+from sagesched.core import Decision, InstanceView, Request
 from sagesched.core.queue import RankedMerge
 from sagesched.policies.base import (
     LoadLedger,
@@ -43,8 +43,8 @@ class FifoPolicy(Policy):
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
         if use_index(queue):
             return self._schedule_indexed(now, queue, instances)
-        decisions: list[Decision]
-        decisions, servable = reject_unservable(queue, instances, self.name)
+        rejections, servable = reject_unservable(queue, instances, self.name)
+        decisions: list[Decision] = [*rejections]
         if not servable:
             return decisions
         ledger = LoadLedger(instances)
@@ -59,16 +59,18 @@ class FifoPolicy(Policy):
             decisions.append(ledger.assign(target, [request], self.name, self.reason))
         return decisions
 
-    def _schedule_indexed(self, now: float, queue: GatewayQueue, instances: Sequence[InstanceView]) -> list[Decision]:
+    def _schedule_indexed(
+        self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]
+    ) -> list[Decision]:
         """`schedule` on the queue's arrival index: the same decisions, without touching the requests
         of a class once none of its instances has a free slot (past saturation, the whole queue)."""
-        decisions: list[Decision]
-        decisions, queue, classes = servable_classes(queue, instances, self.name)
+        rejections, indexed, classes = servable_classes(queue, instances, self.name)
+        decisions: list[Decision] = [*rejections]
         if not classes:
             return decisions
         ledger = LoadLedger(instances)
         blocking = self.config.head_of_line_blocking
-        merge = RankedMerge(queue, classes)
+        merge = RankedMerge(indexed, classes)
         for cls, request in merge:
             target = ledger.least_outstanding(request)
             if target is None:

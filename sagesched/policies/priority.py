@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sagesched.core import Decision, InstanceView, Priority, Request
-from sagesched.core.queue import RankedMerge
+from sagesched.core.queue import ClassKey, RankedMerge
 from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable, servable_classes, use_index
 from sagesched.policies.registry import register
 
@@ -87,17 +87,19 @@ class PriorityPolicy(Policy):
         decisions: list[Decision]
         merge: RankedMerge | None = None
         if use_index(queue):
-            decisions, queue, classes = servable_classes(queue, instances, self.name)
+            rejections, indexed, classes = servable_classes(queue, instances, self.name)
+            decisions = [*rejections]
             if not classes:
                 return decisions
             # The order `sorted` gives below, read lazily off the queue's per-priority arrival
             # streams: along one stream an earlier arrival has waited longer, so its effective class
             # is never higher, and the streams merge on (class, arrival, id).
             interval = self.config.aging_interval_s
-            merge = RankedMerge(queue, classes, lambda r: (effective_priority(r, now, interval), r.arrival_s, r.id))
-            ranked: Iterable[tuple[object, Request]] = merge
+            merge = RankedMerge(indexed, classes, lambda r: (effective_priority(r, now, interval), r.arrival_s, r.id))
+            ranked: Iterable[tuple[ClassKey | None, Request]] = merge
         else:
-            decisions, servable = reject_unservable(queue, instances, self.name)
+            rejections, servable = reject_unservable(queue, instances, self.name)
+            decisions = [*rejections]
             if not servable:
                 return decisions
             ranked = sorted(
@@ -108,15 +110,18 @@ class PriorityPolicy(Policy):
         for cls, request in ranked:
             candidates = ledger.candidates(request)
             if not candidates:
-                if merge is not None and not ledger.has_room(request):
+                if merge is not None and cls is not None and not ledger.has_room(request):
                     merge.drop(cls)  # no slot left for its class in this call: skip the rest of it
                 continue
             klass = self.effective_priority(request, now)
+            target: InstanceView | None
             if klass <= self.config.urgent_max_priority:
                 target = min(candidates, key=lambda v: (ledger.predicted_wait_s(v.id), ledger.inflight(v.id), v.id))
                 reason = f"class {klass} (priority {int(request.priority)}), urgent: lowest predicted wait"
             else:
                 target = ledger.least_outstanding(request, candidates)
                 reason = f"class {klass} (priority {int(request.priority)}): least outstanding work"
+            if target is None:  # least_outstanding over a non-empty candidate list always picks one
+                continue
             decisions.append(ledger.assign(target, [request], self.name, reason, priority_hint=klass))
         return decisions

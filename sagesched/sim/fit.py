@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +57,24 @@ def mape(pred: np.ndarray, meas: np.ndarray) -> float:
     return float(100.0 * np.mean(np.abs(pred - meas) / meas))
 
 
+def _summed(terms: Iterable[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """`sum(terms)` as an array (in the same order, so the same rounding), also when `terms` is empty."""
+    total = np.zeros(shape)
+    for term in terms:
+        total = total + term
+    return total
+
+
 def _total_measured(table: dict[str, tuple[np.ndarray, np.ndarray]], num_layers: int) -> np.ndarray:
-    total = sum(table[op][1] * num_layers * mult for op, mult in LAYER_OPS.items())
-    return total + sum(table[op][1] * mult for op, mult in STEP_OPS.values())
+    shape = np.shape(next(iter(table.values()))[1])
+    layers = _summed((table[op][1] * num_layers * mult for op, mult in LAYER_OPS.items()), shape)
+    return layers + _summed((table[op][1] * mult for op, mult in STEP_OPS.values()), shape)
 
 
 def _total_curve(curves: dict[str, PiecewiseLinear], tokens: np.ndarray, num_layers: int) -> np.ndarray:
-    total = sum(curves[op].evaluate(tokens) * num_layers * mult for op, mult in LAYER_OPS.items())
-    return total + sum(curves[op].evaluate(tokens) * mult for op, mult in STEP_OPS.values())
+    shape = np.shape(tokens)
+    layers = _summed((curves[op].evaluate(tokens) * num_layers * mult for op, mult in LAYER_OPS.items()), shape)
+    return layers + _summed((curves[op].evaluate(tokens) * mult for op, mult in STEP_OPS.values()), shape)
 
 
 def vidur_report() -> list[dict[str, Any]]:

@@ -73,10 +73,13 @@ def renewal_arrivals(
     limit: int | None = None,
 ) -> np.ndarray:
     """Arrivals of a renewal process started at `start_s`, up to `end_s` (may be inf) or `limit` arrivals."""
-    if not math.isfinite(end_s) and limit is None:
+    if math.isfinite(end_s):
+        expected = (end_s - start_s) * rate
+    elif limit is not None:
+        expected = float(limit)
+    else:
         raise ValueError("an unbounded arrival process needs an end time or a request limit")
     sample = interarrival_sampler(rate, cv, family)
-    expected = (end_s - start_s) * rate if math.isfinite(end_s) else float(limit)
     if limit is not None:
         expected = min(expected, float(limit))
     chunk = max(64, int(expected * 1.1 + 6 * math.sqrt(expected + 1) * max(cv, 1.0)))

@@ -78,9 +78,23 @@ class _Source:
             self.rows = load_trace(config.trace, config.trace_path)
 
     @property
+    def trace(self) -> RequestTrace:
+        """The per-request trace (every format but ServeGen's)."""
+        if self.rows is None:
+            raise TypeError(f"trace {self.config.trace!r} is a ServeGen client, not a per-request trace")
+        return self.rows
+
+    @property
+    def client(self) -> ServeGenTrace:
+        """The ServeGen client (rates, CVs and length distributions per window)."""
+        if self.servegen is None:
+            raise TypeError(f"trace {self.config.trace!r} is a per-request trace, not a ServeGen client")
+        return self.servegen
+
+    @property
     def end_s(self) -> float:
         """End of the source's clock."""
-        return self.servegen.duration_s if self.servegen is not None else self.rows.duration_s
+        return self.servegen.duration_s if self.servegen is not None else self.trace.duration_s
 
     def sample_prompts(self, rng: np.random.Generator, trace_times: np.ndarray) -> np.ndarray:
         """Prompt lengths drawn from the source (used for embedding inputs beyond a row's own)."""
@@ -88,7 +102,8 @@ class _Source:
             return np.full(len(trace_times), self.config.lengths.prompt_tokens, dtype=np.int64)
         if self.servegen is not None:
             return self.servegen.sample_lengths(rng, trace_times)[0]
-        return self.rows.prompt_tokens[rng.integers(0, len(self.rows), len(trace_times))]
+        rows = self.trace
+        return rows.prompt_tokens[rng.integers(0, len(rows), len(trace_times))]
 
 
 def _primary(config: WorkloadConfig, source: _Source, seed: int) -> _Primary:
@@ -115,7 +130,7 @@ def _primary(config: WorkloadConfig, source: _Source, seed: int) -> _Primary:
     else:
         rng = _rng(seed, "arrivals")
         if arrival.process == "trace":  # ServeGen: regenerate arrivals from its windows
-            sg = source.servegen
+            sg = source.client
             stop = min(end, sg.duration_s)
             trace_times = sg.arrivals(rng, start, stop, limit)
             times = (trace_times - start) / scale
@@ -134,10 +149,11 @@ def _primary(config: WorkloadConfig, source: _Source, seed: int) -> _Primary:
         elif source.servegen is not None:
             prompts, outputs = source.servegen.sample_lengths(rng_len, trace_times)
         else:
-            rows = rng_len.integers(0, len(source.rows), n)
-            prompts, outputs = source.rows.prompt_tokens[rows], source.rows.output_tokens[rows]
-            if source.rows.prefix_hashes is not None:
-                hashes = [source.rows.prefix_hashes[r] for r in rows.tolist()]
+            table = source.trace
+            rows = rng_len.integers(0, len(table), n)
+            prompts, outputs = table.prompt_tokens[rows], table.output_tokens[rows]
+            if table.prefix_hashes is not None:
+                hashes = [table.prefix_hashes[r] for r in rows.tolist()]
 
     if config.lengths.source == "fixed" and arrival.process == "trace":
         prompts = np.full(len(times), config.lengths.prompt_tokens, dtype=np.int64)

@@ -128,7 +128,10 @@ def _float_cell(text: str, path: Path, line: int, column: str) -> float:
 
 
 def _parse_rates(path: Path):
-    starts, rates, cvs, patterns = [], [], [], []
+    starts: list[float] = []
+    rates: list[float] = []
+    cvs: list[float] = []
+    patterns: list[str] = []
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
         for row in reader:
