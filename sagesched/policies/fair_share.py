@@ -173,12 +173,14 @@ class FairSharePolicy(Policy):
         fair = self.fair
         if use_index(queue):
             # The same order off the queue's indexes (tests/sim/test_indexed_queue.py).
-            decisions, q, classes = servable_classes(queue, instances, self.name)
+            rejections, q, classes = servable_classes(queue, instances, self.name)
+            decisions = list(rejections)
             if not classes:
                 return decisions
             order = fair.order_indexed(q, classes)
         else:
-            decisions, servable = reject_unservable(queue, instances, self.name)
+            rejected, servable = reject_unservable(queue, instances, self.name)
+            decisions = list(rejected)
             if not servable:
                 return decisions
             order = fair.order(servable)

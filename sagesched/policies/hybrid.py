@@ -36,6 +36,11 @@ no embedding work in flight: batching only pays while the embedding engine is bu
 could still grow is never released below ``min_embedding_batch_size`` texts before the wait
 expires. `next_wakeup` returns the earliest window close among held embeddings.
 
+Modules: this one holds the claim order and the LLM half; the embedding half (batch formation,
+release rules, holdback, targets, and the slot split `_room` both halves use) is the
+`hybrid_embeddings.EmbeddingBatching` mixin; one call's working state is `hybrid_call._Call`; the
+knobs are `hybrid_config.HybridConfig`.
+
 LLM requests are ordered by the ``llm_fallback_policy`` (built with `make_policy`; default
 ``slo_aware`` with SLO-aware admission: least slack first, late requests shed within a budget or
 served right after the urgent ones) over
@@ -49,7 +54,6 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from sagesched.core import (
@@ -58,10 +62,8 @@ from sagesched.core import (
     GatewayQueue,
     InstanceView,
     Priority,
-    RejectCode,
     Rejection,
     Request,
-    RequestType,
 )
 from sagesched.core.queue import ClassKey
 from sagesched.policies.base import (
@@ -73,6 +75,7 @@ from sagesched.policies.base import (
     servable_classes,
     use_index,
 )
+from sagesched.policies.hybrid_call import _Call, _count_by_model
 from sagesched.policies.hybrid_config import (
     _EMBEDDING_ONLY,
     _EPS,
@@ -80,8 +83,6 @@ from sagesched.policies.hybrid_config import (
     _MIXED,
     EMBEDDING,
     EMBEDDING_PRIORITIES,
-    HOLD_CUT,
-    HOLD_PARTIAL,
     LLM,
     LLM_FALLBACK_POLICIES,
     RULE_EXPIRED,
@@ -91,7 +92,7 @@ from sagesched.policies.hybrid_config import (
     RULE_TOO_LARGE,
     HybridConfig,
 )
-from sagesched.policies.priority import effective_priority
+from sagesched.policies.hybrid_embeddings import EmbeddingBatching
 from sagesched.policies.registry import make_policy, register
 from sagesched.policies.slack import schedule_admission_indexed
 from sagesched.policies.slo_aware import SloAwarePolicy
@@ -99,58 +100,8 @@ from sagesched.policies.slo_aware import SloAwarePolicy
 logger = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class _Call:
-    """The working state of one `schedule` call: load so far and what is still queued."""
-
-    now: float
-    views: Sequence[InstanceView]
-    ledger: LoadLedger
-    decisions: list[Decision]
-    # Embedding requests still queued, per model, in ranking order.
-    groups: dict[str, list[Request]]
-    rank: dict[str, tuple[int, float, str]]
-    # Arrival of the oldest queued embedding request per model at the start of the call: once it has
-    # waited the window, the model's queue is flushed in batches for the whole call.
-    oldest: dict[str, float]
-    llm: list[Request]
-    # How many LLM requests are still queued; `llm` is built only when a fallback call needs it
-    # (`llm_list`): past saturation most calls find no LLM room and never read it.
-    llm_n: int
-    # Indexed calls: the queue and its servable LLM classes (`llm` not built yet: `llm_built`), and
-    # the LLM requests this call placed or rejected (no longer offered to the fallback).
-    llm_queue: GatewayQueue | None
-    llm_classes: list[ClassKey]
-    llm_built: bool
-    llm_done: set[str]
-    # Queued requests per type, per model (LLM / EMBEDDING -> model -> count).
-    waiting: dict[str, dict[str, int]]
-    embedding_hint: int | None
-    order_reason: str
-
-    def llm_list(self) -> list[Request]:
-        """The queued LLM requests in arrival order (built from the queue's index on first use)."""
-        if not self.llm_built:
-            assert self.llm_queue is not None
-            done = self.llm_done
-            self.llm = [r for r in self.llm_queue.in_arrival_order(self.llm_classes) if r.id not in done]
-            self.llm_built = True
-        return self.llm
-
-    def unqueue(self, kind: str, requests: Iterable[Request]) -> None:
-        for request in requests:
-            self.waiting[kind][request.model] -= 1
-
-    def other_waits(self, kind: str, view: InstanceView) -> bool:
-        """Whether the other type has queued work `view` could serve (it then caps `kind`)."""
-        other = self.waiting[LLM if kind == EMBEDDING else EMBEDDING]
-        if not other:
-            return False
-        return any(other.get(model, 0) > 0 for model in view.models)
-
-
 @register
-class HybridPolicy(Policy):
+class HybridPolicy(EmbeddingBatching, Policy):
     name = "hybrid"
     Config = HybridConfig
     config: HybridConfig
@@ -206,8 +157,8 @@ class HybridPolicy(Policy):
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
         if self.config.embedding_priority != "adaptive" and use_index(queue) and isinstance(queue, GatewayQueue):
             return self._schedule_indexed(now, queue, instances)
-        decisions: list[Decision]
-        decisions, servable = reject_unservable(queue, instances, self.name)
+        rejections, servable = reject_unservable(queue, instances, self.name)
+        decisions: list[Decision] = list(rejections)
         llm = [r for r in servable if not r.is_embedding]
         embeddings = self._reject_too_large(servable, instances, decisions)
         first, order_reason = self._claim_order(now, embeddings, llm)  # (queue order: pressure sums)
@@ -225,8 +176,8 @@ class HybridPolicy(Policy):
         are read per class in queue order, as the plain path meets them. Not used with
         ``embedding_priority=adaptive``, whose pressure sums over every queued LLM request.
         """
-        decisions: list[Decision]
-        decisions, q, classes = servable_classes(queue, instances, self.name)
+        rejections, q, classes = servable_classes(queue, instances, self.name)
+        decisions: list[Decision] = list(rejections)
         llm_classes = [cls for cls in classes if not cls[0]]
         embedding_classes = [cls for cls in classes if cls[0]]
         servable_embeddings: list[Request] = []
@@ -242,33 +193,6 @@ class HybridPolicy(Policy):
         oldest = [next(iter(q.in_arrival_order(llm_classes)))] if llm_n else []
         first, order_reason = self._claim_order(now, embeddings, oldest)
         return self._run(now, instances, decisions, embeddings, [], q, llm_classes, waiting, first, order_reason)
-
-    def _reject_too_large(
-        self, servable: Iterable[Request], instances: Sequence[InstanceView], decisions: list[Decision]
-    ) -> list[Request]:
-        """The servable embedding requests, in order, less those above every instance's input cap
-        (rejected into `decisions`)."""
-        embeddings: list[Request] = []
-        input_limit: dict[str, int] | None = None  # built on the first embedding request only
-        for request in servable:
-            if not request.is_embedding:
-                continue
-            if input_limit is None:
-                input_limit = _input_limits(instances)
-            limit = input_limit[request.model]
-            if request.embedding_inputs > limit:
-                decisions.append(
-                    Rejection(
-                        request.id,
-                        f"{request.embedding_inputs} inputs exceed the largest max_client_batch_size ({limit}) of "
-                        f"any instance serving {request.model!r}; split the request into calls of at most {limit}",
-                        RejectCode.TOO_LARGE,
-                        RULE_TOO_LARGE,
-                    )
-                )
-                continue
-            embeddings.append(request)
-        return embeddings
 
     def _run(
         self,
@@ -371,21 +295,7 @@ class HybridPolicy(Policy):
             return int(Priority.BACKGROUND)
         return None
 
-    def _rank(self, request: Request, now: float) -> tuple[int, float, str]:
-        aging_s = self.config.embedding_aging_ms / 1000.0
-        return (effective_priority(request, now, aging_s), request.arrival_s, request.id)
-
-    # -- capacity ----------------------------------------------------------------------------------
-    def _room(self, call: _Call, view: InstanceView, kind: str) -> int:
-        """Slots `kind` may still claim on `view` in this call (ratio applied on mixed instances)."""
-        if not view.healthy:
-            return 0
-        free = call.ledger.free_slots(view.id)
-        if view.kind is not _MIXED or not call.other_waits(kind, view):
-            return free
-        used = call.ledger.llm_inflight(view.id) if kind == LLM else call.ledger.embedding_inflight(view.id)
-        return max(0, min(free, self.config.share(kind, view.max_inflight) - used))
-
+    # -- what the fallback sees -------------------------------------------------------------------
     def _fallback_views(self, call: _Call, views: Sequence[InstanceView]) -> list[InstanceView] | None:
         """`views` adjusted for the fallback (see `_adjusted`), or None when none has LLM room left."""
         adjusted = []
@@ -451,7 +361,7 @@ class HybridPolicy(Policy):
         ledger = call.ledger
         added, prefill, decode = ledger.added_requests, ledger.added_prefill, ledger.added_decode
         best: InstanceView | None = None
-        best_key: tuple | None = None
+        best_key: tuple[float, bool, int, str] | None = None
         for view in views:
             vid = view.id
             if not view.healthy or not (view.can_serve(head) if n == 1 else all(view.can_serve(r) for r in requests)):
@@ -470,7 +380,9 @@ class HybridPolicy(Policy):
             key = (load, view.kind is not _LLM_ONLY, view.inflight + added[vid], vid)
             if best_key is None or key < best_key:
                 best, best_key = view, key
-        return None if best is None else (best, best_key[0])
+        if best is None or best_key is None:
+            return None
+        return best, best_key[0]
 
     # -- LLM ---------------------------------------------------------------------------------------
     def _place_lone_llm(self, call: _Call, views: Sequence[InstanceView]) -> None:
@@ -577,203 +489,16 @@ class HybridPolicy(Policy):
                 call.llm = [r for r in call.llm if r.id not in done]
             call.llm_n -= len(done)
 
-    # -- embeddings --------------------------------------------------------------------------------
-    def _embedding_targets(self, call: _Call, head: Request, ignore_inputs: bool = False) -> list[InstanceView]:
-        """Instances that can take a batch starting with `head` now, best first.
 
-        Ranked by the predicted time to `head`'s result (`LoadLedger.predicted_ttft_s`: the embedding
-        engine's own queue at its own rate, this call's placements included), multiplied on a mixed
-        instance whose LLM side is busy by ``colocated_embedding_slowdown`` (the interference its
-        batch will see). With ``prefer_specialized_instances`` ties go to embedding-only instances.
-        Then fewer in flight, then id. An instance whose embedding engine would refuse the inputs
-        (TEI's ``max_concurrent_requests``, in inputs) is not a target.
-        """
-        ledger = call.ledger
-        prefer = self.config.prefer_specialized_instances
-        slowdown = self.config.colocated_embedding_slowdown
-        keyed = []
-        for view in call.views:
-            if not view.can_serve(head):
-                continue
-            if not ignore_inputs and (
-                view.max_client_batch_size < head.embedding_inputs
-                or not ledger.fits_embedding_inputs(view, head.embedding_inputs)
-            ):
-                continue
-            if self._room(call, view, EMBEDDING) <= 0:
-                continue
-            load = ledger.predicted_ttft_s(view.id, head)
-            if view.kind is _MIXED and (ledger.llm_inflight(view.id) > 0 or call.other_waits(EMBEDDING, view)):
-                load *= slowdown
-            tier = prefer and view.kind is not _EMBEDDING_ONLY
-            keyed.append(((round(load, 12), tier, ledger.inflight(view.id), view.id), view))
-        keyed.sort(key=_first)
-        return [view for _, view in keyed]
-
-    def _embedding_queue_s(self, call: _Call, view: InstanceView) -> float:
-        """Predicted seconds of embedding work ahead of a new call at `view`'s embedding engine,
-        stretched by ``colocated_embedding_slowdown`` on a mixed GPU whose LLM side is busy."""
-        wait = call.ledger.predicted_embedding_wait_s(view.id)
-        if view.kind is _MIXED and call.ledger.llm_inflight(view.id) > 0:
-            wait *= self.config.colocated_embedding_slowdown
-        return wait
-
-    def _place_embeddings(self, call: _Call) -> None:
-        """Form and release batches, model by model, best-ranked head first, until all are held or placed."""
-        if not call.groups:
-            return
-        c = self.config
-        held_models: set[str] = set()
-        aside: set[str] = set()  # heads no instance can take now (no room / too many inputs)
-        while True:
-            heads = []
-            for model, group in call.groups.items():
-                if model in held_models:
-                    continue
-                head = next((r for r in group if r.id not in aside), None)
-                if head is not None:
-                    heads.append((call.rank[head.id], model, head))
-            if not heads:
-                return
-            _, model, head = min(heads, key=lambda x: x[0])
-            group = call.groups[model]
-            targets = self._embedding_targets(call, head)
-            if targets and head.slo.empty and c.embedding_holdback_ms > 0:
-                # Priority holdback: work without an SLO joins an embedding engine's FIFO queue only
-                # while that queue is short, so it never delays an SLO-bound query by more than the
-                # holdback; otherwise it waits at the gateway, where urgent requests overtake it.
-                targets = [t for t in targets if self._embedding_queue_s(call, t) * 1000.0 <= c.embedding_holdback_ms]
-                if not targets:
-                    aside.add(head.id)  # a completion there (the driver calls again) lets it go
-                    continue
-            if not targets:
-                if self._embedding_targets(call, head, ignore_inputs=True):
-                    aside.add(head.id)  # room exists, but not for this many inputs: the rest may still go
-                else:
-                    held_models.add(model)  # no room for this model anywhere: all of it waits
-                continue
-            for target in targets:
-                batch, rule, why = self._form_batch(call, group, head, target, aside)
-                if rule or why != HOLD_CUT:
-                    break
-                # Held only because this target's free slots cut it below the minimum: try the next.
-            if not rule:
-                # A partial batch waits for company; only requests too large to join it may still go.
-                aside.update(r.id for r in batch)
-                continue
-            hint = call.embedding_hint if call.embedding_hint is not None else min(int(r.priority) for r in batch)
-            texts = sum(r.embedding_inputs for r in batch)
-            tokens = sum(r.work_tokens for r in batch)
-            call.decisions.append(
-                call.ledger.assign(
-                    target,
-                    batch,
-                    rule,
-                    f"{len(batch)} request(s), {texts} texts, {tokens} tokens of {model!r} to {target.kind.value} "
-                    f"instance: {why}; {call.order_reason}",
-                    priority_hint=hint,
-                )
-            )
-            ids = {r.id for r in batch}
-            call.groups[model] = [r for r in group if r.id not in ids]
-            if not call.groups[model]:
-                del call.groups[model]
-            call.unqueue(EMBEDDING, batch)
-
-    def _form_batch(
-        self, call: _Call, group: list[Request], head: Request, target: InstanceView, aside: set[str]
-    ) -> tuple[list[Request], str, str]:
-        """The batch to release on `target` now, with its rule and reason.
-
-        An empty rule means "hold": the returned requests form a partial batch that must wait, and
-        the reason says whether only the target's free slots held it (`HOLD_CUT`).
-        """
-        c = self.config
-        text_bound = min(c.embedding_batch_size, target.max_client_batch_size)
-        input_room = max(call.ledger.embedding_input_room(target.id), head.embedding_inputs)
-        room = self._room(call, target, EMBEDDING)
-        if head.embedding_inputs > text_bound or head.work_tokens > c.embedding_batch_token_budget:
-            return (
-                [head],
-                RULE_OVERSIZE,
-                f"one request larger than a batch ({head.embedding_inputs} texts / {head.work_tokens} tokens vs "
-                f"{text_bound} / {c.embedding_batch_token_budget}) goes alone",
-            )
-        natural: list[Request] = []
-        texts = tokens = 0
-        skipped = False
-        budget = c.embedding_batch_token_budget
-        for request in group:  # first fit, in ranking order, starting at the head
-            if texts >= text_bound or tokens >= budget:
-                break  # nothing more can fit: stop scanning a long backlog
-            if request.id in aside or request.slo.empty != head.slo.empty:
-                continue  # (SLO-bound and background work never share a call: holdback applies to one)
-            if (
-                texts + request.embedding_inputs <= text_bound
-                and tokens + request.work_tokens <= budget
-                and texts + request.embedding_inputs <= input_room
-            ):
-                natural.append(request)
-                texts += request.embedding_inputs
-                tokens += request.work_tokens
-            elif request.embedding_inputs <= text_bound and request.work_tokens <= budget:
-                # A batchable request left out: demand exceeds one batch. (An oversized one, which
-                # goes alone anyway, does not make this batch full.)
-                skipped = True
-        full = skipped or texts >= text_bound or tokens >= budget
-        batch = natural[:room]
-        cut = len(batch) < len(natural)
-        batch_texts = sum(r.embedding_inputs for r in batch)
-        waited = call.now - call.oldest[head.model]
-        if waited + _EPS >= c.window_s:
-            return (
-                batch,
-                RULE_EXPIRED,
-                f"oldest request waited {waited * 1000:.1f} ms >= {c.max_embedding_wait_ms:g} ms",
-            )
-        if full and (not cut or batch_texts >= c.min_embedding_batch_size):
-            limit = f", cut to the {room} free slot(s)" if cut else ""
-            return batch, RULE_FULL, f"batch full ({text_bound} texts / {c.embedding_batch_token_budget} tokens){limit}"
-        if (
-            c.release_when_idle
-            and not cut
-            and batch_texts >= c.min_embedding_batch_size
-            and _embedding_idle(call.ledger, target)
-        ):
-            return batch, RULE_IDLE, f"target's embedding side idle and {batch_texts} >= min_embedding_batch_size texts"
-        return natural, "", HOLD_CUT if cut else HOLD_PARTIAL
-
-
-# -- small helpers -----------------------------------------------------------------------------------
-
-
-def _input_limits(instances: Sequence[InstanceView]) -> dict[str, int]:
-    """Per model: the largest ``max_client_batch_size`` of any embedding-capable instance serving it."""
-    limits: dict[str, int] = {}
-    for view in instances:
-        if view.kind.serves(RequestType.EMBEDDING):
-            for model in view.models:
-                limits[model] = max(limits.get(model, 0), view.max_client_batch_size)
-    return limits
-
-
-def _count_by_model(requests: Iterable[Request]) -> dict[str, int]:
-    """How many of `requests` ask for each model (a plain dict: cheaper than a Counter per call)."""
-    counts: dict[str, int] = {}
-    for request in requests:
-        counts[request.model] = counts.get(request.model, 0) + 1
-    return counts
-
-
-def _first(pair: tuple) -> Any:
-    return pair[0]
-
-
-def _embedding_idle(ledger: LoadLedger, view: InstanceView) -> bool:
-    """No embedding work in flight on `view` (on an embedding-only instance: nothing in flight)."""
-    if view.kind is _EMBEDDING_ONLY:
-        return ledger.inflight(view.id) == 0
-    return ledger.embedding_inflight(view.id) == 0
-
-
-__all__ = ["EMBEDDING_PRIORITIES", "LLM_FALLBACK_POLICIES", "HybridConfig", "HybridPolicy"]
+# The rule names are re-exported: records and tests name them as `sagesched.policies.hybrid.RULE_*`.
+__all__ = [
+    "EMBEDDING_PRIORITIES",
+    "LLM_FALLBACK_POLICIES",
+    "RULE_EXPIRED",
+    "RULE_FULL",
+    "RULE_IDLE",
+    "RULE_OVERSIZE",
+    "RULE_TOO_LARGE",
+    "HybridConfig",
+    "HybridPolicy",
+]
