@@ -139,7 +139,7 @@ class BackendConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BackendConfig:
         """Build from a mapping through the typed config layer: unknown keys and wrong types named."""
-        from sagesched.live.typed_config import from_mapping
+        from sagesched.typed_config import from_mapping
 
         return from_mapping(cls, data, "backend")
 

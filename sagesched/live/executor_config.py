@@ -68,7 +68,7 @@ class ExecutorConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExecutorConfig:
         """Build from a mapping through the typed config layer: unknown keys and wrong types named."""
-        from sagesched.live.typed_config import from_mapping
+        from sagesched.typed_config import from_mapping
 
         return from_mapping(cls, data, "executor")
 

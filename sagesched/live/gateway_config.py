@@ -20,18 +20,97 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import yaml
 
 from sagesched.core import InstanceKind
+from sagesched.typed_config import INTERNAL, ConfigFieldError, field_path, from_mapping, parse_with
+
+if TYPE_CHECKING:
+    from sagesched.live.backends import BackendConfig
 
 DEFAULT_POLICY = "hybrid"
 
 
 class GatewayConfigError(ValueError):
     """An invalid gateway configuration; the message names the file, the line and the fix."""
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+APIS = ("openai", "tei")
+
+
+# -- forms the annotations do not spell (each runs through the typed config layer's `parse`) ----------
+
+
+def _expand_env(value: Any) -> Any:
+    """`${NAME}` takes a secret from the environment, so keys need not be written into the file."""
+    if isinstance(value, str) and value.startswith("${") and value.endswith("}"):
+        name = value[2:-1]
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set; export it or write the key itself")
+        if not os.environ[name].strip():
+            # An empty key would match an empty or missing bearer token: authentication silently off.
+            raise ValueError(f"environment variable {name} is empty; export a non-empty key")
+        return os.environ[name]
+    return value
+
+
+def _secret(value: Any) -> Any:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError("must be a non-empty string (or leave it out)")
+    return _expand_env(value)
+
+
+def _api_keys(value: Any) -> tuple[str, ...]:
+    keys = [value] if isinstance(value, str) else value
+    if not isinstance(keys, list | tuple) or not all(isinstance(k, str) and k for k in keys):
+        raise ValueError("must be a list of non-empty strings, e.g. [sk-local-1]")
+    return tuple(_expand_env(k) for k in keys)
+
+
+def _host(value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be an interface address such as 127.0.0.1 (or 0.0.0.0 to expose it)")
+    if value != "localhost":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address; write e.g. 127.0.0.1") from None
+    return value
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _kind_name(value: Any) -> str:
+    return InstanceKind.parse(value).value
+
+
+def _model_list(value: Any) -> Any:
+    models = [value] if isinstance(value, str) else value
+    if not isinstance(models, list | tuple) or not models or not all(isinstance(m, str) and m for m in models):
+        raise ValueError("must be a non-empty list of model names, e.g. [llama-2-7b]")
+    return tuple(models)
+
+
+def _url(value: Any) -> Any:
+    if not isinstance(value, str) or urlsplit(value).scheme not in {"http", "https"} or not urlsplit(value).hostname:
+        raise ValueError(f"{value!r} is not an http(s) URL; write e.g. http://127.0.0.1:8001")
+    return value.rstrip("/")
+
+
+def _executor_knobs(value: Any) -> dict[str, Any]:
+    """The `executor:` section judged by `ExecutorConfig` itself: unknown keys, types and values."""
+    from sagesched.live.executor_config import ExecutorConfig
+
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a mapping of ExecutorConfig fields")
+    from_mapping(ExecutorConfig, value, "executor")
+    return dict(value)
 
 
 @dataclass(frozen=True)
@@ -42,34 +121,82 @@ class BackendEntry:
     kind: `llm`, `embedding` or `llm_embedding`: which request types it may receive.
     models: the model names it serves; requests for other models never go to it.
     id: a stable name for metrics and records (default: derived by the executor from the URL).
-    api_key: bearer key the gateway sends to this backend, if it needs one.
+    api_key: bearer key the gateway sends to this backend, if it needs one (`${VAR}`: from the environment).
     max_inflight: requests the gateway lets be outstanding at it; None keeps the executor default.
     api: `openai` (OpenAI routes) or `tei` (TEI's native `/embed` for embeddings).
-    extra: further `BackendConfig` fields, passed through unchanged.
+    extra: further `BackendConfig` fields (written beside the others in the file), passed through.
     """
 
-    url: str
-    kind: str
-    models: tuple[str, ...]
-    id: str | None = None
-    api_key: str | None = None
+    url: str = field(metadata=parse_with(_url))
+    kind: str = field(metadata=parse_with(_kind_name))
+    models: tuple[str, ...] = field(metadata=parse_with(_model_list))
+    id: str | None = field(default=None, metadata=parse_with(_secret))
+    api_key: str | None = field(default=None, metadata=parse_with(_secret))
     max_inflight: int | None = None
-    api: str = "openai"
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    api: str = field(default="openai", metadata=parse_with(_lower))
+    extra: Mapping[str, Any] = field(default_factory=dict, metadata={INTERNAL: True})
 
-    def to_backend_config(self) -> Any:
+    def __post_init__(self) -> None:
+        if self.api not in APIS:
+            raise ConfigFieldError(("api",), f"unknown api {self.api!r}; use openai or tei")
+        if self.max_inflight is not None and self.max_inflight < 1:
+            raise ConfigFieldError(("max_inflight",), f"{self.max_inflight} is out of range; use a number >= 1")
+
+    @classmethod
+    def read(cls, item: Any) -> BackendEntry:
+        """An entry of `backends:`; keys beyond the entry's own are `BackendConfig` fields, checked by it."""
+        if not isinstance(item, Mapping):
+            raise ValueError(
+                f"each backend is a mapping like {{url: http://127.0.0.1:8001, kind: llm, models: [m]}}, not {_kind(item)}"
+            )
+        own = {k: v for k, v in item.items() if k in _BACKEND_KEYS}
+        extra = {k: v for k, v in item.items() if k not in _BACKEND_KEYS}
+        from sagesched.live.backends import BackendConfig
+
+        entry = from_mapping(cls, own, "backend", fixed={"extra": extra})
+        from_mapping(BackendConfig, entry.backend_fields(), "backend")  # its types and values, at the field
+        return entry
+
+    def backend_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"url": self.url, "kind": self.kind, "models": list(self.models), "api": self.api}
+        for key in ("id", "api_key", "max_inflight"):
+            if getattr(self, key) is not None:
+                fields[key] = getattr(self, key)
+        fields.update(self.extra)
+        return fields
+
+    def to_backend_config(self) -> BackendConfig:
         """Build the executor's `BackendConfig` (imported here: the config file loads without it)."""
         from sagesched.live.backends import BackendConfig
 
-        kwargs: dict[str, Any] = {"url": self.url, "kind": self.kind, "models": list(self.models), "api": self.api}
-        if self.id is not None:
-            kwargs["id"] = self.id
-        if self.api_key is not None:
-            kwargs["api_key"] = self.api_key
-        if self.max_inflight is not None:
-            kwargs["max_inflight"] = self.max_inflight
-        kwargs.update(self.extra)
-        return BackendConfig(**kwargs)
+        return BackendConfig(**self.backend_fields())
+
+
+_BACKEND_KEYS = ("url", "kind", "models", "id", "api_key", "max_inflight", "api")
+
+
+def _backend_list(value: Any) -> tuple[BackendEntry, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty list of {url, kind, models} mappings")
+    entries: list[BackendEntry] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(value):
+        try:
+            entry = BackendEntry.read(item)
+        except ConfigFieldError as exc:
+            raise ConfigFieldError(
+                (i, *exc.path), exc.message if exc.path else f"invalid backend: {exc.message}"
+            ) from None
+        except ValueError as exc:
+            raise ConfigFieldError((i,), str(exc)) from None
+        key = entry.id or entry.url
+        if key in seen:
+            raise ConfigFieldError(
+                (i,), f"duplicate backend {key!r} (also backends[{seen[key]}]); give each a distinct url or id"
+            )
+        seen[key] = i
+        entries.append(entry)
+    return tuple(entries)
 
 
 @dataclass(frozen=True)
@@ -79,7 +206,7 @@ class GatewayConfig:
     policy / policy_config: the scheduling policy by registry name and its config fields.
     backends: the pool (at least one).
     host: interface to bind; 127.0.0.1 so that nothing is exposed unless the operator says so.
-    port: TCP port (the CLI's --port overrides it).
+    port: TCP port (the CLI's --port overrides it); 0 takes any free port.
     workers: gateway processes sharing the port through SO_REUSEPORT, each with its own executor.
     api_keys: bearer keys clients must send on /v1 routes; empty means no authentication.
     admin_key: bearer key for /admin routes. Without it the admin routes are open only when
@@ -95,27 +222,39 @@ class GatewayConfig:
     executor: further `ExecutorConfig` fields, passed through unchanged.
     """
 
-    backends: tuple[BackendEntry, ...]
+    backends: tuple[BackendEntry, ...] = field(metadata=parse_with(_backend_list))
     policy: str = DEFAULT_POLICY
-    policy_config: Mapping[str, Any] = field(default_factory=dict)
-    host: str = "127.0.0.1"
+    policy_config: Mapping[str, Any] = field(default_factory=dict, metadata={INTERNAL: True})
+    host: str = field(default="127.0.0.1", metadata=parse_with(_host))
     port: int = 8000
     workers: int = 1
-    api_keys: tuple[str, ...] = ()
-    admin_key: str | None = None
+    api_keys: tuple[str, ...] = field(default=(), metadata=parse_with(_api_keys))
+    admin_key: str | None = field(default=None, metadata=parse_with(_secret))
     max_queue: int = 1024
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch_inputs: int = 2048
     request_timeout_s: float = 600.0
     drain_timeout_s: float = 30.0
     health_interval_s: float = 5.0
-    log_level: str = "info"
-    executor: Mapping[str, Any] = field(default_factory=dict)
-    source: str = "<config>"
+    log_level: str = field(default="info", metadata=parse_with(_lower))
+    executor: Mapping[str, Any] = field(default_factory=dict, metadata=parse_with(_executor_knobs))
+    source: str = field(default="<config>", metadata={INTERNAL: True})
 
     def __post_init__(self) -> None:
         if not self.backends:
             raise GatewayConfigError(f"{self.source}: no backends; add at least one under `backends:`")
+        ranges = {"port": (0, 65535), "workers": (1, 256), "max_queue": (1, None), "max_body_bytes": (1024, None)}
+        ranges["max_batch_inputs"] = (1, None)
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high):
+                bound = f"between {low} and {high}" if high is not None else f">= {low}"
+                raise ConfigFieldError((name,), f"{value} is out of range; use a number {bound}")
+        for name in ("request_timeout_s", "drain_timeout_s", "health_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigFieldError((name,), f"must be a positive number of seconds, not {getattr(self, name)!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigFieldError(("log_level",), f"{self.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
 
     @property
     def url(self) -> str:
@@ -131,7 +270,7 @@ class GatewayConfig:
 
         return make_policy(self.policy, **dict(self.policy_config))
 
-    def backend_configs(self) -> list[Any]:
+    def backend_configs(self) -> list[BackendConfig]:
         return [entry.to_backend_config() for entry in self.backends]
 
     @classmethod
@@ -188,10 +327,6 @@ def _collect_lines(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, 
             _collect_lines(item, (*path, index), out)
 
 
-_TOP_KEYS = {f.name for f in dataclasses.fields(GatewayConfig)} - {"backends", "policy_config", "source"} | {"backends"}
-_BACKEND_KEYS = ("url", "kind", "models", "id", "api_key", "max_inflight", "api")
-
-
 class _Parser:
     """Turns the constructed YAML into a GatewayConfig, reporting errors at the right line."""
 
@@ -204,54 +339,25 @@ class _Parser:
         while where and where not in self.lines:
             where = where[:-1]
         line = self.lines.get(where)
-        name = _path_name(path)
+        name = field_path(path)
         prefix = f"{self.source} line {line}" if line is not None else self.source
         return GatewayConfigError(f"{prefix}: {name + ': ' if name else ''}{message}")
 
     def parse(self, data: Any) -> GatewayConfig:
         if not isinstance(data, Mapping):
             raise self.fail((), f"the top level must be a mapping with `policy:` and `backends:`, not {_kind(data)}")
-        unknown = sorted(str(k) for k in data if k not in _TOP_KEYS)
-        if unknown:
-            raise self.fail((unknown[0],), f"unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(_TOP_KEYS))}")
-        values: dict[str, Any] = {"source": self.source}
-        values["policy"], values["policy_config"] = self.policy(data.get("policy", DEFAULT_POLICY))
-        values["backends"] = self.backends(data.get("backends"))
-        if "host" in data:
-            values["host"] = self.host(data["host"])
-        ints = {"port": (1, 65535), "workers": (1, 256), "max_queue": (1, None), "max_body_bytes": (1024, None)}
-        ints["max_batch_inputs"] = (1, None)
-        for key, (low, high) in ints.items():
-            if key in data:
-                values[key] = self.integer((key,), data[key], low, high)
-        for key in ("request_timeout_s", "drain_timeout_s", "health_interval_s"):
-            if key in data:
-                values[key] = self.positive((key,), data[key])
-        if "api_keys" in data:
-            keys = data["api_keys"]
-            if isinstance(keys, str):
-                keys = [keys]
-            if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
-                raise self.fail(("api_keys",), "must be a list of non-empty strings, e.g. [sk-local-1]")
-            values["api_keys"] = tuple(_expand_env(k, self, ("api_keys",)) for k in keys)
-        if "admin_key" in data and data["admin_key"] is not None:
-            if not isinstance(data["admin_key"], str) or not data["admin_key"]:
-                raise self.fail(("admin_key",), "must be a non-empty string (or leave it out)")
-            values["admin_key"] = _expand_env(data["admin_key"], self, ("admin_key",))
-        if "log_level" in data:
-            level = str(data["log_level"]).lower()
-            if level not in {"critical", "error", "warning", "info", "debug", "trace"}:
-                raise self.fail(("log_level",), "use one of critical, error, warning, info, debug, trace")
-            values["log_level"] = level
-        if "executor" in data:
-            if not isinstance(data["executor"], Mapping):
-                raise self.fail(("executor",), "must be a mapping of ExecutorConfig fields")
-            values["executor"] = dict(data["executor"])
-            self.check_executor(values["executor"])
-        return GatewayConfig(**values)
+        if "backends" not in data or data["backends"] is None:
+            raise self.fail(("backends",), "missing; add `backends:` with at least one {url, kind, models} entry")
+        name, config = self.policy(data.get("policy", DEFAULT_POLICY))
+        fields = {**data, "policy": name}
+        fixed = {"source": self.source, "policy_config": config}
+        try:
+            return from_mapping(GatewayConfig, fields, fixed=fixed)
+        except ConfigFieldError as exc:
+            raise self.fail(exc.path, exc.message) from None
 
-    # -- sections ----------------------------------------------------------------------------------
     def policy(self, value: Any) -> tuple[str, dict[str, Any]]:
+        """The policy by name, or a mapping with `name:` and its config fields, judged by the policy's Config."""
         if isinstance(value, str):
             path: tuple[str, ...]
             name, config, path = value, {}, ("policy",)
@@ -271,139 +377,6 @@ class _Parser:
             bad = next((k for k in config if f"'{k}'" in str(exc)), None)
             raise self.fail(("policy", bad) if bad else path, str(exc)) from None
         return name, config
-
-    def backends(self, value: Any) -> tuple[BackendEntry, ...]:
-        if value is None:
-            raise self.fail(("backends",), "missing; add `backends:` with at least one {url, kind, models} entry")
-        if not isinstance(value, list) or not value:
-            raise self.fail(("backends",), "must be a non-empty list of {url, kind, models} mappings")
-        entries = [self.backend(i, item) for i, item in enumerate(value)]
-        seen: dict[str, int] = {}
-        for i, entry in enumerate(entries):
-            key = entry.id or entry.url
-            if key in seen:
-                raise self.fail(
-                    ("backends", i),
-                    f"duplicate backend {key!r} (also backends[{seen[key]}]); give each a distinct url or id",
-                )
-            seen[key] = i
-        return tuple(entries)
-
-    def backend(self, index: int, item: Any) -> BackendEntry:
-        path: tuple[Any, ...] = ("backends", index)
-        if not isinstance(item, Mapping):
-            raise self.fail(
-                path,
-                f"each backend is a mapping like {{url: http://127.0.0.1:8001, kind: llm, models: [m]}}, not {_kind(item)}",
-            )
-        for key in ("url", "kind", "models"):
-            if key not in item:
-                raise self.fail(path, f"missing `{key}`")
-        url = item["url"]
-        if not isinstance(url, str) or urlsplit(url).scheme not in {"http", "https"} or not urlsplit(url).hostname:
-            raise self.fail((*path, "url"), f"{url!r} is not an http(s) URL; write e.g. http://127.0.0.1:8001")
-        try:
-            kind = InstanceKind.parse(item["kind"]).value
-        except ValueError as exc:
-            raise self.fail((*path, "kind"), str(exc)) from None
-        models = item["models"]
-        if isinstance(models, str):
-            models = [models]
-        if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
-            raise self.fail((*path, "models"), "must be a non-empty list of model names, e.g. [llama-2-7b]")
-        api = str(item.get("api", "openai")).lower()
-        if api not in {"openai", "tei"}:
-            raise self.fail((*path, "api"), f"unknown api {item['api']!r}; use openai or tei")
-        max_inflight = item.get("max_inflight")
-        if max_inflight is not None:
-            max_inflight = self.integer((*path, "max_inflight"), max_inflight, 1, None)
-        for key in ("id", "api_key"):
-            if key in item and item[key] is not None and (not isinstance(item[key], str) or not item[key]):
-                raise self.fail((*path, key), "must be a non-empty string")
-        extra = {k: v for k, v in item.items() if k not in _BACKEND_KEYS}
-        entry = BackendEntry(
-            url=url.rstrip("/"),
-            kind=kind,
-            models=tuple(models),
-            id=item.get("id"),
-            api_key=_expand_env(item["api_key"], self, (*path, "api_key")) if item.get("api_key") else None,
-            max_inflight=max_inflight,
-            api=api,
-            extra=extra,
-        )
-        self.check_backend(path, entry)
-        return entry
-
-    def check_backend(self, path: tuple[Any, ...], entry: BackendEntry) -> None:
-        """Let the executor's own BackendConfig judge the entry (types and values), at the field's line."""
-        from sagesched.live.backends import BackendConfig
-        from sagesched.live.typed_config import ConfigFieldError, from_mapping
-
-        fields: dict[str, Any] = {"url": entry.url, "kind": entry.kind, "models": list(entry.models), "api": entry.api}
-        for key in ("id", "api_key", "max_inflight"):
-            if getattr(entry, key) is not None:
-                fields[key] = getattr(entry, key)
-        fields.update(entry.extra)
-        try:
-            from_mapping(BackendConfig, fields, "backend")
-        except ConfigFieldError as exc:
-            raise self.fail(
-                (*path, *exc.path), exc.message if exc.path else f"invalid backend: {exc.message}"
-            ) from None
-
-    def check_executor(self, values: dict[str, Any]) -> None:
-        """The `executor:` section through the typed config layer: unknown keys, types and values, by line."""
-        from sagesched.live.executor_config import ExecutorConfig
-        from sagesched.live.typed_config import ConfigFieldError, from_mapping
-
-        try:
-            from_mapping(ExecutorConfig, values, "executor")
-        except ConfigFieldError as exc:
-            raise self.fail(("executor", *exc.path), exc.message) from None
-
-    # -- scalars -----------------------------------------------------------------------------------
-    def host(self, value: Any) -> str:
-        if not isinstance(value, str) or not value:
-            raise self.fail(("host",), "must be an interface address such as 127.0.0.1 (or 0.0.0.0 to expose it)")
-        if value != "localhost":
-            try:
-                ipaddress.ip_address(value)
-            except ValueError:
-                raise self.fail(("host",), f"{value!r} is not an IP address; write e.g. 127.0.0.1") from None
-        return value
-
-    def integer(self, path: tuple[Any, ...], value: Any, low: int, high: int | None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(path, f"must be a whole number, not {_kind(value)} {value!r}")
-        if value < low or (high is not None and value > high):
-            bound = f"between {low} and {high}" if high is not None else f">= {low}"
-            raise self.fail(path, f"{value} is out of range; use a number {bound}")
-        return value
-
-    def positive(self, path: tuple[Any, ...], value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise self.fail(path, f"must be a positive number of seconds, not {value!r}")
-        return float(value)
-
-
-def _expand_env(value: str, parser: _Parser, path: tuple[Any, ...]) -> str:
-    """`${NAME}` takes a secret from the environment, so keys need not be written into the file."""
-    if value.startswith("${") and value.endswith("}"):
-        name = value[2:-1]
-        if name not in os.environ:
-            raise parser.fail(path, f"environment variable {name} is not set; export it or write the key itself")
-        if not os.environ[name].strip():
-            # An empty key would match an empty or missing bearer token: authentication silently off.
-            raise parser.fail(path, f"environment variable {name} is empty; export a non-empty key")
-        return os.environ[name]
-    return value
-
-
-def _path_name(path: tuple[Any, ...]) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def _kind(value: Any) -> str:

@@ -8,21 +8,22 @@ one external URL with no policy of ours in between. Every field is documented in
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
+
+from sagesched.typed_config import ConfigFieldError, Path, from_mapping, parse_with, plain
 
 DRIVERS = ("sim", "live")
 MODES = ("policy", "endpoint")
 
 
-def _check(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
-    valid = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) {', '.join(map(repr, unknown))} in {where}; valid keys: {', '.join(sorted(valid))}"
-        )
-    return dict(data)
+def _executor_knobs(value: Any) -> dict[str, Any]:
+    """`driver.executor`: ExecutorConfig fields, checked now (names and types) so a typo fails before the run."""
+    from sagesched.live.executor_config import ExecutorConfig
+
+    knobs = dict(plain(value) or {})
+    from_mapping(ExecutorConfig, knobs, "executor")
+    return knobs
 
 
 @dataclass(frozen=True)
@@ -82,27 +83,26 @@ class DriverConfig:
     drain_timeout_s: float = 300.0
     timeline_interval_s: float = 1.0
     progress: bool = True
-    executor: dict[str, Any] = field(default_factory=dict)
+    executor: dict[str, Any] = field(default_factory=dict, metadata=parse_with(_executor_knobs))
 
     def __post_init__(self) -> None:
         if self.name not in DRIVERS:
-            raise ValueError(f"driver {self.name!r}: use driver=sim or driver=live (or driver=endpoint)")
+            raise ConfigFieldError(("name",), f"{self.name!r}: use driver=sim or driver=live (or driver=endpoint)")
         if self.mode not in MODES:
-            raise ValueError(f"driver.mode {self.mode!r}: use 'policy' or 'endpoint'")
+            raise ConfigFieldError(("mode",), f"{self.mode!r}: use 'policy' or 'endpoint'")
         if self.name == "live" and self.mode == "endpoint" and not self.endpoint.url:
-            raise ValueError("driver.mode=endpoint needs driver.endpoint.url=http://HOST:PORT (the server to measure)")
+            raise ConfigFieldError(
+                ("endpoint", "url"),
+                "driver.mode=endpoint needs driver.endpoint.url=http://HOST:PORT (the server to measure)",
+            )
         for name in ("request_timeout_s", "drain_timeout_s"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"driver.{name} must be > 0, got {getattr(self, name)}")
-        if self.start_delay_s < 0 or self.timeline_interval_s < 0:
-            raise ValueError("driver.start_delay_s and driver.timeline_interval_s must be >= 0")
+                raise ConfigFieldError((name,), f"must be > 0, got {getattr(self, name)}")
+        for name in ("start_delay_s", "timeline_interval_s"):
+            if getattr(self, name) < 0:
+                raise ConfigFieldError((name,), f"must be >= 0, got {getattr(self, name)}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> DriverConfig:
-        d = _check(cls, dict(data or {}), "the driver config")
-        if isinstance(d.get("endpoint"), Mapping):
-            d["endpoint"] = EndpointConfig(**_check(EndpointConfig, d["endpoint"], "driver.endpoint"))
-        if isinstance(d.get("prompts"), Mapping):
-            d["prompts"] = PromptConfig(**_check(PromptConfig, d["prompts"], "driver.prompts"))
-        d["executor"] = dict(d.get("executor") or {})
-        return cls(**d)
+    def from_dict(cls, data: Mapping[str, Any] | None, root: Path = ("driver",)) -> DriverConfig:
+        """Build from the `driver` config group; errors name the override to fix (``driver.stream``)."""
+        return from_mapping(cls, data or {}, root=root)

@@ -1,42 +1,21 @@
 """Typed configuration of simulated engines, instances, clusters and of the simulation itself.
 
 Every knob is a field with the default the real software uses (vLLM v1 on an A100, TEI's CLI
-defaults). `from_dict` builds a config from plain YAML/OmegaConf data and raises `ValueError` naming
-any unknown key together with the valid ones, so a typo in a Hydra override is an error, not a
-silently ignored setting.
+defaults). `from_dict` builds a config from plain YAML/OmegaConf data through the typed config layer
+(`sagesched.typed_config`): an unknown key, a wrong type or a bad value is a `ConfigFieldError` (a
+ValueError) that names the field by its path from the config group (``sim.mode``,
+``cluster.instances[0].vllm.max_num_seqs``), so a typo in a Hydra override is an error that says
+which override to fix, not a silently ignored setting.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from sagesched.core import InstanceKind
-
-
-def _check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) {', '.join(map(repr, unknown))} in {where}; valid keys: {', '.join(sorted(valid))}"
-        )
-
-
-def _plain(data: Any) -> dict[str, Any]:
-    """Accept dicts and OmegaConf DictConfigs alike."""
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        try:
-            from omegaconf import OmegaConf
-
-            data = OmegaConf.to_container(data, resolve=True)
-        except Exception as exc:  # pragma: no cover - only for exotic inputs
-            raise ValueError(f"expected a mapping, got {type(data).__name__}") from exc
-    return dict(data)
+from sagesched.typed_config import ConfigFieldError, Path, from_mapping, parse_with, plain
 
 
 @dataclass(frozen=True)
@@ -75,26 +54,26 @@ class VllmEngineConfig:
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError("max_model_len must be >= 1 (or None for the model's max_position_embeddings)")
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.block_size < 1:
-            raise ValueError("max_num_batched_tokens, max_num_seqs and block_size must be >= 1")
+            raise ConfigFieldError(("max_model_len",), "must be >= 1 (or None: unchecked)")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigFieldError((name,), f"must be >= 1, got {getattr(self, name)}")
         if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(f"scheduling_policy {self.scheduling_policy!r}: use 'fcfs' or 'priority'")
+            raise ConfigFieldError(("scheduling_policy",), f"{self.scheduling_policy!r}: use 'fcfs' or 'priority'")
         if self.prefix_hash_block_tokens % self.block_size:
-            raise ValueError(
-                f"prefix_hash_block_tokens={self.prefix_hash_block_tokens} must be a multiple of "
-                f"block_size={self.block_size}"
+            raise ConfigFieldError(
+                ("prefix_hash_block_tokens",),
+                f"{self.prefix_hash_block_tokens} must be a multiple of block_size={self.block_size}",
             )
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
-            raise ValueError("num_gpu_blocks must be >= 1 (or None to derive it from GPU memory)")
+            raise ConfigFieldError(("num_gpu_blocks",), "must be >= 1 (or None to derive it from GPU memory)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ConfigFieldError(("gpu_memory_utilization",), f"must be in (0, 1], got {self.gpu_memory_utilization}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> VllmEngineConfig:
-        d = _plain(data)
-        _check_keys(cls, d, "vllm engine config")
-        return cls(**d)
+    def from_dict(cls, data: Mapping[str, Any] | None, root: Path = ("vllm",)) -> VllmEngineConfig:
+        """Build from a mapping (None: all defaults); errors name the field under `root`."""
+        return from_mapping(cls, {} if data is None else data, root=root)
 
 
 @dataclass(frozen=True)
@@ -118,18 +97,17 @@ class TeiEngineConfig:
     prefetch: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_input_length is not None and self.max_input_length < 1:
-            raise ValueError("max_input_length must be >= 1 or None")
-        if self.max_batch_tokens < 1 or self.max_concurrent_requests < 1 or self.max_client_batch_size < 1:
-            raise ValueError("max_batch_tokens, max_concurrent_requests and max_client_batch_size must be >= 1")
-        if self.max_batch_requests is not None and self.max_batch_requests < 1:
-            raise ValueError("max_batch_requests must be >= 1 or None")
+        for name in ("max_input_length", "max_batch_requests"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigFieldError((name,), f"must be >= 1 or None, got {getattr(self, name)}")
+        for name in ("max_batch_tokens", "max_concurrent_requests", "max_client_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigFieldError((name,), f"must be >= 1, got {getattr(self, name)}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> TeiEngineConfig:
-        d = _plain(data)
-        _check_keys(cls, d, "tei engine config")
-        return cls(**d)
+    def from_dict(cls, data: Mapping[str, Any] | None, root: Path = ("tei",)) -> TeiEngineConfig:
+        """Build from a mapping (None: all defaults); errors name the field under `root`."""
+        return from_mapping(cls, {} if data is None else data, root=root)
 
 
 @dataclass(frozen=True)
@@ -151,17 +129,17 @@ class SharedGpuConfig:
 
     def __post_init__(self) -> None:
         if self.embedding_backend not in ("tei", "vllm"):
-            raise ValueError(f"embedding_backend {self.embedding_backend!r}: use 'tei' or 'vllm'")
-        if self.llm_weight <= 0 or self.embedding_weight <= 0:
-            raise ValueError("llm_weight and embedding_weight must be > 0")
+            raise ConfigFieldError(("embedding_backend",), f"{self.embedding_backend!r}: use 'tei' or 'vllm'")
+        for name in ("llm_weight", "embedding_weight"):
+            if not getattr(self, name) > 0:
+                raise ConfigFieldError((name,), f"must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.overlap <= 1.0:
-            raise ValueError(f"overlap must be in [0, 1], got {self.overlap}")
+            raise ConfigFieldError(("overlap",), f"must be in [0, 1], got {self.overlap}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> SharedGpuConfig:
-        d = _plain(data)
-        _check_keys(cls, d, "shared gpu config")
-        return cls(**d)
+    def from_dict(cls, data: Mapping[str, Any] | None, root: Path = ("shared",)) -> SharedGpuConfig:
+        """Build from a mapping (None: all defaults); errors name the field under `root`."""
+        return from_mapping(cls, {} if data is None else data, root=root)
 
 
 @dataclass(frozen=True)
@@ -179,7 +157,7 @@ class InstanceConfig:
     """
 
     id: str
-    kind: InstanceKind = InstanceKind.LLM
+    kind: InstanceKind = field(default=InstanceKind.LLM, metadata=parse_with(InstanceKind.parse))
     model: str | None = "llama-2-7b"
     embedding_model: str | None = None
     hardware: str = "a100"
@@ -193,14 +171,17 @@ class InstanceConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", InstanceKind.parse(self.kind))
         if not self.id:
-            raise ValueError("an instance needs a non-empty id")
+            raise ConfigFieldError(("id",), "an instance needs a non-empty id")
         if self.kind is not InstanceKind.EMBEDDING and not self.model:
-            raise ValueError(f"instance {self.id}: kind {self.kind.value} needs `model` (an LLM)")
+            raise ConfigFieldError(("model",), f"instance {self.id}: kind {self.kind.value} needs `model` (an LLM)")
         needs_encoder = self.kind is InstanceKind.EMBEDDING or self.shared.embedding_backend == "tei"
         if self.kind is not InstanceKind.LLM and not self.embedding_model and needs_encoder:
-            raise ValueError(f"instance {self.id}: kind {self.kind.value} needs `embedding_model` (e.g. 'bge-base')")
+            raise ConfigFieldError(
+                ("embedding_model",),
+                f"instance {self.id}: kind {self.kind.value} needs `embedding_model` (e.g. 'bge-base')",
+            )
         if self.max_inflight < 1:
-            raise ValueError(f"instance {self.id}: max_inflight must be >= 1")
+            raise ConfigFieldError(("max_inflight",), f"instance {self.id}: must be >= 1, got {self.max_inflight}")
 
     @property
     def models(self) -> frozenset[str]:
@@ -213,15 +194,14 @@ class InstanceConfig:
         return frozenset(names)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> InstanceConfig:
-        d = _plain(data)
-        _check_keys(cls, d, f"instance config {d.get('id', '?')!r}")
-        if not isinstance(d.get("vllm"), VllmEngineConfig):
-            d["vllm"] = {**vllm_defaults_for(d.get("hardware", "a100")), **(d.get("vllm") or {})}
-        for key, sub in (("vllm", VllmEngineConfig), ("tei", TeiEngineConfig), ("shared", SharedGpuConfig)):
-            if key in d and not isinstance(d[key], sub):
-                d[key] = sub.from_dict(d[key])
-        return cls(**d)
+    def from_dict(cls, data: Mapping[str, Any] | InstanceConfig, root: Path = ("instance",)) -> InstanceConfig:
+        """Build from a mapping; vLLM step budgets the entry leaves out come from its hardware profile."""
+        d = plain(data)
+        if isinstance(d, Mapping) and (d.get("vllm") is None or isinstance(plain(d["vllm"]), Mapping)):
+            hardware = d.get("hardware", "a100")
+            defaults = vllm_defaults_for(hardware) if isinstance(hardware, str) else {}
+            d = {**d, "vllm": {**defaults, **(plain(d.get("vllm")) or {})}}
+        return from_mapping(cls, d, root=root)
 
 
 def vllm_defaults_for(hardware: str) -> dict[str, int]:
@@ -251,43 +231,51 @@ class ClusterConfig:
     identical instances named `<id>-0 .. <id>-(N-1)`.
     """
 
-    instances: tuple[InstanceConfig, ...]
+    instances: tuple[InstanceConfig, ...] = field(default=(), metadata=parse_with(lambda value: _instances(value)))
 
     def __post_init__(self) -> None:
         if not self.instances:
-            raise ValueError("a cluster needs at least one instance")
+            raise ConfigFieldError(("instances",), "a cluster needs at least one instance")
         ids = [i.id for i in self.instances]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
-            raise ValueError(f"duplicate instance ids: {dupes}")
+            raise ConfigFieldError(("instances",), f"duplicate instance ids: {dupes}; give each entry its own id")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ClusterConfig:
-        d = _plain(data)
-        _check_keys(cls, d, "cluster config")
-        out: list[InstanceConfig] = []
-        for entry in d.get("instances") or ():
-            if isinstance(entry, InstanceConfig):
-                out.append(entry)
-                continue
-            e = _plain(entry)
-            count = e.pop("count", None)
-            if count is None:
-                out.append(InstanceConfig.from_dict(e))
-            else:
-                if int(count) < 1:
-                    raise ValueError(f"instance {e.get('id')!r}: count must be >= 1")
-                out.extend(
-                    InstanceConfig.from_dict({**e, "id": f"{e.get('id', 'instance')}-{k}"}) for k in range(int(count))
-                )
-        return cls(tuple(out))
+    def from_dict(cls, data: Mapping[str, Any], root: Path = ("cluster",)) -> ClusterConfig:
+        """Build from ``{"instances": [...]}``; errors name the entry (``cluster.instances[1].kind``)."""
+        return from_mapping(cls, data, root=root)
 
     @classmethod
     def uniform(
         cls, n: int, kind: str | InstanceKind = InstanceKind.LLM, prefix: str = "llm", **kwargs: Any
     ) -> ClusterConfig:
         """`n` identical instances `<prefix>-0..`; a convenience for tests and benchmarks."""
-        return cls(tuple(InstanceConfig(id=f"{prefix}-{k}", kind=kind, **kwargs) for k in range(n)))
+        parsed = InstanceKind.parse(kind)
+        return cls(tuple(InstanceConfig(id=f"{prefix}-{k}", kind=parsed, **kwargs) for k in range(n)))
+
+
+def _instances(value: Any) -> tuple[InstanceConfig, ...]:
+    """The `instances` list; an entry's `count: N` expands it into N instances `<id>-0 .. <id>-(N-1)`."""
+    value = plain(value)
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise ValueError(f"must be a list of instance mappings (id, kind, model, ...), got {value!r}")
+    out: list[InstanceConfig] = []
+    for i, entry in enumerate(value):
+        entry = plain(entry)
+        if isinstance(entry, InstanceConfig) or not isinstance(entry, Mapping) or "count" not in entry:
+            out.append(InstanceConfig.from_dict(entry, root=(i,)))
+            continue
+        e = dict(entry)
+        count = e.pop("count")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigFieldError((i, "count"), f"must be a whole number >= 1, got {count!r}")
+        out.extend(
+            InstanceConfig.from_dict({**e, "id": f"{e.get('id', 'instance')}-{k}"}, root=(i,)) for k in range(count)
+        )
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -310,12 +298,11 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("jump", "step"):
-            raise ValueError(f"sim mode {self.mode!r}: use 'jump' (fast) or 'step' (reference)")
+            raise ConfigFieldError(("mode",), f"{self.mode!r}: use 'jump' (fast) or 'step' (reference)")
         if self.timeline_interval_s < 0:
-            raise ValueError("timeline_interval_s must be >= 0")
+            raise ConfigFieldError(("timeline_interval_s",), f"must be >= 0, got {self.timeline_interval_s}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> SimConfig:
-        d = _plain(data)
-        _check_keys(cls, d, "sim config")
-        return cls(**d)
+    def from_dict(cls, data: Mapping[str, Any] | None, root: Path = ("sim",)) -> SimConfig:
+        """Build from a mapping (None: all defaults); errors name the field under `root`."""
+        return from_mapping(cls, {} if data is None else data, root=root)

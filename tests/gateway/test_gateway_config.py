@@ -74,7 +74,7 @@ def test_api_key_from_environment(monkeypatch):
             r"line 1: policy: unknown policy 'hybird'; available: .*hybrid",
         ),
         (MINIMAL + "prot: 8000\n", r"line 5: prot: unknown key 'prot'; valid keys: .*port"),
-        (MINIMAL + "port: 70000\n", r"line 5: port: 70000 is out of range; use a number between 1 and 65535"),
+        (MINIMAL + "port: 70000\n", r"line 5: port: 70000 is out of range; use a number between 0 and 65535"),
         (MINIMAL + "port: eighty\n", r"line 5: port: must be a whole number"),
         (
             MINIMAL.replace('"http://127.0.0.1:8090"', "127.0.0.1:8090"),
@@ -119,7 +119,7 @@ def test_from_dict_and_overrides():
 @pytest.mark.parametrize(
     ("extra", "pattern"),
     [
-        ("executor: {max_queue: lots}\n", r"line 5: executor\.max_queue: must be int"),
+        ("executor: {max_queue: lots}\n", r"line 5: executor\.max_queue: must be a whole number, got 'lots'"),
         ("executor:\n  max_records: 0\n", r"line 6: executor\.max_records: max_records must be >= 1"),
         ("executor: {bogus: 1}\n", r"line 5: executor\.bogus: unknown executor key 'bogus'; valid keys: .*max_queue"),
     ],
@@ -131,5 +131,7 @@ def test_executor_section_is_typed_with_lines(extra, pattern):
 
 def test_backend_extra_fields_are_typed_with_lines():
     text = MINIMAL.replace("models: [bge-base]", "models: [bge-base], max_client_batch_size: many")
-    with pytest.raises(GatewayConfigError, match=r"line 4: backends\[1\]\.max_client_batch_size: must be int"):
+    with pytest.raises(
+        GatewayConfigError, match=r"line 4: backends\[1\]\.max_client_batch_size: must be a whole number, got 'many'"
+    ):
         parse_gateway_config(text, source="g.yaml")

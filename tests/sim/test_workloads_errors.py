@@ -16,6 +16,7 @@ from sagesched.sim.workloads import (
     load_servegen,
     load_trace,
 )
+from sagesched.typed_config import ConfigFieldError
 
 HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
 GOOD_ROW = "2023-11-16 18:15:46.6805900,374,44\n"
@@ -132,12 +133,45 @@ def test_build_workload_surfaces_trace_errors_and_missing_files(tmp_path):
 
 
 def test_unknown_keys_are_named_with_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown key\(s\) rate_scle in workload; valid keys: trace, trace_path"):
+    # The path is the Hydra override to fix (workload.arrival.burst_on=...).
+    with pytest.raises(
+        ConfigFieldError, match=r"^workload\.rate_scle: unknown key 'rate_scle'; valid keys: .*rate_scale"
+    ):
         WorkloadConfig.from_dict({"rate_scle": 2})
-    with pytest.raises(ValueError, match=r"unknown key\(s\) burst_on in workload.arrival; valid keys: process"):
+    with pytest.raises(
+        ValueError, match=r"^workload\.arrival\.burst_on: unknown key 'burst_on'; valid keys: .*burst_on_s"
+    ):
         WorkloadConfig.from_dict({"arrival": {"burst_on": 3}})
-    with pytest.raises(ValueError, match=r"unknown key\(s\) slo in workload.classes.gold; valid keys: name, fraction"):
+    with pytest.raises(ValueError, match=r"^workload\.classes\.gold\.slo: unknown key 'slo'; valid keys: .*ttft_ms"):
         WorkloadConfig.from_dict({"classes": {"gold": {"slo": 3}}})
+    with pytest.raises(ValueError, match=r"^workload\.classes\[1\]\.slo: unknown key"):
+        WorkloadConfig.from_dict({"classes": [{"name": "a"}, {"name": "b", "slo": 3}]})
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "message"),
+    [
+        ({"rate_scale": "fast"}, ("workload", "rate_scale"), "must be a number, got 'fast'"),
+        ({"max_requests": True}, ("workload", "max_requests"), "must be a whole number or null, got True"),
+        ({"arrival": {"cv": [1]}}, ("workload", "arrival", "cv"), "must be a number, got [1]"),
+        ({"lengths": "fixed"}, ("workload", "lengths"), "must be a mapping of LengthConfig fields"),
+        (
+            {"classes": {"gold": {"types": "chat"}}},
+            ("workload", "classes", "gold", "types"),
+            "must be a list of strings",
+        ),
+        ({"tenants": {"a": "x"}}, ("workload", "tenants", "a"), "must be a number (a weight), got 'x'"),
+        (
+            {"classes": {"gold": {"priority": "urgent"}}},
+            ("workload", "classes", "gold", "priority"),
+            "unknown priority",
+        ),
+    ],
+)
+def test_wrong_types_name_the_field_path(data, path, message):
+    with pytest.raises(ConfigFieldError) as info:
+        WorkloadConfig.from_dict(data)
+    assert info.value.path == path and message in info.value.message
 
 
 @pytest.mark.parametrize(
@@ -148,7 +182,7 @@ def test_unknown_keys_are_named_with_the_valid_ones():
         ({"arrival": {"process": "poisson"}}, "set duration_s"),
         ({"mix": {"chat": 0.7, "embedding": 0.2}}, "must sum to 1, got 0.9"),
         ({"rate_scale": 0}, "rate_scale must be > 0"),
-        ({"rate_scale": "fast"}, "workload.rate_scale must be a number"),
+        ({"rate_scale": "fast"}, "workload.rate_scale: must be a number"),
         ({"classes": {"gold": {"priority": "urgent"}}}, "unknown priority 'urgent'"),
         ({"classes": {"gold": {"types": ["image"]}}}, "unknown request type 'image'"),
         ({"tenants": {"a": -1}}, "non-negative weights"),

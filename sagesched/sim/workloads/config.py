@@ -2,22 +2,23 @@
 
 Every field has a default, so `WorkloadConfig()` is a runnable workload (the Azure conv trace
 replayed as chat requests). `WorkloadConfig.from_dict` builds one from plain or Hydra/OmegaConf
-mappings and rejects unknown keys by name, listing the valid ones, so a typo in a sweep fails
-loudly instead of silently running the default. docs/workloads.md documents every field.
+mappings through the typed config layer (`sagesched.typed_config`): unknown keys are refused by
+their path (``workload.arrival.burst_on``) with the valid ones listed, wrong types and bad values
+likewise, so a typo in a sweep fails loudly, naming the override to fix, instead of silently running
+the default. docs/workloads.md documents every field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from sagesched.core.request import Priority, RequestType
 from sagesched.sim.workloads.traces import available_traces
+from sagesched.typed_config import ConfigFieldError, Path, from_mapping, parse_with, plain
 
 ARRIVAL_PROCESSES = ("trace", "poisson", "gamma", "burst", "diurnal")
 LENGTH_SOURCES = ("trace", "fixed")
@@ -182,7 +183,7 @@ class RagConfig:
     ingest_rate_rps: float = 0.0
     ingest_inputs: int = 32
     ingest_tokens_per_input: int = 256
-    ingest_priority: str = "background"
+    ingest_priority: str = field(default="background", metadata=parse_with(lambda v: _priority_name(v)))
     ingest_tenant: str = "ingest"
     ingest_class: str = "ingest"
 
@@ -195,7 +196,10 @@ class RagConfig:
         _positive("rag.ingest_rate_rps", self.ingest_rate_rps, allow_zero=True)
         _positive("rag.ingest_inputs", self.ingest_inputs)
         _positive("rag.ingest_tokens_per_input", self.ingest_tokens_per_input)
-        Priority.parse(self.ingest_priority)
+        try:
+            Priority.parse(self.ingest_priority)
+        except ValueError as exc:
+            raise ConfigFieldError(("ingest_priority",), str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,7 @@ class ClassConfig:
 
     name: str = "standard"
     fraction: float = 1.0
-    priority: str = "normal"
+    priority: str = field(default="normal", metadata=parse_with(lambda v: _priority_name(v)))
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     e2e_ms: float | None = None
@@ -220,7 +224,10 @@ class ClassConfig:
         _positive(f"classes.{self.name}.fraction", self.fraction, allow_zero=True)
         for slo in ("ttft_ms", "tpot_ms", "e2e_ms"):
             _positive(f"classes.{self.name}.{slo}", getattr(self, slo))
-        Priority.parse(self.priority)
+        try:
+            Priority.parse(self.priority)
+        except ValueError as exc:
+            raise ConfigFieldError(("priority",), str(exc)) from None
         for name in self.types:
             if name not in REQUEST_TYPE_NAMES:
                 raise ValueError(
@@ -264,8 +271,10 @@ class WorkloadConfig:
     mix: MixConfig = field(default_factory=MixConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     rag: RagConfig = field(default_factory=RagConfig)
-    classes: tuple[ClassConfig, ...] = (ClassConfig(),)
-    tenants: dict[str, float] = field(default_factory=lambda: {"default": 1.0})
+    classes: tuple[ClassConfig, ...] = field(default=(ClassConfig(),), metadata=parse_with(lambda v: _classes(v)))
+    tenants: dict[str, float] = field(
+        default_factory=lambda: {"default": 1.0}, metadata=parse_with(lambda v: _tenants(v))
+    )
 
     def __post_init__(self) -> None:
         if self.trace not in available_traces():
@@ -289,9 +298,9 @@ class WorkloadConfig:
             )
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> WorkloadConfig:
-        """Build from a (possibly nested, possibly OmegaConf) mapping; unknown keys are a ValueError."""
-        return _build(cls, _plain(data or {}), "workload")
+    def from_dict(cls, data: Mapping[str, Any] | None, root: Path = ("workload",)) -> WorkloadConfig:
+        """Build from a (possibly nested, possibly OmegaConf) mapping; errors name the field's path."""
+        return from_mapping(cls, data or {}, root=root)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for summaries and Hydra); `from_dict(to_dict())` round-trips."""
@@ -300,97 +309,39 @@ class WorkloadConfig:
         return out
 
 
-# -- from_dict machinery -----------------------------------------------------------------------
+# -- forms the annotations do not spell ------------------------------------------------------------
 
 
-def _plain(data: Any) -> Any:
-    """OmegaConf containers to plain Python (without importing omegaconf when it is not used)."""
-    module = type(data).__module__
-    if module.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(data, resolve=True)
-    return data
+def _priority_name(value: Any) -> Any:
+    """A priority may be written as its number (`priority: 1`); names are checked by `Priority.parse`."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{path} must be a mapping of {cls.__name__} fields, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(str(k) for k in data if k not in valid)
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {path}; valid keys: {', '.join(valid)}")
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _convert(hints[key], value, f"{path}.{key}")
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a field of the wrong shape that slipped past conversion
-        raise ValueError(f"{path}: {exc}") from None
-
-
-def _convert(hint: Any, value: Any, path: str) -> Any:
-    if hint is ClassConfig or (typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is ClassConfig):
-        return _classes(value, path)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path)
-    if path.endswith(".tenants"):
-        return _tenants(value, path)
-    origin = typing.get_origin(hint)
-    if origin in (types.UnionType, typing.Union):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(args[0], value, path)
-    if origin is tuple:
-        if isinstance(value, str) or not isinstance(value, list | tuple):
-            raise ValueError(f"{path} must be a list, got {value!r}")
-        return tuple(_convert(typing.get_args(hint)[0], v, path) for v in value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{path} must be a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{path} must be an integer, got {value!r}")
-        return value
-    if hint is str:
-        if isinstance(value, int) and not isinstance(value, bool) and path.endswith("priority"):
-            return str(value)
-        if not isinstance(value, str):
-            raise ValueError(f"{path} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def _classes(value: Any, path: str) -> tuple[ClassConfig, ...]:
+def _classes(value: Any) -> tuple[ClassConfig, ...]:
     """Classes as a list of mappings with `name`, or a mapping name -> fields (Hydra-friendly)."""
+    value = plain(value)
     if isinstance(value, Mapping):
         items = []
         for name, fields_ in value.items():
-            fields_ = dict(fields_ or {})
+            fields_ = dict(plain(fields_) or {})
             if "name" in fields_ and fields_["name"] != name:
-                raise ValueError(f"{path}.{name}: name {fields_['name']!r} differs from its key")
+                raise ConfigFieldError((str(name), "name"), f"{fields_['name']!r} differs from its key {name!r}")
             fields_["name"] = str(name)
-            items.append(_build(ClassConfig, fields_, f"{path}.{name}"))
+            items.append(from_mapping(ClassConfig, fields_, root=(str(name),)))
         return tuple(items)
     if isinstance(value, list | tuple):
-        return tuple(_build(ClassConfig, v, f"{path}[{i}]") for i, v in enumerate(value))
-    raise ValueError(f"{path} must be a list of classes or a mapping name -> class, got {value!r}")
+        return tuple(from_mapping(ClassConfig, v, root=(i,)) for i, v in enumerate(value))
+    raise ValueError(f"must be a list of classes or a mapping name -> class, got {value!r}")
 
 
-def _tenants(value: Any, path: str) -> dict[str, float]:
+def _tenants(value: Any) -> dict[str, float]:
     """Tenants as a mapping name -> weight, a list of names (equal weights) or a count n (tenant-0..n-1)."""
+    value = plain(value)
     if isinstance(value, bool):
-        raise ValueError(f"{path} must be a mapping, a list of names or a count, got {value!r}")
+        raise ValueError(f"must be a mapping, a list of names or a count, got {value!r}")
     if isinstance(value, int):
         if value < 1:
-            raise ValueError(f"{path} count must be >= 1, got {value}")
+            raise ValueError(f"count must be >= 1, got {value}")
         return {f"tenant-{i}": 1.0 for i in range(value)}
     if isinstance(value, list | tuple):
         return {str(name): 1.0 for name in value}
@@ -398,7 +349,7 @@ def _tenants(value: Any, path: str) -> dict[str, float]:
         out = {}
         for name, weight in value.items():
             if isinstance(weight, bool) or not isinstance(weight, int | float):
-                raise ValueError(f"{path}.{name} must be a number (a weight), got {weight!r}")
+                raise ConfigFieldError((str(name),), f"must be a number (a weight), got {weight!r}")
             out[str(name)] = float(weight)
         return out
-    raise ValueError(f"{path} must be a mapping, a list of names or a count, got {value!r}")
+    raise ValueError(f"must be a mapping, a list of names or a count, got {value!r}")
