@@ -26,7 +26,7 @@ from __future__ import annotations
 import heapq
 from bisect import insort
 from collections.abc import Iterable, Iterator, Sequence
-from typing import overload
+from typing import Any, overload
 
 from sagesched.core.request import Request, RequestType
 
@@ -69,11 +69,14 @@ class Columns:
     """
 
     FIELDS = ("arrival", "ttft_deadline", "deadline", "tpot_s", "prompt", "max_tokens", "work")
-    __slots__ = ("alive", "n", "requests", "row", "has_ttft", "has_slo", *FIELDS)
+    __slots__ = ("alive", "has_slo", "has_ttft", "cache", "n", "requests", "row", *FIELDS)
 
     def __init__(self, requests: Iterable[Request] = ()) -> None:
         import numpy as np
 
+        # Policies' per-row results for these rows (`policies.slack.class_best_slacks`): a row never
+        # changes once appended (a compaction makes new columns), so a result keyed by n stays valid.
+        self.cache: dict[str, Any] = {}
         self.n = 0
         self.requests: list[Request] = []
         self.row: dict[str, int] = {}

@@ -36,55 +36,255 @@ def class_best_slacks(
     cols: Columns, views: Sequence[InstanceView], ledger: LoadLedger, now: float, embedding: bool
 ) -> np.ndarray:
     """`slo_aware.best_slack_s` for every row of one class's columns, over `views` (the healthy
-    instances that serve the class, non-empty). Rows without an SLO get +inf."""
+    instances that serve the class, non-empty). Rows without an SLO get +inf. Read-only.
+
+    Only non-dominated instances are computed (`_dominant_terms`): among instances with the same
+    rates, one whose predicted wait(s) are no larger than another's has, row by row, a slack at
+    least as large (float rounding is monotone), so the other cannot raise the maximum; on a
+    homogeneous pool that is one instance instead of all of them. The result is kept on the columns
+    for the same rows, `now` and instance figures.
+    """
+    terms = _dominant_terms(views, ledger, embedding)
     n = cols.n
-    prompt, max_tokens, work = cols.prompt[:n], cols.max_tokens[:n], cols.work[:n]
-    ttft_due = cols.ttft_deadline[:n] - now
-    e2e_due = cols.deadline[:n] - now
-    has_ttft = cols.has_ttft[:n]
-    has_deadline = ~np.isnan(cols.deadline[:n])
+    key = (now, embedding, terms)
+    memo = cols.cache.get("best")
+    if memo is not None and memo[0] == key and memo[1] == n:
+        return memo[2]
+    best = _slacks(cols, terms, now, embedding)
+    cols.cache["best"] = (key, n, best)
+    return best
+
+
+def class_slo_slacks(
+    cols: Columns, views: Sequence[InstanceView], ledger: LoadLedger, now: float, embedding: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, slacks)``: the exact best slacks (as `class_best_slacks`) of the queued rows with an
+    SLO, except rows known to be late for good (`_late_for_good`): every queued SLO row not in
+    `rows` has a negative best slack. For callers that need a late row's lateness, not its value
+    (`slo_aware` without admission orders late requests by arrival; `adaptive` counts them).
+
+    Past saturation most queued SLO requests have missed their TTFT for good, so a call computes a
+    few hundred rows instead of the whole queue. Kept on the columns like `class_best_slacks`'s
+    result (`adaptive` measures with the arrays its slo_aware mode then ranks by).
+    """
+    terms = _dominant_terms(views, ledger, embedding)
+    n = cols.n
+    key = (now, embedding, terms)
+    memo = cols.cache.get("slo")
+    if memo is not None and memo[0] == key and memo[1] == n:
+        return memo[2]
+    live = cols.alive[:n] & cols.has_slo[:n]
+    bounded = all(t[2] >= 0 and t[3] >= 0 for t in terms)  # waits never negative: the bound holds
+    if bounded:
+        live &= ~_late_for_good(cols, terms, now)[:n]
+    rows = np.flatnonzero(live)
+    slacks = _slacks(cols, terms, now, embedding, rows)
+    if bounded:
+        with np.errstate(invalid="ignore"):
+            _mark_late(cols, terms, now, embedding, rows[slacks < 0])
+    cols.cache["slo"] = (key, n, (rows, slacks))
+    return rows, slacks
+
+
+def _slacks(
+    cols: Columns,
+    terms: tuple[tuple[float, float, float, float], ...],
+    now: float,
+    embedding: bool,
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """Best slacks of `rows` (default: all n rows), operation for operation as `slo_aware.slack_s`."""
+    if all(math.isfinite(v) and v >= 0 for t in terms for v in t) and all(t[0] > 0 for t in terms):
+        return _slacks_static(cols, terms, now, embedding, rows)
+    n = cols.n
+
+    def col(values: np.ndarray) -> np.ndarray:
+        return values[:n] if rows is None else values[rows]
+
+    prompt, max_tokens, work = col(cols.prompt), col(cols.max_tokens), col(cols.work)
+    deadline = col(cols.deadline)
+    ttft_due = col(cols.ttft_deadline) - now
+    e2e_due = deadline - now
+    has_ttft = col(cols.has_ttft)
+    has_deadline = ~np.isnan(deadline)
     if not embedding:
-        tpot_mask = ~np.isnan(cols.tpot_s[:n]) & (max_tokens > 1)
+        tpot = col(cols.tpot_s)
+        tpot_mask = ~np.isnan(tpot) & (max_tokens > 1)
         steps_left = max_tokens - 1
     best: np.ndarray | None = None
-    inf = np.full(n, _INF)
-    for view in views:
-        vid = view.id
-        wait = ledger.predicted_wait_s(vid)
+    inf = np.full(len(prompt), _INF)
+    for rate, decode_step, wait, embedding_wait in terms:
         if embedding:
-            own = work / view.embedding_tokens_per_s
-            ttft = ledger.predicted_embedding_wait_s(vid) + own
+            own = work / rate
+            ttft = embedding_wait + own
             service = own
         else:
-            own = prompt / view.prefill_tokens_per_s
+            own = prompt / rate
             ttft = wait + own
-            service = own + max_tokens * view.decode_step_s
+            service = own + max_tokens * decode_step
         slack = np.where(has_ttft, np.minimum(inf, ttft_due - ttft), inf)
         slack = np.where(has_deadline, np.minimum(slack, e2e_due - (wait + service)), slack)
         if not embedding:
-            slack = np.where(tpot_mask, np.minimum(slack, (cols.tpot_s[:n] - view.decode_step_s) * steps_left), slack)
+            slack = np.where(tpot_mask, np.minimum(slack, (tpot - decode_step) * steps_left), slack)
         best = slack if best is None else np.maximum(best, slack)
     assert best is not None
     return best
 
 
+def _slacks_static(
+    cols: Columns,
+    terms: tuple[tuple[float, float, float, float], ...],
+    now: float,
+    embedding: bool,
+    rows: np.ndarray | None,
+) -> np.ndarray:
+    """`_slacks` with finite non-negative waits and positive finite rates, from per-row terms kept on
+    the columns (`_static_terms`): a missing objective's deadline is +inf there, so that its
+    slack is +inf without a mask (inf - now - finite = inf), and the other operations are the
+    reference's, in its order, on the same operands: the same floats, a third of the numpy calls."""
+    n = cols.n
+    pick = slice(0, n) if rows is None else rows
+    ttft_deadline, deadline = _static_terms(cols, None, 0.0, embedding)[:2]
+    ttft_due = ttft_deadline[pick] - now
+    e2e_due = deadline[pick] - now
+    best: np.ndarray | None = None
+    for rate, decode_step, wait, embedding_wait in terms:
+        own, service, tpot = _static_terms(cols, rate, decode_step, embedding)
+        own = own[pick]
+        slack = np.minimum(ttft_due - ((embedding_wait if embedding else wait) + own), e2e_due - (wait + service[pick]))
+        if not embedding:
+            slack = np.minimum(slack, tpot[pick])
+        best = slack if best is None else np.maximum(best, slack)
+    assert best is not None
+    return best
+
+
+def _static_terms(
+    cols: Columns, rate: float | None, decode_step: float, embedding: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row arrays that depend only on the row (and an instance's rates), kept on the columns and
+    extended as rows are appended. ``rate=None``: (TTFT deadline, E2E deadline, -), +inf where the
+    objective is missing; else (own time, service time, TPOT slack (+inf where none)) at that rate
+    and decode step, computed as `slo_aware.slack_s` computes them."""
+    key = ("static", rate, decode_step, embedding)
+    n = cols.n
+    cached = cols.cache.get(key)
+    if cached is not None and cached[0] >= n:
+        return cached[1]
+    filled = 0 if cached is None else cached[0]
+    size = len(cols.alive)
+    if cached is None or len(cached[1][0]) < size:
+        arrays = tuple(np.empty(size) for _ in range(3))
+        if cached is not None:
+            for new, old in zip(arrays, cached[1], strict=True):
+                new[:filled] = old[:filled]
+    else:
+        arrays = cached[1]
+    part = slice(filled, n)
+    a, b, c = arrays
+    if rate is None:
+        a[part] = np.where(cols.has_ttft[part], cols.ttft_deadline[part], _INF)
+        deadline = cols.deadline[part]
+        b[part] = np.where(np.isnan(deadline), _INF, deadline)
+    elif embedding:
+        a[part] = cols.work[part] / rate
+        b[part] = a[part]
+    else:
+        max_tokens = cols.max_tokens[part]
+        a[part] = cols.prompt[part] / rate
+        b[part] = a[part] + max_tokens * decode_step
+        tpot = cols.tpot_s[part]
+        c[part] = np.where(~np.isnan(tpot) & (max_tokens > 1), (tpot - decode_step) * (max_tokens - 1), _INF)
+    cols.cache[key] = (n, arrays)
+    return arrays
+
+
+def _late_for_good(cols: Columns, terms: tuple[tuple[float, float, float, float], ...], now: float) -> np.ndarray:
+    """Rows known to have a negative best slack at every later call: sized to the columns' capacity.
+
+    Kept per set of instance rates: valid while every call's instances have rates from that set
+    (the bound below is a maximum over it) and time does not go back; otherwise it starts afresh.
+    """
+    rates = frozenset(t[:2] for t in terms)
+    state = cols.cache.get("late")
+    if state is None or not rates <= state[0] or now < state[2]:
+        state = cols.cache["late"] = (rates, np.zeros(len(cols.alive), dtype=bool), now)
+    elif len(state[1]) < len(cols.alive):  # the columns grew
+        mask = np.zeros(len(cols.alive), dtype=bool)
+        mask[: len(state[1])] = state[1]
+        state = cols.cache["late"] = (state[0], mask, now)
+    else:
+        cols.cache["late"] = (state[0], state[1], now)
+    return state[1]
+
+
+def _mark_late(
+    cols: Columns, terms: tuple[tuple[float, float, float, float], ...], now: float, embedding: bool, rows: np.ndarray
+) -> None:
+    """Of `rows` (late now), mark those late for good: late even with zero waits at every rate of the
+    set (`_late_for_good`). Waits are never negative and `now` never decreases, and float rounding is
+    monotone, so such a row's slack at any later call, at any wait, is no larger than this bound."""
+    if not rows.size:
+        return
+    rates, mask, _ = cols.cache["late"]
+    zero = tuple((rate, step, 0.0, 0.0) for rate, step in sorted(rates))
+    bound = _slacks(cols, zero, now, embedding, rows)
+    mask[rows[bound < 0]] = True
+
+
+def _dominant_terms(
+    views: Sequence[InstanceView], ledger: LoadLedger, embedding: bool
+) -> tuple[tuple[float, float, float, float], ...]:
+    """``(rate, decode_step_s, wait, embedding_wait)`` of the views that can hold a row's best
+    slack, in the views' order: per rate (prefill or embedding tokens/s, and the decode step), the
+    views no other view beats on every wait. All of them when any wait is not finite (inf - inf
+    would make a NaN that the maximum must see)."""
+    terms = []
+    for view in views:
+        vid = view.id
+        wait = ledger.predicted_wait_s(vid)
+        if embedding:
+            terms.append((view.embedding_tokens_per_s, 0.0, wait, ledger.predicted_embedding_wait_s(vid)))
+        else:
+            terms.append((view.prefill_tokens_per_s, view.decode_step_s, wait, 0.0))
+    if len(terms) < 2 or not all(math.isfinite(t[2]) and math.isfinite(t[3]) for t in terms):
+        return tuple(terms)
+    kept: list[tuple[float, float, float, float]] = []
+    for t in terms:
+        if any(k[:2] == t[:2] and k[2] <= t[2] and k[3] <= t[3] for k in kept):
+            continue  # an earlier view with the same rates and waits no larger: never the maximum
+        kept = [k for k in kept if not (k[:2] == t[:2] and t[2] <= k[2] and t[3] <= k[3])]
+        kept.append(t)
+    return tuple(kept)
+
+
 def _sorted_rows(keys: np.ndarray, rows: np.ndarray, cols: Columns) -> Iterator[tuple[tuple, Request]]:
-    """Rows in ``(key, arrival_s, id)`` order, lazily: a sorted prefix at a time (16, 64, 256, ...
-    rows, cut at a key value so that ties stay together), each sorted by Python on exactly the
-    tuple the reference code sorts by."""
+    """Rows in ``(key, arrival_s, id)`` order (`keys` indexed by row), lazily (`_sorted_aligned`)."""
+    return _sorted_aligned(keys[rows], rows, cols)
+
+
+def _sorted_aligned(keys: np.ndarray, rows: np.ndarray, cols: Columns) -> Iterator[tuple[tuple, Request]]:
+    """Rows in ``(key, arrival_s, id)`` order, `keys[j]` being `rows[j]`'s key, lazily: a sorted
+    prefix at a time (4, 16, 64, ... rows, cut at a key value so that ties stay together), each
+    sorted by Python on exactly the tuple the reference code sorts by."""
     requests = cols.requests
     chunk = 4  # usually one slot frees per call: sort a few rows first
     while rows.size:
         if rows.size > chunk:
-            k = keys[rows]
-            cut = np.partition(k, chunk - 1)[chunk - 1]
-            take_mask = k <= cut
-            take, rows = rows[take_mask], rows[~take_mask]
+            cut = np.partition(keys, chunk - 1)[chunk - 1]
+            take_mask = keys <= cut
+            take, take_keys = rows[take_mask], keys[take_mask]
             if not take.size:  # NaN keys only: the rest, as they come
-                take, rows = rows, rows[:0]
+                take, take_keys, rows, keys = rows, keys, rows[:0], keys[:0]
+            else:
+                rest = ~take_mask
+                rows, keys = rows[rest], keys[rest]
         else:
-            take, rows = rows, rows[:0]
-        items = [((float(keys[i]), requests[i].arrival_s, requests[i].id), requests[i]) for i in take.tolist()]
+            take, take_keys, rows, keys = rows, keys, rows[:0], keys[:0]
+        items = [
+            ((key, requests[i].arrival_s, requests[i].id), requests[i])
+            for key, i in zip(take_keys.tolist(), take.tolist(), strict=True)
+        ]
         items.sort(key=_first)
         yield from items
         chunk *= 4
@@ -144,22 +344,24 @@ def schedule_indexed(
     if not classes:
         return decisions
     ledger = LoadLedger(instances)
+    shed = policy.config.shed_unattainable
     attainable, best_effort, late = [], [], []
     for cls in classes:
+        if not shed and not _class_has_room(ledger, cls):
+            # No free slot for the class now, so none in this call (a ledger only adds load): the
+            # reference looks at each of its requests and places none. Past saturation this is
+            # most calls (an arrival, with a free slot only at the embedding instances).
+            continue
         cols = queue.columns(cls)
-        n = cols.n
-        alive = cols.alive[:n]
-        has_slo = cols.has_slo[:n]
-        best_effort.append((cls, _rows_factory(cols.arrival[:n], alive & ~has_slo, cols)))
+        best_effort.append((cls, _best_effort_rows(cols, cols.n)))
         views = [v for v in ledger.views.values() if v.healthy and class_served_by(v, cls)]
         if not views:
             continue  # every compatible instance is down: its SLO requests stay queued
-        best = class_best_slacks(cols, views, ledger, now, cls[0])
+        rows, slacks = class_slo_slacks(cols, views, ledger, now, cls[0])  # the rest are late
         with np.errstate(invalid="ignore"):
-            ok = best >= 0
-        slo_rows = alive & has_slo
-        attainable.append((cls, _rows_factory(best, slo_rows & ok, cols)))
-        late.append((cls, _rows_factory(cols.arrival[:n], slo_rows & ~ok, cols)))
+            ok = slacks >= 0
+        attainable.append((cls, _aligned_factory(slacks[ok], rows[ok], cols)))
+        late.append((cls, _late_rows(cols, cols.n, rows[ok])))
 
     dropped: set[ClassKey] = set()  # classes with no free slot left in this call
     moved_late: list[Request] = []
@@ -192,7 +394,6 @@ def schedule_indexed(
         ) and not ledger.has_room(request):
             merge.drop(cls)
 
-    shed = policy.config.shed_unattainable
     for request in moved_late:
         cls = (request.is_embedding, request.model)
         late.append((cls, lambda r=request: iter([((r.arrival_s, r.arrival_s, r.id), r)])))
@@ -218,6 +419,15 @@ def schedule_indexed(
     return decisions
 
 
+def _class_has_room(ledger: LoadLedger, cls: ClassKey) -> bool:
+    """`ledger.has_room(request)` for every request of class `cls`."""
+    added = ledger.added_requests
+    for v in ledger.views.values():
+        if v.healthy and v.inflight + added[v.id] < v.max_inflight and class_served_by(v, cls):
+            return True
+    return False
+
+
 def _rekeyed(make: Callable[[], Iterator[tuple[tuple, Request]]]) -> Callable[[], Iterator[tuple[tuple, Request]]]:
     """Late requests merge on ``(arrival_s, id)`` (their sort key in `slo_aware`)."""
 
@@ -233,19 +443,45 @@ def _rows_factory(keys: np.ndarray, mask: np.ndarray, cols: Columns) -> Callable
     return lambda: _sorted_rows(keys, np.flatnonzero(mask), cols)
 
 
+def _aligned_factory(
+    keys: np.ndarray, rows: np.ndarray, cols: Columns
+) -> Callable[[], Iterator[tuple[tuple, Request]]]:
+    return lambda: _sorted_aligned(keys, rows, cols)
+
+
+def _best_effort_rows(cols: Columns, n: int) -> Callable[[], Iterator[tuple[tuple, Request]]]:
+    """The queued rows without an SLO in arrival order; the mask is built only if a merge asks."""
+    return lambda: _sorted_rows(cols.arrival, np.flatnonzero(cols.alive[:n] & ~cols.has_slo[:n]), cols)
+
+
+def _late_rows(cols: Columns, n: int, attainable: np.ndarray) -> Callable[[], Iterator[tuple[tuple, Request]]]:
+    """The queued SLO rows not in `attainable`, in arrival order, built only if a merge asks."""
+
+    def make() -> Iterator[tuple[tuple, Request]]:
+        mask = cols.alive[:n] & cols.has_slo[:n]
+        mask[attainable] = False
+        return _sorted_rows(cols.arrival, np.flatnonzero(mask), cols)
+
+    return make
+
+
 def count_below(queue: GatewayQueue, classes: list[ClassKey], ledger: LoadLedger, now: float, threshold: float) -> int:
     """Queued requests with an SLO whose best slack (fresh ledger) is below `threshold` (`adaptive`)."""
     total = 0
     for cls in classes:
         cols = queue.columns(cls)
         n = cols.n
-        alive = cols.alive[:n]
         views = [v for v in ledger.views.values() if v.healthy and class_served_by(v, cls)]
         if not views:
             continue
-        best = class_best_slacks(cols, views, ledger, now, cls[0])
+        live = cols.alive[:n] & cols.has_slo[:n]
         with np.errstate(invalid="ignore"):
-            total += int(np.count_nonzero(alive & cols.has_slo[:n] & (best < threshold)))
+            if threshold >= 0:  # rows late for good are below it: only the others are computed
+                rows, slacks = class_slo_slacks(cols, views, ledger, now, cls[0])
+                total += int(np.count_nonzero(live)) - rows.size + int(np.count_nonzero(slacks < threshold))
+            else:
+                best = class_best_slacks(cols, views, ledger, now, cls[0])
+                total += int(np.count_nonzero(live & (best < threshold)))
     return total
 
 
