@@ -1,5 +1,9 @@
 """Executor-side bookkeeping: one accepted request (`PendingRequest`) and one backend (`BackendState`).
 
+A pending request is three cohesive parts and a little lifecycle: what the caller sent
+(`CallerRequest`, immutable), the current dispatch to a backend (`Attempt`, replaced when the
+request is re-queued) and how far its answer has come (`Progress`).
+
 `BackendState` keeps running load sums over its in-flight requests, updated incrementally on every
 add/remove/progress (the policy reads them on every arrival), and builds the `InstanceView` a policy
 sees: our own exact accounting, raised to a backend's scraped gauges only as far as they say more
@@ -9,6 +13,7 @@ than we know.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,41 +22,104 @@ from sagesched.live.backends import BackendClient, BackendConfig, BackendMetrics
 from sagesched.live.errors import (
     LiveError,
 )
-from sagesched.live.executor_config import LiveResponse
+from sagesched.live.executor_config import ExecutorConfig, LiveResponse
+
+logger = logging.getLogger("sagesched.live.executor")
 
 
-@dataclass(eq=False)
-class PendingRequest:
-    """One accepted request from arrival until its record is final."""
+@dataclass(frozen=True, eq=False, slots=True)
+class CallerRequest:
+    """What the caller sent and waits on; fixed from arrival until the request ends.
+
+    deadline: loop time by which the request must be done (the expiry timer fires then).
+    future: resolved once with the `LiveResponse` (a body, or a stream) or a `LiveError`.
+    """
 
     request: Request
     body: dict[str, Any]
     endpoint: str
-    future: asyncio.Future[LiveResponse]
-    record: RequestRecord
-    deadline: float  # loop time
     stream: bool
-    timer: asyncio.TimerHandle | None = None
+    deadline: float
+    future: asyncio.Future[LiveResponse]
+
+
+@dataclass(eq=False, slots=True)
+class Attempt:
+    """One dispatch of a request to one backend; dropped when the request goes back to the queue.
+
+    task: the dispatch task doing the backend call (shared by an embedding batch's members).
+    group: the embedding batch this request went out in (empty for LLM requests).
+    sse: the upstream stream, once a streamed LLM call has opened it.
+    share: what this request adds to the backend's load sums (embedding requests, prefill tokens,
+        decode tokens), so that removing it subtracts exactly what adding it added.
+    """
+
+    instance_id: str
     task: asyncio.Task[None] | None = None
-    sse: SSEStream | None = None
     group: list[PendingRequest] = field(default_factory=list)
-    attempts: int = 0
-    instance_id: str | None = None
+    sse: SSEStream | None = None
+    share: tuple[int, int, int] = (0, 0, 0)
+
+
+@dataclass(eq=False, slots=True)
+class Progress:
+    """How far the answer has come: it prices the request's remaining load at its backend."""
+
     tokens_seen: int = 0
     first_token: bool = False
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    """One accepted request from arrival until its record is final.
+
+    call: what the caller sent (immutable); record: the request's record, filled as it goes;
+    attempt: the current dispatch, None while queued; progress: tokens received so far;
+    timer: the deadline timer; attempts: dispatches that failed before any byte reached the caller;
+    no_backend_since: loop time since when no healthy backend could serve it (None: one could);
+    done / error: the request has ended, and with which error (None: completed).
+    """
+
+    call: CallerRequest
+    record: RequestRecord
+    attempt: Attempt | None = None
+    progress: Progress = field(default_factory=Progress)
+    timer: asyncio.TimerHandle | None = None
+    attempts: int = 0
     no_backend_since: float | None = None
     done: bool = False
     error: LiveError | None = None
-    # What this request adds to its backend's load sums (embedding, prefill tokens, decode tokens).
-    share: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def request(self) -> Request:
+        return self.call.request
+
+    @property
+    def body(self) -> dict[str, Any]:
+        return self.call.body
+
+    @property
+    def future(self) -> asyncio.Future[LiveResponse]:
+        return self.call.future
+
+    @property
+    def instance_id(self) -> str | None:
+        """The backend it is dispatched to; None while queued."""
+        return self.attempt.instance_id if self.attempt is not None else None
+
+    def dispatched(self) -> Attempt:
+        """The current attempt; dispatch code runs only for a placed request."""
+        if self.attempt is None:
+            raise RuntimeError(f"request {self.request.id} is not dispatched")
+        return self.attempt
 
 
 def _load_share(p: PendingRequest) -> tuple[int, int, int]:
     """(embedding requests, prompt tokens not yet prefilled, output tokens still to decode)."""
-    r = p.request
+    r, progress = p.request, p.progress
     if r.is_embedding:
-        return 1, (0 if p.first_token else r.work_tokens), 0
-    return 0, (0 if p.first_token else r.prompt_tokens), max(0, r.max_tokens - p.tokens_seen)
+        return 1, (0 if progress.first_token else r.work_tokens), 0
+    return 0, (0 if progress.first_token else r.prompt_tokens), max(0, r.max_tokens - progress.tokens_seen)
 
 
 class BackendState:
@@ -89,9 +157,10 @@ class BackendState:
         return self.config.instance_kind.serves(request.type) and request.model in self.config.models
 
     def add(self, p: PendingRequest) -> None:
+        """Count `p` (dispatched here: `p.attempt` is set) in the load sums."""
         self.remove(p.request.id)
         self.inflight[p.request.id] = p
-        p.share = share = _load_share(p)
+        p.dispatched().share = share = _load_share(p)
         self.embedding_inflight += share[0]
         self.prefill_tokens += share[1]
         self.decode_tokens += share[2]
@@ -101,8 +170,8 @@ class BackendState:
 
     def remove(self, request_id: str) -> None:
         p = self.inflight.pop(request_id, None)
-        if p is not None:
-            share = p.share
+        if p is not None and p.attempt is not None:
+            share = p.attempt.share
             self.embedding_inflight -= share[0]
             self.prefill_tokens -= share[1]
             self.decode_tokens -= share[2]
@@ -112,15 +181,67 @@ class BackendState:
 
     def refresh(self, p: PendingRequest) -> None:
         """Re-count `p` after its progress (first token, tokens seen) changed."""
-        if self.inflight.get(p.request.id) is p:
-            old, new = p.share, _load_share(p)
+        attempt = p.attempt
+        if attempt is not None and self.inflight.get(p.request.id) is p:
+            old, new = attempt.share, _load_share(p)
             if old != new:
-                p.share = new
+                attempt.share = new
                 self.embedding_inflight += new[0] - old[0]
                 self.prefill_tokens += new[1] - old[1]
                 self.decode_tokens += new[2] - old[2]
                 if p.request.is_embedding:
                     self.embedding_tokens += new[1] - old[1]
+
+    def learn_rates(self, p: PendingRequest, finish: float, alpha: float) -> None:
+        """Refine the throughput estimates from one finished request (moving average, weight `alpha`)."""
+        r = p.record
+        if r.dispatch_s is None:
+            return
+        request = p.request
+        if request.is_embedding:
+            elapsed = finish - r.dispatch_s
+            if elapsed > 0 and request.embedding_tokens > 0:
+                rate = request.embedding_tokens * max(1, r.batch_size) / elapsed
+                self.embedding_tokens_per_s += alpha * (rate - self.embedding_tokens_per_s)
+            return
+        tokens = p.progress.tokens_seen
+        if p.call.stream and r.first_token_s is not None and tokens >= 2:
+            step = (finish - r.first_token_s) / (tokens - 1)
+            if step > 0:
+                self.decode_step_s += alpha * (step - self.decode_step_s)
+            ttft = r.first_token_s - r.dispatch_s
+            if ttft > 0 and request.prompt_tokens >= 16:
+                rate = request.prompt_tokens / ttft
+                self.prefill_tokens_per_s += alpha * (rate - self.prefill_tokens_per_s)
+
+    async def probe(self, config: ExecutorConfig) -> bool:
+        """One health probe (and, when healthy, a metrics scrape); True when `healthy` changed.
+
+        A serving backend is taken out only after `probe_failures_to_mark_down` failed probes in a
+        row: one slow `/health` answer from a busy backend is not an outage.
+        """
+        healthy = await self.client.health()
+        self.failed_probes = 0 if healthy else self.failed_probes + 1
+        if not healthy and self.healthy and self.failed_probes < config.probe_failures_to_mark_down:
+            return False
+        if healthy and config.scrape_metrics and self.config.scrape_metrics:
+            own_before = len(self.inflight)
+            metrics = await self.client.scrape()
+            if metrics is not None:
+                self.metrics = metrics
+                # The backend answered somewhere between sending and receiving the scrape; taking
+                # the larger count errs towards "less loaded", which our own accounting bounds.
+                self.own_at_scrape = max(own_before, len(self.inflight))
+        if healthy == self.healthy:
+            return False
+        logger.log(
+            logging.INFO if healthy else logging.WARNING,
+            "backend %s is %s",
+            self.id,
+            "healthy" if healthy else "unhealthy (health probe failed)",
+        )
+        self.healthy = healthy
+        return True
 
     def view(self, metrics_stale_s: float) -> InstanceView:
         """Own in-flight accounting, raised to the scraped gauges when those are fresh."""
@@ -167,4 +288,4 @@ class BackendState:
         )
 
 
-__all__ = ["BackendState", "PendingRequest"]
+__all__ = ["Attempt", "BackendState", "CallerRequest", "PendingRequest", "Progress"]

@@ -80,19 +80,20 @@ class Dispatcher(ABC):
 
     # -- dispatch: LLM ---------------------------------------------------------------------------------
     async def _run_llm(self, backend: BackendState, p: PendingRequest) -> None:
+        attempt, progress = p.dispatched(), p.progress
         body = backend_body(p.body)
         body["model"] = p.request.model
-        path = LLM_PATHS[p.endpoint]
+        path = LLM_PATHS[p.call.endpoint]
         try:
-            if not p.stream:
+            if not p.call.stream:
                 data, raw = await backend.client.post_json_raw(path, body)
                 if not isinstance(data, dict):
                     raise UpstreamError(f"backend {backend.id} answered with {type(data).__name__}, not an object")
                 usage = data.get("usage") or {}
                 tokens = usage.get("completion_tokens")
                 if isinstance(tokens, int):
-                    p.tokens_seen = tokens
-                p.first_token = True
+                    progress.tokens_seen = tokens
+                progress.first_token = True
                 p.record.first_token_s = self._first_token_from_timings(data)
                 self._complete(p, LiveResponse(p.request.id, backend.id, json=data, raw=raw))
                 return
@@ -100,7 +101,7 @@ class Dispatcher(ABC):
             want_usage = bool(options.get("include_usage"))
             body["stream_options"] = {**options, "include_usage": True}
             sse = await backend.client.open_stream(path, body)
-            p.sse = sse
+            attempt.sse = sse
             first = await sse.next_event()
             if p.done:
                 await sse.aclose()
@@ -109,20 +110,20 @@ class Dispatcher(ABC):
             if not p.future.done():
                 p.future.set_result(response)
         except asyncio.CancelledError:
-            if p.sse is not None:
+            if attempt.sse is not None:
                 with contextlib.suppress(Exception):
-                    await p.sse.aclose()
+                    await attempt.sse.aclose()
             raise
         except BackendUnavailable as exc:
-            if p.sse is not None:
+            if attempt.sse is not None:
                 with contextlib.suppress(Exception):
-                    await p.sse.aclose()
-                p.sse = None
+                    await attempt.sse.aclose()
+                attempt.sse = None
             self._requeue(backend, [p], exc)
         except LiveError as exc:
-            if p.sse is not None:
+            if attempt.sse is not None:
                 with contextlib.suppress(Exception):
-                    await p.sse.aclose()
+                    await attempt.sse.aclose()
             self._fail(p, exc)
         except Exception as exc:
             logger.exception("dispatch of %s to %s failed", p.request.id, backend.id)
@@ -146,6 +147,7 @@ class Dispatcher(ABC):
         self, backend: BackendState, p: PendingRequest, sse: SSEStream, first: dict[str, Any] | None, want_usage: bool
     ) -> AsyncIterator[dict[str, Any]]:
         """Pass the backend's chunks through as they arrive, measuring TTFT and counting tokens."""
+        progress = p.progress
         event = first
         try:
             while event is not None:
@@ -153,14 +155,14 @@ class Dispatcher(ABC):
                     raise p.error or UpstreamTimeout("the request ended")
                 usage = event.get("usage")
                 if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-                    p.tokens_seen = max(p.tokens_seen, usage["completion_tokens"])
-                    p.record.output_tokens = p.tokens_seen
+                    progress.tokens_seen = max(progress.tokens_seen, usage["completion_tokens"])
+                    p.record.output_tokens = progress.tokens_seen
                 if _has_content(event):
-                    if not p.first_token:
-                        p.first_token = True
+                    if not progress.first_token:
+                        progress.first_token = True
                         p.record.first_token_s = self.now()
                     if not isinstance(usage, dict):
-                        p.tokens_seen += 1
+                        progress.tokens_seen += 1
                 backend.refresh(p)
                 if want_usage or not usage:
                     yield event
@@ -220,9 +222,10 @@ class Dispatcher(ABC):
                 # group's task is this one; cancelling it would strand the others).
                 solos = []
                 for p in live:
-                    p.group = [p]
-                    p.task = self._spawn(self._run_embedding(backend, [p]), p.request.id)
-                    solos.append(p.task)
+                    attempt = p.dispatched()
+                    attempt.group = [p]
+                    attempt.task = self._spawn(self._run_embedding(backend, [p]), p.request.id)
+                    solos.append(attempt.task)
                 await asyncio.gather(*solos, return_exceptions=True)
                 return
             for p in live:
@@ -259,7 +262,7 @@ class Dispatcher(ABC):
                 "model": p.request.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
-            p.first_token = True
+            p.progress.first_token = True
             p.record.first_token_s = self.now()
             self._complete(p, LiveResponse(p.request.id, backend.id, json=payload))
 

@@ -22,7 +22,8 @@ All executor state lives on one event loop and is touched only from it, so there
 Layout: this module is the queue, the policy calls (through `sagesched.core.decisions`, the same
 decision core the simulator uses), outcomes and health; `sagesched.live.dispatch` carries out
 placements (the backend calls), `sagesched.live.backend_state` holds the per-request and
-per-backend bookkeeping, and `sagesched.live.executor_config` the knobs and `LiveResponse`.
+per-backend bookkeeping (a backend's load sums, health probes and learned throughput), and
+`sagesched.live.executor_config` the knobs and `LiveResponse`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any
 
 from sagesched.core import Outcome, Request, RequestRecord
 from sagesched.core.decisions import INVALID_DECISION, Placement, Verdict, decide
-from sagesched.live.backend_state import BackendState, PendingRequest
+from sagesched.live.backend_state import Attempt, BackendState, CallerRequest, PendingRequest
 from sagesched.live.backends import BackendClient, BackendConfig, SSEStream
 from sagesched.live.dispatch import _PER_CALLER_EMBEDDING_FIELDS, Dispatcher
 from sagesched.live.errors import (
@@ -295,19 +296,13 @@ class LiveExecutor(Dispatcher):
 
         body = dict(body)
         stream = bool(body.get("stream")) and request.type.is_llm
-        pending = _Pending(
-            request=request,
-            body=body,
-            endpoint=endpoint,
-            future=self._loop.create_future(),
-            record=record,
-            deadline=self._t0 + request.arrival_s + self.config.request_timeout_s,
-            stream=stream,
-        )
         # A request built on another clock must still get its full timeout from now.
-        pending.deadline = max(pending.deadline, self._loop.time() + 0.001)
-        pending.deadline = min(pending.deadline, self._loop.time() + self.config.request_timeout_s)
-        pending.timer = self._loop.call_at(pending.deadline, self._expire, pending)
+        now = self._loop.time()
+        deadline = self._t0 + request.arrival_s + self.config.request_timeout_s
+        deadline = min(max(deadline, now + 0.001), now + self.config.request_timeout_s)
+        call = CallerRequest(request, body, endpoint, stream, deadline, self._loop.create_future())
+        pending = _Pending(call, record)
+        pending.timer = self._loop.call_at(deadline, self._expire, pending)
         self._pending[request.id] = pending
         self._queue[request.id] = pending
         self._idle.clear()
@@ -373,7 +368,7 @@ class LiveExecutor(Dispatcher):
         now = self.now()
         for p in members:
             del self._queue[p.request.id]
-            p.instance_id = backend.id
+            p.attempt = Attempt(backend.id)
             p.no_backend_since = None
             p.record.instance_id = backend.id
             p.record.dispatch_s = now
@@ -384,12 +379,13 @@ class LiveExecutor(Dispatcher):
         for p in members:
             if not p.request.is_embedding:
                 p.record.batch_size = 1
-                p.task = self._spawn(self._run_llm(backend, p), p.request.id)
+                p.dispatched().task = self._spawn(self._run_llm(backend, p), p.request.id)
         for group in self._embedding_groups(embeddings):
             task = self._spawn(self._run_embedding(backend, group), group[0].request.id)
             for p in group:
-                p.group = group
-                p.task = task
+                attempt = p.dispatched()
+                attempt.group = group
+                attempt.task = task
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         assert self._loop is not None
@@ -452,14 +448,12 @@ class LiveExecutor(Dispatcher):
             if p.done:
                 continue
             backend.remove(p.request.id)
-            p.task = None
-            p.group = []
+            p.attempt = None
             p.attempts += 1
             if p.attempts > self.config.max_retries:
                 self._fail(p, BackendUnavailable(f"{exc.message} (gave up after {p.attempts} attempts)"))
                 continue
             self.retries += 1
-            p.instance_id = None
             p.record.instance_id = None
             p.record.dispatch_s = None
             self._queue[p.request.id] = p
@@ -478,31 +472,9 @@ class LiveExecutor(Dispatcher):
         backend = self._backends.get(p.instance_id or "")
         if backend is not None:
             backend.completed += 1
-            self._learn_rates(backend, p)
-        p.record.output_tokens = p.tokens_seen
+            backend.learn_rates(p, self.now(), self.config.rate_smoothing)
+        p.record.output_tokens = p.progress.tokens_seen
         self._finish(p, Outcome.COMPLETED, "", response=response)
-
-    def _learn_rates(self, backend: _Backend, p: _Pending) -> None:
-        """Refine the backend's throughput estimates from one finished request (moving average)."""
-        alpha = self.config.rate_smoothing
-        r = p.record
-        finish = self.now()
-        if r.dispatch_s is None:
-            return
-        if p.request.is_embedding:
-            elapsed = finish - r.dispatch_s
-            if elapsed > 0 and p.request.embedding_tokens > 0:
-                rate = p.request.embedding_tokens * max(1, r.batch_size) / elapsed
-                backend.embedding_tokens_per_s += alpha * (rate - backend.embedding_tokens_per_s)
-            return
-        if p.stream and r.first_token_s is not None and p.tokens_seen >= 2:
-            step = (finish - r.first_token_s) / (p.tokens_seen - 1)
-            if step > 0:
-                backend.decode_step_s += alpha * (step - backend.decode_step_s)
-            ttft = r.first_token_s - r.dispatch_s
-            if ttft > 0 and p.request.prompt_tokens >= 16:
-                rate = p.request.prompt_tokens / ttft
-                backend.prefill_tokens_per_s += alpha * (rate - backend.prefill_tokens_per_s)
 
     def _fail(self, p: _Pending, error: LiveError) -> None:
         """End `p` with `error` wherever it is; cancels its upstream call unless batch-mates still wait."""
@@ -511,14 +483,16 @@ class LiveExecutor(Dispatcher):
         code = error.code or "error"
         outcome = Outcome.REJECTED if isinstance(error, (QueueFull, RequestRejected)) else Outcome.FAILED
         self._finish(p, outcome, f"{code}: {error.message}", error=error)
-        task = p.task
-        solo = not p.group or all(m.done for m in p.group)
-        if task is not None and not task.done() and task is not asyncio.current_task() and solo:
+        attempt = p.attempt
+        if attempt is None or attempt.task is None:
+            return
+        task = attempt.task
+        solo = not attempt.group or all(m.done for m in attempt.group)
+        if not task.done() and task is not asyncio.current_task() and solo:
             task.cancel()
-        if p.sse is not None and task is not None and task.done():
+        if attempt.sse is not None and task.done():
             # Streaming to the caller: close the upstream so the relay wakes up and ends.
-            sse = p.sse
-            self._spawn(self._close_quietly(sse), f"close-{p.request.id}")
+            self._spawn(self._close_quietly(attempt.sse), f"close-{p.request.id}")
 
     @staticmethod
     async def _close_quietly(sse: SSEStream) -> None:
@@ -588,26 +562,7 @@ class LiveExecutor(Dispatcher):
 
     # -- health ---------------------------------------------------------------------------------------
     async def _probe(self, backend: _Backend) -> None:
-        healthy = await backend.client.health()
-        backend.failed_probes = 0 if healthy else backend.failed_probes + 1
-        if not healthy and backend.healthy and backend.failed_probes < self.config.probe_failures_to_mark_down:
-            return  # one failed probe of a serving backend: wait for the next before taking it out
-        if healthy and self.config.scrape_metrics and backend.config.scrape_metrics:
-            own_before = len(backend.inflight)
-            metrics = await backend.client.scrape()
-            if metrics is not None:
-                backend.metrics = metrics
-                # The backend answered somewhere between sending and receiving the scrape; taking
-                # the larger count errs towards "less loaded", which our own accounting bounds.
-                backend.own_at_scrape = max(own_before, len(backend.inflight))
-        if healthy != backend.healthy:
-            logger.log(
-                logging.INFO if healthy else logging.WARNING,
-                "backend %s is %s",
-                backend.id,
-                "healthy" if healthy else "unhealthy (health probe failed)",
-            )
-            backend.healthy = healthy
+        if await backend.probe(self.config):
             self._kick()
 
     async def _health_loop(self) -> None:

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sagesched.core import Assignment, InstanceView, Request, RequestType
-from sagesched.live.backend_state import BackendState, PendingRequest
+from sagesched.live.backend_state import Attempt, BackendState, CallerRequest, PendingRequest
 from sagesched.live.backends import BackendConfig, BackendMetrics
 from sagesched.live.errors import LiveError
 from sagesched.live.executor import ExecutorConfig, LiveExecutor
@@ -35,7 +35,7 @@ def test_a_scrape_taken_while_full_does_not_outlive_our_own_completions() -> Non
     backend.healthy = True
     requests = [Request(f"r{i}", RequestType.LLM_CHAT, "m", 0.0, prompt_tokens=4, max_tokens=4) for i in range(14)]
     pendings = [
-        PendingRequest(request=r, body={}, endpoint="chat", future=None, record=None, deadline=0.0, stream=False)  # type: ignore[arg-type]
+        PendingRequest(CallerRequest(r, {}, "chat", False, 0.0, None), record=None, attempt=Attempt(backend.id))  # type: ignore[arg-type]
         for r in requests
     ]
     for p in pendings:
