@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import heapq
 from bisect import insort
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, overload
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, overload
 
 from sagesched.core.request import Request, RequestType
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ClassKey = tuple[bool, str]
 """``(is_embedding, model)``: requests of one class can be served by exactly the same instances."""
@@ -70,13 +73,24 @@ class Columns:
 
     FIELDS = ("arrival", "ttft_deadline", "deadline", "tpot_s", "prompt", "max_tokens", "work")
     __slots__ = ("alive", "has_slo", "has_ttft", "cache", "n", "requests", "row", *FIELDS)
+    # float64 columns (one per name in FIELDS), then bool ones; capacity >= n, rows past n unused.
+    arrival: np.ndarray
+    ttft_deadline: np.ndarray
+    deadline: np.ndarray
+    tpot_s: np.ndarray
+    prompt: np.ndarray
+    max_tokens: np.ndarray
+    work: np.ndarray
+    has_ttft: np.ndarray
+    has_slo: np.ndarray
+    alive: np.ndarray
 
     def __init__(self, requests: Iterable[Request] = ()) -> None:
         import numpy as np
 
         # Policies' per-row results for these rows (`policies.slack.class_best_slacks`): a row never
         # changes once appended (a compaction makes new columns), so a result keyed by n stays valid.
-        self.cache: dict[str, Any] = {}
+        self.cache: dict[Hashable, Any] = {}
         self.n = 0
         self.requests: list[Request] = []
         self.row: dict[str, int] = {}
@@ -327,10 +341,11 @@ class RankedMerge:
     def __iter__(self) -> Iterator[tuple[ClassKey, Request]]:
         heap, dropped, key = self._heap, self._dropped, self._key
         if len(heap) == 1:  # one stream (one class, one priority): no ordering to do
-            _, cls, request, it = heap.pop()
-            while request is not None and cls not in dropped:
-                yield cls, request
-                request = next(it, None)
+            _, cls, first, it = heap.pop()
+            current: Request | None = first
+            while current is not None and cls not in dropped:
+                yield cls, current
+                current = next(it, None)
             return
         while heap:
             _, cls, request, it = heap[0]

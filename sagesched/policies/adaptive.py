@@ -119,7 +119,7 @@ class AdaptivePolicy(Policy):
 
     # -- measuring and choosing --------------------------------------------------------------------
     def measure(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> Measurement:
-        if use_index(queue):
+        if use_index(queue) and isinstance(queue, GatewayQueue):
             return self._measure_indexed(now, queue, instances)
         healthy = [v for v in instances if v.healthy]
         _, servable = reject_unservable(queue, instances, self.name)

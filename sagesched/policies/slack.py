@@ -173,8 +173,9 @@ def _static_terms(
         return cached[1]
     filled = 0 if cached is None else cached[0]
     size = len(cols.alive)
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray]
     if cached is None or len(cached[1][0]) < size:
-        arrays = tuple(np.empty(size) for _ in range(3))
+        arrays = (np.empty(size), np.empty(size), np.empty(size))
         if cached is not None:
             for new, old in zip(arrays, cached[1], strict=True):
                 new[:filled] = old[:filled]
@@ -339,8 +340,8 @@ def schedule_indexed(
     from sagesched.policies.slo_aware import best_slack_s, slack_s
 
     name = policy.name
-    decisions: list[Decision]
-    decisions, queue, classes = servable_classes(queue, instances, name)
+    rejections, queue, classes = servable_classes(queue, instances, name)
+    decisions: list[Decision] = list(rejections)
     if not classes:
         return decisions
     ledger = LoadLedger(instances)
@@ -372,9 +373,9 @@ def schedule_indexed(
             if not ledger.has_room(request):
                 merge.drop(cls)
             continue
-        slacks = {v.id: slack_s(ledger, v.id, request, now) for v in candidates}
-        target = min(candidates, key=lambda v: (-slacks[v.id], ledger.inflight(v.id), v.id))
-        if slacks[target.id] < 0:
+        by_id = {v.id: slack_s(ledger, v.id, request, now) for v in candidates}
+        target = min(candidates, key=lambda v: (-by_id[v.id], ledger.inflight(v.id), v.id))
+        if by_id[target.id] < 0:
             moved_late.append(request)
             continue
         decisions.append(
@@ -382,7 +383,7 @@ def schedule_indexed(
                 target,
                 [request],
                 name,
-                f"least slack first: {slacks[target.id] * 1000:.0f} ms slack here, the most of any instance",
+                f"least slack first: {by_id[target.id] * 1000:.0f} ms slack here, the most of any instance",
                 priority_hint=int(request.priority),
             )
         )
@@ -396,7 +397,7 @@ def schedule_indexed(
 
     for request in moved_late:
         cls = (request.is_embedding, request.model)
-        late.append((cls, lambda r=request: iter([((r.arrival_s, r.arrival_s, r.id), r)])))
+        late.append((cls, _single(request)))
     # Shedding looks at every late request (it rejects whatever is unattainable, room or not).
     merge = _Merge([(cls, _rekeyed(make)) for cls, make in late], set() if shed else dropped)
     for cls, request in merge:
@@ -426,6 +427,11 @@ def _class_has_room(ledger: LoadLedger, cls: ClassKey) -> bool:
         if v.healthy and v.inflight + added[v.id] < v.max_inflight and class_served_by(v, cls):
             return True
     return False
+
+
+def _single(request: Request) -> Callable[[], Iterator[tuple[tuple, Request]]]:
+    """A one-request stream keyed like the late streams after `_rekeyed`."""
+    return lambda: iter([((request.arrival_s, request.arrival_s, request.id), request)])
 
 
 def _rekeyed(make: Callable[[], Iterator[tuple[tuple, Request]]]) -> Callable[[], Iterator[tuple[tuple, Request]]]:
@@ -509,11 +515,10 @@ def schedule_admission_indexed(
     admission = policy.admission
     assert admission is not None and policy.fair is None
     name = policy.name
-    decisions: list[Decision]
+    decisions: list[Decision] = []
     if classes is None:
-        decisions, queue, classes = servable_classes(queue, instances, name)
-    else:
-        decisions = []
+        rejections, queue, classes = servable_classes(queue, instances, name)
+        decisions.extend(rejections)
     if not classes:
         return decisions
     columns = [(cls, queue.columns(cls)) for cls in classes]
@@ -577,10 +582,10 @@ def schedule_admission_indexed(
             for _, cols, i in shed:
                 shed_rows.setdefault(id(cols), []).append(i)
             for k, (cls, cols, no_slo, best, attainable, late, prio) in enumerate(per_class):
-                rows = shed_rows.get(id(cols))
-                if rows:
+                shed_here = shed_rows.get(id(cols))
+                if shed_here:
                     late = late.copy()
-                    late[rows] = False
+                    late[shed_here] = False
                     per_class[k] = (cls, cols, no_slo, best, attainable, late, prio)
 
     with np.errstate(invalid="ignore"):

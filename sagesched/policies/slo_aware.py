@@ -35,7 +35,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from sagesched.core import Decision, InstanceView, RejectCode, Rejection, Request
+from sagesched.core import Decision, GatewayQueue, InstanceView, RejectCode, Rejection, Request
 from sagesched.policies.admission import AdmissionConfig, AdmissionControl
 from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, arrival_order, reject_unservable, use_index
 from sagesched.policies.fair_share import FairShare, FairShareConfig
@@ -129,14 +129,14 @@ class SloAwarePolicy(Policy):
         self.fair = FairShare(c.tenant_weights) if c.fair_share else None
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
-        if use_index(queue):
+        if use_index(queue) and isinstance(queue, GatewayQueue):
             if self.admission is None and self.fair is None:  # the same decisions, off the indexes
                 return schedule_indexed(self, now, queue, instances)
             if self.fair is None:  # with admission: the same decisions, off the indexes too
-                return schedule_admission_indexed(self, now, queue, instances)  # type: ignore[arg-type]
+                return schedule_admission_indexed(self, now, queue, instances)
             queue = list(queue)  # fair share ranks requests itself (no indexed path yet)
-        decisions: list[Decision]
-        decisions, servable = reject_unservable(queue, instances, self.name)
+        rejections, servable = reject_unservable(queue, instances, self.name)
+        decisions: list[Decision] = list(rejections)
         if not servable:
             return decisions
         admission = self.admission

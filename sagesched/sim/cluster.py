@@ -43,13 +43,12 @@ from sagesched.sim.config import ClusterConfig, InstanceConfig, SimConfig
 from sagesched.sim.engines import (
     EngineRejected,
     EngineRequest,
-    SharedGpu,
-    TeiEngineCore,
-    VllmEngineCore,
 )
 from sagesched.sim.frontend import apply_frontend
+from sagesched.sim.instance_state import InstanceState
 from sagesched.sim.results import SimResult, timeline_frame
-from sagesched.sim.views import DEFAULT_VIEW, make_view
+from sagesched.sim.segments import EngineSegments
+from sagesched.sim.views import make_view
 
 log = logging.getLogger(__name__)
 
@@ -96,88 +95,7 @@ def split_tokens(total: int, n: int) -> tuple[int, ...]:
     return tuple(base + 1 if i < extra else base for i in range(n))
 
 
-class _Instance:
-    """Driver-side state of one instance: its engine cores, the segment in flight, counters."""
-
-    def __init__(self, cfg: InstanceConfig, llm_perf: Any, emb_perf: Any) -> None:
-        self.cfg = cfg
-        self.id = cfg.id
-        self.kind = cfg.kind
-        self.models = cfg.models
-        self.max_inflight = cfg.max_inflight
-        self.llm = VllmEngineCore(cfg.vllm, llm_perf) if llm_perf is not None else None
-        self.tei = TeiEngineCore(cfg.tei, emb_perf) if emb_perf is not None else None
-        self.gpu = SharedGpu(cfg.shared) if (self.llm is not None and self.tei is not None) else None
-        self.pooling = self.kind is InstanceKind.LLM_EMBEDDING and self.tei is None
-        self.inflight = 0
-        self.emb_inflight = 0
-        self.tei_requests = 0
-        self.seqs: dict[str, Any] = {}  # request id -> engine Seq (for preemption/cache counts at completion)
-        # The vLLM segment in flight: a planned step or a decode run, started at llm_t0.
-        self.llm_plan = None
-        self.llm_run = None
-        self.index = 0  # position in the simulator's instance list (and its views)
-        self.llm_t0 = 0.0
-        self.llm_gen = 0
-        self.llm_event: simpy.Event | None = None  # the end event of the decode run in flight
-        self.tei_batch = None
-        self.tei_gen = 0
-        # Utilisation: time with at least one engine busy.
-        self.busy_since: float | None = None
-        self.busy_acc = 0.0
-        self.sample_busy = 0.0
-        self.sample_t = 0.0
-        self.sample_quiet: tuple | None = None  # (version, row) when idle at the last timeline sample
-        # Bumped by every change of the instance's state (dispatch, segment start/end); a decode run
-        # in flight changes only its step count m. Snapshots are cached by (version, m), and the
-        # part of a snapshot that m does not change by version alone (see `Simulator._view`).
-        self.version = 0
-        self.cached_view: tuple | None = None
-        self.cached_load: tuple | None = None
-        if self.llm is not None:
-            self.prefill_rate = float(llm_perf.prefill_tokens_per_s)
-            self.decode_step = float(llm_perf.decode_step_s)
-            self.max_num_seqs = cfg.vllm.max_num_seqs
-            self.max_batch_tokens = cfg.vllm.max_num_batched_tokens
-        else:
-            self.prefill_rate = float(emb_perf.tokens_per_s)
-            self.decode_step = DEFAULT_VIEW.decode_step_s
-            self.max_num_seqs = cfg.tei.max_concurrent_requests
-            self.max_batch_tokens = cfg.tei.max_batch_tokens
-        self.emb_rate = float(emb_perf.tokens_per_s) if emb_perf is not None else self.prefill_rate
-        self.max_client_batch = (
-            cfg.tei.max_client_batch_size if self.tei is not None else DEFAULT_VIEW.max_client_batch_size
-        )
-        # The constant part of this instance's snapshots (validated once by the constructor).
-        template = InstanceView(
-            id=self.id,
-            kind=self.kind,
-            models=self.models,
-            healthy=True,
-            max_inflight=self.max_inflight,
-            max_num_seqs=self.max_num_seqs,
-            max_batch_tokens=self.max_batch_tokens,
-            max_client_batch_size=self.max_client_batch,
-            prefill_tokens_per_s=self.prefill_rate,
-            decode_step_s=self.decode_step,
-            embedding_tokens_per_s=self.emb_rate,
-            age_s=0.0,
-            max_embedding_inputs=cfg.tei.max_concurrent_requests if self.tei is not None else 0,
-        )
-        self.static_view = tuple(getattr(template, f) for f in InstanceView.__slots__)
-
-    @property
-    def llm_active(self) -> bool:
-        return self.llm_plan is not None or self.llm_run is not None
-
-    def serves(self, request: Request) -> bool:
-        return self.kind.serves(request.type) and request.model in self.models
-
-    def busy_total(self, now: float) -> float:
-        return self.busy_acc + (now - self.busy_since if self.busy_since is not None else 0.0)
-
-
-class Simulator:
+class Simulator(EngineSegments):
     """One simulation run. Use `simulate(...)`; this class holds the run's state."""
 
     def __init__(
@@ -199,7 +117,7 @@ class Simulator:
         self.sim = sim
         self.step_mode = sim.mode == "step"
         provider = perf_provider or default_perf_provider
-        self.instances = [_Instance(cfg, *provider(cfg)) for cfg in cluster.instances]
+        self.instances = [InstanceState(cfg, *provider(cfg)) for cfg in cluster.instances]
         for index, inst in enumerate(self.instances):
             inst.index = index
         # A call's views are built lazily (`InstancePool`, `_pool`): up front only for the instances
@@ -207,7 +125,7 @@ class Simulator:
         # a call's cost follows what changed and what the policy reads, not the pool size.
         self._ids: list[str] | None = None
         self._index: dict[str, int] = {}
-        self._stale: set[_Instance] = set()
+        self._stale: set[InstanceState] = set()
         self._idle: list[str] = []  # sorted ids of idle instances (see `InstancePool`)
         self._idle_set: set[str] = set()
         self._serves_class: dict = {}  # class -> served by some instance (kinds and models never change)
@@ -357,7 +275,8 @@ class Simulator:
             return
         env = self.env
         now = env.now
-        pool = None
+        pool: InstancePool | None = None
+        views: Sequence[InstanceView]
         if self.plain_inputs or len(self.instances) <= EAGER_VIEWS_MAX:
             views = [self._view(inst, now) for inst in self.instances]
         else:
@@ -393,7 +312,7 @@ class Simulator:
         if wake is not None and wake > now and wake not in self.wakeups:
             self.wakeups.add(wake)
             ev = env.timeout(wake - now)
-            ev.callbacks.append(lambda _e, w=wake: self._wake(w))
+            ev.callbacks.append(self._waker(wake))
 
     def _pool(self, now: float) -> InstancePool:
         """This call's views: built lazily (`InstancePool`), with the sorted ids of idle instances.
@@ -427,19 +346,23 @@ class Simulator:
     def _any_active(self) -> bool:
         return any(inst.llm_active or inst.tei_batch is not None for inst in self.instances)
 
+    def _waker(self, when: float) -> Callable[[simpy.Event], None]:
+        return lambda _e: self._wake(when)
+
     def _wake(self, when: float) -> None:
         self.wakeups.discard(when)
         self._schedule()
 
-    def _kv_usage(self, inst: _Instance, now: float) -> float:
+    def _kv_usage(self, inst: InstanceState, now: float) -> float:
         core = inst.llm
+        assert core is not None
         run = inst.llm_run
         if run is None:
             return core.kv.used / core.kv.num_blocks
         m = run.steps_done_by(now - inst.llm_t0)
         return core.kv_used_during(run, m) / core.kv.num_blocks
 
-    def _view(self, inst: _Instance, now: float) -> InstanceView:
+    def _view(self, inst: InstanceState, now: float) -> InstanceView:
         """The instance's snapshot at `now`.
 
         Hot path (every policy call snapshots every instance, in both modes, so its cost caps the
@@ -464,7 +387,7 @@ class Simulator:
         if run is not None:
             # As `core.kv_used_during(run, m)`: the blocks in use while step m executes, and the
             # run's steps done so far are not applied to the core yet.
-            kv = (run.used0 + run.alloc_cum(m if m < run.k - 1 else run.k - 1)) / inst.llm.kv.num_blocks
+            kv = (run.used0 + run.alloc_cum(m if m < run.k - 1 else run.k - 1)) / inst.kv_blocks
             decode -= run.n * m
         view = make_view(
             inst.static_view, running, waiting, inst.emb_inflight, kv, prefill, decode, emb_tokens, emb_inputs
@@ -473,7 +396,7 @@ class Simulator:
         return view
 
     @staticmethod
-    def _load(inst: _Instance) -> tuple:
+    def _load(inst: InstanceState) -> tuple:
         """(version, running, waiting, KV usage, queued prefill, queued decode, queued embedding tokens,
         embedding inputs in flight) of the engines' state.
 
@@ -564,11 +487,12 @@ class Simulator:
             elif inst.llm_run is not None:
                 self._cut_run(inst)
 
-    def _new_call_id(self, inst: _Instance) -> str:
+    def _new_call_id(self, inst: InstanceState) -> str:
         self._call_seq += 1
         return f"{inst.id}/call-{self._call_seq}"
 
-    def _add_llm(self, inst: _Instance, ereq: EngineRequest, embedding: bool = False) -> bool:
+    def _add_llm(self, inst: InstanceState, ereq: EngineRequest, embedding: bool = False) -> bool:
+        assert inst.llm is not None
         try:
             inst.llm.add(ereq)
         except EngineRejected as exc:
@@ -581,11 +505,12 @@ class Simulator:
             inst.emb_inflight += 1
         return True
 
-    def _submit_tei(self, inst: _Instance, reqs: list[Request], a: Placement) -> None:
+    def _submit_tei(self, inst: InstanceState, reqs: list[Request], a: Placement) -> None:
         call_id = self._new_call_id(inst)
         tokens: list[int] = []
         for req in reqs:
             tokens.extend(split_tokens(req.embedding_tokens or req.prompt_tokens, max(1, req.embedding_inputs)))
+        assert inst.tei is not None
         try:
             inst.tei.submit(EngineRequest(id=call_id, input_tokens=tuple(tokens), num_requests=len(reqs)))
         except EngineRejected as exc:
@@ -611,7 +536,7 @@ class Simulator:
         if self._progress is not None and self.ended % 1000 == 0:
             self._progress.set_postfix(done=self.ended, refresh=False)
 
-    def _complete(self, rid: str, now: float, inst: _Instance) -> None:
+    def _complete(self, rid: str, now: float, inst: InstanceState) -> None:
         rec = self.records[rid]
         seq = inst.seqs.pop(rid, None)
         if seq is not None:
@@ -624,138 +549,6 @@ class Simulator:
         rec.outcome = Outcome.COMPLETED.value
         inst.inflight -= 1
         self._ended()
-
-    # -- the vLLM engine ---------------------------------------------------------------------------
-    def _llm_start(self, inst: _Instance) -> None:
-        """Start the next segment (a step, or a jump over pure-decode steps) if there is work."""
-        core = inst.llm
-        env = self.env
-        now = env.now
-        factor = inst.gpu.llm_stretch(inst.tei_batch is not None) if inst.gpu is not None else 1.0
-        inst.version += 1
-        self._stale.add(inst)
-        inst.llm_gen += 1
-        gen = inst.llm_gen
-        if not self.step_mode:
-            k = core.decode_run_limit()
-            if k >= 2:
-                run = core.start_decode_run(k, factor)
-                if run.k >= 1:
-                    inst.llm_run = run
-                    inst.llm_t0 = now
-                    if inst.busy_since is None:  # `_set_busy` with the LLM engine busy, inlined (hot)
-                        inst.busy_since = now
-                    ev = env.timeout(run.cum_time(run.k))
-                    ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
-                    inst.llm_event = ev
-                    return
-                core.run = None
-        plan = core.plan_step()
-        if plan is None:
-            inst.llm_plan = None
-            self._set_busy(inst, now)
-            if inst.gpu is not None and inst.tei_batch is not None:
-                pass  # the partner's batch factor was fixed at its start
-            return
-        for seq in plan.preempted:
-            self.records[seq.id].preemptions = seq.preemptions
-        inst.llm_plan = plan
-        inst.llm_t0 = now
-        if inst.busy_since is None:  # `_set_busy` with the LLM engine busy, inlined (hot)
-            inst.busy_since = now
-        ev = env.timeout(core.step_time_s(plan) * factor)
-        ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
-
-    def _cut_run(self, inst: _Instance) -> None:
-        """New work (or a change on the shared GPU) mid-run: end the run after the step in progress."""
-        run = inst.llm_run
-        now = self.env.now
-        m = run.steps_done_by(now - inst.llm_t0)
-        if m >= run.k - 1:
-            return  # the step in progress is the run's last: its end event is already due
-        run.truncate(m + 1)
-        inst.llm_gen += 1
-        gen = inst.llm_gen
-        # The run's old end event stays in SimPy's queue; dropping its callback spares processing
-        # it (`_llm_done` would ignore it anyway: its generation is stale).
-        inst.llm_event.callbacks.clear()
-        ev = self.env.timeout(inst.llm_t0 + run.cum_time(m + 1) - now)
-        ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
-        inst.llm_event = ev
-
-    def _llm_done(self, inst: _Instance, gen: int) -> None:
-        if gen != inst.llm_gen:
-            return  # superseded by a cut
-        self.events += 1
-        core = inst.llm
-        now = self.env.now
-        run = inst.llm_run
-        if run is not None:
-            out = core.finish_decode_run(run, run.k)
-            inst.llm_run = None
-        else:
-            out = core.finish_step(inst.llm_plan, now)
-            inst.llm_plan = None
-        records = self.records
-        for rid in out.first_token_ids:
-            rec = records[rid]
-            if rec.first_token_s is None and rid not in self.group_of:
-                rec.first_token_s = now
-        for rid in out.finished_ids:
-            group = self.group_of.pop(rid, None)
-            if group is None:
-                self._complete(rid, now, inst)
-                continue
-            left = self.group_left[group] - 1
-            self.group_left[group] = left
-            if left == 0:
-                del self.group_left[group]
-                for member in self.calls.pop(group):
-                    self._complete(member, now, inst)
-                    inst.emb_inflight -= 1
-        self._llm_start(inst)
-        if out.finished_ids:
-            self._schedule()
-
-    # -- the TEI engine ----------------------------------------------------------------------------
-    def _tei_start(self, inst: _Instance) -> None:
-        tei = inst.tei
-        now = self.env.now
-        was_busy = inst.tei_batch is not None
-        batch = tei.next_batch()
-        inst.tei_batch = batch
-        inst.version += 1
-        self._stale.add(inst)
-        self._set_busy(inst, now)
-        if inst.gpu is not None and was_busy != (batch is not None) and inst.llm_run is not None:
-            self._cut_run(inst)
-        if batch is None:
-            return
-        factor = inst.gpu.embedding_stretch(inst.llm_active) if inst.gpu is not None else 1.0
-        inst.tei_gen += 1
-        ev = self.env.timeout(tei.batch_time_s(batch) * factor)
-        ev.callbacks.append(lambda _e: self._tei_done(inst))
-
-    def _tei_done(self, inst: _Instance) -> None:
-        self.events += 1
-        now = self.env.now
-        done = inst.tei.finish_batch(inst.tei_batch)
-        for call_id in done:
-            for rid in self.calls.pop(call_id):
-                self._complete(rid, now, inst)
-                inst.emb_inflight -= 1
-                inst.tei_requests -= 1
-        self._tei_start(inst)
-        if done:
-            self._schedule()
-
-    def _set_busy(self, inst: _Instance, now: float) -> None:
-        busy = inst.llm_active or inst.tei_batch is not None
-        if busy and inst.busy_since is None:
-            inst.busy_since = now
-        elif not busy and inst.busy_since is not None:
-            inst.busy_acc += now - inst.busy_since
-            inst.busy_since = None
 
     # -- the end -----------------------------------------------------------------------------------
     def _close_out(self) -> None:
@@ -774,7 +567,7 @@ class Simulator:
         for inst in self.instances:
             self._set_busy_final(inst, now)
 
-    def _set_busy_final(self, inst: _Instance, now: float) -> None:
+    def _set_busy_final(self, inst: InstanceState, now: float) -> None:
         if inst.busy_since is not None:
             inst.busy_acc += now - inst.busy_since
             inst.busy_since = now

@@ -475,7 +475,7 @@ class EmbeddingPerfModel:
         """Seconds one batch of `num_inputs` inputs, `total_tokens` tokens in all, the longest `max_input_tokens`, takes."""
         if num_inputs <= 0 or total_tokens <= 0:
             return 0.0
-        longest = max_input_tokens
+        longest: float = max_input_tokens
         mean = total_tokens / num_inputs
         if longest < mean:
             longest = mean

@@ -92,6 +92,28 @@ class _ViewBuilder:
     """
 
     __slots__ = _VIEW_LAYOUT
+    # InstanceView's fields, for the type checker (the slots above are what exists at run time).
+    id: str
+    kind: InstanceKind
+    models: frozenset[str]
+    healthy: bool
+    running: int
+    waiting: int
+    embedding_inflight: int
+    kv_usage: float
+    queued_prefill_tokens: int
+    queued_decode_tokens: int
+    max_inflight: int
+    max_num_seqs: int
+    max_batch_tokens: int
+    max_client_batch_size: int
+    prefill_tokens_per_s: float
+    decode_step_s: float
+    embedding_tokens_per_s: float
+    age_s: float
+    queued_embedding_tokens: int
+    embedding_inputs_inflight: int
+    max_embedding_inputs: int
 
 
 def _make_view_direct(
@@ -151,8 +173,9 @@ def _make_view_direct(
     view.queued_embedding_tokens = emb_tokens
     view.embedding_inputs_inflight = emb_inputs
     view.max_embedding_inputs = max_embedding_inputs
-    view.__class__ = InstanceView
-    return view
+    # The layout trick the type checker cannot follow: from here on `view` is an InstanceView.
+    view.__class__ = InstanceView  # type: ignore[assignment]
+    return view  # type: ignore[return-value]
 
 
 def _direct_views_work() -> bool:

@@ -1,0 +1,101 @@
+"""Driver-side state of one simulated instance: its engine cores, the segment in flight, counters.
+
+The cluster driver (`sagesched.sim.cluster`) keeps one per configured instance; the engine segments
+(`sagesched.sim.segments`) move it forward and the snapshots (`Simulator._view`) read it. Holds
+no behaviour beyond a few derived flags: the engines are the pure state machines in
+`sagesched.sim.engines`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import simpy
+
+from sagesched.core import InstanceKind, InstanceView, Request
+from sagesched.sim.config import InstanceConfig
+from sagesched.sim.engines import DecodeRun, SharedGpu, StepPlan, TeiBatch, TeiEngineCore, VllmEngineCore
+from sagesched.sim.views import DEFAULT_VIEW
+
+
+class InstanceState:
+    """Driver-side state of one instance: its engine cores, the segment in flight, counters."""
+
+    def __init__(self, cfg: InstanceConfig, llm_perf: Any, emb_perf: Any) -> None:
+        self.cfg = cfg
+        self.id = cfg.id
+        self.kind = cfg.kind
+        self.models = cfg.models
+        self.max_inflight = cfg.max_inflight
+        self.llm = VllmEngineCore(cfg.vllm, llm_perf) if llm_perf is not None else None
+        self.tei = TeiEngineCore(cfg.tei, emb_perf) if emb_perf is not None else None
+        self.gpu = SharedGpu(cfg.shared) if (self.llm is not None and self.tei is not None) else None
+        self.pooling = self.kind is InstanceKind.LLM_EMBEDDING and self.tei is None
+        self.inflight = 0
+        self.emb_inflight = 0
+        self.tei_requests = 0
+        self.seqs: dict[str, Any] = {}  # request id -> engine Seq (for preemption/cache counts at completion)
+        # The vLLM segment in flight: a planned step or a decode run, started at llm_t0.
+        self.llm_plan: StepPlan | None = None
+        self.llm_run: DecodeRun | None = None
+        self.index = 0  # position in the simulator's instance list (and its views)
+        self.llm_t0 = 0.0
+        self.llm_gen = 0
+        self.llm_event: simpy.Event | None = None  # the end event of the decode run in flight
+        self.tei_batch: TeiBatch | None = None
+        self.tei_gen = 0
+        # Utilisation: time with at least one engine busy.
+        self.busy_since: float | None = None
+        self.busy_acc = 0.0
+        self.sample_busy = 0.0
+        self.sample_t = 0.0
+        self.sample_quiet: tuple | None = None  # (version, row) when idle at the last timeline sample
+        # Bumped by every change of the instance's state (dispatch, segment start/end); a decode run
+        # in flight changes only its step count m. Snapshots are cached by (version, m), and the
+        # part of a snapshot that m does not change by version alone (see `Simulator._view`).
+        self.version = 0
+        self.cached_view: tuple | None = None  # (version, m, view)
+        self.cached_load: tuple | None = None
+        # KV blocks of the vLLM engine (1 without one: never divided by then).
+        self.kv_blocks = self.llm.kv.num_blocks if self.llm is not None else 1
+        if self.llm is not None:
+            self.prefill_rate = float(llm_perf.prefill_tokens_per_s)
+            self.decode_step = float(llm_perf.decode_step_s)
+            self.max_num_seqs = cfg.vllm.max_num_seqs
+            self.max_batch_tokens = cfg.vllm.max_num_batched_tokens
+        else:
+            self.prefill_rate = float(emb_perf.tokens_per_s)
+            self.decode_step = DEFAULT_VIEW.decode_step_s
+            self.max_num_seqs = cfg.tei.max_concurrent_requests
+            self.max_batch_tokens = cfg.tei.max_batch_tokens
+        self.emb_rate = float(emb_perf.tokens_per_s) if emb_perf is not None else self.prefill_rate
+        self.max_client_batch = (
+            cfg.tei.max_client_batch_size if self.tei is not None else DEFAULT_VIEW.max_client_batch_size
+        )
+        # The constant part of this instance's snapshots (validated once by the constructor).
+        template = InstanceView(
+            id=self.id,
+            kind=self.kind,
+            models=self.models,
+            healthy=True,
+            max_inflight=self.max_inflight,
+            max_num_seqs=self.max_num_seqs,
+            max_batch_tokens=self.max_batch_tokens,
+            max_client_batch_size=self.max_client_batch,
+            prefill_tokens_per_s=self.prefill_rate,
+            decode_step_s=self.decode_step,
+            embedding_tokens_per_s=self.emb_rate,
+            age_s=0.0,
+            max_embedding_inputs=cfg.tei.max_concurrent_requests if self.tei is not None else 0,
+        )
+        self.static_view = tuple(getattr(template, f) for f in InstanceView.__slots__)
+
+    @property
+    def llm_active(self) -> bool:
+        return self.llm_plan is not None or self.llm_run is not None
+
+    def serves(self, request: Request) -> bool:
+        return self.kind.serves(request.type) and request.model in self.models
+
+    def busy_total(self, now: float) -> float:
+        return self.busy_acc + (now - self.busy_since if self.busy_since is not None else 0.0)
