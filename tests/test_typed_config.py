@@ -207,3 +207,12 @@ def test_hydra_overrides_are_named_in_errors(tmp_path, override, text):
     with pytest.raises(ConfigFieldError) as info:
         run(_compose("workload.duration_s=5", "sim.progress=false", override), tmp_path)
     assert str(info.value).startswith(text), str(info.value)
+
+
+def test_emulator_options_are_typed_too():
+    from sagesched.live.emulators.runner import build_app
+
+    with pytest.raises(ConfigFieldError, match=r"^time_scale: must be a number, got 'x'"):
+        build_app("vllm", time_scale="x")
+    with pytest.raises(ConfigFieldError, match=r"^tei\.max_batch_token: unknown key 'max_batch_token'"):
+        build_app("tei", max_batch_token=3)

@@ -85,21 +85,24 @@ def build_app(kind: str, **options: Any) -> tuple[Any, str]:
     """The Starlette app for `kind` ("vllm" or "tei") and its served model name.
 
     Options are the emulator config's fields (model, hardware, time_scale, ...) plus the engine
-    config's (max_num_seqs, max_batch_tokens, ...); unknown names raise the engine config's error.
+    config's (max_num_seqs, max_batch_tokens, ...), read through the typed config layer: a wrong type
+    is a ConfigFieldError naming the option; unknown names raise the engine config's error.
     """
     from dataclasses import fields
+
+    from sagesched.typed_config import from_mapping
 
     if kind == "vllm":
         from sagesched.live.emulators.vllm_app import VllmEmulatorConfig, build_vllm_app
 
         names = {f.name for f in fields(VllmEmulatorConfig)}
-        config = VllmEmulatorConfig(**{k: v for k, v in options.items() if k in names})
+        config = from_mapping(VllmEmulatorConfig, {k: v for k, v in options.items() if k in names}, "emulator")
         return build_vllm_app(config, **{k: v for k, v in options.items() if k not in names}), config.name
     if kind == "tei":
         from sagesched.live.emulators.tei_app import TeiEmulatorConfig, build_tei_app
 
         names = {f.name for f in fields(TeiEmulatorConfig)}
-        tei_config = TeiEmulatorConfig(**{k: v for k, v in options.items() if k in names})
+        tei_config = from_mapping(TeiEmulatorConfig, {k: v for k, v in options.items() if k in names}, "emulator")
         return build_tei_app(tei_config, **{k: v for k, v in options.items() if k not in names}), tei_config.name
     raise ValueError(f"unknown emulator kind {kind!r}; use 'vllm' or 'tei'")
 
