@@ -58,10 +58,14 @@ def _expand_env(value: Any) -> Any:
     return value
 
 
-def _secret(value: Any) -> Any:
+def _non_empty(value: Any) -> Any:
     if value is not None and (not isinstance(value, str) or not value):
         raise ValueError("must be a non-empty string (or leave it out)")
-    return _expand_env(value)
+    return value
+
+
+def _secret(value: Any) -> Any:
+    return _expand_env(_non_empty(value))
 
 
 def _api_keys(value: Any) -> tuple[str, ...]:
@@ -130,7 +134,7 @@ class BackendEntry:
     url: str = field(metadata=parse_with(_url))
     kind: str = field(metadata=parse_with(_kind_name))
     models: tuple[str, ...] = field(metadata=parse_with(_model_list))
-    id: str | None = field(default=None, metadata=parse_with(_secret))
+    id: str | None = field(default=None, metadata=parse_with(_non_empty))
     api_key: str | None = field(default=None, metadata=parse_with(_secret))
     max_inflight: int | None = None
     api: str = field(default="openai", metadata=parse_with(_lower))
