@@ -12,7 +12,10 @@ Reads every run folder (summary.json + requests.parquet) and writes `comparisons
   ``queue_full`` / ``slo_unattainable``) and all rejections, the interactive class's p99 TTFT and
   its ratio to FIFO's, and the query embeddings' SLO attainment;
 - mixed versus siloed at equal GPU count: goodput per layout, interference preset and policy,
-  and each mixed layout's ratio to the best siloed layout's goodput (paired by seed);
+  and each mixed layout's ratio to the best siloed layout's goodput (paired by seed), against the
+  interference-free ceiling (`bound_4llm_4tei`);
+- the interactive class's p99 TTFT floor (isolated service) and the goodput bound, each over
+  FIFO's, so that a target no policy can reach in a cell is visible as such;
 - multi-tenant: Jain's index over the tenants' service (the cost the fair-share policy charges,
   prompt + max_tokens, of the LLM requests dispatched while every tenant had requests queued).
 """
@@ -34,8 +37,33 @@ SHED_CODES = ("queue_full", "slo_unattainable")
 PRESETS = ("none", "time_slice", "mps", "ideal")
 
 
-def load_runs(root: Path) -> pd.DataFrame:
+def interactive_ttft_floor_ms(summary: dict, r: pd.DataFrame) -> float:
+    """The interactive class's p99 TTFT if every interactive request were served alone at its
+    arrival on its fastest instance (`sagesched.bounds.isolated_latencies`): no policy's p99 can be
+    lower. Rebuilt from the run's own config (the same requests for every policy of a cell)."""
+    from sagesched.bounds import isolated_latencies
+    from sagesched.experiment import workload_requests
+    from sagesched.replay.cluster import sim_cluster_dict
+    from sagesched.sim import ClusterConfig
+
+    cfg = summary.get("config") or {}
+    if not cfg or "interactive" not in set(r["workload_class"]):
+        return float("nan")
+    requests = workload_requests(cfg["workload"], int(cfg.get("seed", 0)))
+    cluster = ClusterConfig.from_dict(sim_cluster_dict(cfg["cluster"]))
+    classes = r.set_index("request_id")["workload_class"]
+    lat = isolated_latencies(requests, cluster)
+    keep = np.array([classes.get(q.id) == "interactive" and not q.is_embedding for q in requests], dtype=bool)
+    ttft = lat[keep, 0]
+    ttft = ttft[~np.isnan(ttft)]
+    return float(np.percentile(ttft, 99)) if len(ttft) else float("nan")
+
+
+def load_runs(root: Path, floors: bool = False) -> pd.DataFrame:
+    """One row per run folder under `root`; with `floors`, also the interactive TTFT floor of each
+    (scenario, load, seed) (computed once per cell and seed, from its first run)."""
     rows = []
+    floor_cache: dict[tuple[str, str, str], float] = {}
     for summary_path in sorted(root.glob("*/*/summary.json")):
         run_dir = summary_path.parent
         m = RUN.match(run_dir.name)
@@ -59,6 +87,11 @@ def load_runs(root: Path) -> pd.DataFrame:
             "inter_ttft_p99_ms": float(inter["ttft_ms"].quantile(0.99)) if len(inter) else np.nan,
             "query_attainment": float(query["slo_met"].mean()) if len(query) else np.nan,
         }
+        if floors:
+            key = (run_dir.parent.name, m["load"], m["seed"])
+            if key not in floor_cache:
+                floor_cache[key] = interactive_ttft_floor_ms(s, r)
+            row["inter_ttft_p99_floor_ms"] = floor_cache[key]
         if r["tenant"].nunique() > 1:
             row["jain"] = _jain(r)
         rows.append(row)
@@ -102,7 +135,7 @@ def paired(df: pd.DataFrame) -> pd.DataFrame:
     for (scenario, load), cell in df.groupby(["scenario", "load"]):
         by_seed = {seed: runs.set_index("label") for seed, runs in cell.groupby("seed")}
         for label, runs in cell.groupby("label"):
-            ratios_fifo, ratios_best, closed, tail = [], [], [], []
+            ratios_fifo, ratios_best, closed, tail, floor, ceiling = [], [], [], [], [], []
             for _, run in runs.iterrows():
                 seed_runs = by_seed[run["seed"]]
                 best = seed_runs["goodput"].max()
@@ -113,6 +146,8 @@ def paired(df: pd.DataFrame) -> pd.DataFrame:
                     gap = run["bound"] - fifo["goodput"]
                     closed.append((run["goodput"] - fifo["goodput"]) / gap if gap > 1e-9 else np.nan)
                     tail.append(run["inter_ttft_p99_ms"] / fifo["inter_ttft_p99_ms"])
+                    floor.append(run.get("inter_ttft_p99_floor_ms", np.nan) / fifo["inter_ttft_p99_ms"])
+                    ceiling.append(run["bound"] / fifo["goodput"] if fifo["goodput"] > 0 else np.nan)
             out.append(
                 {
                     "scenario": scenario,
@@ -128,11 +163,23 @@ def paired(df: pd.DataFrame) -> pd.DataFrame:
                     "rejected": runs["rejected"].mean(),
                     "inter_ttft_p99_ms": runs["inter_ttft_p99_ms"].mean(),
                     "inter_tail_vs_fifo": np.nanmax(tail) if tail else np.nan,
+                    "inter_floor_vs_fifo": _nanmax(floor),
+                    "bound_vs_fifo_min": _nanmin(ceiling),
                     "query_attainment": runs["query_attainment"].mean(),
                     "jain": runs["jain"].mean() if "jain" in runs else np.nan,
                 }
             )
     return pd.DataFrame(out)
+
+
+def _nanmax(values: list[float]) -> float:
+    arr = np.asarray(values, dtype=float)
+    return float(np.nanmax(arr)) if arr.size and not np.isnan(arr).all() else float("nan")
+
+
+def _nanmin(values: list[float]) -> float:
+    arr = np.asarray(values, dtype=float)
+    return float(np.nanmin(arr)) if arr.size and not np.isnan(arr).all() else float("nan")
 
 
 def split_mvs_label(label: str) -> tuple[str, str, str]:
@@ -155,6 +202,7 @@ def mixed_vs_siloed(df: pd.DataFrame) -> pd.DataFrame:
         best_silo = silo.groupby("seed")["goodput"].max()
         for (layout, preset, policy), runs in cell.groupby(["layout", "preset", "policy"]):
             ratio = [run["goodput"] / best_silo.get(run["seed"], np.nan) for _, run in runs.iterrows()]
+            bound_ratio = [run["bound"] / best_silo.get(run["seed"], np.nan) for _, run in runs.iterrows()]
             out.append(
                 {
                     "scenario": scenario,
@@ -165,8 +213,47 @@ def mixed_vs_siloed(df: pd.DataFrame) -> pd.DataFrame:
                     "goodput": runs["goodput"].mean(),
                     "bound": runs["bound"].mean(),
                     "vs_best_siloed": float(np.nanmean(ratio)) if not np.all(np.isnan(ratio)) else np.nan,
+                    "bound_vs_best_siloed": float(np.nanmean(bound_ratio))
+                    if not np.all(np.isnan(bound_ratio))
+                    else np.nan,
+                    "attainment": runs["attainment"].mean(),
                     "query_attainment": runs["query_attainment"].mean(),
                     "shed": runs["shed"].mean(),
+                }
+            )
+    return pd.DataFrame(out)
+
+
+CEILING_LAYOUT = "bound_4llm_4tei"
+
+
+def mvs_headline(mvs: pd.DataFrame) -> pd.DataFrame:
+    """Per scenario and load: the interference-free ceiling (`CEILING_LAYOUT`: four LLM and four TEI
+    GPUs, what four shared GPUs would be if co-location cost nothing, best policy) and, per
+    interference preset, the best mixed layout under hybrid and under any policy, each as a ratio to
+    the best siloed layout (paired by seed), with the share of the ceiling's gain hybrid reaches."""
+    out = []
+    for (scenario, load), cell in mvs.groupby(["scenario", "load"]):
+        ceiling = cell[cell["layout"] == CEILING_LAYOUT]["vs_best_siloed"].max()
+        mixed = cell[cell["layout"].str.startswith("mixed") | cell["layout"].str.startswith("all_mixed")]
+        for preset, runs in mixed.groupby("interference"):
+            hyb = runs[runs["policy"] == "hybrid"]
+            best_h = hyb.loc[hyb["vs_best_siloed"].idxmax()] if len(hyb) else None
+            best_any = runs.loc[runs["vs_best_siloed"].idxmax()]
+            h = float(best_h["vs_best_siloed"]) if best_h is not None else np.nan
+            out.append(
+                {
+                    "scenario": scenario,
+                    "load": load,
+                    "interference": preset,
+                    "isolated_bound_vs_best_siloed": float(cell["bound_vs_best_siloed"].max()),
+                    "ceiling_vs_best_siloed": ceiling,
+                    "hybrid_best_mixed": h,
+                    "hybrid_layout": best_h["layout"] if best_h is not None else "",
+                    "hybrid_shed": float(best_h["shed"]) if best_h is not None else np.nan,
+                    "any_policy_best_mixed": float(best_any["vs_best_siloed"]),
+                    "any_policy": f"{best_any['layout']}/{best_any['policy']}",
+                    "hybrid_share_of_ceiling_gain": (h - 1.0) / (ceiling - 1.0) if ceiling > 1.0 + 1e-9 else np.nan,
                 }
             )
     return pd.DataFrame(out)
@@ -188,7 +275,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = load_runs(args.main_dir)
+    runs = load_runs(args.main_dir, floors=True)
     table = paired(runs).sort_values(["scenario", "load", "goodput"], ascending=[True, True, False])
     table.to_csv(args.out / "comparisons.csv", index=False)
     text = [
@@ -202,6 +289,11 @@ def main() -> int:
         "`inter_tail_vs_fifo`: the worst seed's interactive p99 TTFT over FIFO's; `jain`: Jain's index over",
         "the tenants' service (prompt + max_tokens dispatched) in the 1 s bins where every tenant had",
         "requests queued at both ends (multi_tenant only).",
+        "`inter_floor_vs_fifo`: the worst seed's interactive p99 TTFT *floor* (every interactive request",
+        "served alone at its arrival on its fastest instance: no policy can go below it) over FIFO's p99;",
+        "where it is above 0.5, no policy can bring the interactive tail to half FIFO's in that cell.",
+        "`bound_vs_fifo_min`: the isolated-service goodput bound over FIFO's goodput in the worst seed:",
+        "the largest goodput ratio over FIFO any policy could post there.",
         "",
         _md(table),
     ]
@@ -215,7 +307,22 @@ def main() -> int:
             "## Mixed versus siloed at 4 GPUs",
             "",
             "`vs_best_siloed`: goodput over the best siloed layout's (best over layouts and policies) in the",
-            "same seed. `interference`: the shared-GPU preset (none for siloed layouts).",
+            "same seed. `interference`: the shared-GPU preset (none for siloed layouts). `bound_4llm_4tei` is",
+            "not a 4-GPU layout but the ceiling of the study: four LLM-only plus four TEI-only GPUs, i.e.",
+            "four shared GPUs whose two engines never slow each other (the engine model only stretches work",
+            "on a shared GPU), under each policy.",
+            "",
+            "### Headline: the ceiling the interference model allows, and how close hybrid gets",
+            "",
+            "`isolated_bound_vs_best_siloed`: the isolated-service goodput bound (every request alone on",
+            "its fastest instance: the same for every layout) over the best siloed layout's goodput, the",
+            "loosest cap; `ceiling_vs_best_siloed`: the interference-free pool's goodput (best policy) over",
+            "the best siloed layout's; `hybrid_best_mixed`: the best mixed 4-GPU layout under hybrid, same ratio;",
+            "`hybrid_share_of_ceiling_gain`: (hybrid_best_mixed - 1) / (ceiling - 1).",
+            "",
+            _md(mvs_headline(mvs)),
+            "",
+            "### Every layout",
             "",
             _md(mvs),
         ]

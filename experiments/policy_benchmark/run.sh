@@ -3,10 +3,11 @@
 #
 #     bash experiments/policy_benchmark/run.sh [extra Hydra overrides, e.g. hydra.launcher.n_jobs=8]
 #
-# Sweeps (conf/benchmark/*.yaml), 532 simulated runs in all:
+# Sweeps (conf/benchmark/*.yaml), 550 simulated runs in all:
 #   - the four scenarios: 8 policies x 4 loads x 2 seeds each (256 runs);
 #   - mixed versus siloed at 4 GPUs on embedding_heavy (loads 2, 3) and rag (load 2.2): siloed
-#     layouts once, mixed layouts under each interference preset; fifo, slo_aware, hybrid (252 runs);
+#     layouts once, mixed layouts under each interference preset, and the interference-free ceiling
+#     (cluster bound_4llm_4tei: 4 LLM + 4 TEI GPUs); fifo, slo_aware, hybrid (270 runs);
 #   - multi_tenant: four tenants (40/20/20/20%), 6 policies, 2 loads, 2 seeds (24 runs);
 # then `sagesched.report` (the per-scenario tables and plots) and `analyze.py` (paired-by-seed
 # comparisons, gap to the bound closed, shed fractions, mixed vs siloed, Jain's index).
@@ -38,6 +39,8 @@ MIXED=mixed_1llm_2mix_1tei,mixed_2llm_2mix,mixed_3mix_1tei,all_mixed_4
 for wl in embedding_heavy rag; do
     DEST="$OUT-mvs" sweep "mvs_${wl}_silo" "+benchmark=mvs_$wl" "${@}"
     DEST="$OUT-mvs" sweep "mvs_${wl}_mixed" "+benchmark=mvs_$wl" "cluster=$MIXED" "interference=time_slice,mps,ideal" "${@}"
+    # The ceiling: 4 LLM + 4 TEI GPUs, i.e. four shared GPUs that cost nothing to share (not a 4-GPU layout).
+    DEST="$OUT-mvs" sweep "mvs_${wl}_ceiling" "+benchmark=mvs_$wl" "cluster=bound_4llm_4tei" "${@}"
 done
 sweep multi_tenant "+benchmark=multi_tenant" "${@}"
 echo "runs: $(find "$OUT" "$OUT-mvs" -name summary.json | wc -l)"
