@@ -135,6 +135,12 @@ class SloAwarePolicy(Policy):
             if self.fair is None:  # with admission: the same decisions, off the indexes too
                 return schedule_admission_indexed(self, now, queue, instances)
             queue = list(queue)  # fair share ranks requests itself (no indexed path yet)
+        if len(queue) == 1 and self.admission is not None and self.fair is None:
+            return self._schedule_lone(now, queue[0], instances)
+        return self._schedule_list(now, queue, instances)
+
+    def _schedule_list(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
+        """`schedule` on a plain sequence (the reference every shortcut is checked against)."""
         rejections, servable = reject_unservable(queue, instances, self.name)
         decisions: list[Decision] = list(rejections)
         if not servable:
@@ -222,6 +228,42 @@ class SloAwarePolicy(Policy):
             )
         return decisions
 
+    def _schedule_lone(self, now: float, request: Request, instances: Sequence[InstanceView]) -> list[Decision]:
+        """`_schedule_list` with admission on, for a queue of one request: the same decisions.
+
+        The light-load case (hybrid's default fallback sees one LLM request per call): no ranking
+        to do, and the slacks `best_slack_s` computes are the ones `_place_by_slack` needs (nothing
+        is placed in between), so each instance's slack is computed once, not twice.
+        """
+        admission = self.admission
+        assert admission is not None
+        rejections, servable = reject_unservable((request,), instances, self.name)
+        if not servable:
+            return list(rejections)
+        admission.observe_ids({request.id})
+        ledger = LoadLedger(instances)
+        decisions: list[Decision] = []
+        if not has_slo(request):
+            self._place_soonest(ledger, request, decisions, _REASONS[_NO_SLO])
+            return decisions
+        slacks = {
+            v.id: slack_s(ledger, v.id, request, now)
+            for v in ledger.views.values()
+            if v.healthy and v.can_serve(request)
+        }
+        if not slacks:
+            return decisions  # every compatible instance is down: it stays queued
+        best = max(list(slacks.values()))
+        if best >= 0:
+            self._place_by_slack(ledger, request, now, decisions, None, slacks)
+            return decisions
+        shed, kept = admission.split_late([(best, request)], self.name)
+        decisions.extend(shed)
+        if kept:
+            how = _LATE_FIRST if int(request.priority) <= admission.config.late_first_priority else _LATE
+            self._place_soonest(ledger, request, decisions, _REASONS[how])
+        return decisions
+
     def _place_by_slack(
         self,
         ledger: LoadLedger,
@@ -229,14 +271,19 @@ class SloAwarePolicy(Policy):
         now: float,
         decisions: list[Decision],
         deferred: list[Request] | None,
+        known: dict[str, float] | None = None,
     ) -> bool:
         """The candidate with the most slack; with `deferred`, a request no free instance can serve
         in time any more (this call's placements used its slack) is deferred there instead.
+        `known`: slacks already computed on this ledger (a superset of the candidates').
         Whether it was placed."""
         candidates = ledger.candidates(request)
         if not candidates:
             return False
-        slacks = {v.id: slack_s(ledger, v.id, request, now) for v in candidates}
+        if known is None:
+            slacks = {v.id: slack_s(ledger, v.id, request, now) for v in candidates}
+        else:
+            slacks = {v.id: known[v.id] for v in candidates}
         target = min(candidates, key=lambda v: (-slacks[v.id], ledger.inflight(v.id), v.id))
         if deferred is not None and slacks[target.id] < 0:
             deferred.append(request)
