@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from sagesched.sim.engines.llamacpp import AffineStepModel, LlamaCppConfig, LlamaCppEngineCore
+from sagesched.sim.engines.llamacpp import (
+    AffineStepModel,
+    CpuStepModel,
+    LlamaCppConfig,
+    LlamaCppEngineCore,
+    UBatch,
+    split_ubatches,
+)
 from sagesched.sim.engines.types import EngineRejected, EngineRequest
 from sagesched.sim.perf_model import BatchShape
 
@@ -75,7 +82,9 @@ def test_slot_prompt_cache_reuses_the_common_prefix():
     core.add(EngineRequest(id="b", prompt_tokens=330, output_tokens=1, prefix_hashes=(*range(15), 99, 98, 97)))
     batch = core.plan_step()
     slot, tokens = batch[0]
-    assert slot.id == 0 and tokens == 330 - 15 * 16  # the slot holding a's prompt, 15 blocks reused
+    # a took slot 1 (never-used slots tie; llama-server's LRU scan keeps the last, highest id); b goes to
+    # the slot holding a's prompt, not to the least recently used slot 0, and reuses 15 blocks.
+    assert slot.id == 1 and tokens == 330 - 15 * 16
     assert core.prompt_cache_tokens == 240
 
 
@@ -98,3 +107,44 @@ def test_replay_driver_queues_past_the_slots_and_times_each_request():
     assert b.first_token_s == pytest.approx(prefill + 2 * decode + prefill + 0.002)
     shed = replay_llamacpp(reqs, LlamaCppConfig(n_parallel=1, n_ctx=2048, reject_when_busy=True), PERF)
     assert shed[1].status == 503 and shed[1].finish_s is None
+
+
+def test_split_equal_groups_consecutive_slots_with_equal_token_counts():
+    # Decoding slots 0, 1, 2 and a 200-token prompt on slot 3: one micro-batch with a token of each,
+    # then the rest of the prompt alone (llama.cpp split_equal, sequential).
+    assert split_ubatches([(0, 1), (1, 1), (2, 1), (3, 200)], 512, True) == [
+        [(0, 0, 1), (1, 0, 1), (2, 0, 1), (3, 0, 1)],
+        [(3, 1, 199)],
+    ]
+    # Decoding slots 0, 1, 3: slot 3 does not follow 1, so it runs in a micro-batch of its own.
+    assert split_ubatches([(0, 1), (1, 1), (3, 1)], 512, True) == [[(0, 0, 1), (1, 0, 1)], [(2, 0, 1)]]
+    # Two prompts on consecutive slots advance in lockstep while (k + 1) x 2 fits n_ubatch.
+    assert split_ubatches([(1, 300), (2, 100)], 512, True) == [[(0, 0, 100), (1, 0, 100)], [(0, 100, 200)]]
+    assert split_ubatches([(1, 300), (2, 300)], 512, True)[0] == [(0, 0, 256), (1, 0, 256)]
+    # One slot / unified KV: consecutive tokens in n_ubatch pieces.
+    assert split_ubatches([(0, 1), (1, 700)], 512, False) == [[(0, 0, 1), (1, 0, 511)], [(1, 511, 189)]]
+
+
+def test_lru_takes_the_slot_released_longest_ago_and_four_rows_cost_less_than_three():
+    cfg = LlamaCppConfig(n_parallel=4, n_ctx=4096)
+    # gemv rows dear, gemm blocks cheap: the CPU kernel behaviour the model must keep.
+    perf = CpuStepModel(ubatch_s=0.001, row_block_s=0.005, row_tail_s=0.03, output_block_s=0.004, output_tail_s=0.01)
+    core = LlamaCppEngineCore(cfg, perf)
+    core.add(EngineRequest(id="a", prompt_tokens=10, output_tokens=1))
+    assert [s.id for s in core.slots if s.req] == [3]  # never-used slots tie: highest id
+    list(drain(core))
+    core.add(EngineRequest(id="b", prompt_tokens=10, output_tokens=5))
+    assert [s.id for s in core.slots if s.req] == [2]  # slot 3 was used, 2 never was
+    list(drain(core))
+    for rid in "cde":
+        core.add(EngineRequest(id=rid, prompt_tokens=10, output_tokens=3))
+    assert sorted(s.id for s in core.slots if s.req) == [0, 1, 3]  # never-used 1, 0, then 3 (released first)
+    core.finish_step(core.plan_step())  # prompts done: three slots decoding
+    three = core.plan_step()
+    assert [ub.rows for ub in core.ubatches(three)] == [2, 1]  # slots {0, 1} then {3}
+    four = UBatch(rows=4, outputs=4, seqs=4, kv_pairs=0.0)
+    three_rows = UBatch(rows=3, outputs=3, seqs=3, kv_pairs=0.0)
+    assert perf.ubatch_time_s(four) < perf.ubatch_time_s(three_rows)
+    assert core.step_time_s(three) == pytest.approx(
+        perf.ubatch_time_s(UBatch(2, 2, 2, 22.0)) + perf.ubatch_time_s(UBatch(1, 1, 1, 11.0))
+    )

@@ -1,32 +1,52 @@
-"""llama.cpp's llama-server as a pure state machine: slots, a shared token batch, slot prompt caches.
+"""llama.cpp's llama-server as a pure state machine: slots, a shared token batch, micro-batches, slot caches.
 
-What it models (llama-server's `server_context::update_slots`):
+What it models (llama-server's `update_slots` and llama.cpp's batch splitter):
 - `n_parallel` slots (`-np`), each with `n_ctx / n_parallel` tokens of context. A request takes an idle
-  slot: the one whose cached tokens share the longest prefix with its prompt (the slot prompt cache),
-  else the least recently used. With every slot busy it waits in a FIFO queue (llama-server's
-  deferred tasks), or, with `reject_when_busy`, is refused with 503 as a server configured to shed does.
+  slot: the one whose cached tokens share the longest prefix with its prompt when that prefix is more
+  than `slot_prompt_similarity` of the prompt (the slot prompt cache), else the least recently used
+  (a slot's "use" time is when it was released; never-used slots tie and the highest id wins, as
+  llama-server's `<=` scan does). With every slot busy it waits in a FIFO queue (deferred tasks), or,
+  with `reject_when_busy`, is refused with 503 as a server configured to shed does.
 - A prompt that cannot fit its slot's context is refused with 400; generation stops when the slot's
   context is full (no context shift).
-- Each step is one `llama_decode` call: one token for every generating slot first, then prompt tokens
-  of the slots still processing their prompt, in slot order, while the batch holds fewer than `n_batch`
-  tokens (prompts are processed in chunks); the batch runs as ceil(tokens / n_ubatch) physical
-  micro-batches. The first token comes with the step that finishes the prompt.
+- Each step is one `llama_decode` call: one token for every generating slot first (slot order), then
+  prompt tokens of the slots still processing their prompt, in slot order, while the batch holds fewer
+  than `n_batch` tokens (prompts are processed in chunks). The first token comes with the step that
+  finishes the prompt.
+- The batch is cut into physical micro-batches of at most `n_ubatch` tokens as llama.cpp does:
+  with one KV stream per slot (the default, `kv_unified=False`, n_parallel > 1) by `split_equal`
+  (sequential): a micro-batch takes sequences in batch order whose slot ids are consecutive, and the
+  same number of tokens from each; so decoding slots {0, 1, 3} cost two micro-batches ({0, 1}, {3}),
+  and a prompt sharing a step with decodes contributes one token to theirs and the rest alone. With
+  one slot or a unified KV cache, `split_simple` (consecutive tokens).
+- Models with sliding-window attention (Gemma 3) get a context checkpoint before a prompt's last few
+  tokens (`checkpoint_tail_tokens`): the prompt ends in two steps, the tail alone with the first token.
 - On reuse, a slot keeps the common prefix of its cached tokens and the new prompt (at most prompt - 1,
   so at least one token is evaluated) and evaluates the rest.
 
-Timing: `perf.step_time_s(BatchShape)` for each micro-batch (any `LLMPerfModel`-like object, e.g.
-`AffineStepModel` fitted by probes of a real llama-server).
+Timing: `perf.ubatches_time_s(list of UBatch)` for a step when the perf model has it (the CPU model,
+`llamacpp_perf.CpuStepModel`, fitted by probes of a real llama-server), else for each micro-batch
+`perf.step_time_s(BatchShape)` (any `LLMPerfModel`-like object).
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from sagesched.sim.engines.llamacpp_perf import AffineStepModel, CpuStepModel, UBatch
 from sagesched.sim.engines.types import EngineRejected, EngineRequest, StepOutcome
 from sagesched.sim.perf_model import BatchShape
+
+__all__ = [
+    "AffineStepModel",
+    "CpuStepModel",
+    "LlamaCppConfig",
+    "LlamaCppEngineCore",
+    "UBatch",
+    "split_ubatches",
+]
 
 
 @dataclass(frozen=True)
@@ -36,7 +56,18 @@ class LlamaCppConfig:
     n_parallel: slots (`-np`); n_ctx: total context (`-c`), split evenly over the slots;
     n_batch / n_ubatch: logical and physical batch sizes in tokens (`-b`, `-ub`);
     prefix_block_tokens: tokens per entry of `EngineRequest.prefix_hashes` (prompt-cache granularity);
-    cache_prompt: reuse a slot's cached prefix; reject_when_busy: 503 instead of queueing.
+    cache_prompt: reuse a slot's cached prefix; reject_when_busy: 503 instead of queueing;
+    slot_prompt_similarity: the share of a prompt a slot's cache must match to be chosen over LRU
+    (`--slot-prompt-similarity`, 0.1); kv_unified: one KV stream for all slots (`--kv-unified`),
+    which makes llama.cpp split batches simply instead of into equal-length sequence groups;
+    embeddings: an embedding server (`--embeddings`): a request is one input, done when its prompt is
+    computed, and no row needs logits (the pooled vector is not an output row of the LM head);
+    checkpoint_tail_tokens: for models whose memory cannot be rolled back (sliding-window attention,
+    recurrent layers: Gemma 3, Qwen 3.5...) llama-server stops a prompt this many tokens before its end,
+    saves a context checkpoint, and processes the tail in the next step (4 in the shipped build, seen
+    in its log as "created context checkpoint" after n - 4 tokens); 0 for models without;
+    kv_pad: attention in a micro-batch runs over the sequence's KV cells rounded up to this many (the
+    mask hides the rest but they are computed), so a row's attention cost is its padded KV length.
     """
 
     n_parallel: int = 4
@@ -46,9 +77,16 @@ class LlamaCppConfig:
     prefix_block_tokens: int = 16
     cache_prompt: bool = True
     reject_when_busy: bool = False
+    slot_prompt_similarity: float = 0.1
+    kv_unified: bool = False
+    embeddings: bool = False
+    checkpoint_tail_tokens: int = 0
+    kv_pad: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("n_parallel", "n_ctx", "n_batch", "n_ubatch", "prefix_block_tokens"):
+        if self.checkpoint_tail_tokens < 0:
+            raise ValueError(f"checkpoint_tail_tokens must be >= 0, got {self.checkpoint_tail_tokens}")
+        for name in ("n_parallel", "n_ctx", "n_batch", "n_ubatch", "prefix_block_tokens", "kv_pad"):
             if getattr(self, name) < 1:
                 raise ValueError(f"llama.cpp {name} must be >= 1, got {getattr(self, name)}")
         if self.n_ctx < self.n_parallel:
@@ -63,7 +101,7 @@ class Slot:
     def __init__(self, slot_id: int) -> None:
         self.id = slot_id
         self.cached: tuple[Hashable, ...] = ()
-        self.last_used = -1
+        self.last_used: tuple[int, int] = (-1, 0)  # (release step, release order): llama-server's t_last_used
         self.req: SlotRequest | None = None
 
 
@@ -85,7 +123,7 @@ class SlotRequest:
 class LlamaCppEngineCore:
     """llama-server's slot scheduler, timed by `perf`. No clock: the caller times steps.
 
-    Counters: `steps`, `ubatches`, `rejected_503`, `prompt_cache_tokens` (prompt tokens reused).
+    Counters: `steps`, `ubatch_count`, `rejected_503`, `prompt_cache_tokens` (prompt tokens reused).
     """
 
     def __init__(self, config: LlamaCppConfig, perf) -> None:
@@ -95,10 +133,9 @@ class LlamaCppEngineCore:
         self.slots = [Slot(i) for i in range(config.n_parallel)]
         self.waiting: deque[tuple[EngineRequest, int]] = deque()
         self.steps = 0
-        self.ubatches = 0
+        self.ubatch_count = 0
         self.rejected_503 = 0
         self.prompt_cache_tokens = 0
-        self._clock = 0
 
     @property
     def num_running(self) -> int:
@@ -123,7 +160,9 @@ class LlamaCppEngineCore:
                 f"({self.slot_ctx} tokens per slot = n_ctx / n_parallel); raise n_ctx or lower n_parallel",
             )
         want = max(1, req.max_tokens or req.output_tokens)
-        target = min(max(1, req.output_tokens), want, self.slot_ctx - req.prompt_tokens)
+        target = (
+            1 if self.config.embeddings else min(max(1, req.output_tokens), want, self.slot_ctx - req.prompt_tokens)
+        )
         idle = [s for s in self.slots if s.req is None]
         if not idle and self.config.reject_when_busy:
             self.rejected_503 += 1
@@ -131,33 +170,37 @@ class LlamaCppEngineCore:
         self.waiting.append((req, target))
         self._assign()
 
+    @staticmethod
+    def _common(slot: Slot, keys: tuple[Hashable, ...]) -> int:
+        n = 0
+        for x, y in zip(slot.cached, keys, strict=False):
+            if x != y:
+                break
+            n += 1
+        return n
+
     def _assign(self) -> None:
+        cfg = self.config
         while self.waiting:
             idle = [s for s in self.slots if s.req is None]
             if not idle:
                 return
             req, target = self.waiting.popleft()
             keys = req.prefix_hashes
-
-            def common(slot: Slot, keys=keys) -> int:
-                n = 0
-                for a, b in zip(slot.cached, keys, strict=False):
-                    if a != b:
-                        break
-                    n += 1
-                return n
-
-            best = max(idle, key=lambda s: (common(s), -s.last_used)) if self.config.cache_prompt else None
-            if best is None or common(best) == 0:
-                best = min(idle, key=lambda s: s.last_used)
+            best: Slot | None = None
+            if cfg.cache_prompt and keys:
+                scored = [(self._common(s, keys), s) for s in idle]
+                n, cand = max(scored, key=lambda t: (t[0], -t[1].id))
+                if n > 0 and n * cfg.prefix_block_tokens > cfg.slot_prompt_similarity * req.prompt_tokens:
+                    best = cand
+            if best is None:  # least recently released; never-used slots tie and the highest id wins
+                best = min(idle, key=lambda s: (s.last_used, -s.id))
             sr = SlotRequest(req, target)
-            if self.config.cache_prompt:
-                reuse = min(common(best) * self.config.prefix_block_tokens, req.prompt_tokens - 1)
+            if cfg.cache_prompt:
+                reuse = min(self._common(best, keys) * cfg.prefix_block_tokens, req.prompt_tokens - 1)
                 sr.n_past = sr.cached_tokens = max(0, reuse)
                 self.prompt_cache_tokens += sr.n_past
             best.req = sr
-            self._clock += 1
-            best.last_used = self._clock
 
     def plan_step(self) -> list[tuple[Slot, int]] | None:
         """The next `llama_decode` batch: (slot, tokens) pairs, or None when idle."""
@@ -172,44 +215,70 @@ class LlamaCppEngineCore:
             r = slot.req
             if r is None or r.n_past >= r.prompt or used >= self.config.n_batch:
                 continue
-            take = min(r.prompt - r.n_past, self.config.n_batch - used)
+            left = r.prompt - r.n_past
+            take = min(left, self.config.n_batch - used)
+            tail = self.config.checkpoint_tail_tokens
+            if tail and not self.config.embeddings and left > tail:
+                take = min(take, left - tail)  # the prompt's last `tail` tokens go in a step of their own
             batch.append((slot, take))
             used += take
         return batch or None
 
+    def _padded(self, kv: int) -> int:
+        pad = self.config.kv_pad
+        return -(-kv // pad) * pad
+
+    def ubatches(self, batch: list[tuple[Slot, int]]) -> list[UBatch]:
+        """The physical micro-batches llama.cpp cuts `batch` into, each described for the perf model."""
+        out: list[UBatch] = []
+        equal = self.config.n_parallel > 1 and not self.config.kv_unified
+        for pieces in split_ubatches([(slot.id, t) for slot, t in batch], self.config.n_ubatch, equal):
+            rows = outputs = dec = 0
+            pairs = dec_pairs = 0.0
+            for i, start, count in pieces:
+                r = batch[i][0].req
+                assert r is not None  # a planned batch holds busy slots only
+                rows += count
+                if r.n_past >= r.prompt:  # one decode token over the KV so far
+                    dec += 1
+                    outputs += 1
+                    kv = self._padded(r.n_past + 1)
+                    pairs += kv
+                    dec_pairs += kv
+                else:
+                    past = r.n_past + start
+                    pairs += count * self._padded(past + count)
+                    if past + count >= r.prompt:
+                        outputs += 1  # the prompt's last token: logits for the first output token
+            if self.config.embeddings:
+                outputs = 0
+            out.append(UBatch(rows, outputs, len(pieces), pairs, dec, rows - dec, dec_pairs))
+        return out
+
     def step_time_s(self, batch: list[tuple[Slot, int]]) -> float:
-        """Sum over the physical micro-batches (n_ubatch tokens each) of the perf model's step time."""
-        total = sum(t for _, t in batch)
-        if total == 0:
-            return 0.0
-        dec = pf = dec_ctx = pf_ctx = n_pf = 0
-        pairs = 0.0
-        for slot, t in batch:
-            r = slot.req
-            assert r is not None  # a planned batch holds busy slots only
-            if r.n_past >= r.prompt:
-                dec += 1
-                dec_ctx += r.prompt + r.generated
-            else:
-                pf += t
-                pf_ctx += r.n_past + t
-                n_pf += 1
-                pairs += t * (r.n_past + t - 0.5 * t)
-        n_ub = math.ceil(total / self.config.n_ubatch)
-        shape = BatchShape(
-            prefill_tokens=math.ceil(pf / n_ub),
-            decode_tokens=math.ceil(dec / n_ub),
-            prefill_context_tokens=math.ceil(pf_ctx / n_ub),
-            decode_context_tokens=math.ceil(dec_ctx / n_ub),
-            num_prefills=n_pf,
-            prefill_attention_pairs=pairs / n_ub,
-        )
-        return n_ub * self.perf.step_time_s(shape)
+        """Sum over the physical micro-batches of the perf model's time for each."""
+        ubs = self.ubatches(batch)
+        perf = self.perf
+        if hasattr(perf, "ubatches_time_s"):
+            return float(perf.ubatches_time_s(ubs))
+        total = 0.0
+        for ub in ubs:  # a GPU-style perf model: each micro-batch as one engine step
+            total += perf.step_time_s(
+                BatchShape(
+                    prefill_tokens=ub.prefill_rows,
+                    decode_tokens=ub.decode_rows,
+                    prefill_context_tokens=ub.prefill_rows,
+                    decode_context_tokens=int(ub.decode_pairs),
+                    num_prefills=ub.seqs - ub.decode_rows,
+                    prefill_attention_pairs=ub.kv_pairs - ub.decode_pairs,
+                )
+            )
+        return total
 
     def finish_step(self, batch: list[tuple[Slot, int]]) -> StepOutcome:
         """Apply a planned batch: prompt progress, one token per generating slot, completions (slot freed)."""
         out = StepOutcome()
-        self.ubatches += math.ceil(sum(t for _, t in batch) / self.config.n_ubatch)
+        self.ubatch_count += len(self.ubatches(batch))
         for slot, t in batch:
             r = slot.req
             assert r is not None
@@ -227,32 +296,55 @@ class LlamaCppEngineCore:
                 out.finished_ids.append(r.id)
                 slot.cached = tuple(r.keys)
                 slot.req = None
+                slot.last_used = (self.steps, slot.id)  # released in slot order within the step
         self.steps += 1
         self._assign()
         return out
 
 
-@dataclass(frozen=True)
-class AffineStepModel:
-    """A step-time model for a CPU (or any device without profiles), fitted by probes of a real server:
+def split_ubatches(entries: list[tuple[int, int]], n_ubatch: int, equal_seqs: bool) -> list[list[tuple[int, int, int]]]:
+    """Cut a batch into micro-batches as llama.cpp's batch allocator does.
 
-    t = step_s + prefill_token_s x prefill tokens + decode_seq_s x decode sequences
-        + context_pair_s x (query, key) pairs attended (decode context + prefill attention pairs)
-
-    Non-decreasing in every batch term, so llama.cpp's micro-batch sums stay monotone.
+    `entries` are (sequence id, tokens) in batch order, each sequence's tokens contiguous. Returns one
+    list per micro-batch of (entry index, first token offset, tokens). `equal_seqs=False` is
+    `split_simple` (consecutive tokens up to `n_ubatch`); `True` is `split_equal(sequential)`: sequences
+    taken in batch order while their ids run consecutively, the same number of tokens from each, while
+    (tokens per sequence + 1) x sequences fits `n_ubatch`.
     """
-
-    step_s: float
-    prefill_token_s: float
-    decode_seq_s: float
-    context_pair_s: float
-
-    def step_time_s(self, b: BatchShape) -> float:
-        if b.prefill_tokens + b.decode_tokens == 0:
-            return 0.0
-        return (
-            self.step_s
-            + self.prefill_token_s * b.prefill_tokens
-            + self.decode_seq_s * b.decode_tokens
-            + self.context_pair_s * (b.decode_context_tokens + b.prefill_attention_pairs)
-        )
+    left = [t for _, t in entries]
+    done = [0] * len(entries)
+    out: list[list[tuple[int, int, int]]] = []
+    if not equal_seqs:
+        i = 0
+        while i < len(entries):
+            room = n_ubatch
+            cur: list[tuple[int, int, int]] = []
+            while i < len(entries) and room > 0:
+                take = min(left[i], room)
+                cur.append((i, done[i], take))
+                done[i] += take
+                left[i] -= take
+                room -= take
+                if left[i] == 0:
+                    i += 1
+            out.append(cur)
+        return out
+    while any(left):
+        group: list[int] = []
+        last = None
+        for i, (seq, _) in enumerate(entries):
+            if left[i] and (last is None or seq == last + 1):
+                group.append(i)
+                last = seq
+                if len(group) > n_ubatch:
+                    break
+        k = 0
+        while all(left[i] > k for i in group):
+            k += 1
+            if (k + 1) * len(group) > n_ubatch:
+                break
+        out.append([(i, done[i], k) for i in group])
+        for i in group:
+            done[i] += k
+            left[i] -= k
+    return out
