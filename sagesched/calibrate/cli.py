@@ -2,9 +2,12 @@
 
     sagesched calibrate runs ../shared/calibration/vllm-h100-llama-2-7b --out my-h100.yaml
 
-fits the hardware-level coefficients (`fit_runs.PARAMS`) on every unsaturated run in the folder,
+    sagesched calibrate llamacpp http://127.0.0.1:8001 --model gemma-3-270m --parallel 4 --out cpu.yaml
+
+The first fits the hardware-level coefficients (`fit_runs.PARAMS`) on every unsaturated run in the folder,
 reports the residuals and a leave-one-run-out cross-validation, and writes a calibration file that
-`model.calibration=my-h100.yaml` (or an instance's `calibration:`) uses.
+`model.calibration=my-h100.yaml` (or an instance's `calibration:`) uses. The second probes a running
+llama-server and writes a llama.cpp CPU calibration (`sagesched.calibrate.llamacpp_probe`).
 """
 
 from __future__ import annotations
@@ -96,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.set_defaults(func=cmd_runs)
     try:
-        from sagesched.calibrate import probe
+        from sagesched.calibrate import llamacpp_cli, probe
 
         probe.add_parser(sub)
-    except ImportError:  # the probe needs httpx (a core dependency); keep `runs` usable regardless
+        llamacpp_cli.add_parser(sub)
+    except ImportError:  # the probes need httpx (a core dependency); keep `runs` usable regardless
         pass
     args = ap.parse_args(argv)
     return int(args.func(args))
