@@ -72,7 +72,7 @@ class Columns:
     """
 
     FIELDS = ("arrival", "ttft_deadline", "deadline", "tpot_s", "prompt", "max_tokens", "work")
-    __slots__ = ("alive", "has_slo", "has_ttft", "cache", "n", "requests", "row", *FIELDS)
+    __slots__ = ("alive", "has_slo", "has_ttft", "cache", "n", "requests", "row", "slo_alive", *FIELDS)
     # float64 columns (one per name in FIELDS), then bool ones; capacity >= n, rows past n unused.
     arrival: np.ndarray
     ttft_deadline: np.ndarray
@@ -92,6 +92,7 @@ class Columns:
         # changes once appended (a compaction makes new columns), so a result keyed by n stays valid.
         self.cache: dict[Hashable, Any] = {}
         self.n = 0
+        self.slo_alive = 0  # rows alive with an SLO (a count policies would otherwise take per call)
         self.requests: list[Request] = []
         self.row: dict[str, int] = {}
         for name in self.FIELDS:
@@ -124,7 +125,8 @@ class Columns:
         self.prompt[i] = request.prompt_tokens
         self.max_tokens[i] = request.max_tokens
         self.work[i] = request.work_tokens
-        self.has_slo[i] = not slo.empty
+        self.has_slo[i] = has_slo = not slo.empty
+        self.slo_alive += has_slo
         self.alive[i] = True
         self.row[request.id] = i
         self.requests.append(request)
@@ -134,6 +136,8 @@ class Columns:
         i = self.row.pop(request_id, None)
         if i is not None:
             self.alive[i] = False
+            if self.has_slo[i]:
+                self.slo_alive -= 1
 
 
 class GatewayQueue(Sequence[Request]):

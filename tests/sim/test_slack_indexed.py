@@ -160,6 +160,7 @@ def test_slo_slacks_are_exact_and_the_rows_left_out_are_late(homogeneous: bool, 
                 continue
             cols = queue.columns(cls)
             rows, slacks = class_slo_slacks(cols, served, ledger, now, cls[0])
+            assert cols.slo_alive == int(np.count_nonzero(cols.alive[: cols.n] & cols.has_slo[: cols.n]))
             computed = dict(zip(rows.tolist(), slacks.tolist(), strict=True))
             for i, request in enumerate(cols.requests):
                 if not cols.alive[i] or request.slo.empty:
