@@ -34,56 +34,80 @@ def sim_cluster_dict(cluster: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: BackendConfig fields that come from an entry's engine sections: (section, key in the entry).
+_ENGINE_FIELDS = {
+    "max_num_seqs": ("vllm", "max_num_seqs"),
+    "max_batch_tokens": ("vllm", "max_num_batched_tokens"),
+    "max_client_batch_size": ("tei", "max_client_batch_size"),
+}
+_ENTRY_FIELDS = ("max_inflight", "api", "api_key", "scrape_metrics")
+
+
 def backend_configs(cluster: Mapping[str, Any]) -> list[Any]:
-    """One `BackendConfig` per instance (entries with `count: N` expand to `<id>-0..N-1`)."""
+    """One `BackendConfig` per instance (entries with `count: N` expand to `<id>-0..N-1`).
+
+    Errors are `ConfigFieldError`s located at the entry's own key (``cluster.instances[1].url``,
+    ``cluster.instances[0].backend.colour``), the Hydra override to fix, like the simulator's.
+    """
     from sagesched.live.backends import BackendConfig
+    from sagesched.typed_config import ConfigFieldError
 
     out: list[BackendConfig] = []
-    for entry in _entries(cluster):
+    for i, entry in enumerate(_entries(cluster)):
+        at: tuple[str | int, ...] = ("cluster", "instances", i)
         ident = str(entry.get("id") or "instance")
         count = entry.get("count")
         urls = entry.get("url")
         if urls is None:
-            raise ValueError(
-                f"cluster instance {ident!r} has no `url:`; driver=live needs each instance's server, e.g. "
-                "`url: http://127.0.0.1:8000` (conf/cluster/emulators.yaml shows one), or use driver=sim"
+            raise ConfigFieldError(
+                (*at, "url"),
+                f"instance {ident!r} has no `url:`; driver=live needs each instance's server, e.g. "
+                "`url: http://127.0.0.1:8000` (conf/cluster/emulators.yaml shows one), or use driver=sim",
             )
-        n = 1 if count is None else int(count)
+        n = 1 if count is None else count
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigFieldError((*at, "count"), f"must be a whole number >= 1, got {count!r}")
         if isinstance(urls, str):
             urls = [urls] * n if n == 1 else None
-        if urls is None or len(urls) != n:
-            raise ValueError(f"cluster instance {ident!r} has count {n}: give `url:` as a list of {n} URLs, one each")
+        if not isinstance(urls, list) or len(urls) != n:
+            raise ConfigFieldError(
+                (*at, "url"), f"instance {ident!r} has count {n}: give `url:` as a list of {n} URLs, one each"
+            )
         ids = [ident] if count is None else [f"{ident}-{k}" for k in range(n)]
         kind = str(entry.get("kind", "llm"))
         models = [entry["model"]] if kind != "embedding" and entry.get("model") else []
         if kind != "llm" and entry.get("embedding_model"):
             models.append(entry["embedding_model"])
-        vllm = entry.get("vllm") or {}
-        tei = entry.get("tei") or {}
-        extra = dict(entry.get("backend") or {})
+        sections = {"vllm": entry.get("vllm") or {}, "tei": entry.get("tei") or {}}
+        extra = entry.get("backend") or {}
+        if not isinstance(extra, Mapping):
+            raise ConfigFieldError((*at, "backend"), f"must be a mapping of BackendConfig fields, got {extra!r}")
         for k, (iid, url) in enumerate(zip(ids, urls, strict=True)):
-            fields: dict[str, Any] = {
-                "id": iid,
-                "url": url,
-                "kind": kind,
-                "models": models,
-                "max_inflight": int(entry.get("max_inflight", 64)),
-                "api": entry.get("api", "openai"),
-                "api_key": entry.get("api_key"),
-                "scrape_metrics": bool(entry.get("scrape_metrics", True)),
-            }
-            if "max_num_seqs" in vllm:
-                fields["max_num_seqs"] = int(vllm["max_num_seqs"])
-            if "max_num_batched_tokens" in vllm:
-                fields["max_batch_tokens"] = int(vllm["max_num_batched_tokens"])
-            if "max_client_batch_size" in tei:
-                fields["max_client_batch_size"] = int(tei["max_client_batch_size"])
+            fields: dict[str, Any] = {"id": iid, "url": url, "kind": kind, "models": models, "max_inflight": 64}
+            fields.update({key: entry[key] for key in _ENTRY_FIELDS if key in entry})
+            for name, (section, key) in _ENGINE_FIELDS.items():
+                if key in sections[section]:
+                    fields[name] = sections[section][key]
             fields.update(extra)
             try:
                 out.append(BackendConfig.from_dict(fields))
+            except ConfigFieldError as exc:
+                raise ConfigFieldError(_entry_path(at, exc.path, extra), f"{exc.message} (instance {iid!r})") from None
             except ValueError as exc:
-                raise ValueError(f"cluster instance {iid!r} (#{k}): {exc}") from None
+                raise ConfigFieldError(at, f"instance {iid!r} (#{k}): {exc}") from None
     return out
+
+
+def _entry_path(at: tuple[str | int, ...], path: tuple[Any, ...], extra: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Where a BackendConfig field came from in the cluster entry."""
+    if not path:
+        return at
+    name = path[0]
+    if name in extra:
+        return (*at, "backend", *path)
+    if name in _ENGINE_FIELDS:
+        return (*at, *_ENGINE_FIELDS[name], *path[1:])
+    return (*at, *path)
 
 
 def block_tokens(cluster: Mapping[str, Any], default: int = 512) -> int:

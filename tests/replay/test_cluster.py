@@ -42,3 +42,35 @@ def test_entries_become_backends_and_the_simulator_ignores_the_live_keys():
 def test_bad_entries_name_the_instance_and_the_fix(entry, message):
     with pytest.raises(ValueError, match=message):
         backend_configs({"instances": [entry]})
+
+
+@pytest.mark.parametrize(
+    "entry, path",
+    [
+        ({"id": "a", "kind": "llm", "model": "m"}, "cluster.instances[1].url"),
+        (
+            {"id": "a", "kind": "llm", "model": "m", "url": "http://127.0.0.1:1", "backend": {"colour": 1}},
+            "cluster.instances[1].backend.colour",
+        ),
+        (
+            {"id": "a", "kind": "llm", "model": "m", "url": "http://127.0.0.1:1", "max_inflight": "many"},
+            "cluster.instances[1].max_inflight",
+        ),
+        (
+            {"id": "a", "kind": "llm", "model": "m", "url": "http://127.0.0.1:1", "vllm": {"max_num_seqs": "x"}},
+            "cluster.instances[1].vllm.max_num_seqs",
+        ),
+        (
+            {"id": "a", "count": "two", "kind": "llm", "model": "m", "url": ["http://127.0.0.1:1"]},
+            "cluster.instances[1].count",
+        ),
+    ],
+)
+def test_live_entry_errors_carry_the_override_path(entry, path):
+    """A bad live key is located like a simulator key: the Hydra override to fix, not a bare message."""
+    from sagesched.typed_config import ConfigFieldError
+
+    good = {"id": "ok", "kind": "llm", "model": "m", "url": "http://127.0.0.1:2"}
+    with pytest.raises(ConfigFieldError) as info:
+        backend_configs({"instances": [good, entry]})
+    assert str(info.value).startswith(path + ":"), str(info.value)
