@@ -112,7 +112,8 @@ def sweep(
 
 def calibrate_server(settings: ServerSettings, cpus, out: Path, name: str, embeddings: bool, quick: bool, log=print):
     """Start a server, probe it, fit; returns (server, calibration, probe report)."""
-    server = start_server(settings, cpus, out / f"{name}_server.log")
+    server = start_server(settings, cpus)  # its log goes to a temporary file (printed), not to the report
+    log(f"{name}: llama-server {server.url} (pid {server.pid}), log {server.log_path}")
     t0 = time.monotonic()
     columns: tuple[str, ...]
     if embeddings:
