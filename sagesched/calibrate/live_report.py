@@ -83,20 +83,7 @@ def sweep(
             row[name]["wall_s"] = round(time.monotonic() - t0, 1)
             row["load_average"][name] = {"before": before[0], "after": sw.load_average()[0]}
             per_request[name] = res
-        for metric in ("ttft", "e2e"):
-            for q in ("p50", "p90"):
-                row.setdefault("error", {})[f"{metric}_{q}"] = sw.rel_err(row["sim"][metric][q], row["live"][metric][q])
-                if repeat:
-                    row.setdefault("noise", {})[f"{metric}_{q}"] = sw.rel_err(
-                        row["live_repeat"][metric][q], row["live"][metric][q]
-                    )
-        row["requests_detail"] = {
-            name: [
-                asdict(o) | {"arrival_s": it.arrival_s, "prompt": it.prompt_tokens, "output": it.output_tokens}
-                for o, it in zip(res, items, strict=True)
-            ]
-            for name, res in per_request.items()
-        }
+        score(row, items, per_request)
         log(
             f"  load {frac:.2f} ({rate:.3f} req/s, {n} requests): "
             + ", ".join(
@@ -108,6 +95,105 @@ def sweep(
         )
         out["loads"].append(row)
     return out
+
+
+def score(row: dict, items: list[sw.WorkItem], per_request: dict[str, list[sw.Outcome]]) -> None:
+    """Fill a load's row: summaries of each run, sim-vs-live errors, the noise floor, per-request detail."""
+    for name, res in per_request.items():
+        wall = row.get(name, {}).get("wall_s")
+        row[name] = sw.summarize(res)
+        if wall is not None:
+            row[name]["wall_s"] = wall
+    row["error"], row["noise"] = {}, {}
+    for metric in ("ttft", "e2e"):
+        for q in ("p50", "p90"):
+            row["error"][f"{metric}_{q}"] = sw.rel_err(row["sim"][metric][q], row["live"][metric][q])
+            if "live_repeat" in per_request:
+                row["noise"][f"{metric}_{q}"] = sw.rel_err(row["live_repeat"][metric][q], row["live"][metric][q])
+    if not row["noise"]:
+        del row["noise"]
+    row["requests_detail"] = {
+        name: [
+            asdict(o) | {"arrival_s": it.arrival_s, "prompt": it.prompt_tokens, "output": it.output_tokens}
+            for o, it in zip(res, items, strict=True)
+        ]
+        for name, res in per_request.items()
+    }
+
+
+def read_requests_csv(path: Path) -> dict[tuple[str, float, str], list[dict]]:
+    """requests.csv back into {(server, load, run): rows in request order}."""
+    out: dict[tuple[str, float, str], list[dict]] = {}
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            out.setdefault((r["server"], float(r["load"]), r["run"]), []).append(r)
+    return out
+
+
+def _opt(v: str) -> float | None:
+    return float(v) if v != "" else None
+
+
+def rescore(out: Path, ship: Path | None, log=print) -> dict:
+    """Refit the stored probe points and re-simulate the stored live runs (no server needed).
+
+    For a change of the *model* (its terms, the engine's batching) judged on the probes: the live runs
+    are not repeated and not used by the fit; their rates stay as run (so a load is the fraction of the
+    capacity the model had when they ran, and the new model's capacity is reported beside it).
+    """
+    doc = json.loads((out / "live.json").read_text())
+    detail = read_requests_csv(out / "requests.csv")
+    for kind in ("llm", "embedding"):
+        if kind not in doc:
+            continue
+        settings = ServerSettings.from_dict(doc[kind]["settings"])
+        cfg = settings.engine_config()
+        columns = lp.EMBEDDING_COLUMNS if settings.embeddings else lp.COLUMNS
+        probes = lp.probes_from_json(json.loads((out / f"{kind}_probes.json").read_text()))
+        result = lp.fit(probes, cfg, columns)
+        old = lp.load_calibration_doc(out / f"{kind}_calibration.yaml")
+        cal = lp.calibration_from_fit(
+            result,
+            model=old.model,
+            hardware=old.hardware,
+            server=settings.as_dict(),
+            source=f"{old.source}; refitted from the same probe points (git {_git_rev()})",
+            columns=columns,
+        )
+        cal.write(out / f"{kind}_calibration.yaml")
+        if ship:
+            path = ship if kind == "llm" else ship.with_name(f"{ship.stem}-embedding{ship.suffix}")
+            cal.write(path)
+        doc[kind]["fit"] = result
+        spec = sw.WorkloadSpec(**doc[kind]["workload"])
+        doc[kind]["sweep"]["capacity_rps_model"] = sw.capacity(spec, cal, cfg)
+        for row in doc[kind]["sweep"]["loads"]:
+            runs = {
+                name: detail[(kind, row["load"], name)]
+                for name in ("live", "live_repeat")
+                if (kind, row["load"], name) in detail
+            }
+            items = [
+                sw.WorkItem(r["id"], float(r["arrival_s"]), int(r["prompt"]), int(r["output"])) for r in runs["live"]
+            ]
+            per_request = {
+                name: [
+                    sw.Outcome(
+                        r["id"],
+                        _opt(r["ttft_s"]),
+                        _opt(r["e2e_s"]),
+                        int(r["status"]),
+                        output_tokens=int(r["output_tokens"]) if r["output_tokens"] else None,
+                    )
+                    for r in rows
+                ]
+                for name, rows in runs.items()
+            }
+            per_request["sim"] = sw.simulate(items, cal, cfg)
+            score(row, items, per_request)
+        log(f"{kind}: refitted ({result['mean_abs_residual']:.3f} mean |residual|) and re-simulated")
+    doc["rescored"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()) + f", git {_git_rev()}"
+    return doc
 
 
 def calibrate_server(settings: ServerSettings, cpus, out: Path, name: str, embeddings: bool, quick: bool, log=print):
@@ -151,7 +237,12 @@ def _ms(v: float | None) -> str:
 
 def tables(kind: str, res: dict) -> str:
     lines = [
-        f"**{kind}** (simulated capacity {res['capacity_rps']:.3f} req/s; load = arrival rate / capacity)",
+        f"**{kind}** (simulated capacity {res['capacity_rps']:.3f} req/s; load = arrival rate / capacity"
+        + (
+            f"; the re-scored model's capacity: {res['capacity_rps_model']:.3f} req/s)"
+            if "capacity_rps_model" in res
+            else ")"
+        ),
         "",
         "| load | req/s | n | TTFT p50 live / sim (ms) | err | TTFT p90 live / sim | err | E2E p50 live / sim | err | E2E p90 live / sim | err | noise floor (repeat vs live) TTFT p50 / p90, E2E p50 / p90 | load avg |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -205,7 +296,12 @@ def summary_md(doc: dict) -> str:
     parts = [
         f"Run: {doc['started']} to {doc['finished']} ({doc['wall_s'] / 60:.1f} min), git {doc['git']}, "
         f"machine {doc['machine']}, server pinned to CPUs {doc['server_cpus']}, client to {doc['client_cpus']}, "
-        f"load average at start {doc['load_average_start'][0]:.2f}.",
+        f"load average at start {doc['load_average_start'][0]:.2f}."
+        + (
+            f" Re-scored {doc['rescored']}: probes refitted, live runs re-simulated (not re-run)."
+            if "rescored" in doc
+            else ""
+        ),
         "",
     ]
     for kind in ("llm", "embedding"):
@@ -283,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("reports/fidelity/live"))
     ap.add_argument(
-        "--readme", type=Path, default=Path("reports/fidelity/README.md"), help="README to update ('' to skip)"
+        "--readme", default="reports/fidelity/README.md", help="README whose live block to update ('' to skip)"
     )
     ap.add_argument("--loads", type=float, nargs="+", default=list(DEFAULT_LOADS))
     ap.add_argument("--embedding-loads", type=float, nargs="+", default=list(EMBEDDING_LOADS))
@@ -303,9 +399,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also write the LLM calibration here (a shipped CPU entry) and the embedding one beside it (-embedding)",
     )
+    ap.add_argument(
+        "--rescore",
+        action="store_true",
+        help="no servers: refit the probe points stored in --out and re-simulate its stored live runs",
+    )
     args = ap.parse_args(argv)
 
     out: Path = args.out
+    if args.rescore:
+        write_outputs(rescore(out, args.ship), out, args.readme)
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     server_cpus, client_cpus = split_cpus()
     if client_cpus:
@@ -354,6 +458,13 @@ def main(argv: list[str] | None = None) -> int:
     doc["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     doc["wall_s"] = time.time() - t_start
     doc["load_average_end"] = list(sw.load_average())
+    write_outputs(doc, out, args.readme)
+    print(f"wrote {out} in {doc['wall_s'] / 60:.1f} min")
+    return 0
+
+
+def write_outputs(doc: dict, out: Path, readme: str) -> None:
+    """requests.csv, CDF plots, live.json (without per-request detail), live.md and the README block."""
     write_requests_csv(doc, out / "requests.csv")
     for kind in ("llm", "embedding"):
         if kind in doc:
@@ -363,11 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "live.json").write_text(json.dumps(doc, indent=1, default=float))
     block = summary_md(doc)
     (out / "live.md").write_text(f"# Live llama-server vs simulated (generated)\n\n{block}\n")
-    if args.readme:
-        update_readme(Path(args.readme), block)
+    if readme:
+        update_readme(Path(readme), block)
     print(block)
-    print(f"wrote {out} in {doc['wall_s'] / 60:.1f} min")
-    return 0
 
 
 if __name__ == "__main__":

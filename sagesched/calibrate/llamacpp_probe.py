@@ -28,8 +28,10 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
+import yaml
 from scipy.optimize import nnls
 
 from sagesched.calibrate.llamacpp_client import Timed, embed, new_client, stream_completion, token_ids
@@ -41,7 +43,17 @@ from sagesched.sim.engines.types import EngineRequest
 #: Columns of the fit: the step model's coefficients, then the frontend's per-request cost.
 COLUMNS = (*FEATURES, "frontend_request_s")
 #: Embedding server columns (no output rows: the pooled vector is not a logits row).
-EMBEDDING_COLUMNS = ("step_s", "ubatch_s", "row_block_s", "row_tail_s", "seq_s", "kv_pair_s", "frontend_request_s")
+EMBEDDING_COLUMNS = (
+    "step_s",
+    "ubatch_s",
+    "row_block_s",
+    "row_tail1_s",
+    "row_tail2_s",
+    "row_tail3_s",
+    "seq_s",
+    "kv_pair_s",
+    "frontend_request_s",
+)
 
 
 @dataclass(frozen=True)
@@ -158,7 +170,8 @@ def fit(probes: Sequence[Probe], cfg: LlamaCppConfig, columns: Sequence[str] = C
 class ProbePlan:
     """What to probe. Defaults take about two minutes against Gemma 3 270M on one CPU thread."""
 
-    prefill_lengths: tuple[int, ...] = (8, 32, 96, 256, 640)
+    # Lengths whose first step (all but the last 4 tokens) leaves 0, 1, 2, 3 rows past the blocks of 4.
+    prefill_lengths: tuple[int, ...] = (8, 33, 98, 161, 255, 640)
     decode_slot_sets: tuple[tuple[int, ...], ...] = ((0,), (0, 1), (0, 1, 2), (0, 1, 2, 3), (0, 2), (1, 2, 3))
     decode_contexts: tuple[int, ...] = (16, 320)
     decode_tokens: int = 14
@@ -343,3 +356,29 @@ def probes_to_json(probes: Sequence[Probe]) -> list[dict]:
     return [
         {**{k: v for k, v in asdict(p).items() if k != "steps"}, "steps": [asdict(s) for s in p.steps]} for p in probes
     ]
+
+
+def probes_from_json(rows: list[dict]) -> list[Probe]:
+    """The inverse of `probes_to_json`."""
+    return [
+        Probe(
+            r["kind"],
+            r["label"],
+            [StepSpec(tuple(map(tuple, s["decodes"])), tuple(map(tuple, s["prompts"]))) for s in r["steps"]],
+            bool(r["frontend"]),
+            [float(x) for x in r["samples"]],
+        )
+        for r in rows
+    ]
+
+
+def load_calibration_doc(path: str | Path) -> LlamaCppCalibration:
+    """A calibration file's provenance fields, tolerating coefficient names of an older step model."""
+    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    return LlamaCppCalibration(
+        step=CpuStepModel(),
+        model=str(doc.get("model", "")),
+        hardware=str(doc.get("hardware", "")),
+        server=doc.get("server"),
+        source=str(doc.get("source", "")).split("; refitted")[0],
+    )

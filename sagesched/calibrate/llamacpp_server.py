@@ -46,6 +46,19 @@ class ServerSettings:
             checkpoint_tail_tokens=self.checkpoint_tail_tokens,
         )
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ServerSettings:
+        """The inverse of `as_dict` (what calibration files and live.json record)."""
+        return cls(
+            parallel=int(d["n_parallel"]),
+            ctx_size=int(d["n_ctx"]),
+            n_batch=int(d["n_batch"]),
+            n_ubatch=int(d["n_ubatch"]),
+            threads=int(d.get("threads", 1)),
+            embeddings=bool(d.get("embeddings", False)),
+            checkpoint_tail_tokens=int(d.get("checkpoint_tail_tokens", 0)),
+        )
+
     def as_dict(self) -> dict:
         return {
             "n_parallel": self.parallel,

@@ -29,9 +29,10 @@ TRUTH = CpuStepModel(
     step_s=0.004,
     ubatch_s=0.01,
     row_block_s=0.005,
-    row_tail_s=0.03,
-    output_block_s=0.006,
-    output_tail_s=0.012,
+    row_tail1_s=0.03,
+    row_tail2_s=0.04,
+    row_tail3_s=0.08,
+    output_s=0.012,
     seq_s=0.002,
     kv_pair_s=2e-6,
 )
@@ -73,13 +74,16 @@ def test_probe_designs_follow_llama_cpp_batching():
     idx = {n: i for i, n in enumerate(FEATURES)}
     # Decoding slots 0 and 2 are not consecutive: two micro-batches of one gemv row each, one step.
     f = lp.step_features(cfg, lp.StepSpec(decodes=((0, 20), (2, 20))))
-    assert f[idx["step_s"]] == 1 and f[idx["ubatch_s"]] == 2 and f[idx["row_tail_s"]] == 2
+    assert f[idx["step_s"]] == 1 and f[idx["ubatch_s"]] == 2 and f[idx["row_tail1_s"]] == 2
     # Four consecutive slots: one micro-batch, the rows and logits in one block of 4.
     f = lp.step_features(cfg, lp.StepSpec(decodes=tuple((s, 20) for s in range(4))))
-    assert f[idx["ubatch_s"]] == 1 and f[idx["row_block_s"]] == 4 and f[idx["output_block_s"]] == 4
-    # A lone 100-token prompt on Gemma 3: 96 tokens, a checkpoint, then the last 4 with the first token.
-    f = lp.step_features(cfg, lp.StepSpec(prompts=((0, 100),)))
-    assert f[idx["step_s"]] == 2 and f[idx["row_block_s"]] == 96 + 4 and f[idx["output_tail_s"]] == 1
+    assert f[idx["ubatch_s"]] == 1 and f[idx["row_block_s"]] == 4 and f[idx["output_s"]] == 4
+    assert f[idx["row_tail1_s"]] == f[idx["row_tail2_s"]] == f[idx["row_tail3_s"]] == 0
+    # A lone 99-token prompt on Gemma 3: 95 tokens (23 blocks of 4 and 3 left over), a checkpoint, then
+    # the last 4 with the first token.
+    f = lp.step_features(cfg, lp.StepSpec(prompts=((0, 99),)))
+    assert f[idx["step_s"]] == 2 and f[idx["row_block_s"]] == 92 + 4 and f[idx["row_tail3_s"]] == 1
+    assert f[idx["output_s"]] == 1
 
 
 def test_calibration_files_round_trip_and_bad_ones_name_the_fix(tmp_path):
@@ -187,3 +191,15 @@ def test_embedding_probes_time_single_and_multi_input_calls(embedding_server):
         lp.EMBEDDING_COLUMNS,
     )
     assert set(result["coefficients"]) == set(lp.EMBEDDING_COLUMNS)
+
+
+def test_shipped_cpu_entries_load_and_simulate_this_workload():
+    for name in ("gemma-3-270m-q4km-xeon-2cpu-t1", "gemma-3-270m-q4km-xeon-2cpu-t1-embedding"):
+        cal = load_llamacpp_calibration(name)
+        settings = ServerSettings.from_dict(cal.server or {})
+        assert settings.threads == 1 and cal.fit and cal.fit["points"]  # provenance travels with the numbers
+        spec = sw.WorkloadSpec(n=20, embeddings=settings.embeddings)
+        cap = sw.capacity(spec, cal, settings.engine_config())
+        assert 0.05 < cap < 50  # requests/s a 2-vCPU machine can plausibly serve with Gemma 3 270M
+        outcomes = sw.simulate(spec.items(0.5 * cap), cal, settings.engine_config())
+        assert all(o.status == 200 and 0 < o.ttft_s <= o.e2e_s for o in outcomes)

@@ -128,7 +128,9 @@ def test_split_equal_groups_consecutive_slots_with_equal_token_counts():
 def test_lru_takes_the_slot_released_longest_ago_and_four_rows_cost_less_than_three():
     cfg = LlamaCppConfig(n_parallel=4, n_ctx=4096)
     # gemv rows dear, gemm blocks cheap: the CPU kernel behaviour the model must keep.
-    perf = CpuStepModel(ubatch_s=0.001, row_block_s=0.005, row_tail_s=0.03, output_block_s=0.004, output_tail_s=0.01)
+    perf = CpuStepModel(
+        ubatch_s=0.001, row_block_s=0.005, row_tail1_s=0.03, row_tail2_s=0.05, row_tail3_s=0.09, output_s=0.004
+    )
     core = LlamaCppEngineCore(cfg, perf)
     core.add(EngineRequest(id="a", prompt_tokens=10, output_tokens=1))
     assert [s.id for s in core.slots if s.req] == [3]  # never-used slots tie: highest id

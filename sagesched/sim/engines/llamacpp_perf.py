@@ -5,16 +5,17 @@ Why a model of its own: on a CPU llama.cpp's cost is not vLLM's. Measured on the
 bookkeeping, streaming the chunks: a few ms) plus, for each of its micro-batches,
 - a fixed part (graph build, threadpool hand-off) per `llama_decode` micro-batch;
 - per token row of the weight GEMMs, in two prices: ggml's repacked Q4_K kernels multiply rows in
-  blocks of 4 (gemm) and the rows left over one at a time (gemv), and a gemv row costs several gemm
-  rows (ggml-cpu `repack.cpp`, `forward_mul_mat`: "If there are more than three rows in src1, use gemm;
-  otherwise, use gemv"); so 4 decoding streams run a step *faster* than 3;
-- per output row (logits: the LM head over a 262k vocabulary, then sampling), again in blocks and tails;
+  blocks of 4 (gemm) and the rows left over one at a time (gemv), and gemv rows cost several gemm rows
+  (ggml-cpu `repack.cpp`, `forward_mul_mat`: "If there are more than three rows in src1, use gemm;
+  otherwise, use gemv"); so 4 decoding streams run a step *faster* than 3. The leftover 1, 2 or 3 rows
+  are priced as a whole (measured not linear in their number);
+- per output row (logits: the LM head over a 262k vocabulary, then sampling and streaming the token);
 - per sequence in the micro-batch (attention runs per KV stream) and per (row, KV cell) pair attention
   computes (llama.cpp computes a row against all of its sequence's cells, padded, and masks the rest).
 
     t(step) = step_s + sum over its micro-batches of
-    t(ubatch) = ubatch_s + row_block_s * 4 floor(R/4) + row_tail_s * (R mod 4)
-              + output_block_s * 4 floor(O/4) + output_tail_s * (O mod 4) + seq_s * S + kv_pair_s * P
+    t(ubatch) = ubatch_s + row_block_s * 4 floor(R/4) + row_tail{R mod 4}_s + output_s * O + seq_s * S
+              + kv_pair_s * P
 
 with R rows (tokens), O output rows, S sequences, P pairs. Every coefficient is fitted by probes of the
 real server (`sagesched.calibrate.llamacpp_probe`) with non-negative least squares, so the model is
@@ -61,21 +62,29 @@ FEATURES = (
     "step_s",
     "ubatch_s",
     "row_block_s",
-    "row_tail_s",
-    "output_block_s",
-    "output_tail_s",
+    "row_tail1_s",
+    "row_tail2_s",
+    "row_tail3_s",
+    "output_s",
     "seq_s",
     "kv_pair_s",
 )
 
 
 def ubatch_features(ub: UBatch, row_block: int = 4) -> tuple[float, ...]:
-    """The feature vector of one micro-batch, in `FEATURES` order (the step term is 0 here)."""
+    """The feature vector of one micro-batch, in `FEATURES` order (the step term is 0 here).
+
+    The rows left over after the blocks of 4 are priced by how many there are (1, 2 or 3), not per row:
+    measured by server CPU time on this machine, micro-batches of 1, 2, 3 and 4 decode rows cost 46, 60,
+    102 and 91 ms, so the leftover rows' cost is not linear in their number.
+    """
     if ub.rows <= 0:
         return (0.0,) * len(FEATURES)
     rb, rt = divmod(ub.rows, row_block)
-    ob, ot = divmod(ub.outputs, row_block)
-    return (0.0, 1.0, float(rb * row_block), float(rt), float(ob * row_block), float(ot), float(ub.seqs), ub.kv_pairs)
+    tails = [0.0, 0.0, 0.0]
+    if rt:
+        tails[min(rt, 3) - 1] = 1.0
+    return (0.0, 1.0, float(rb * row_block), *tails, float(ub.outputs), float(ub.seqs), ub.kv_pairs)
 
 
 def step_features(ubatches: list[UBatch], row_block: int = 4) -> list[float]:
@@ -97,9 +106,10 @@ class CpuStepModel:
     step_s: float = 0.0
     ubatch_s: float = 0.0
     row_block_s: float = 0.0
-    row_tail_s: float = 0.0
-    output_block_s: float = 0.0
-    output_tail_s: float = 0.0
+    row_tail1_s: float = 0.0
+    row_tail2_s: float = 0.0
+    row_tail3_s: float = 0.0
+    output_s: float = 0.0
     seq_s: float = 0.0
     kv_pair_s: float = 0.0
     row_block: int = 4
