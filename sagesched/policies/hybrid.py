@@ -99,6 +99,8 @@ from sagesched.policies.slo_aware import SloAwarePolicy
 
 logger = logging.getLogger(__name__)
 
+_HIGH = int(Priority.HIGH)  # the least urgent class `llm_holdback_ms` never holds
+
 
 @register
 class HybridPolicy(EmbeddingBatching, Policy):
@@ -132,6 +134,7 @@ class HybridPolicy(EmbeddingBatching, Policy):
         self._fallback_indexed = (
             isinstance(fallback, SloAwarePolicy) and fallback.admission is not None and fallback.fair is None
         )
+        self._llm_holdback_s = c.llm_holdback_ms / 1000.0
         # Constant per policy, so built once rather than on every call.
         self._llm_rule = f"{self.name}/llm/{c.llm_fallback_policy}"
         mode = c.embedding_priority
@@ -360,12 +363,22 @@ class HybridPolicy(EmbeddingBatching, Policy):
         )
         ledger = call.ledger
         added, prefill, decode = ledger.added_requests, ledger.added_prefill, ledger.added_decode
+        # Priority holdback (``llm_holdback_ms``): work below high priority goes only where little
+        # prefill is queued; elsewhere it would wait in the engine's FIFO queue, out of reach.
+        hold_s = self._llm_holdback_s if int(head.priority) > _HIGH else 0.0
+        added_emb = ledger.added_embedding_tokens
         best: InstanceView | None = None
         best_key: tuple[float, bool, int, str] | None = None
         for view in views:
             vid = view.id
             if not view.healthy or not (view.can_serve(head) if n == 1 else all(view.can_serve(r) for r in requests)):
                 continue
+            if hold_s > 0.0:
+                ahead = view.queued_prefill_tokens + prefill[vid]
+                if view.kind is _MIXED:
+                    ahead -= view.queued_embedding_tokens + added_emb[vid]
+                if ahead > hold_s * view.prefill_tokens_per_s:
+                    continue
             if view.kind is _LLM_ONLY:
                 if view.max_inflight - view.inflight - added[vid] < n:
                     continue

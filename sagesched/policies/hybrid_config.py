@@ -104,6 +104,17 @@ class HybridConfig(PolicyConfig):
         on a busy mixed GPU), and otherwise waits at the gateway, where SLO-bound queries overtake
         it. TEI's queue is FIFO, so a query placed behind ingestion waits for all of it; with the
         holdback it waits at most this long plus the batch in progress. 0 turns it off.
+    llm_holdback_ms: priority holdback for LLM work below high priority (normal, low, background):
+        it is placed only on an instance whose LLM prefill queue holds at most this much predicted
+        work (queued prompt tokens at ``prefill_tokens_per_s``, this call's placements included; a
+        mixed GPU's embedding queue not counted), and otherwise waits at the gateway. vLLM serves
+        its own queue first come, first served, so work sent ahead of time is work an interactive
+        request arriving later must wait behind, and that the admission and least-slack order can
+        no longer reorder or shed. Held at the gateway, it is overtaken by urgent arrivals and
+        dispatched as soon as the queue drains (the driver calls again on every completion). High
+        and critical requests are never held. 50 ms is a fraction of one full prefill chunk: the
+        engine keeps prefill work to batch while the backlog stays where the policy can still
+        order it (docs/policies/hybrid.md, "LLM holdback", has the measurements). 0 turns it off.
     """
 
     embedding_batch_size: int = 32
@@ -122,6 +133,7 @@ class HybridConfig(PolicyConfig):
     prefer_specialized_instances: bool = True
     colocated_embedding_slowdown: float = 1.5
     embedding_holdback_ms: float = 15.0
+    llm_holdback_ms: float = 50.0
 
     def __post_init__(self) -> None:
         if self.embedding_batch_size < 1:
@@ -137,6 +149,8 @@ class HybridConfig(PolicyConfig):
             )
         if not self.embedding_holdback_ms >= 0:
             raise ValueError(f"embedding_holdback_ms must be >= 0 ms (0 = off), got {self.embedding_holdback_ms!r}")
+        if not self.llm_holdback_ms >= 0:
+            raise ValueError(f"llm_holdback_ms must be >= 0 ms (0 = off), got {self.llm_holdback_ms!r}")
         if not self.colocated_embedding_slowdown >= 1.0:
             raise ValueError(
                 f"colocated_embedding_slowdown must be >= 1 (1 = no interference), got {self.colocated_embedding_slowdown!r}"

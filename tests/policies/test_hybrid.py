@@ -74,6 +74,7 @@ def test_defaults_match_the_seed_and_the_benchmark():
         ({"min_embedding_batch_size": 40}, "embedding_batch_size"),
         ({"embedding_batch_size": 0}, ">= 1"),
         ({"max_embedding_wait_ms": -1}, ">= 0"),
+        ({"llm_holdback_ms": -5}, "llm_holdback_ms must be >= 0"),
         ({"llm_fallback_policy": "priority", "llm_fallback_config": {"bogus": 1}}, "aging_interval_s"),
     ],
 )
@@ -132,6 +133,36 @@ def test_background_embeddings_are_held_back_behind_a_long_embedding_queue(make_
     # Off (0): all of it goes at once, as before.
     decisions = HybridPolicy(max_embedding_wait_ms=0, embedding_holdback_ms=0).schedule(0.0, ingest, [tei])
     assert sum(len(d.request_ids) for d in assignments(decisions)) == 3
+
+
+def test_llm_work_below_high_priority_is_held_back_behind_a_queued_prefill(make_request, make_view):
+    """LLM holdback: normal and lower-priority LLM work goes only where at most `llm_holdback_ms`
+    of prefill is queued; high-priority work still goes, and the held work stays queued (not
+    rejected) until the queue drains. A mixed GPU's embedding queue does not count."""
+    # 10k tokens/s: 1,000 queued prompt tokens are 100 ms ahead, over the 50 ms default.
+    busy = make_view("gpu", "llm", queued_prefill_tokens=1_000, prefill_tokens_per_s=10_000.0)
+    normal = make_request("n", prompt_tokens=200, arrival_s=0.0)
+    urgent = make_request("u", prompt_tokens=200, arrival_s=0.5, priority="high")
+    decisions = HybridPolicy().schedule(1.0, [normal, urgent], [busy])
+    assert [d.request_ids for d in decisions] == [("u",)]
+    # Drained to 40 ms: the normal request goes; then this call's own placement counts as queued.
+    drained = make_view("gpu", "llm", queued_prefill_tokens=400, prefill_tokens_per_s=10_000.0)
+    more = [make_request(f"n{i}", prompt_tokens=200, arrival_s=float(i)) for i in range(3)]
+    decisions = HybridPolicy().schedule(5.0, more, [drained])
+    assert [d.request_ids for d in assignments(decisions)] == [("n0",)] and len(decisions) == 1
+    # A mixed GPU's queued embedding tokens are not ahead of LLM work.
+    mixed = make_view(
+        "mix",
+        "llm_embedding",
+        queued_prefill_tokens=5_000,
+        queued_embedding_tokens=5_000,
+        prefill_tokens_per_s=10_000.0,
+    )
+    decisions = HybridPolicy().schedule(1.0, [normal], [mixed])
+    assert [d.request_ids for d in decisions] == [("n",)]
+    # Off (0): everything goes at once.
+    decisions = HybridPolicy(llm_holdback_ms=0).schedule(1.0, [normal, urgent], [busy])
+    assert sorted(r for d in decisions for r in d.request_ids) == ["n", "u"]
 
 
 def test_max_client_batch_size_of_the_target_caps_the_batch(make_request, make_view):
@@ -367,17 +398,17 @@ def test_ratio_caps_both_types_on_a_mixed_instance_while_both_wait(make_request,
     instances = [make_view("mix", "llm_embedding", max_inflight=10)]
     queue = [make_request(f"c{i}", arrival_s=0.0) for i in range(20)]
     queue += [emb(make_request, f"e{i}", arrival_s=0.0) for i in range(20)]
-    decisions = make_policy("hybrid", embedding_batch_size=2).schedule(1.0, queue, instances)
+    decisions = make_policy("hybrid", embedding_batch_size=2, llm_holdback_ms=0).schedule(1.0, queue, instances)
     check_decisions(decisions, queue, instances)
     by_id = {r.id: r for r in queue}
     assert slots_by_type(decisions, by_id, "mix") == (7, 3)
     # Load already there counts: 6 LLM in flight leave room for 1 more LLM, 3 embeddings.
     busy = [make_view("mix", "llm_embedding", max_inflight=10, running=6)]
-    decisions = make_policy("hybrid", embedding_batch_size=2).schedule(1.0, queue, busy)
+    decisions = make_policy("hybrid", embedding_batch_size=2, llm_holdback_ms=0).schedule(1.0, queue, busy)
     assert slots_by_type(decisions, by_id, "mix") == (1, 3)
     # Over its share already (9 LLM): no more LLM, embeddings get the one free slot.
     over = [make_view("mix", "llm_embedding", max_inflight=10, running=9)]
-    decisions = make_policy("hybrid", embedding_batch_size=2).schedule(1.0, queue, over)
+    decisions = make_policy("hybrid", embedding_batch_size=2, llm_holdback_ms=0).schedule(1.0, queue, over)
     assert slots_by_type(decisions, by_id, "mix") == (0, 1)
 
 
@@ -385,7 +416,7 @@ def test_ratio_caps_both_types_on_a_mixed_instance_while_both_wait(make_request,
 def test_ratio_is_honoured_at_every_setting(ratio, make_request, make_view):
     instances = [make_view("mix", "llm_embedding", max_inflight=8)]
     queue = [make_request(f"c{i}") for i in range(10)] + [emb(make_request, f"e{i}") for i in range(10)]
-    decisions = make_policy("hybrid", hybrid_instance_ratio=ratio).schedule(1.0, queue, instances)
+    decisions = make_policy("hybrid", hybrid_instance_ratio=ratio, llm_holdback_ms=0).schedule(1.0, queue, instances)
     llm, embs = slots_by_type(decisions, {r.id: r for r in queue}, "mix")
     assert llm <= ratio * 8 and embs <= (1 - ratio) * 8
     assert llm + embs == int(ratio * 8) + int((1 - ratio) * 8)
@@ -394,10 +425,10 @@ def test_ratio_is_honoured_at_every_setting(ratio, make_request, make_view):
 def test_one_type_alone_uses_the_whole_mixed_instance(make_request, make_view):
     instances = [make_view("mix", "llm_embedding", max_inflight=10)]
     llm_only = [make_request(f"c{i}") for i in range(12)]
-    decisions = HybridPolicy().schedule(1.0, llm_only, instances)
+    decisions = HybridPolicy(llm_holdback_ms=0).schedule(1.0, llm_only, instances)
     assert slots_by_type(decisions, {r.id: r for r in llm_only}, "mix") == (10, 0)
     emb_only = [emb(make_request, f"e{i}") for i in range(12)]
-    decisions = make_policy("hybrid", embedding_batch_size=3).schedule(1.0, emb_only, instances)
+    decisions = make_policy("hybrid", embedding_batch_size=3, llm_holdback_ms=0).schedule(1.0, emb_only, instances)
     assert slots_by_type(decisions, {r.id: r for r in emb_only}, "mix") == (0, 10)
 
 
@@ -416,10 +447,10 @@ def test_held_embeddings_reserve_their_share(make_request, make_view):
     # A partial batch held for its window still counts as waiting: LLM may take only 7 of 10.
     instances = [make_view("mix", "llm_embedding", max_inflight=10)]
     queue = [make_request(f"c{i}") for i in range(12)] + [emb(make_request, "e", arrival_s=0.999)]
-    decisions = make_policy("hybrid", release_when_idle=False).schedule(1.0, queue, instances)
+    decisions = make_policy("hybrid", release_when_idle=False, llm_holdback_ms=0).schedule(1.0, queue, instances)
     assert slots_by_type(decisions, {r.id: r for r in queue}, "mix") == (7, 0)
     # With the idle release (default) the embedding goes at once: nothing waits, LLM takes the rest.
-    decisions = HybridPolicy().schedule(1.0, queue, instances)
+    decisions = HybridPolicy(llm_holdback_ms=0).schedule(1.0, queue, instances)
     assert slots_by_type(decisions, {r.id: r for r in queue}, "mix") == (9, 1)
 
 
@@ -488,7 +519,7 @@ def test_every_fallback_places_llm_work_under_the_ratio(fallback, make_request, 
     instances = [make_view("gpu", "llm", max_inflight=3), make_view("mix", "llm_embedding", max_inflight=10)]
     queue = [make_request(f"c{i}", arrival_s=i / 100, priority=i % 5, ttft_ms=5000.0) for i in range(15)]
     queue += [emb(make_request, f"e{i}", inputs=8) for i in range(8)]
-    policy = make_policy("hybrid", llm_fallback_policy=fallback)
+    policy = make_policy("hybrid", llm_fallback_policy=fallback, llm_holdback_ms=0)
     decisions = policy.schedule(1.0, queue, instances)
     assigned, rejected = check_decisions(decisions, queue, instances)
     by_id = {r.id: r for r in queue}
@@ -793,7 +824,7 @@ def test_load_aware_placement_keeps_the_contract_and_spreads_within_one_call(mak
     # ties going to the LLM-only instance; the old rule sent all twenty to the LLM-only GPU.
     instances = [make_view("gpu", "llm", max_inflight=64), make_view("mix", "llm_embedding", max_inflight=64)]
     queue = [make_request(f"c{i}", arrival_s=i / 100, prompt_tokens=100, max_tokens=100) for i in range(20)]
-    decisions = HybridPolicy().schedule(1.0, queue, instances)
+    decisions = HybridPolicy(llm_holdback_ms=0).schedule(1.0, queue, instances)
     check_decisions(decisions, queue, instances)
     by_id = {r.id: r for r in queue}
     assert slots_by_type(decisions, by_id, "gpu") == (10, 0) and slots_by_type(decisions, by_id, "mix") == (10, 0)
