@@ -17,6 +17,15 @@ time limit (a cell past it is reported as such, not waited for) and its own peak
 
 Targets are ratios within one run (the machine is shared): per policy, requests/s at 3x >= 0.3x its
 own 1x figure; 256 instances >= 0.7x the 4-instance figure; the fleet run < 10 min, < 4 GB RSS.
+
+Light load against an older checkout (issue 12's "no lower than today"), interleaved in one run:
+
+    git archive 7442c5e | (mkdir -p /tmp/base && tar -x -C /tmp/base)
+    python benchmarks/sim_speed.py --baseline /tmp/base --policies hybrid,fifo --repeat 3 --out ...
+
+Each repetition runs this script's light-load benchmark (`--skip-step --repeat 1`) once in the
+baseline tree (its own sim_speed.py, `PYTHONPATH` pointing at it) and once in this one, each in a
+fresh process, alternating; the fastest of each counts, and each run's process CPU time is kept.
 """
 
 from __future__ import annotations
@@ -354,6 +363,55 @@ def run_suite(
     return result
 
 
+def _light_run(root: Path, policy: str) -> dict:
+    """One light-load run (`--skip-step --repeat 1`) of `root`'s own sim_speed.py in a fresh process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, str(root / "benchmarks" / "sim_speed.py"), "--json", "--skip-step", "--repeat", "1"]
+    done = subprocess.run([*cmd, "--policy", policy], capture_output=True, text=True, env=env, cwd=root, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = json.loads(done.stdout)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": out["wall_s"], "requests": out["requests"], "process_cpu_s": round(cpu, 3)}
+
+
+def compare_baseline(baseline: Path, policies: list[str], repeat: int, out_path: Path | None) -> dict:
+    """The light-load benchmark here and in `baseline`, interleaved (module docstring)."""
+    here = Path(__file__).resolve().parents[1]
+    load_before = os.getloadavg()
+    runs: dict[str, list[dict]] = {}
+    for _ in range(max(1, repeat)):
+        for policy in policies:
+            for side, root in (("baseline", baseline.resolve()), ("this", here)):
+                runs.setdefault(f"{policy}/{side}", []).append(_light_run(root, policy))
+    best = {k: min(r["wall_s"] for r in v) for k, v in runs.items()}
+    cpu = {k: min(r["process_cpu_s"] for r in v) for k, v in runs.items()}
+    n = next(iter(runs.values()))[0]["requests"]
+    result = {
+        "benchmark": "sim_speed_light_baseline",
+        "baseline": str(baseline),
+        "runs": runs,
+        "fastest_wall_s": best,
+        "requests_per_s": {k: round(n / w, 1) for k, w in best.items()},
+        "this_over_baseline": {p: round(best[f"{p}/baseline"] / best[f"{p}/this"], 3) for p in policies},
+        "this_over_baseline_process_cpu": {p: round(cpu[f"{p}/baseline"] / cpu[f"{p}/this"], 3) for p in policies},
+        "how": "each repetition: this script's light-load run (--skip-step --repeat 1: the Azure conv trace on 4 "
+        "A100 instances, jump mode) in a fresh process, in the baseline tree then in this one; fastest wall of "
+        "each, and the least process CPU (trace loading and imports included, the same work on both sides)",
+        "machine": {
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "cpu_count": os.cpu_count(),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
+    }
+    if out_path:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -374,7 +432,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit-s", type=float, default=None, help="per-cell time limit (default per suite)")
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override for experiment cells")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # one suite cell, as JSON (internal)
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="an older checkout: light-load runs there and here, interleaved"
+    )
     args = parser.parse_args(argv)
+
+    if args.baseline:
+        result = compare_baseline(args.baseline, (args.policies or args.policy).split(","), args.repeat, args.out)
+        sys.stdout.write(
+            json.dumps(
+                {k: result[k] for k in ("requests_per_s", "this_over_baseline", "this_over_baseline_process_cpu")},
+                indent=2,
+            )
+            + "\n"
+        )
+        return result
 
     if args.cell:
         result = run_cell(json.loads(args.cell))
