@@ -51,6 +51,7 @@ def _git_rev() -> str:
 def sweep(
     url: str,
     model: str,
+    pid: int,
     cal: LlamaCppCalibration,
     settings: ServerSettings,
     spec: sw.WorkloadSpec,
@@ -69,8 +70,8 @@ def sweep(
         n = int(min(spec.n, max(n_min, round(rate * seconds))))
         items = replace(spec, n=n).items(rate)
         row: dict = {"load": frac, "rate_rps": rate, "requests": n, "load_average": {}}
-        sim = sw.simulate(items, cal, cfg)
-        row["sim"] = sw.summarize(sim)
+        sim, busy_s, steps = sw.simulate_with_work(items, cal, cfg)
+        row["work"] = {"sim_busy_s": busy_s, "sim_steps": steps}
         runs = {"live": 1000 + k}
         if repeat:
             runs["live_repeat"] = 2000 + k
@@ -78,9 +79,10 @@ def sweep(
         for name, seed in runs.items():
             before = sw.load_average()
             t0 = time.monotonic()
+            cpu0 = sw.process_cpu_s(pid)
             res = sw.run_live(url, model, items, seed, embeddings=settings.embeddings)
-            row[name] = sw.summarize(res)
-            row[name]["wall_s"] = round(time.monotonic() - t0, 1)
+            row["work"][f"{name}_server_cpu_s"] = sw.process_cpu_s(pid) - cpu0
+            row[name] = {"wall_s": round(time.monotonic() - t0, 1)}
             row["load_average"][name] = {"before": before[0], "after": sw.load_average()[0]}
             per_request[name] = res
         score(row, items, per_request)
@@ -189,7 +191,8 @@ def rescore(out: Path, ship: Path | None, log=print) -> dict:
                 ]
                 for name, rows in runs.items()
             }
-            per_request["sim"] = sw.simulate(items, cal, cfg)
+            per_request["sim"], busy_s, steps = sw.simulate_with_work(items, cal, cfg)
+            row.setdefault("work", {}).update({"sim_busy_s": busy_s, "sim_steps": steps})
             score(row, items, per_request)
         log(f"{kind}: refitted ({result['mean_abs_residual']:.3f} mean |residual|) and re-simulated")
     doc["rescored"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()) + f", git {_git_rev()}"
@@ -244,8 +247,8 @@ def tables(kind: str, res: dict) -> str:
             else ")"
         ),
         "",
-        "| load | req/s | n | TTFT p50 live / sim (ms) | err | TTFT p90 live / sim | err | E2E p50 live / sim | err | E2E p90 live / sim | err | noise floor (repeat vs live) TTFT p50 / p90, E2E p50 / p90 | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| load | req/s | n | TTFT p50 live / sim (ms) | err | TTFT p90 live / sim | err | E2E p50 live / sim | err | E2E p90 live / sim | err | noise floor (repeat vs live) TTFT p50 / p90, E2E p50 / p90 | work: sim busy / live server CPU (s) | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in res["loads"]:
         cells = [f"{row['load']:.2f}", f"{row['rate_rps']:.3f}", str(row["requests"])]
@@ -257,6 +260,9 @@ def tables(kind: str, res: dict) -> str:
         cells.append(
             " / ".join(_pct(noise[k]) for k in ("ttft_p50", "ttft_p90", "e2e_p50", "e2e_p90")) if noise else "-"
         )
+        work = row.get("work", {})
+        cpu = work.get("live_server_cpu_s")
+        cells.append(f"{work['sim_busy_s']:.1f} / {cpu:.1f} ({_pct(work['sim_busy_s'] / cpu - 1)})" if cpu else "-")
         la = row["load_average"]
         cells.append(" / ".join(f"{v['before']:.1f}" for v in la.values()))
         lines.append("| " + " | ".join(cells) + " |")
@@ -322,6 +328,11 @@ def summary_md(doc: dict) -> str:
         errs = [abs(v) for r in up_to_sat for v in r["error"].values() if v is not None]
         noise = [abs(v) for r in up_to_sat for v in (r.get("noise") or {}).values() if v is not None]
         met = all(e <= 0.10 for e in errs)
+        work = [
+            r["work"]["sim_busy_s"] / r["work"]["live_server_cpu_s"] - 1
+            for r in d["sweep"]["loads"]
+            if r.get("work", {}).get("live_server_cpu_s")
+        ]
         parts.append(
             f"Loads <= 1.0: max |error| {100 * max(errs):.1f}%, mean {100 * np.mean(errs):.1f}% "
             f"(target <= 10% at every load: {'met' if met else 'NOT met'}); "
@@ -329,6 +340,13 @@ def summary_md(doc: dict) -> str:
                 f"noise floor max {100 * max(noise):.1f}%, mean {100 * np.mean(noise):.1f}%."
                 if noise
                 else "no repeat run."
+            )
+            + (
+                " Work (simulated busy time vs the live server's CPU time, each load): "
+                + ", ".join(_pct(w) for w in work)
+                + "."
+                if work
+                else ""
             )
         )
         parts.append("")
@@ -434,7 +452,16 @@ def main(argv: list[str] | None = None) -> int:
     with server:
         doc["llm"] = {"settings": llm.as_dict(), "workload": asdict(spec), "fit": fit}
         doc["llm"]["sweep"] = sweep(
-            server.url, server.model, cal, llm, spec, tuple(args.loads), args.seconds, args.min_requests, args.repeat
+            server.url,
+            server.model,
+            server.pid,
+            cal,
+            llm,
+            spec,
+            tuple(args.loads),
+            args.seconds,
+            args.min_requests,
+            args.repeat,
         )
     if args.ship:
         cal.write(args.ship)
@@ -442,12 +469,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.embeddings:
         emb = embedding_settings(args.threads)
-        espec = sw.WorkloadSpec(n=args.max_requests, prompt_median=96, prompt_max=480, embeddings=True, seed=12)
+        espec = sw.WorkloadSpec(n=args.max_requests, prompt_median=96, prompt_max=384, embeddings=True, seed=12)
         server, ecal, efit = calibrate_server(emb, server_cpus, out, "embedding", True, args.quick)
         with server:
             doc["embedding"] = {"settings": emb.as_dict(), "workload": asdict(espec), "fit": efit}
             doc["embedding"]["sweep"] = sweep(
-                server.url, server.model, ecal, emb, espec, tuple(args.embedding_loads), args.embedding_seconds,
+                server.url, server.model, server.pid, ecal, emb, espec, tuple(args.embedding_loads), args.embedding_seconds,
                 args.embedding_min_requests, args.repeat,
             )  # fmt: skip
         if args.ship:

@@ -293,7 +293,7 @@ async def run_llm_probes(url: str, model: str, cfg: LlamaCppConfig, plan: ProbeP
 async def run_embedding_probes(
     url: str,
     model: str,
-    lengths: tuple[int, ...] = (8, 32, 128, 384),
+    lengths: tuple[int, ...] = (8, 33, 66, 131, 256, 387),
     multi: tuple[tuple[int, int], ...] = ((4, 32), (3, 128)),
     repeats: int = 3,
     seed: int = 1,

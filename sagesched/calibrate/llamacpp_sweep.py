@@ -137,8 +137,31 @@ def run_live(url: str, model: str, items: Sequence[WorkItem], seed: int, embeddi
     return asyncio.run(_live(url, model, items, seed, embeddings))
 
 
+class _BusyMeter:
+    """Wraps a step model and adds up the step times the simulation asks for (the server's busy time)."""
+
+    def __init__(self, step) -> None:  # type: ignore[no-untyped-def]
+        self.step = step
+        self.busy_s = 0.0
+        self.steps = 0
+
+    def ubatches_time_s(self, ubatches) -> float:  # type: ignore[no-untyped-def]
+        t = float(self.step.ubatches_time_s(ubatches))
+        self.busy_s += t
+        self.steps += 1
+        return t
+
+
 def simulate(items: Sequence[WorkItem], cal: LlamaCppCalibration, cfg: LlamaCppConfig) -> list[Outcome]:
     """The same items through the llama.cpp engine model timed by the calibration."""
+    return simulate_with_work(items, cal, cfg)[0]
+
+
+def simulate_with_work(
+    items: Sequence[WorkItem], cal: LlamaCppCalibration, cfg: LlamaCppConfig
+) -> tuple[list[Outcome], float, int]:
+    """`simulate`, plus the server's simulated work: busy seconds (steps + frontend per request) and steps."""
+    meter = _BusyMeter(cal.step)
     reqs = [
         (
             it.arrival_s,
@@ -148,8 +171,9 @@ def simulate(items: Sequence[WorkItem], cal: LlamaCppCalibration, cfg: LlamaCppC
         )
         for it in items
     ]
-    recs = replay_llamacpp(reqs, cfg, cal.step, frontend_request_s=cal.frontend_request_s)
-    return [Outcome(r.id, r.ttft_s, r.e2e_s, r.status, r.reason, output_tokens=None) for r in recs]
+    recs = replay_llamacpp(reqs, cfg, meter, frontend_request_s=cal.frontend_request_s)
+    outcomes = [Outcome(r.id, r.ttft_s, r.e2e_s, r.status, r.reason, output_tokens=None) for r in recs]
+    return outcomes, meter.busy_s + cal.frontend_request_s * len(items), meter.steps
 
 
 def capacity(spec: WorkloadSpec, cal: LlamaCppCalibration, cfg: LlamaCppConfig) -> float:
@@ -183,3 +207,12 @@ def rel_err(a: float | None, b: float | None) -> float | None:
 
 def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used: the server's work in a live run,
+    which other processes on its CPU delay but do not inflate (unlike wall time)."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
