@@ -9,8 +9,14 @@ class by class, so that a class whose instances are all full is never looked at 
 
 The arithmetic below repeats `slo_aware.slack_s` (and the `LoadLedger` / `InstanceView`
 predictions it calls) operation for operation, so the floats, and therefore the decisions, are
-identical; tests/policies/test_slack_indexed.py checks it on random views and requests and on
-whole simulations. Change both together.
+identical; tests/sim/test_slack_indexed.py checks it on random views and requests, and
+tests/sim/test_indexed_queue.py on whole simulations. Change both together.
+
+Past saturation even one numpy pass per queued row and call grows with the queue; what keeps a
+call's work to the rows that can still matter (all exact, see the functions): instances another
+instance dominates are skipped (`_dominant_terms`), rows late for good are marked on the queue's
+columns and not computed again where only their lateness is read (`class_slo_slacks`), per-row
+terms are kept on the columns (`_static_terms`), and a class without a free slot is skipped.
 """
 
 from __future__ import annotations
