@@ -106,6 +106,11 @@ def score(row: dict, items: list[sw.WorkItem], per_request: dict[str, list[sw.Ou
         row[name] = sw.summarize(res)
         if wall is not None:
             row[name]["wall_s"] = wall
+        if name != "sim" and not all(it.output_tokens == 1 for it in items):
+            # ignore_eos + max_tokens: the server must report exactly the workload's output length
+            row[name]["output_length_mismatches"] = sum(
+                1 for o, it in zip(res, items, strict=True) if o.status == 200 and o.output_tokens != it.output_tokens
+            )
     row["error"], row["noise"] = {}, {}
     for metric in ("ttft", "e2e"):
         for q in ("p50", "p90"):
