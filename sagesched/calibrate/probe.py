@@ -16,7 +16,9 @@ leave-one-point-out cross-validation:
   attention, per-step, per-sequence, frontend), so the result is an `LLMCalibration` file
   (`linear_scale`, `attention_scale`, `step_overhead_s`, `seq_overhead_s`, `frontend_request_s`);
 - `--engine llamacpp`: an `AffineStepModel` (per step, per prompt token, per decoding sequence, per
-  attended (query, key) pair) plus the frontend's per-request cost, for a CPU without profiles.
+  attended (query, key) pair) plus the frontend's per-request cost. For llama-server prefer
+  `sagesched calibrate llamacpp` (`llamacpp_probe`): it builds each probe's batches with the engine model
+  (slots, micro-batches, checkpoint tail) and fits the CPU step model the simulator uses.
 """
 
 from __future__ import annotations
