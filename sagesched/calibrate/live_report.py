@@ -79,9 +79,13 @@ def sweep(
         for name, seed in runs.items():
             before = sw.load_average()
             t0 = time.monotonic()
-            cpu0 = sw.process_cpu_s(pid)
+            cpu0, m0 = sw.process_cpu_s(pid), sw.server_counters(url)
             res = sw.run_live(url, model, items, seed, embeddings=settings.embeddings)
             row["work"][f"{name}_server_cpu_s"] = sw.process_cpu_s(pid) - cpu0
+            m1 = sw.server_counters(url)
+            for key in ("n_decode_total", "prompt_tokens_cached_total"):
+                if key in m0 and key in m1:
+                    row["work"][f"{name}_{key}"] = m1[key] - m0[key]
             row[name] = {"wall_s": round(time.monotonic() - t0, 1)}
             row["load_average"][name] = {"before": before[0], "after": sw.load_average()[0]}
             per_request[name] = res
@@ -252,8 +256,8 @@ def tables(kind: str, res: dict) -> str:
             else ")"
         ),
         "",
-        "| load | req/s | n | TTFT p50 live / sim (ms) | err | TTFT p90 live / sim | err | E2E p50 live / sim | err | E2E p90 live / sim | err | noise floor (repeat vs live) TTFT p50 / p90, E2E p50 / p90 | work: sim busy / live server CPU (s) | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| load | req/s | n | TTFT p50 live / sim (ms) | err | TTFT p90 live / sim | err | E2E p50 live / sim | err | E2E p90 live / sim | err | noise floor (repeat vs live) TTFT p50 / p90, E2E p50 / p90 | work: sim busy / live server CPU (s) | steps: sim / live | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in res["loads"]:
         cells = [f"{row['load']:.2f}", f"{row['rate_rps']:.3f}", str(row["requests"])]
@@ -268,6 +272,8 @@ def tables(kind: str, res: dict) -> str:
         work = row.get("work", {})
         cpu = work.get("live_server_cpu_s")
         cells.append(f"{work['sim_busy_s']:.1f} / {cpu:.1f} ({_pct(work['sim_busy_s'] / cpu - 1)})" if cpu else "-")
+        steps = work.get("live_n_decode_total")
+        cells.append(f"{work['sim_steps']} / {steps:.0f}" if steps is not None else "-")
         la = row["load_average"]
         cells.append(" / ".join(f"{v['before']:.1f}" for v in la.values()))
         lines.append("| " + " | ".join(cells) + " |")

@@ -216,3 +216,20 @@ def process_cpu_s(pid: int) -> float:
 
     t = psutil.Process(pid).cpu_times()
     return float(t.user + t.system)
+
+
+def server_counters(url: str) -> dict[str, float]:
+    """llama-server's `/metrics` counters (`--metrics`): `n_decode_total` is its number of steps
+    (`llama_decode` calls), `prompt_tokens_cached_total` the prompt tokens its caches saved."""
+    import httpx
+
+    out: dict[str, float] = {}
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith("llamacpp:"):
+            name, _, value = line.partition(" ")
+            try:
+                out[name.removeprefix("llamacpp:")] = float(value)
+            except ValueError:
+                continue
+    return out
