@@ -187,12 +187,13 @@ class AdaptivePolicy(Policy):
                 why = f"{why}, but {self.mode} held for min_dwell_s ({dwelt:.2f} s < {self.config.min_dwell_s:g} s)"
         sub = self.policies[self.mode]
         rule = f"{self.name}/{sub.name}"
-        context = f"{self.mode}: {m}; {why}"
+        context = ""  # the measurement as text, built only when a decision carries it (most calls place none)
         out: list[Decision] = []
         for decision in sub.schedule(now, queue, instances):
             if isinstance(decision, Assignment):
                 # Built directly rather than with dataclasses.replace: same fields, a fraction of the cost.
                 d = decision
+                context = context or f"{self.mode}: {m}; {why}"
                 out.append(Assignment(d.instance_id, d.request_ids, d.priority_hint, rule, f"{context}; {d.reason}"))
             elif isinstance(decision, Rejection):
                 out.append(dataclasses.replace(decision, rule=rule))
