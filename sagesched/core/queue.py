@@ -88,7 +88,7 @@ class Columns:
     def __init__(self, requests: Iterable[Request] = ()) -> None:
         import numpy as np
 
-        # Policies' per-row results for these rows (`policies.slack.class_best_slacks`): a row never
+        # Policies' per-row results for these rows (`policies.slack_columns.class_best_slacks`): a row never
         # changes once appended (a compaction makes new columns), so a result keyed by n stays valid.
         self.cache: dict[Hashable, Any] = {}
         self.n = 0

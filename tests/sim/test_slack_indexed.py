@@ -1,4 +1,4 @@
-"""`policies.slack.class_best_slacks` equals `slo_aware.best_slack_s`, bit for bit.
+"""`policies.slack_columns.class_best_slacks` equals `slo_aware.best_slack_s`, bit for bit.
 
 The vectorised best slacks skip instances another instance dominates (same rates, waits no larger)
 and reuse their result for the same rows, time and instance figures; both shortcuts must leave every
@@ -15,7 +15,7 @@ import pytest
 
 from sagesched.core import SLO, GatewayQueue, InstanceKind, InstanceView, Priority, Request, RequestType
 from sagesched.policies.base import LoadLedger, class_served_by
-from sagesched.policies.slack import class_best_slacks, class_slo_slacks
+from sagesched.policies.slack_columns import class_best_slacks, class_slo_slacks
 from sagesched.policies.slo_aware import best_slack_s
 
 
