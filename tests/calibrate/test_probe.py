@@ -4,6 +4,7 @@ known performance model, so the coefficients the probes recover can be checked a
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -87,7 +88,9 @@ def test_probes_run_against_a_real_llama_server(llm_server):
         ("decode", 64, 2),
     ]
     assert all(p.seconds > 0 for p in points)
-    assert points[1].seconds > points[0].seconds  # six times the prompt costs more to prefill
+    # Timings are not compared with each other: on a shared machine another process can stall any
+    # one request (a 16-token prefill took 3.5 s, longer than a 96-token one, in a CI run under load).
     fit = fit_probes(points, "llamacpp")
     assert all(v >= 0 for v in fit["coefficients"].values())
     assert len(fit["leave_one_out"]) == 4
+    assert all(math.isfinite(r) for r in fit["leave_one_out"])
