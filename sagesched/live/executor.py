@@ -552,13 +552,10 @@ class LiveExecutor(Dispatcher):
     def _expire(self, p: _Pending) -> None:
         if p.done:
             return
+        # The reason names where the request was, not which request it was (the record carries the
+        # id): summaries count failures by reason, and one reason per request would make that useless.
         where = "queued" if p.request.id in self._queue else f"at backend {p.instance_id}"
-        self._fail(
-            p,
-            UpstreamTimeout(
-                f"request {p.request.id} did not finish within {self.config.request_timeout_s:g}s ({where})"
-            ),
-        )
+        self._fail(p, UpstreamTimeout(f"did not finish within {self.config.request_timeout_s:g}s ({where})"))
 
     # -- health ---------------------------------------------------------------------------------------
     async def _probe(self, backend: _Backend) -> None:

@@ -161,6 +161,10 @@ def test_timeout_is_504_and_mid_stream_timeout_is_an_sse_error(start_gateway, em
             got.append(chunk)
     assert got, "the stream had started before the deadline"
     assert "did not finish" in info.value.message
+    # Both timed out at the same backend: one reason, so a summary counts them together (the
+    # request id is in the record, not in the reason text).
+    reasons = {r.reason for r in gw.gateway.executor.records if r.reason and "did not finish" in r.reason}
+    assert len(reasons) == 1, reasons
 
 
 def test_client_disconnect_cancels_the_upstream_request(start_gateway, llm_server):
