@@ -324,6 +324,17 @@ def summarize_suite(cells: list[dict]) -> dict:
     return out
 
 
+def _machine(load_before: tuple[float, float, float]) -> dict:
+    """Where a suite ran, with the load average around it (the machine is shared: say how busy it was)."""
+    return {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 def run_suite(
     name: str,
     policies: list[str] | None,
@@ -350,13 +361,7 @@ def run_suite(
         "suite": name,
         "summary": summarize_suite(cells),
         "cells": cells,
-        "machine": {
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "cpu_count": os.cpu_count(),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": _machine(load_before),
     }
     if out_path:
         out_path.write_text(json.dumps(result, indent=2) + "\n")
@@ -398,13 +403,7 @@ def compare_baseline(baseline: Path, policies: list[str], repeat: int, out_path:
         "how": "each repetition: this script's light-load run (--skip-step --repeat 1: the Azure conv trace on 4 "
         "A100 instances, jump mode) in a fresh process, in the baseline tree then in this one; fastest wall of "
         "each, and the least process CPU (trace loading and imports included, the same work on both sides)",
-        "machine": {
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "cpu_count": os.cpu_count(),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": _machine(load_before),
     }
     if out_path:
         out_path.parent.mkdir(parents=True, exist_ok=True)
