@@ -9,17 +9,11 @@ and the load average of each run.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
-import signal
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from sagesched.live import real_backends as rb
-from sagesched.live.processes import free_port
 from sagesched.sim.engines.llamacpp import LlamaCppConfig
 
 
@@ -77,60 +71,22 @@ def embedding_settings(threads: int = 1) -> ServerSettings:
     return ServerSettings(parallel=1, ctx_size=ctx, n_batch=ctx, n_ubatch=ctx, threads=threads, embeddings=True)
 
 
-def _pin_and_die_with_parent(cpus: frozenset[int] | None):  # type: ignore[no-untyped-def]
-    def pre() -> None:
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-    return pre
-
-
 def start_server(
     settings: ServerSettings, cpus: frozenset[int] | None = None, log_path: str | Path | None = None
 ) -> rb.RunningServer:
     """Launch llama-server with `settings` on a free loopback port, its threads confined to `cpus`."""
-    port = free_port(rb.HOST)
     extra: tuple[str, ...] = ()
     if not settings.embeddings:
         extra = ("-b", str(settings.n_batch), "-ub", str(settings.n_ubatch))
-    cmd = rb.llama_server_command(
-        port=port,
+    return rb.start_llama_server(
         embeddings=settings.embeddings,
         parallel=settings.parallel,
         ctx_size=settings.ctx_size,
         threads=settings.threads,
         extra_args=extra,
-    )
-    if log_path is None:
-        fd, name = tempfile.mkstemp(prefix=f"llama-server-{port}-", suffix=".log")
-        os.close(fd)
-        log_path = name
-    log_path = Path(log_path)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_pin_and_die_with_parent(cpus),
-        )
-    server = rb.RunningServer(
-        url=f"http://{rb.HOST}:{port}",
-        model=cmd[cmd.index("--alias") + 1],
-        process=proc,
-        port=port,
-        embeddings=settings.embeddings,
         log_path=log_path,
-        command=cmd,
+        cpus=cpus,
     )
-    try:
-        rb.wait_healthy(server.url, proc, 120.0)
-    except rb.BackendStartError as exc:
-        server.stop(timeout_s=5)
-        raise rb.BackendStartError(f"{exc}\n--- {log_path} (tail) ---\n{server.log_tail()}") from None
-    return server
 
 
 def split_cpus() -> tuple[frozenset[int] | None, frozenset[int] | None]:

@@ -41,6 +41,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -151,6 +152,20 @@ def _die_with_parent() -> None:
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _child_setup(detach: bool, cpus: frozenset[int] | None) -> Callable[[], None] | None:
+    """What the child runs before exec: its CPUs, and (unless detached) death with its parent."""
+    if detach and not cpus:
+        return None
+
+    def setup() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        if not detach:
+            _die_with_parent()
+
+    return setup
 
 
 def terminate_pid(pid: int, timeout_s: float = 10.0) -> bool:
@@ -278,11 +293,14 @@ def start_llama_server(
     startup_timeout_s: float = 120.0,
     extra_args: tuple[str, ...] = (),
     detach: bool = False,
+    cpus: frozenset[int] | None = None,
 ) -> RunningServer:
     """Launch llama-server on `host` (a free port if none given) and return once `/health` is 200.
 
     `detach=True` starts it in its own session so it outlives this process (the CLI's `start`);
     otherwise Linux kills it when this process dies, so a crashed test run leaves no orphans.
+    `cpus` confines every server thread to those CPUs (set before exec, inherited by its threads):
+    the calibration pins the server away from its load generator.
     """
     if host not in {"127.0.0.1", "localhost", "::1"}:
         raise ValueError(f"host {host!r} is not a loopback address; real backends listen on 127.0.0.1 only")
@@ -311,7 +329,7 @@ def start_llama_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=detach,
-            preexec_fn=None if detach else _die_with_parent,
+            preexec_fn=_child_setup(detach, cpus),
         )
     server = RunningServer(
         url=f"http://{host}:{port}",
