@@ -66,7 +66,12 @@ def build_policy(policy_cfg: dict[str, Any]):
     name = cfg.pop("name", None)
     if not name:
         raise ExperimentError("the policy config has no `name`; choose one with policy=<name>")
-    return make_policy(str(name), **cfg)
+    from sagesched.typed_config import ConfigFieldError
+
+    try:
+        return make_policy(str(name), **cfg)
+    except ConfigFieldError as exc:  # located from the config's root: the override to fix
+        raise ConfigFieldError(("policy", *exc.path), exc.message) from None
 
 
 def workload_requests(workload_cfg: dict[str, Any], seed: int) -> list:

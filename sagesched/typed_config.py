@@ -167,7 +167,8 @@ def from_mapping(
         names = ", ".join(map(repr, unknown))
         raise ConfigFieldError(
             (*root, unknown[0]),
-            f"unknown {label}key{'s' if len(unknown) > 1 else ''} {names}; valid keys: {', '.join(sorted(spec.keys))}",
+            f"unknown {label}key{'s' if len(unknown) > 1 else ''} {names}; "
+            f"valid keys: {', '.join(sorted(spec.keys)) or '(none)'}",
         )
     kwargs: dict[str, Any] = {}
     leaves: dict[str, Any] = {}

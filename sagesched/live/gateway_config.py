@@ -374,12 +374,14 @@ class _Parser:
                 ("policy",), f"write a policy name (e.g. `policy: hybrid`) or a mapping, not {_kind(value)}"
             )
         from sagesched.policies import make_policy
+        from sagesched.typed_config import ConfigFieldError
 
         try:
             make_policy(name, **config)
-        except ValueError as exc:
-            bad = next((k for k in config if f"'{k}'" in str(exc)), None)
-            raise self.fail(("policy", bad) if bad else path, str(exc)) from None
+        except ConfigFieldError as exc:
+            raise self.fail(("policy", *exc.path) if exc.path else path, exc.message) from None
+        except ValueError as exc:  # an unknown policy name
+            raise self.fail(path, str(exc)) from None
         return name, config
 
 

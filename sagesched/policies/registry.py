@@ -40,19 +40,19 @@ def config_fields(name: str) -> list[str]:
 
 
 def make_policy(name: str, **config: Any) -> Policy:
-    """Build a policy by name; config keys must be fields of its Config dataclass."""
+    """Build a policy by name; its config goes through the typed config layer like every other config.
+
+    An unknown key, a wrong type (``embedding_batch_size='lots'``) or a bad value is a
+    `ConfigFieldError` (a ValueError) whose `path` names the field, for the experiment's Hydra
+    override and the gateway file's line; the message names the policy and lists the valid keys.
+    """
+    from sagesched.typed_config import ConfigFieldError, from_mapping
+
     cls = policy_class(name)
-    valid = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = sorted(set(config) - valid)
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {', '.join(map(repr, unknown))} for policy {name!r}; "
-            f"valid keys: {', '.join(sorted(valid)) or '(none)'}"
-        )
     try:
-        return cls(cls.Config(**config))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"invalid config for policy {name!r}: {exc}") from exc
+        return cls(from_mapping(cls.Config, config, "config"))
+    except ConfigFieldError as exc:
+        raise ConfigFieldError(exc.path, f"invalid config for policy {name!r}: {exc.message}") from None
 
 
 def _load_builtin() -> None:

@@ -90,7 +90,13 @@ def test_api_key_from_environment(monkeypatch):
         (MINIMAL + "host: example.com\n", r"line 5: host: 'example.com' is not an IP address"),
         (
             "policy:\n  name: fifo\n  batch: 3\nbackends:\n  - {url: 'http://127.0.0.1:1', kind: llm, models: [m]}\n",
-            r"line 3: policy\.batch: unknown config key\(s\) 'batch' for policy 'fifo'; valid keys: head_of_line_blocking",
+            r"line 3: policy\.batch: invalid config for policy 'fifo': unknown config key 'batch'; "
+            r"valid keys: head_of_line_blocking",
+        ),
+        (
+            "policy:\n  name: hybrid\n  embedding_batch_size: lots\nbackends:\n"
+            "  - {url: 'http://127.0.0.1:1', kind: llm, models: [m]}\n",
+            r"line 3: policy\.embedding_batch_size: invalid config for policy 'hybrid': must be a whole number",
         ),
         (
             MINIMAL + "  - {url: 'http://127.0.0.1:8001', kind: llm, models: [x]}\n",

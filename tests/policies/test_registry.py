@@ -42,7 +42,7 @@ def test_unknown_name_lists_the_valid_ones():
 
 @pytest.mark.parametrize("name", NINE)
 def test_unknown_config_key_lists_the_valid_ones(name):
-    with pytest.raises(ValueError, match=f"unknown config key\\(s\\) 'bogus_knob' for policy '{name}'") as err:
+    with pytest.raises(ValueError, match=f"invalid config for policy '{name}': unknown config key 'bogus_knob'") as err:
         make_policy(name, bogus_knob=1)
     message = str(err.value)
     fields = config_fields(name)
@@ -56,6 +56,25 @@ def test_invalid_config_values_are_value_errors_naming_the_policy():
         make_policy("priority", aging_interval_s=0)
     with pytest.raises(ValueError, match=r"invalid config for policy 'adaptive'.*exit_load"):
         make_policy("adaptive", enter_load=0.5, exit_load=0.9)
+
+
+@pytest.mark.parametrize(
+    "name, key, value, words",
+    [
+        ("hybrid", "embedding_batch_size", "lots", "must be a whole number"),
+        ("slo_aware", "shed_unattainable", "maybe", "must be true or false"),
+        ("fifo", "head_of_line_blocking", 1, "must be true or false"),
+        ("hybrid", "llm_holdback_ms", "fast", "must be a number"),
+    ],
+)
+def test_wrong_config_types_name_the_field_and_the_policy(name, key, value, words):
+    """Policy configs go through the typed config layer: a wrong type is caught when the policy is
+    built, at its field, not later as an obscure comparison error inside a schedule call."""
+    from sagesched.typed_config import ConfigFieldError
+
+    with pytest.raises(ConfigFieldError, match=f"invalid config for policy '{name}': {words}") as err:
+        make_policy(name, **{key: value})
+    assert err.value.path == (key,)
 
 
 def test_config_overrides_reach_the_policy():
