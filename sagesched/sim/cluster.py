@@ -18,7 +18,6 @@ same states and gives the same per-request latencies.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from bisect import bisect_left, insort
 from collections.abc import Callable, Sequence
@@ -48,6 +47,7 @@ from sagesched.sim.frontend import apply_frontend
 from sagesched.sim.instance_state import InstanceState
 from sagesched.sim.results import SimResult, timeline_frame
 from sagesched.sim.segments import EngineSegments
+from sagesched.sim.timeline import TimelineSampler
 from sagesched.sim.views import make_view
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def split_tokens(total: int, n: int) -> tuple[int, ...]:
     return tuple(base + 1 if i < extra else base for i in range(n))
 
 
-class Simulator(EngineSegments):
+class Simulator(EngineSegments, TimelineSampler):
     """One simulation run. Use `simulate(...)`; this class holds the run's state."""
 
     def __init__(
@@ -207,62 +207,6 @@ class Simulator(EngineSegments):
                 if i % 1000 == 0 or i == n:
                     progress.refresh()
             self._schedule()
-
-    def _sampler(self):
-        """Sample every instance each `timeline_interval_s`, on that grid, while anything happens.
-
-        Nothing changes between events, so across a quiet span (no event for more than an
-        interval) the sampler jumps to the last grid point before the next event: its cost follows
-        the events, not the simulated span (a trace stretched by rate_scale=1e-9 spans 6e10 s). The
-        sample after a jump averages utilisation over the whole span since the previous one.
-        """
-        env = self.env
-        interval = self.sim.timeline_interval_s
-        total = len(self.requests)
-        tick = 0
-        while self.ended < total:
-            tick += 1
-            due = tick * interval
-            following = env.peek()
-            if following == float("inf"):
-                return  # nothing else will ever happen (e.g. a policy holding requests forever)
-            if following > due + interval:
-                tick = max(tick, math.floor(following / interval))
-                due = tick * interval
-            yield env.timeout(due - env.now)
-            self._sample(env.now)
-
-    def _sample(self, now: float) -> None:
-        timeline = self.timeline
-        for inst in self.instances:
-            quiet = inst.sample_quiet
-            if quiet is not None and quiet[0] == inst.version and inst.busy_since is None:
-                # Idle at the last sample and untouched since (every change bumps the version):
-                # the same row, busy 0 (on a large mostly idle pool this was most of a run's time).
-                inst.sample_t = now
-                timeline.append((now, inst.id, *quiet[1]))
-                continue
-            busy = inst.busy_total(now)
-            span = now - inst.sample_t
-            frac = (busy - inst.sample_busy) / span if span > 0 else 0.0
-            inst.sample_busy, inst.sample_t = busy, now
-            running = waiting = batch = 0
-            kv = 0.0
-            if inst.llm is not None:
-                running, waiting = inst.llm.num_running, inst.llm.num_waiting
-                kv = self._kv_usage(inst, now)
-                if inst.llm_run is not None:
-                    batch = inst.llm_run.n
-                elif inst.llm_plan is not None:
-                    batch = inst.llm_plan.batch_size
-            if inst.tei is not None:
-                waiting_t = inst.tei.waiting_requests()
-                running += inst.tei_requests - waiting_t
-                waiting += waiting_t
-                if inst.tei_batch is not None:
-                    batch += inst.tei_batch.num_inputs
-            timeline.append((now, inst.id, running, waiting, kv, batch, frac))
-            inst.sample_quiet = (inst.version, (running, waiting, kv, batch, 0.0)) if inst.busy_since is None else None
 
     # -- policy ------------------------------------------------------------------------------------
     def _schedule(self) -> None:
