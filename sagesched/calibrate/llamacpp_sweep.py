@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sagesched.calibrate.llamacpp_client import Timed, embed, new_client, stream_completion, token_ids
-from sagesched.replay.loadgen import Schedule, run_open_loop
+from sagesched.replay.loadgen import Schedule, percentile, run_open_loop
 from sagesched.sim.engines.llamacpp import LlamaCppConfig
 from sagesched.sim.engines.llamacpp_driver import replay_llamacpp
 from sagesched.sim.engines.llamacpp_perf import LlamaCppCalibration
@@ -186,7 +186,7 @@ def capacity(spec: WorkloadSpec, cal: LlamaCppCalibration, cfg: LlamaCppConfig) 
 
 def percentiles(values: Sequence[float | None], qs: Sequence[float] = (50, 90)) -> dict[str, float | None]:
     vals = [v for v in values if v is not None]
-    return {f"p{int(q)}": (float(np.percentile(vals, q)) if vals else None) for q in qs}
+    return {f"p{int(q)}": percentile(vals, q) for q in qs}
 
 
 def summarize(outcomes: Sequence[Outcome]) -> dict:

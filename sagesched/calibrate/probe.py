@@ -35,6 +35,7 @@ import numpy as np
 import yaml
 from scipy.optimize import nnls
 
+from sagesched.calibrate.llamacpp_client import token_ids
 from sagesched.sim.perf_model import BatchShape
 
 
@@ -88,20 +89,19 @@ async def run_probes(
     """Run the prefill and decode sweeps against `url`; the median of `repeats` per point."""
     rng = random.Random(seed)
 
-    def ids(n: int) -> list[int]:
-        return [rng.randrange(100, 30000) for _ in range(n)]
-
     points: list[ProbePoint] = []
     # A fresh connection per request: llama-server closes a connection after a stream ends, and a
     # pooled connection reused after that fails with "server disconnected".
     limits = httpx.Limits(max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        await _stream(client, url, model, ids(8), 1)  # warm the connection and the server's first-request paths
+        await _stream(
+            client, url, model, token_ids(rng, 8), 1
+        )  # warm the connection and the server's first-request paths
         for p in prompt_lengths:
             runs = []
             for _ in range(repeats):
                 start = time.monotonic()
-                stamps = await _stream(client, url, model, ids(p), 1)
+                stamps = await _stream(client, url, model, token_ids(rng, p), 1)
                 if not stamps:
                     raise ProbeError(f"no token streamed for a {p}-token prompt")
                 runs.append(stamps[0] - start)
@@ -110,7 +110,7 @@ async def run_probes(
             runs = []
             for _ in range(repeats):
                 streams = await asyncio.gather(
-                    *(_stream(client, url, model, ids(decode_prompt), decode_tokens) for _ in range(c))
+                    *(_stream(client, url, model, token_ids(rng, decode_prompt), decode_tokens) for _ in range(c))
                 )
                 gaps = [(s[-1] - s[0]) / (len(s) - 1) for s in streams if len(s) > 2]
                 if not gaps:

@@ -117,7 +117,7 @@ def schedule_indexed(
     policy: SloAwarePolicy, now: float, queue: GatewayQueue, instances: Sequence[InstanceView]
 ) -> list[Decision]:
     """`SloAwarePolicy.schedule` on a `GatewayQueue`: the same decisions in the same order."""
-    from sagesched.policies.slo_aware import best_slack_s, slack_s
+    from sagesched.policies.slo_aware import best_slack_s
 
     name = policy.name
     rejections, queue, classes = servable_classes(queue, instances, name)
@@ -147,25 +147,10 @@ def schedule_indexed(
     moved_late: list[Request] = []
     merge = _Merge(attainable, dropped)
     for cls, request in merge:
-        candidates = ledger.candidates(request)
-        if not candidates:
-            if not ledger.has_room(request):
-                merge.drop(cls)
-            continue
-        by_id = {v.id: slack_s(ledger, v.id, request, now) for v in candidates}
-        target = min(candidates, key=lambda v: (-by_id[v.id], ledger.inflight(v.id), v.id))
-        if by_id[target.id] < 0:
-            moved_late.append(request)
-            continue
-        decisions.append(
-            ledger.assign(
-                target,
-                [request],
-                name,
-                f"least slack first: {by_id[target.id] * 1000:.0f} ms slack here, the most of any instance",
-                priority_hint=int(request.priority),
-            )
-        )
+        # Not placed: no candidate (the class is dropped once nothing has room) or deferred as late
+        # (it had candidates, so there is room and the class stays).
+        if not policy._place_by_slack(ledger, request, now, decisions, moved_late) and not ledger.has_room(request):
+            merge.drop(cls)
 
     merge = _Merge(best_effort, dropped)
     for cls, request in merge:

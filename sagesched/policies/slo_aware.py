@@ -57,8 +57,7 @@ def slack_s(ledger: LoadLedger, instance_id: str, request: Request, now: float) 
         slack = min(slack, ttft_deadline - now - ledger.predicted_ttft_s(instance_id, request))
     deadline = request.deadline_s
     if deadline is not None:
-        completion = ledger.predicted_wait_s(instance_id) + view.predicted_service_s(request)
-        slack = min(slack, deadline - now - completion)
+        slack = min(slack, deadline - now - predicted_completion_s(ledger, instance_id, request))
     if slo.tpot_ms is not None and not request.is_embedding and request.max_tokens > 1:
         slack = min(slack, (slo.tpot_ms / 1000.0 - view.decode_step_s) * (request.max_tokens - 1))
     return slack

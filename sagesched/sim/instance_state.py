@@ -12,7 +12,7 @@ from typing import Any
 
 import simpy
 
-from sagesched.core import InstanceKind, InstanceView, Request
+from sagesched.core import InstanceKind, InstanceView
 from sagesched.sim.config import InstanceConfig
 from sagesched.sim.engines import DecodeRun, SharedGpu, StepPlan, TeiBatch, TeiEngineCore, VllmEngineCore
 from sagesched.sim.views import DEFAULT_VIEW
@@ -43,7 +43,6 @@ class InstanceState:
         self.llm_gen = 0
         self.llm_event: simpy.Event | None = None  # the end event of the decode run in flight
         self.tei_batch: TeiBatch | None = None
-        self.tei_gen = 0
         # Utilisation: time with at least one engine busy.
         self.busy_since: float | None = None
         self.busy_acc = 0.0
@@ -93,9 +92,6 @@ class InstanceState:
     @property
     def llm_active(self) -> bool:
         return self.llm_plan is not None or self.llm_run is not None
-
-    def serves(self, request: Request) -> bool:
-        return self.kind.serves(request.type) and request.model in self.models
 
     def busy_total(self, now: float) -> float:
         return self.busy_acc + (now - self.busy_since if self.busy_since is not None else 0.0)

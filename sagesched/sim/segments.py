@@ -149,7 +149,6 @@ class EngineSegments(ABC):
         if batch is None:
             return
         factor = inst.gpu.embedding_stretch(inst.llm_active) if inst.gpu is not None else 1.0
-        inst.tei_gen += 1
         ev = self.env.timeout(tei.batch_time_s(batch) * factor)
         ev.callbacks.append(lambda _e: self._tei_done(inst))
 

@@ -123,7 +123,7 @@ class SlotRequest:
 class LlamaCppEngineCore:
     """llama-server's slot scheduler, timed by `perf`. No clock: the caller times steps.
 
-    Counters: `steps`, `ubatch_count`, `rejected_503`, `prompt_cache_tokens` (prompt tokens reused).
+    Counters: `steps`, `rejected_503`, `prompt_cache_tokens` (prompt tokens reused).
     """
 
     def __init__(self, config: LlamaCppConfig, perf) -> None:
@@ -133,7 +133,6 @@ class LlamaCppEngineCore:
         self.slots = [Slot(i) for i in range(config.n_parallel)]
         self.waiting: deque[tuple[EngineRequest, int]] = deque()
         self.steps = 0
-        self.ubatch_count = 0
         self.rejected_503 = 0
         self.prompt_cache_tokens = 0
 
@@ -278,7 +277,6 @@ class LlamaCppEngineCore:
     def finish_step(self, batch: list[tuple[Slot, int]]) -> StepOutcome:
         """Apply a planned batch: prompt progress, one token per generating slot, completions (slot freed)."""
         out = StepOutcome()
-        self.ubatch_count += len(self.ubatches(batch))
         for slot, t in batch:
             r = slot.req
             assert r is not None

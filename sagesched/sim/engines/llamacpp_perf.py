@@ -28,6 +28,7 @@ per request, the server settings and threads they were measured with, and how th
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,7 @@ class CpuStepModel:
         if self.row_block < 1:
             raise ValueError(f"row_block must be >= 1, got {self.row_block}")
 
-    @property
+    @cached_property  # read once per simulated step; the dataclass is frozen, so it never changes
     def coefficients(self) -> tuple[float, ...]:
         return tuple(getattr(self, n) for n in FEATURES)
 
