@@ -143,6 +143,48 @@ class SharedGpuConfig:
 
 
 @dataclass(frozen=True)
+class LlamaCppInstanceConfig:
+    """llama-server knobs of an instance with `engine: llamacpp` (see `sim/engines/llamacpp.py`).
+
+    calibration: the probe calibration that times its steps (`sagesched calibrate llamacpp`): a path
+        or the name of a shipped file (`sagesched/data/profiles/calibration/llamacpp/`, without .yaml).
+    n_parallel: slots (`-np`); n_ctx: total context (`-c`, split evenly over the slots; None: 2048 per
+        slot, as `sagesched.live.real_backends` starts servers); n_batch / n_ubatch: `-b` / `-ub`
+        (None: llama-server's 2048 / 512 for a chat server; an embedding server as real_backends
+        starts it uses n_ctx for both, so that one input fits one physical batch).
+    checkpoint_tail_tokens: None takes the calibration's (4 for Gemma 3's sliding-window attention).
+    The rest as `LlamaCppConfig`: prompt cache, 503 when every slot is busy (`reject_when_busy`; the
+    real server's default is to queue), `--slot-prompt-similarity`, `--kv-unified`, KV padding, and
+    the tokens per entry of a request's `prefix_hashes`.
+    """
+
+    calibration: str | None = None
+    n_parallel: int = 4
+    n_ctx: int | None = None
+    n_batch: int | None = None
+    n_ubatch: int | None = None
+    cache_prompt: bool = True
+    reject_when_busy: bool = False
+    slot_prompt_similarity: float = 0.1
+    kv_unified: bool = False
+    checkpoint_tail_tokens: int | None = None
+    kv_pad: int = 256
+    prefix_block_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("n_parallel", "n_ctx", "n_batch", "n_ubatch", "kv_pad", "prefix_block_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigFieldError((name,), f"must be >= 1, got {value}")
+        if self.n_ctx is not None and self.n_ctx < self.n_parallel:
+            raise ConfigFieldError(("n_ctx",), f"{self.n_ctx} gives each of {self.n_parallel} slots no context")
+        if self.checkpoint_tail_tokens is not None and self.checkpoint_tail_tokens < 0:
+            raise ConfigFieldError(("checkpoint_tail_tokens",), f"must be >= 0, got {self.checkpoint_tail_tokens}")
+        if not 0.0 <= self.slot_prompt_similarity <= 1.0:
+            raise ConfigFieldError(("slot_prompt_similarity",), f"must be in [0, 1], got {self.slot_prompt_similarity}")
+
+
+@dataclass(frozen=True)
 class InstanceConfig:
     """One serving instance.
 
@@ -154,6 +196,9 @@ class InstanceConfig:
     max_inflight: requests the driver lets be outstanding at the instance (InstanceView.max_inflight).
     calibration: optional calibration file for the performance model.
     vllm / tei / shared: engine knobs (see their classes).
+    engine: the LLM engine model, "vllm" (default) or "llamacpp" (llama-server, CPU step model from a
+        probe calibration; an `embedding` instance with it is llama-server `--embeddings`); its knobs
+        in `llamacpp` (which needs `calibration`).
     """
 
     id: str
@@ -167,9 +212,12 @@ class InstanceConfig:
     vllm: VllmEngineConfig = field(default_factory=VllmEngineConfig)
     tei: TeiEngineConfig = field(default_factory=TeiEngineConfig)
     shared: SharedGpuConfig = field(default_factory=SharedGpuConfig)
+    engine: str = "vllm"
+    llamacpp: LlamaCppInstanceConfig = field(default_factory=LlamaCppInstanceConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", InstanceKind.parse(self.kind))
+        self._check_engine()
         if not self.id:
             raise ConfigFieldError(("id",), "an instance needs a non-empty id")
         if self.kind is not InstanceKind.EMBEDDING and not self.model:
@@ -182,6 +230,24 @@ class InstanceConfig:
             )
         if self.max_inflight < 1:
             raise ConfigFieldError(("max_inflight",), f"instance {self.id}: must be >= 1, got {self.max_inflight}")
+
+    def _check_engine(self) -> None:
+        if self.engine not in ("vllm", "llamacpp"):
+            raise ConfigFieldError(("engine",), f"instance {self.id}: {self.engine!r}: use 'vllm' or 'llamacpp'")
+        if self.engine != "llamacpp":
+            return
+        if self.kind is InstanceKind.LLM_EMBEDDING:
+            raise ConfigFieldError(
+                ("engine",),
+                f"instance {self.id}: a llama-server serves either chat (kind llm) or embeddings (kind "
+                "embedding, `--embeddings`), not both; split it into two instances",
+            )
+        if not self.llamacpp.calibration:
+            raise ConfigFieldError(
+                ("llamacpp", "calibration"),
+                f"instance {self.id}: engine llamacpp needs `llamacpp.calibration` (a file written by "
+                "`sagesched calibrate llamacpp`, or a shipped name such as gemma-3-270m-q4km-xeon-2cpu-t1)",
+            )
 
     @property
     def models(self) -> frozenset[str]:
