@@ -3,7 +3,8 @@
 An engine spends one SimPy event per *change of batch*: a vLLM step, a jump over pure-decode steps
 (`VllmEngineCore.decode_run_limit`; cut short after the step in progress when new work arrives), or
 a TEI batch. Each end applies the engine's results, records first tokens and completions, starts
-the next segment and offers freed slots to the policy. `Simulator` (`sagesched.sim.cluster`)
+the next segment and offers freed slots to the policy. On an `llm_embedding` instance (`SharedGpu`)
+each engine's start or stop re-times the other's segment in flight (work-conserving sharing). `Simulator` (`sagesched.sim.cluster`)
 completes this mixin with the run's state and its request bookkeeping.
 """
 
@@ -14,6 +15,7 @@ from abc import ABC, abstractmethod
 import simpy
 
 from sagesched.core import RequestRecord
+from sagesched.sim.engines.shared_gpu import SharedGpu, retimed_end
 from sagesched.sim.instance_state import InstanceState
 
 
@@ -44,7 +46,8 @@ class EngineSegments(ABC):
         assert core is not None
         env = self.env
         now = env.now
-        factor = inst.gpu.llm_stretch(inst.tei_batch is not None) if inst.gpu is not None else 1.0
+        gpu = inst.gpu
+        factor = 1.0 if gpu is None or inst.tei_batch is None else gpu.llm_factor
         inst.version += 1
         self._stale.add(inst)
         inst.llm_gen += 1
@@ -61,14 +64,17 @@ class EngineSegments(ABC):
                     ev = env.timeout(run.cum_time(run.k))
                     ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
                     inst.llm_event = ev
+                    if gpu is not None:
+                        self._llm_started(inst, gpu, factor, 0.0)
                     return
                 core.run = None
         plan = core.plan_step()
         if plan is None:
             inst.llm_plan = None
             self._set_busy(inst, now)
-            if inst.gpu is not None and inst.tei_batch is not None:
-                pass  # the partner's batch factor was fixed at its start
+            if gpu is not None and gpu.llm_busy:
+                gpu.llm_busy = False
+                self._tei_retime(inst, gpu, 1.0)  # the embedding batch in flight has the GPU to itself now
             return
         for seq in plan.preempted:
             self.records[seq.id].preemptions = seq.preemptions
@@ -76,8 +82,62 @@ class EngineSegments(ABC):
         inst.llm_t0 = now
         if inst.busy_since is None:  # `_set_busy` with the LLM engine busy, inlined (hot)
             inst.busy_since = now
-        ev = env.timeout(core.step_time_s(plan) * factor)
+        dt = core.step_time_s(plan) * factor
+        ev = env.timeout(dt)
         ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
+        if gpu is not None:
+            inst.llm_event = ev
+            self._llm_started(inst, gpu, factor, now + dt)
+
+    def _llm_started(self, inst: InstanceState, gpu: SharedGpu, factor: float, end: float) -> None:
+        """A vLLM segment started on a shared GPU: note its factor and end (a step's; a decode run
+        keeps its own times) and, if the LLM engine was idle, re-time the embedding batch in flight."""
+        gpu.llm_now = factor
+        gpu.llm_end = end
+        if not gpu.llm_busy:
+            gpu.llm_busy = True
+            self._tei_retime(inst, gpu, gpu.embedding_factor)
+
+    def _llm_retime(self, inst: InstanceState, gpu: SharedGpu, factor: float) -> None:
+        """The embedding engine started or stopped work: the vLLM step in progress runs the rest of
+        its work at the new factor (work-conserving), and a decode run ends after that step (the
+        steps after it start with the new factor)."""
+        old = gpu.llm_now
+        if old == factor:
+            return
+        now = self.env.now
+        t0 = inst.llm_t0
+        run = inst.llm_run
+        if run is not None:
+            m = run.steps_done_by(now - t0)
+            if m >= run.k:
+                return  # the run is due now: the next segment starts with the new factor
+            end = t0 + run.cum_time(m + 1)
+            new = retimed_end(now, end, old, factor)
+            if new == end:
+                return
+            # The steps before m keep their times (snapshots taken mid-run read them); step m, the
+            # run's last from now on, ends at the re-timed end.
+            cum = run.cum[: m + 1] if run.cum is not None else [run.cum_time(j) for j in range(m + 1)]
+            cum.append(new - t0)
+            run.cum = cum
+            run.truncate(m + 1)
+            delay = t0 + cum[-1] - now
+        else:
+            end = gpu.llm_end
+            new = retimed_end(now, end, old, factor)
+            if new == end:
+                return
+            gpu.llm_end = new
+            delay = new - now
+        gpu.llm_now = factor
+        inst.llm_gen += 1
+        gen = inst.llm_gen
+        assert inst.llm_event is not None
+        inst.llm_event.callbacks.clear()  # stale: `_llm_done` would ignore it (old generation)
+        ev = self.env.timeout(delay)
+        ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
+        inst.llm_event = ev
 
     def _cut_run(self, inst: InstanceState) -> None:
         """New work (or a change on the shared GPU) mid-run: end the run after the step in progress."""
@@ -144,13 +204,38 @@ class EngineSegments(ABC):
         inst.version += 1
         self._stale.add(inst)
         self._set_busy(inst, now)
-        if inst.gpu is not None and was_busy != (batch is not None) and inst.llm_run is not None:
-            self._cut_run(inst)
+        gpu = inst.gpu
+        if gpu is not None and was_busy != (batch is not None) and gpu.llm_busy:
+            self._llm_retime(inst, gpu, gpu.llm_factor if batch is not None else 1.0)
         if batch is None:
             return
-        factor = inst.gpu.embedding_stretch(inst.llm_active) if inst.gpu is not None else 1.0
-        ev = self.env.timeout(tei.batch_time_s(batch) * factor)
+        dt = tei.batch_time_s(batch)
+        if gpu is not None:
+            factor = gpu.embedding_factor if gpu.llm_busy else 1.0
+            dt *= factor
+            gpu.tei_now = factor
+            gpu.tei_end = now + dt
+        ev = self.env.timeout(dt)
         ev.callbacks.append(lambda _e: self._tei_done(inst))
+        if gpu is not None:
+            gpu.tei_event = ev
+
+    def _tei_retime(self, inst: InstanceState, gpu: SharedGpu, factor: float) -> None:
+        """The vLLM engine started or stopped work: the embedding batch in flight runs the rest of its
+        work at the new factor (work-conserving)."""
+        if inst.tei_batch is None or gpu.tei_now == factor:
+            return
+        now = self.env.now
+        new = retimed_end(now, gpu.tei_end, gpu.tei_now, factor)
+        if new == gpu.tei_end:
+            return  # due now
+        gpu.tei_now = factor
+        gpu.tei_end = new
+        assert gpu.tei_event is not None
+        gpu.tei_event.callbacks.clear()  # stale
+        ev = self.env.timeout(new - now)
+        ev.callbacks.append(lambda _e: self._tei_done(inst))
+        gpu.tei_event = ev
 
     def _tei_done(self, inst: InstanceState) -> None:
         self.events += 1

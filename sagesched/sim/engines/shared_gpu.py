@@ -1,32 +1,36 @@
 """Interference between the two engines of an `llm_embedding` instance (one GPU, two engines).
 
-Model: weighted time-sharing with partial overlap. While only one engine has work on the GPU it runs
-at full speed. When one engine starts a step (vLLM) or a batch (TEI) while the other engine is busy,
-that step/batch gets the share
+Model: weighted time-sharing with partial overlap, work-conserving. While only one engine has work
+on the GPU it runs at full speed. While both have a step (vLLM) or a batch (TEI) in flight, each
+progresses at the share
 
     share_X = min(1, (1 + overlap) * w_X / (w_llm + w_emb))
 
-of the GPU and its duration is stretched by 1 / share_X. The factor is fixed when the step or batch
-starts (kernels already launched are not re-timed); a vLLM jump over many decode steps is cut at
-every change of the embedding engine's state, so each step sees the partner state at its start,
-exactly as step-by-step simulation would. `overlap` = 0 is pure time-slicing (the shares sum to 1:
+of its full speed, i.e. its work takes 1 / share_X as long. The rate follows the partner's state:
+when the other engine starts or stops work, the rest of the step or batch in flight is re-timed at
+the new rate (`retimed_end`), so the work done in any interval depends only on which engines were
+busy then, never on which one started first. A vLLM decode run (the jump mode's one event for many
+steps) is cut after the step in progress at each such change and that step re-timed, exactly as the
+step-by-step simulation re-times its step. `overlap` = 0 is pure time-slicing (the shares sum to 1:
 the GPU does the same total work either way); `overlap` = 1 is no interference at all.
 
 What it predicts (docs/simulator.md has the numbers): with the defaults (w 0.7 / 0.3, overlap 0.2)
-an LLM step that overlaps an embedding batch is 1/0.84 = 1.19x slower and an embedding batch that
+LLM work that overlaps an embedding batch runs 1/0.84 = 1.19x slower and embedding work that
 overlaps LLM work 1/0.36 = 2.78x slower; an idle partner costs nothing. Those defaults are not
 anchored to a measurement. `PRESETS` are: a roofline of the two engines' demands (A100 datasheet,
 our engine profiles) between the two deployments one can run, separate processes time-sliced by
 the driver and overlapping kernels under MPS (`colocated_stretch`). The policy benchmark's
-mixed-versus-siloed study uses them (experiments/policy_benchmark/conf/benchmark/mixvsilo.yaml).
-Known limit: the factor is fixed when a step or batch starts, so which engine started first
-decides how much work overlaps (issue 11); a vLLM decode run is cut at every change of the TEI
-engine's state, but a TEI batch in flight is not re-timed when the LLM side starts.
+mixed-versus-siloed study uses them (experiments/policy_benchmark/conf/benchmark/mvs_*.yaml).
+Not modelled: a share that depends on what each step does (a prefill-heavy step contends for
+compute, a decode step for bandwidth: the presets price one typical pair); the few microseconds a
+real GPU takes to switch between the two processes' kernels.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import simpy
 
 from sagesched.sim.config import SharedGpuConfig
 
@@ -90,9 +94,25 @@ PRESETS: dict[str, dict[str, float]] = {
 
 
 class SharedGpu:
-    """The stretch factors of the two engines sharing one GPU."""
+    """The two engines' shares of one GPU, and the timing of the step/batch each has in flight.
 
-    __slots__ = ("config", "embedding_factor", "llm_factor")
+    The driver (`sagesched.sim.segments`) records here the stretch factor and the end time of each
+    engine's segment in flight, and calls `retime_*` whenever the other engine starts or stops work:
+    the rest of the segment is then re-timed at the new share. Only `llm_embedding` instances hold
+    one, so an LLM-only instance pays nothing for it.
+    """
+
+    __slots__ = (
+        "config",
+        "embedding_factor",
+        "llm_busy",
+        "llm_end",
+        "llm_factor",
+        "llm_now",
+        "tei_end",
+        "tei_event",
+        "tei_now",
+    )
 
     def __init__(self, config: SharedGpuConfig) -> None:
         self.config = config
@@ -100,11 +120,32 @@ class SharedGpu:
         gain = 1.0 + config.overlap
         self.llm_factor = 1.0 / min(1.0, gain * config.llm_weight / total)
         self.embedding_factor = 1.0 / min(1.0, gain * config.embedding_weight / total)
+        #: Whether the LLM engine has a step or decode run in flight (as the TEI engine sees it).
+        self.llm_busy = False
+        #: Stretch factor and absolute end time of the LLM step in flight (a decode run keeps its
+        #: own times: `DecodeRun.cum_time`), and of the embedding batch in flight.
+        self.llm_now = 1.0
+        self.llm_end = 0.0
+        self.tei_now = 1.0
+        self.tei_end = 0.0
+        #: The end event of the embedding batch in flight (its callbacks are dropped when re-timed).
+        self.tei_event: simpy.Event | None = None
 
     def llm_stretch(self, embedding_busy: bool) -> float:
-        """Duration multiplier for a vLLM step starting now."""
+        """Duration multiplier of LLM work while the embedding engine is (not) busy."""
         return self.llm_factor if embedding_busy else 1.0
 
     def embedding_stretch(self, llm_busy: bool) -> float:
-        """Duration multiplier for an embedding batch starting now."""
+        """Duration multiplier of embedding work while the LLM engine is (not) busy."""
         return self.embedding_factor if llm_busy else 1.0
+
+
+def retimed_end(now: float, end: float, old_factor: float, new_factor: float) -> float:
+    """When a segment due at `end` under `old_factor` ends if its rate changes at `now`.
+
+    Work is conserved: what is left, (end - now) / old_factor seconds of work at full speed, runs
+    at the new rate. A segment already due (end <= now) keeps its end.
+    """
+    if end <= now or old_factor == new_factor:
+        return end
+    return now + (end - now) * (new_factor / old_factor)
