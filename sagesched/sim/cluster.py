@@ -43,6 +43,7 @@ from sagesched.sim.engines import (
     EngineRejected,
     EngineRequest,
 )
+from sagesched.sim.engines.llamacpp_instance import bind_llamacpp, load_llamacpp_perf
 from sagesched.sim.frontend import apply_frontend
 from sagesched.sim.instance_state import InstanceState
 from sagesched.sim.results import SimResult, timeline_frame
@@ -77,6 +78,8 @@ def _load_embedding(model: str, hardware: str, calibration: str | None):
 
 def default_perf_provider(cfg: InstanceConfig) -> tuple[Any, Any]:
     """Load (and cache) the fitted performance models an instance needs."""
+    if cfg.engine == "llamacpp":  # llama-server: its probe calibration, chat or --embeddings
+        return load_llamacpp_perf(cfg), None
     llm = emb = None
     if cfg.kind is not InstanceKind.EMBEDDING:
         llm = _load_llm(cfg.model, cfg.hardware, cfg.tensor_parallel, cfg.calibration)
@@ -130,6 +133,7 @@ class Simulator(EngineSegments, TimelineSampler):
         self._idle_set: set[str] = set()
         self._serves_class: dict = {}  # class -> served by some instance (kinds and models never change)
         self.by_id = {inst.id: inst for inst in self.instances}
+        bind_llamacpp(self.instances, self.requests)
         self.env = simpy.Environment()
         self.records: dict[str, RequestRecord] = {r.id: RequestRecord.from_request(r) for r in self.requests}
         # The gateway queue, passed to the policy as is (its indexes let a policy look only at what

@@ -45,8 +45,10 @@ def apply_frontend(records: Iterable[Any], perf_by_instance: Mapping[str, Any]) 
     by_inst: dict[str, list[Any]] = {}
     for rec in records:
         perf = perf_by_instance.get(rec.instance_id)
-        if perf is None or rec.dispatch_s is None or rec.first_token_s is None or rec.embedding_inputs:
+        if perf is None or rec.dispatch_s is None or rec.first_token_s is None:
             continue
+        if rec.embedding_inputs and not getattr(perf, "frontend_covers_embeddings", False):
+            continue  # an embedding at a TEI or vLLM pooling engine (only llama-server's perf covers them)
         by_inst.setdefault(rec.instance_id, []).append(rec)
     done = 0
     for inst_id, recs in by_inst.items():

@@ -8,13 +8,14 @@ no behaviour beyond a few derived flags: the engines are the pure state machines
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import simpy
 
 from sagesched.core import InstanceKind, InstanceView
 from sagesched.sim.config import InstanceConfig
 from sagesched.sim.engines import DecodeRun, SharedGpu, StepPlan, TeiBatch, TeiEngineCore, VllmEngineCore
+from sagesched.sim.engines.llamacpp_instance import LlamaCppInstanceCore
 from sagesched.sim.views import DEFAULT_VIEW
 
 
@@ -27,7 +28,12 @@ class InstanceState:
         self.kind = cfg.kind
         self.models = cfg.models
         self.max_inflight = cfg.max_inflight
-        self.llm = VllmEngineCore(cfg.vllm, llm_perf) if llm_perf is not None else None
+        self.llm: VllmEngineCore | None = None
+        if llm_perf is not None and cfg.engine == "llamacpp":
+            # Duck-typed: it answers every call the driver makes of a VllmEngineCore (see its module).
+            self.llm = cast(VllmEngineCore, LlamaCppInstanceCore(llm_perf))
+        elif llm_perf is not None:
+            self.llm = VllmEngineCore(cfg.vllm, llm_perf)
         self.tei = TeiEngineCore(cfg.tei, emb_perf) if emb_perf is not None else None
         self.gpu = SharedGpu(cfg.shared) if (self.llm is not None and self.tei is not None) else None
         self.pooling = self.kind is InstanceKind.LLM_EMBEDDING and self.tei is None
@@ -60,8 +66,12 @@ class InstanceState:
         if self.llm is not None:
             self.prefill_rate = float(llm_perf.prefill_tokens_per_s)
             self.decode_step = float(llm_perf.decode_step_s)
-            self.max_num_seqs = cfg.vllm.max_num_seqs
-            self.max_batch_tokens = cfg.vllm.max_num_batched_tokens
+            if cfg.engine == "llamacpp":  # slots and the token batch of llama-server
+                self.max_num_seqs = llm_perf.config.n_parallel
+                self.max_batch_tokens = llm_perf.config.n_batch
+            else:
+                self.max_num_seqs = cfg.vllm.max_num_seqs
+                self.max_batch_tokens = cfg.vllm.max_num_batched_tokens
         else:
             self.prefill_rate = float(emb_perf.tokens_per_s)
             self.decode_step = DEFAULT_VIEW.decode_step_s

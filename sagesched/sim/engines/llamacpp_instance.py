@@ -1,0 +1,385 @@
+"""A llama-server instance in the cluster simulator: `LlamaCppEngineCore` behind the vLLM core's interface.
+
+Why an adapter rather than a new segment type: the cluster driver (`sim/cluster.py`, `sim/segments.py`)
+runs an instance's LLM engine through a handful of calls (add, plan_step, step_time_s, finish_step,
+queued_tokens, decode_run_limit, the gauges). Answering them for llama-server's slot scheduler lets a
+cluster entry with `engine: llamacpp` run beside vLLM and TEI instances with no branch on the vLLM path.
+
+What it adds to the core:
+- **Event order of the single-server driver** (`llamacpp_driver.replay_llamacpp`): requests that reach
+  the server while a step runs, or at the very instant it ends, join before the next step is planned,
+  as llama-server picks new tasks up between `llama_decode` calls. Requests arriving during a step are
+  held (`pending`) and handed to the core after the step's slots are released; and every step (and
+  every start from idle) is preceded by a zero-length *sync* segment, a SimPy event at the same
+  instant, so that everything else due at that instant (arrivals, other instances' completions and
+  the dispatches they cause) lands first.
+- **Step by step in both modes**: `decode_run_limit` is 0, so jump mode runs the same segments as
+  step mode (llama.cpp's per-step cost depends on slot ids and micro-batch splits; a closed-form jump
+  over its decode steps is not worth it on the small CPU runs this models).
+- **Views**: running / waiting requests (a request waits in llama-server's deferred queue until a slot
+  frees), queued prompt tokens and decode tokens (up to `max_tokens`), KV cells in use over `n_ctx`,
+  and for the policy's wait predictions a prefill rate and decode step time from the calibration.
+- **Embedding servers** (`--embeddings`, kind `embedding`): a call with k inputs is k slot tasks (the
+  tokens split evenly, as the live driver splits them), done when the last input is.
+- **503**: with `reject_when_busy` a request that reaches the server with every slot busy or claimed
+  is refused (llama-server's own default, and this model's, is to queue it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any
+
+from sagesched.sim.engines.llamacpp import LlamaCppConfig, LlamaCppEngineCore, Slot
+from sagesched.sim.engines.llamacpp_perf import LlamaCppCalibration, UBatch, load_llamacpp_calibration
+from sagesched.sim.engines.types import EngineRejected, EngineRequest, StepOutcome
+
+#: Context per slot when an entry gives no n_ctx (`sagesched.live.real_backends.DEFAULT_SLOT_CONTEXT`).
+DEFAULT_SLOT_CONTEXT = 2048
+#: The prompt whose processing rate the views quote (tokens/s of one slot computing it alone).
+RATE_PROMPT_TOKENS = 256
+#: The context of the single decoding slot whose step time the views quote.
+RATE_DECODE_CONTEXT = 256
+_SUB = "\x00"  # separates an embedding request's id from its input index in the core's ids
+
+
+def engine_config(entry: Any, embeddings: bool, calibration: LlamaCppCalibration) -> LlamaCppConfig:
+    """The `LlamaCppConfig` of a cluster entry's `llamacpp:` section (`LlamaCppInstanceConfig`)."""
+    n_ctx = entry.n_ctx if entry.n_ctx is not None else DEFAULT_SLOT_CONTEXT * entry.n_parallel
+    if embeddings:  # real_backends: -b n_ctx -ub min(n_ctx, 2048), one input per physical batch
+        n_batch = entry.n_batch if entry.n_batch is not None else n_ctx
+        n_ubatch = entry.n_ubatch if entry.n_ubatch is not None else min(n_ctx, DEFAULT_SLOT_CONTEXT)
+    else:
+        n_batch = entry.n_batch if entry.n_batch is not None else 2048
+        n_ubatch = entry.n_ubatch if entry.n_ubatch is not None else 512
+    tail = entry.checkpoint_tail_tokens
+    if tail is None:
+        tail = int((calibration.server or {}).get("checkpoint_tail_tokens", 0))
+    return LlamaCppConfig(
+        n_parallel=entry.n_parallel,
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_ubatch=n_ubatch,
+        prefix_block_tokens=entry.prefix_block_tokens,
+        cache_prompt=entry.cache_prompt,
+        reject_when_busy=entry.reject_when_busy,
+        slot_prompt_similarity=entry.slot_prompt_similarity,
+        kv_unified=entry.kv_unified,
+        embeddings=embeddings,
+        checkpoint_tail_tokens=tail,
+        kv_pad=entry.kv_pad,
+    )
+
+
+class LlamaCppPerf:
+    """The calibration as the cluster reads a perf model: the step model, the frontend cost, view rates.
+
+    `frontend_s` is the calibration's client-visible cost per request (added to first token and finish
+    after the run, `sim/frontend.py`, as `replay_llamacpp` adds it), embeddings included.
+    """
+
+    frontend_covers_embeddings = True
+
+    def __init__(self, calibration: LlamaCppCalibration, config: LlamaCppConfig) -> None:
+        self.calibration = calibration
+        self.step = calibration.step
+        self.config = config
+        fe = float(calibration.frontend_request_s)
+        self.frontend_request_s = fe
+        pad = config.kv_pad
+
+        def padded(n: int) -> int:
+            return -(-n // pad) * pad
+
+        p = min(RATE_PROMPT_TOKENS, config.n_ubatch, config.n_ctx // config.n_parallel - 1)
+        outputs = 0 if config.embeddings else 1
+        prompt = UBatch(p, outputs, 1, float(p * padded(p)), 0, p, 0.0)
+        self.prefill_tokens_per_s = p / self.step.ubatches_time_s([prompt])
+        kv = padded(RATE_DECODE_CONTEXT)
+        decode = UBatch(1, 1, 1, float(kv), 1, 0, float(kv))
+        self.decode_step_s = self.step.ubatches_time_s([decode])
+        self.tokens_per_s = self.prefill_tokens_per_s  # an embedding server's rate, as TEI's perf model names it
+
+    def ubatches_time_s(self, ubatches: list[UBatch]) -> float:
+        return self.step.ubatches_time_s(ubatches)
+
+    def frontend_s(self, prompt_tokens: int, running: int) -> float:
+        return self.frontend_request_s
+
+
+@lru_cache(maxsize=32)
+def _calibration(name: str) -> LlamaCppCalibration:
+    return load_llamacpp_calibration(name)
+
+
+def load_llamacpp_perf(cfg: Any) -> LlamaCppPerf:
+    """The perf model of an `engine: llamacpp` instance (`InstanceConfig`); errors name the entry's fix."""
+    from sagesched.core import InstanceKind
+
+    embeddings = cfg.kind is InstanceKind.EMBEDDING
+    cal = _calibration(str(cfg.llamacpp.calibration))
+    server = cal.server or {}
+    if "embeddings" in server and bool(server["embeddings"]) != embeddings:
+        want = "an embedding" if embeddings else "a chat"
+        raise ValueError(
+            f"instance {cfg.id}: llamacpp.calibration {cfg.llamacpp.calibration!r} was probed on "
+            f"{'an embedding' if server['embeddings'] else 'a chat'} server, but kind {cfg.kind.value} is {want} "
+            "server; give the calibration probed on that kind of server"
+        )
+    return LlamaCppPerf(cal, engine_config(cfg.llamacpp, embeddings, cal))
+
+
+class _Sync:
+    """The zero-length segment before a step (see the module docstring)."""
+
+    __slots__ = ()
+    preempted: tuple = ()
+    batch_size = 0
+
+
+SYNC = _Sync()
+
+
+class LlamaCppPlan:
+    """A planned `llama_decode` batch: (slot, tokens) pairs."""
+
+    __slots__ = ("batch", "batch_size", "preempted")
+
+    def __init__(self, batch: list[tuple[Slot, int]]) -> None:
+        self.batch = batch
+        self.batch_size = len(batch)
+        self.preempted: tuple = ()
+
+
+@dataclass
+class LlamaCppSeq:
+    """What the driver reads of a finished request (`Simulator._complete`)."""
+
+    generated: int = 0
+    cached_tokens: int = 0
+    preemptions: int = 0
+
+
+class _KvGauge:
+    """KV cells in use (tokens in the slots) over n_ctx, shaped as the vLLM core's `kv` for the driver."""
+
+    __slots__ = ("core", "num_blocks", "peak_used")
+
+    def __init__(self, core: LlamaCppEngineCore) -> None:
+        self.core = core
+        self.num_blocks = core.config.n_ctx
+        self.peak_used = 0
+
+    @property
+    def used(self) -> int:
+        return sum(s.req.n_past for s in self.core.slots if s.req is not None)
+
+
+def split_inputs(total: int, n: int) -> list[int]:
+    """Spread `total` tokens over `n` inputs as the live driver does (the first ones one longer)."""
+    base, extra = divmod(max(total, n), n)
+    return [base + 1 if i < extra else base for i in range(n)]
+
+
+class LlamaCppInstanceCore:
+    """llama-server's slot scheduler, driven by the cluster simulator as it drives `VllmEngineCore`.
+
+    `embedding_inputs(request id) -> inputs` tells an embedding server how many inputs a call carries
+    (the simulator binds it to its requests); without it a call is one input.
+    """
+
+    def __init__(self, perf: LlamaCppPerf) -> None:
+        self.perf = perf
+        self.config = perf.config
+        # The 503 check is made when a request reaches the server (`add`), not when it is handed over.
+        self.core = LlamaCppEngineCore(replace(perf.config, reject_when_busy=False), perf)
+        self.kv = _KvGauge(self.core)
+        self.embeddings = perf.config.embeddings
+        self.embedding_inputs: Callable[[str], int] | None = None
+        self.seqs: dict[str, LlamaCppSeq] = {}
+        self.max_tokens: dict[str, int] = {}
+        self.parts_left: dict[str, int] = {}  # embedding request -> inputs not finished yet
+        self.pending: list[EngineRequest] = []  # reached the server while a segment ran
+        self.in_segment = False
+        self.synced = False
+        self.preemptions = 0
+        self.rejected_503 = 0
+
+    # -- gauges (what `Simulator._load` and the timeline read) -------------------------------------
+    @property
+    def steps(self) -> int:
+        return self.core.steps
+
+    @property
+    def prefix_queries(self) -> int:
+        """Prompt tokens of the requests placed in slots (the prompt cache's queries, in tokens)."""
+        return self._prompt_tokens_placed
+
+    @property
+    def prefix_hits(self) -> int:
+        """Prompt tokens reused from a slot's cache."""
+        return self.core.prompt_cache_tokens
+
+    _prompt_tokens_placed = 0
+
+    def _parent(self, rid: str) -> str:
+        return rid.split(_SUB, 1)[0] if self.embeddings else rid
+
+    @property
+    def running(self) -> list[str]:
+        """Requests with a slot (an embedding call once any of its inputs has one)."""
+        ids = [self._parent(s.req.id) for s in self.core.slots if s.req is not None]
+        return list(dict.fromkeys(ids)) if self.embeddings else ids
+
+    @property
+    def waiting(self) -> list[str]:
+        """Requests with no slot yet: llama-server's deferred queue and those not picked up yet."""
+        ids = [self._parent(r.id) for r, _ in self.core.waiting] + [self._parent(r.id) for r in self.pending]
+        if not self.embeddings:
+            return ids
+        busy = set(self.running)
+        return [i for i in dict.fromkeys(ids) if i not in busy]
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def queued_tokens(self) -> tuple[int, int]:
+        """(prompt tokens not computed yet, output tokens still expected up to max_tokens)."""
+        prefill = decode = 0
+        for slot in self.core.slots:
+            r = slot.req
+            if r is None:
+                continue
+            if r.n_past < r.prompt:
+                prefill += r.prompt - r.n_past
+            if not self.embeddings:
+                decode += max(0, self.max_tokens[r.id] - r.generated)
+        for req in [r for r, _ in self.core.waiting] + self.pending:
+            prefill += req.prompt_tokens
+            if not self.embeddings:
+                decode += self.max_tokens[req.id]
+        return prefill, decode
+
+    # -- requests ----------------------------------------------------------------------------------
+    def seq(self, request_id: str) -> LlamaCppSeq:
+        return self.seqs[request_id]
+
+    def add(self, req: EngineRequest) -> None:
+        """A request reaches the server. EngineRejected 400 (a prompt or input longer than a slot's
+        context) or 503 (`reject_when_busy` and every slot busy or claimed by a request ahead)."""
+        if req.id in self.seqs:
+            raise ValueError(f"request {req.id} already in the engine")
+        core = self.core
+        if self.embeddings:
+            n = max(1, self.embedding_inputs(req.id)) if self.embedding_inputs is not None else 1
+            sizes = split_inputs(req.prompt_tokens, n)
+            parts = [
+                EngineRequest(id=f"{req.id}{_SUB}{i}", prompt_tokens=size, output_tokens=1, pooling=True)
+                for i, size in enumerate(sizes)
+            ]
+        else:
+            parts = [req]
+        for part in parts:
+            if part.prompt_tokens >= core.slot_ctx:
+                raise EngineRejected(
+                    400,
+                    f"request {req.id}: the {'input' if self.embeddings else 'prompt'} ({part.prompt_tokens} tokens) "
+                    f"exceeds the available context size ({core.slot_ctx} tokens per slot = n_ctx / n_parallel); "
+                    "raise llamacpp.n_ctx or lower llamacpp.n_parallel",
+                )
+        if self.config.reject_when_busy:
+            claimed = len(self.pending) + len(core.waiting) + sum(s.req is not None for s in core.slots)
+            if claimed >= self.config.n_parallel:
+                self.rejected_503 += 1
+                raise EngineRejected(503, f"no slot available ({self.config.n_parallel} busy); retry later")
+        self.seqs[req.id] = LlamaCppSeq()
+        self.max_tokens[req.id] = max(1, req.max_tokens or req.output_tokens)
+        if self.embeddings:
+            self.parts_left[req.id] = len(parts)
+        if self.in_segment:
+            self.pending.extend(parts)
+        else:
+            self._admit(parts)
+
+    def _admit(self, parts: list[EngineRequest]) -> None:
+        core = self.core
+        for part in parts:
+            core.add(part)  # validated in `add`: queues (reject_when_busy was checked on arrival)
+            self._prompt_tokens_placed += part.prompt_tokens
+
+    # -- segments ----------------------------------------------------------------------------------
+    def decode_run_limit(self) -> int:
+        """0: no jumps over decode steps; jump mode runs the same steps as step mode."""
+        return 0
+
+    def plan_step(self) -> _Sync | LlamaCppPlan | None:
+        """A sync segment first (see the module docstring), then the next batch; None when idle."""
+        if not self.synced:
+            self.synced = self.in_segment = True
+            return SYNC
+        batch = self.core.plan_step()
+        if batch is None:
+            self.synced = self.in_segment = False
+            return None
+        self.in_segment = True
+        return LlamaCppPlan(batch)
+
+    def step_time_s(self, plan: _Sync | LlamaCppPlan) -> float:
+        if isinstance(plan, _Sync):
+            return 0.0
+        return self.core.step_time_s(plan.batch)
+
+    def finish_step(self, plan: _Sync | LlamaCppPlan, now: float = 0.0) -> StepOutcome:
+        """Apply a segment: a step's tokens and completions, then the requests that arrived during it."""
+        self.in_segment = False
+        if isinstance(plan, _Sync):
+            out = StepOutcome(steps=0)
+        else:
+            self.synced = False
+            cached = {slot.req.id: slot.req.cached_tokens for slot, _ in plan.batch if slot.req is not None}
+            out = self.core.finish_step(plan.batch)
+            self.kv.peak_used = max(self.kv.peak_used, self.kv.used)
+            out = self._outcome(out, cached)
+        if self.pending:
+            parts, self.pending = self.pending, []
+            self._admit(parts)
+        return out
+
+    def _outcome(self, out: StepOutcome, cached: dict[str, int]) -> StepOutcome:
+        seqs = self.seqs
+        if not self.embeddings:
+            for rid, n in out.emitted.items():
+                seqs[rid].generated += n
+            for rid in out.finished_ids:
+                seqs.pop(rid).cached_tokens = cached.get(rid, 0)
+                del self.max_tokens[rid]
+            return out
+        done = StepOutcome()
+        for part in out.finished_ids:
+            rid = self._parent(part)
+            seqs[rid].cached_tokens += cached.get(part, 0)
+            left = self.parts_left[rid] - 1
+            if left:
+                self.parts_left[rid] = left
+                continue
+            del self.parts_left[rid], self.max_tokens[rid], seqs[rid]
+            done.finished_ids.append(rid)
+        return done
+
+
+def bind_llamacpp(instances: Any, requests: Any) -> None:
+    """Tell the llama.cpp embedding servers among `instances` (`InstanceState`s) how many inputs each
+    request carries (`Request.embedding_inputs`); a no-op, without a lookup table, when there are none."""
+    cores = [inst.llm for inst in instances if isinstance(inst.llm, LlamaCppInstanceCore) and inst.llm.embeddings]
+    if not cores:
+        return
+    inputs = {r.id: r.embedding_inputs for r in requests if r.is_embedding}
+    for core in cores:
+        core.embedding_inputs = lambda rid: inputs.get(rid, 1)

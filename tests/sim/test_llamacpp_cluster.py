@@ -1,0 +1,285 @@
+"""llama-server instances in the cluster simulator (`engine: llamacpp`).
+
+The reference is the single-server driver `replay_llamacpp`: a cluster of one llama.cpp instance under
+FIFO, with room for every request, must give it the same per-request times. Then two instances under
+fifo and hybrid (conservation, jump == step), a llama-server embedding instance, 503s, views, and
+config errors.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sagesched.core import Request, RequestType
+from sagesched.policies import make_policy
+from sagesched.policies.fifo import FifoPolicy
+from sagesched.sim import ClusterConfig, SimConfig, simulate
+from sagesched.sim.engines.llamacpp_driver import replay_llamacpp
+from sagesched.sim.engines.llamacpp_instance import engine_config, load_llamacpp_perf
+from sagesched.sim.engines.llamacpp_perf import load_llamacpp_calibration
+from sagesched.sim.engines.types import EngineRequest
+from sagesched.typed_config import ConfigFieldError
+
+LLM_CAL = "gemma-3-270m-q4km-xeon-2cpu-t1"
+EMB_CAL = "gemma-3-270m-q4km-xeon-2cpu-t1-embedding"
+
+
+def llm_entry(ident: str = "cpu", count: int | None = None, **knobs) -> dict:
+    entry = {
+        "id": ident,
+        "kind": "llm",
+        "model": "gemma-3-270m",
+        "engine": "llamacpp",
+        "max_inflight": 1000,
+        "llamacpp": {"calibration": LLM_CAL, "n_parallel": 2, **knobs},
+    }
+    if count is not None:
+        entry["count"] = count
+    return entry
+
+
+def emb_entry(**knobs) -> dict:
+    return {
+        "id": "emb",
+        "kind": "embedding",
+        "model": None,
+        "embedding_model": "gemma-embed",
+        "engine": "llamacpp",
+        "max_inflight": 1000,
+        "llamacpp": {"calibration": EMB_CAL, "n_parallel": 1, **knobs},
+    }
+
+
+def chats(n: int, rate: float, seed: int = 3, start: float = 0.0) -> list[Request]:
+    rng = random.Random(seed)
+    t = start
+    out = []
+    for i in range(n):
+        t += rng.expovariate(rate)
+        out.append(
+            Request(
+                id=f"c{i:03d}",
+                type=RequestType.LLM_CHAT,
+                model="gemma-3-270m",
+                arrival_s=round(t, 6),
+                prompt_tokens=rng.randint(8, 200),
+                max_tokens=32,
+                output_tokens=rng.randint(2, 24),
+            )
+        )
+    return out
+
+
+def embeds(n: int, rate: float, seed: int = 5) -> list[Request]:
+    rng = random.Random(seed)
+    t = 0.0
+    out = []
+    for i in range(n):
+        t += rng.expovariate(rate)
+        k = rng.randint(1, 4)
+        tokens = rng.randint(48, 192)
+        out.append(
+            Request(
+                id=f"e{i:03d}",
+                type=RequestType.EMBEDDING,
+                model="gemma-embed",
+                arrival_s=round(t, 6),
+                prompt_tokens=tokens,
+                embedding_inputs=k,
+                embedding_tokens=tokens,
+            )
+        )
+    return out
+
+
+def run(requests, instances, policy=None, mode="jump"):
+    cluster = ClusterConfig.from_dict({"instances": instances})
+    return simulate(requests, cluster, policy or FifoPolicy(), SimConfig(mode=mode, timeline_interval_s=0.5))
+
+
+def by_id(result):
+    return result.records.set_index("request_id")
+
+
+@pytest.mark.parametrize("rate", [0.5, 3.0])
+def test_one_instance_equals_the_single_server_driver(rate):
+    """Light load and past the two slots' capacity: every request's first token and finish agree."""
+    reqs = chats(60, rate)
+    cal = load_llamacpp_calibration(LLM_CAL)
+    entry = llm_entry()
+    cfg = engine_config(ClusterConfig.from_dict({"instances": [entry]}).instances[0].llamacpp, False, cal)
+    ref = replay_llamacpp(
+        [
+            (
+                r.arrival_s,
+                EngineRequest(
+                    id=r.id, prompt_tokens=r.prompt_tokens, output_tokens=r.output_tokens or 1, max_tokens=r.max_tokens
+                ),
+            )
+            for r in reqs
+        ],
+        cfg,
+        cal.step,
+        frontend_request_s=cal.frontend_request_s,
+    )
+    for mode in ("jump", "step"):
+        got = by_id(run(reqs, [entry], mode=mode))
+        assert (got["outcome"] == "completed").all()
+        for rec in ref:
+            row = got.loc[rec.id]
+            assert row["first_token_s"] == pytest.approx(rec.first_token_s, rel=1e-9, abs=1e-9)
+            assert row["finish_s"] == pytest.approx(rec.finish_s, rel=1e-9, abs=1e-9)
+    # The load matters: past capacity the requests queue behind the two slots.
+    e2e = [r.e2e_s for r in ref if r.e2e_s is not None]
+    assert (max(e2e) > 5.0) == (rate > 1.0)
+
+
+def test_simultaneous_arrivals_share_the_first_step_as_in_the_driver():
+    """Three requests at one instant on an idle server: one batch, as llama-server's task loop takes them."""
+    reqs = [
+        Request(
+            id=f"s{i}",
+            type=RequestType.LLM_CHAT,
+            model="gemma-3-270m",
+            arrival_s=1.0,
+            prompt_tokens=40,
+            max_tokens=4,
+            output_tokens=4,
+        )
+        for i in range(2)
+    ]
+    cal = load_llamacpp_calibration(LLM_CAL)
+    entry = llm_entry()
+    cfg = engine_config(ClusterConfig.from_dict({"instances": [entry]}).instances[0].llamacpp, False, cal)
+    ref = replay_llamacpp(
+        [(r.arrival_s, EngineRequest(id=r.id, prompt_tokens=40, output_tokens=4, max_tokens=4)) for r in reqs],
+        cfg,
+        cal.step,
+    )
+    got = by_id(run(reqs, [entry]))
+    assert got.loc["s0", "first_token_s"] == got.loc["s1", "first_token_s"]  # one step for both prompts
+    assert [got.loc[r.id, "finish_s"] for r in ref] == pytest.approx([r.finish_s for r in ref], rel=1e-12)
+
+
+@pytest.mark.parametrize("policy", ["fifo", "hybrid"])
+def test_two_instances_serve_everything_and_jump_equals_step(policy):
+    reqs = chats(80, 2.5) + embeds(20, 0.5)
+    instances = [llm_entry("cpu", count=2), emb_entry()]
+    for inst in instances:
+        inst["max_inflight"] = 4
+    results = {mode: run(reqs, instances, make_policy(policy), mode) for mode in ("jump", "step")}
+    jump, step = (results[m].records.sort_values("request_id").reset_index(drop=True) for m in ("jump", "step"))
+    cols = ["request_id", "outcome", "instance_id", "dispatch_s", "first_token_s", "finish_s"]
+    assert jump[cols].equals(step[cols])
+    assert len(jump) == len(reqs) and (jump["outcome"] == "completed").all()
+    served = set(jump.loc[jump["request_id"].str.startswith("c"), "instance_id"])
+    assert served == {"cpu-0", "cpu-1"}
+    assert set(jump.loc[jump["request_id"].str.startswith("e"), "instance_id"]) == {"emb"}
+    stats = results["jump"].stats["instances"]
+    assert stats["cpu-0"]["steps"] > 0 and stats["emb"]["steps"] > 0
+
+
+def test_embedding_server_runs_each_input_as_a_slot_task():
+    """A call of k inputs on a one-slot --embeddings server: k steps, one after another, plus the frontend."""
+    cal = load_llamacpp_calibration(EMB_CAL)
+    one = [
+        Request(
+            id="a",
+            type=RequestType.EMBEDDING,
+            model="gemma-embed",
+            arrival_s=0.0,
+            prompt_tokens=128,
+            embedding_inputs=4,
+            embedding_tokens=128,
+        )
+    ]
+    got = by_id(run(one, [emb_entry()]))
+    cfg = engine_config(ClusterConfig.from_dict({"instances": [emb_entry()]}).instances[0].llamacpp, True, cal)
+    ref = replay_llamacpp(
+        [(0.0, EngineRequest(id=f"a{i}", prompt_tokens=32, output_tokens=1)) for i in range(4)], cfg, cal.step
+    )
+    assert got.loc["a", "finish_s"] == pytest.approx(max(r.finish_s for r in ref) + cal.frontend_request_s)
+    assert cal.frontend_request_s > 0
+
+
+def test_views_show_slots_queue_and_rates():
+    perf = load_llamacpp_perf(ClusterConfig.from_dict({"instances": [llm_entry()]}).instances[0])
+    assert 50 < perf.prefill_tokens_per_s < 2000 and 0.01 < perf.decode_step_s < 0.5
+    seen = []
+
+    class Spy(FifoPolicy):
+        def schedule(self, now, queue, instances):
+            seen.extend(
+                (now, v.running, v.waiting, v.queued_prefill_tokens, v.queued_decode_tokens, v.max_num_seqs)
+                for v in instances
+            )
+            return super().schedule(now, queue, instances)
+
+    reqs = [
+        Request(
+            id=f"q{i}",
+            type=RequestType.LLM_CHAT,
+            model="gemma-3-270m",
+            arrival_s=0.01 * i,
+            prompt_tokens=100,
+            max_tokens=10,
+            output_tokens=10,
+        )
+        for i in range(4)
+    ]
+    run(reqs, [llm_entry()], Spy())
+    # At the fourth arrival the first request has a slot and its first step runs; the two that came
+    # during that step wait for the server loop to pick them up after it (the next step's task pass).
+    now, running, waiting, prefill, decode, slots = seen[3]
+    assert now == pytest.approx(0.03) and (running, waiting, slots) == (1, 2, 2)
+    assert prefill == 300 and decode == 30  # no step has finished yet: every prompt and output is ahead
+
+
+def test_reject_when_busy_answers_503():
+    reqs = chats(30, 5.0)
+    res = by_id(run(reqs, [llm_entry(reject_when_busy=True)]))
+    rejected = res[res["outcome"] == "rejected"]
+    assert len(rejected) > 0 and rejected["reason"].str.contains("backend 503").all()
+    assert (res["outcome"] == "completed").sum() + len(rejected) == len(reqs)
+
+
+def test_prompt_longer_than_a_slot_is_refused_with_400():
+    long = [
+        Request(
+            id="big",
+            type=RequestType.LLM_CHAT,
+            model="gemma-3-270m",
+            arrival_s=0.0,
+            prompt_tokens=600,
+            max_tokens=4,
+            output_tokens=4,
+        )
+    ]
+    res = by_id(run(long, [llm_entry(n_ctx=1024)]))  # 512 tokens per slot
+    assert res.loc["big", "outcome"] == "rejected" and "backend 400" in res.loc["big", "reason"]
+    assert "llamacpp.n_ctx" in res.loc["big", "reason"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "where", "says"),
+    [
+        ({**llm_entry(), "engine": "llama"}, "engine", "use 'vllm' or 'llamacpp'"),
+        ({**llm_entry(), "llamacpp": {"n_parallel": 2}}, "llamacpp.calibration", "needs `llamacpp.calibration`"),
+        ({**llm_entry(), "llamacpp": {"calibration": LLM_CAL, "n_parallel": 0}}, "llamacpp.n_parallel", ">= 1"),
+        ({**llm_entry(), "llamacpp": {"calibration": LLM_CAL, "slots": 2}}, "llamacpp.slots", "unknown key"),
+        ({**llm_entry(), "kind": "llm_embedding", "embedding_model": "e"}, "engine", "either chat"),
+    ],
+)
+def test_config_errors_name_the_field(entry, where, says):
+    with pytest.raises(ConfigFieldError) as err:
+        ClusterConfig.from_dict({"instances": [entry]})
+    assert f"cluster.instances[0].{where}" in str(err.value) and says in str(err.value)
+
+
+def test_calibration_errors_name_the_fix():
+    with pytest.raises(ValueError, match="no such file"):
+        run(chats(2, 1.0), [{**llm_entry(), "llamacpp": {"calibration": "no-such-calibration"}}])
+    with pytest.raises(ValueError, match="probed on an embedding server"):
+        run(chats(2, 1.0), [{**llm_entry(), "llamacpp": {"calibration": EMB_CAL}}])
