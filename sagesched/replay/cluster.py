@@ -10,6 +10,12 @@ scrape_metrics: read the server's /metrics load gauges (default true).
 backend: further `BackendConfig` fields (e.g. {prefill_tokens_per_s: 400, decode_step_s: 0.05}).
 
 A cluster meant only for live use may give just `id`, `kind`, `url` and the model names.
+
+An entry with `engine: llamacpp` (a llama-server) gives the live driver what the simulator reads from
+its `llamacpp:` section: slots (`n_parallel`) as `max_num_seqs`, `n_batch` as `max_batch_tokens`, and
+the calibration's prefill rate and decode step time (embedding rate for an `--embeddings` server) as
+the executor's initial throughput estimates, so that the policy starts from the same view of the
+server in both drivers (`backend:` still overrides any of them).
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ def backend_configs(cluster: Mapping[str, Any]) -> list[Any]:
         if kind != "llm" and entry.get("embedding_model"):
             models.append(entry["embedding_model"])
         sections = {"vllm": entry.get("vllm") or {}, "tei": entry.get("tei") or {}}
+        llamacpp = _llamacpp_fields(entry, at) if entry.get("engine") == "llamacpp" else {}
         extra = entry.get("backend") or {}
         if not isinstance(extra, Mapping):
             raise ConfigFieldError((*at, "backend"), f"must be a mapping of BackendConfig fields, got {extra!r}")
@@ -88,6 +95,7 @@ def backend_configs(cluster: Mapping[str, Any]) -> list[Any]:
             for name, (section, key) in _ENGINE_FIELDS.items():
                 if key in sections[section]:
                     fields[name] = sections[section][key]
+            fields.update(llamacpp)
             fields.update(extra)
             try:
                 out.append(BackendConfig.from_dict(fields))
@@ -96,6 +104,42 @@ def backend_configs(cluster: Mapping[str, Any]) -> list[Any]:
             except ValueError as exc:
                 raise ConfigFieldError(at, f"instance {iid!r} (#{k}): {exc}") from None
     return out
+
+
+def _llamacpp_fields(entry: Mapping[str, Any], at: tuple[str | int, ...]) -> dict[str, Any]:
+    """BackendConfig fields of an `engine: llamacpp` entry, from the simulator's own reading of it."""
+    from sagesched.sim.config import InstanceConfig
+    from sagesched.sim.engines.llamacpp_instance import load_llamacpp_perf
+    from sagesched.typed_config import ConfigFieldError
+
+    sim_entry = {k: v for k, v in entry.items() if k not in LIVE_KEYS and k != "count"}
+    sim_entry.setdefault("id", "instance")
+    try:
+        perf = load_llamacpp_perf(InstanceConfig.from_dict(sim_entry, root=at))
+    except ConfigFieldError:
+        raise
+    except ValueError as exc:
+        raise ConfigFieldError((*at, "llamacpp", "calibration"), str(exc)) from None
+    out: dict[str, Any] = {
+        "max_num_seqs": perf.config.n_parallel,
+        "max_batch_tokens": perf.config.n_batch,
+    }
+    if perf.config.embeddings:
+        out["embedding_tokens_per_s"] = perf.tokens_per_s
+    else:
+        out["prefill_tokens_per_s"] = perf.prefill_tokens_per_s
+        out["decode_step_s"] = perf.decode_step_s
+    return out
+
+
+def block_tokens_of(entry: Mapping[str, Any]) -> int | None:
+    """The prefix-hash block tokens an LLM entry declares (llama.cpp's `prefix_block_tokens`, vLLM's
+    `prefix_hash_block_tokens`), or None."""
+    if entry.get("engine") == "llamacpp":
+        section = entry.get("llamacpp") or {}
+        return int(section["prefix_block_tokens"]) if "prefix_block_tokens" in section else None
+    vllm = entry.get("vllm") or {}
+    return int(vllm["prefix_hash_block_tokens"]) if "prefix_hash_block_tokens" in vllm else None
 
 
 def _entry_path(at: tuple[str | int, ...], path: tuple[Any, ...], extra: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -111,9 +155,10 @@ def _entry_path(at: tuple[str | int, ...], path: tuple[Any, ...], extra: Mapping
 
 
 def block_tokens(cluster: Mapping[str, Any], default: int = 512) -> int:
-    """Tokens per prefix-hash block: the first LLM entry's `vllm.prefix_hash_block_tokens` (vLLM's 512 default)."""
+    """Tokens per prefix-hash block: the first LLM entry's `vllm.prefix_hash_block_tokens` or
+    `llamacpp.prefix_block_tokens` (vLLM's 512 default)."""
     for entry in _entries(cluster):
-        vllm = entry.get("vllm") or {}
-        if entry.get("kind", "llm") != "embedding" and "prefix_hash_block_tokens" in vllm:
-            return int(vllm["prefix_hash_block_tokens"])
+        tokens = block_tokens_of(entry) if entry.get("kind", "llm") != "embedding" else None
+        if tokens is not None:
+            return tokens
     return default
