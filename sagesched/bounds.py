@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from sagesched.core import InstanceKind, Request
+from sagesched.core import Request
 from sagesched.sim.config import ClusterConfig, InstanceConfig
 from sagesched.sim.perf_model import BatchShape, EmbeddingPerfModel, LLMPerfModel
 
@@ -71,16 +71,12 @@ def admits(request: Request, instance: InstanceConfig) -> bool:
     prompt plus output exceeds it). A bound for a request no engine admits is NaN: it is rejected,
     and pricing its prefill would walk a 10**12-token prompt chunk by chunk."""
     if request.is_embedding:
-        uses_tei = instance.kind is InstanceKind.EMBEDDING or instance.shared.embedding_backend == "tei"
-        if uses_tei:
-            return True
-        total = request.work_tokens
-    else:
-        outputs = request.output_tokens if request.output_tokens is not None else request.max_tokens
-        total = request.prompt_tokens + max(1, outputs)
-        limit = getattr(instance.vllm, "max_model_len", None)
-        if limit is not None and request.prompt_tokens + max(1, request.max_tokens or outputs) > limit:
-            return False
+        return True  # an encoder engine (TEI or vLLM's pooling engine) keeps no KV cache to run out of
+    outputs = request.output_tokens if request.output_tokens is not None else request.max_tokens
+    total = request.prompt_tokens + max(1, outputs)
+    limit = getattr(instance.vllm, "max_model_len", None)
+    if limit is not None and request.prompt_tokens + max(1, request.max_tokens or outputs) > limit:
+        return False
     block = instance.vllm.block_size
     blocks = instance.vllm.num_gpu_blocks
     if blocks is None:  # as `VllmEngineCore` sizes its cache
@@ -92,14 +88,12 @@ def admits(request: Request, instance: InstanceConfig) -> bool:
 def isolated_latency_s(request: Request, instance: InstanceConfig, cached_tokens: int = 0) -> tuple[float, float]:
     """(time to first token or result, end-to-end) of `request` alone on `instance`, in seconds."""
     if request.is_embedding:
-        uses_tei = instance.kind is InstanceKind.EMBEDDING or instance.shared.embedding_backend == "tei"
-        if uses_tei:
-            perf = _emb(instance.embedding_model, instance.hardware, instance.calibration)
-            per_input = max(1, request.embedding_tokens // max(1, request.embedding_inputs))
-            t = perf.batch_time_s(request.embedding_inputs, request.embedding_tokens, per_input)
-        else:
-            llm = _llm(instance.model, instance.hardware, instance.tensor_parallel, instance.calibration)
-            t = _prefill_s(llm, request.work_tokens, 0, instance.vllm.max_num_batched_tokens)
+        # Every embedding engine (TEI, or vLLM's pooling engine beside vLLM) runs the encoder's own
+        # performance model; alone, a request's inputs are one batch.
+        assert instance.embedding_model is not None
+        perf = _emb(instance.embedding_model, instance.hardware, instance.calibration)
+        per_input = max(1, request.embedding_tokens // max(1, request.embedding_inputs))
+        t = perf.batch_time_s(request.embedding_inputs, request.embedding_tokens, per_input)
         return t, t
     llm = _llm(instance.model, instance.hardware, instance.tensor_parallel, instance.calibration)
     cached = min(cached_tokens, max(0, request.prompt_tokens - 1))

@@ -83,11 +83,7 @@ def default_perf_provider(cfg: InstanceConfig) -> tuple[Any, Any]:
     llm = emb = None
     if cfg.kind is not InstanceKind.EMBEDDING:
         llm = _load_llm(cfg.model, cfg.hardware, cfg.tensor_parallel, cfg.calibration)
-    if (
-        cfg.kind is not InstanceKind.LLM
-        and cfg.embedding_model
-        and (cfg.kind is InstanceKind.EMBEDDING or cfg.shared.embedding_backend == "tei")
-    ):
+    if cfg.kind is not InstanceKind.LLM and cfg.embedding_model:  # TEI, or vLLM's pooling engine: the encoder's model
         emb = _load_embedding(cfg.embedding_model, cfg.hardware, cfg.calibration)
     return llm, emb
 

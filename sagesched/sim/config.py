@@ -114,8 +114,13 @@ class TeiEngineConfig:
 class SharedGpuConfig:
     """How the two engines of an `llm_embedding` instance share one GPU (see docs/simulator.md).
 
-    embedding_backend: "tei" runs a TEI-like engine next to vLLM on the GPU; "vllm" sends embedding
-        requests into the vLLM engine itself as prefill-only pooling requests (no interference term).
+    embedding_backend: the engine serving the encoder next to vLLM's generate engine: "tei" (a
+        text-embeddings-inference server) or "vllm" (a second vLLM server running the encoder as a
+        pooling model, `--task embed`; see `sagesched.sim.engines.tei.vllm_pooling_config`). Either
+        is priced by the encoder's performance model and shares the GPU as below.
+    pooling_max_num_batched_tokens, pooling_max_num_seqs: the vLLM pooling engine's step budget
+        (`--max-num-batched-tokens`, default 32768 for pooling models) and sequence cap
+        (`--max-num-seqs`); used with embedding_backend "vllm" only (TEI's are in `tei`).
     llm_weight, embedding_weight: time-sharing weights; while both engines have a step/batch on the
         GPU, each gets the share weight / (llm_weight + embedding_weight) of it.
     overlap: extra throughput from running both at once (0 = pure time-slicing; 1 = each engine runs
@@ -126,15 +131,22 @@ class SharedGpuConfig:
     llm_weight: float = 0.7
     embedding_weight: float = 0.3
     overlap: float = 0.2
+    pooling_max_num_batched_tokens: int = 32768
+    pooling_max_num_seqs: int = 256
 
     def __post_init__(self) -> None:
         if self.embedding_backend not in ("tei", "vllm"):
-            raise ConfigFieldError(("embedding_backend",), f"{self.embedding_backend!r}: use 'tei' or 'vllm'")
+            raise ConfigFieldError(
+                ("embedding_backend",), f"{self.embedding_backend!r}: use 'tei' or 'vllm' (a vLLM pooling engine)"
+            )
         for name in ("llm_weight", "embedding_weight"):
             if not getattr(self, name) > 0:
                 raise ConfigFieldError((name,), f"must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.overlap <= 1.0:
             raise ConfigFieldError(("overlap",), f"must be in [0, 1], got {self.overlap}")
+        for name in ("pooling_max_num_batched_tokens", "pooling_max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ConfigFieldError((name,), f"must be >= 1, got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, root: Path = ("shared",)) -> SharedGpuConfig:
@@ -195,7 +207,8 @@ class InstanceConfig:
     hardware: GPU type ("a100", "h100"); tensor_parallel: GPUs per vLLM engine.
     max_inflight: requests the driver lets be outstanding at the instance (InstanceView.max_inflight).
     calibration: optional calibration file for the performance model.
-    vllm / tei / shared: engine knobs (see their classes).
+    vllm / tei / shared: engine knobs (see their classes). With `shared.embedding_backend: vllm`, `tei`
+        is the vLLM pooling engine's batcher, derived from `shared` (`engines.tei.vllm_pooling_config`).
     engine: the LLM engine model, "vllm" (default) or "llamacpp" (llama-server, CPU step model from a
         probe calibration; an `embedding` instance with it is llama-server `--embeddings`); its knobs
         in `llamacpp` (which needs `calibration`).
@@ -222,14 +235,27 @@ class InstanceConfig:
             raise ConfigFieldError(("id",), "an instance needs a non-empty id")
         if self.kind is not InstanceKind.EMBEDDING and not self.model:
             raise ConfigFieldError(("model",), f"instance {self.id}: kind {self.kind.value} needs `model` (an LLM)")
-        needs_encoder = self.kind is InstanceKind.EMBEDDING or self.shared.embedding_backend == "tei"
-        if self.kind is not InstanceKind.LLM and not self.embedding_model and needs_encoder:
+        if self.kind is not InstanceKind.LLM and not self.embedding_model:
             raise ConfigFieldError(
                 ("embedding_model",),
-                f"instance {self.id}: kind {self.kind.value} needs `embedding_model` (e.g. 'bge-base')",
+                f"instance {self.id}: kind {self.kind.value} needs `embedding_model` (e.g. 'bge-base'), the "
+                "encoder its embedding engine serves (TEI, or vLLM's pooling engine with embedding_backend: vllm)",
             )
         if self.max_inflight < 1:
             raise ConfigFieldError(("max_inflight",), f"instance {self.id}: must be >= 1, got {self.max_inflight}")
+        if self.kind is InstanceKind.LLM_EMBEDDING and self.shared.embedding_backend == "vllm":
+            # The embedding engine is vLLM's pooling engine: `tei` holds its batcher, derived from
+            # the `shared.pooling_*` knobs (TEI's own knobs would be silently ignored, so refuse them).
+            from sagesched.sim.engines.tei import vllm_pooling_config
+
+            pooling = vllm_pooling_config(self.shared)
+            if self.tei not in (TeiEngineConfig(), pooling):
+                raise ConfigFieldError(
+                    ("tei",),
+                    f"instance {self.id}: with shared.embedding_backend: vllm the encoder runs on vLLM's pooling "
+                    "engine; drop the `tei` block and set shared.pooling_max_num_batched_tokens / pooling_max_num_seqs",
+                )
+            object.__setattr__(self, "tei", pooling)
 
     def _check_engine(self) -> None:
         if self.engine not in ("vllm", "llamacpp"):

@@ -96,15 +96,79 @@ def test_jump_and_step_agree_on_a_shared_gpu():
     assert (a.ttft_ms - b.ttft_ms).abs().max() < 1e-6
 
 
-def test_pooling_backend_serves_embeddings_inside_vllm():
+def test_vllm_pooling_engine_prices_embeddings_by_the_encoder_and_shares_the_gpu():
+    # embedding_backend: vllm is a second vLLM server running the encoder (--task embed): its batch is
+    # priced by the encoder's perf model, not as prefill of the generative model, and it is
+    # stretched while the LLM engine works, as TEI is.
     cl = shared_cluster(embedding_backend="vllm")
+    service = TinyEmbPerf().batch_time_s(1, 300, 300)
+    alone = simulate([emb(0.0, tokens=300)], cl, FifoPolicy(), perf_provider=provider).records.iloc[0]
+    assert alone.outcome == "completed" and alone.output_tokens == 0
+    assert alone.e2e_ms == pytest.approx(service * 1000)
     df = simulate([chat(0.0), emb(0.2, tokens=300)], cl, FifoPolicy(), perf_provider=provider).records.set_index(
         "request_id"
     )
     row = df.loc["e0.2"]
-    assert row.outcome == "completed" and row.output_tokens == 0
-    assert row.first_token_s == row.finish_s
+    assert row.outcome == "completed" and row.first_token_s == row.finish_s
+    assert row.e2e_ms == pytest.approx(service * SharedGpu(cl.instances[0].shared).embedding_factor * 1000)
     assert df.loc["c0.0", "outcome"] == "completed"
+
+
+def test_vllm_pooling_engine_batches_as_vllm_schedules():
+    from sagesched.sim.engines.tei import vllm_pooling_config
+
+    cfg = shared_cluster(embedding_backend="vllm", pooling_max_num_seqs=2).instances[0]
+    assert cfg.tei == vllm_pooling_config(cfg.shared)
+    assert cfg.tei.max_batch_tokens == 32768 and cfg.tei.max_batch_requests == 2 and not cfg.tei.prefetch
+
+    def run(reqs, **shared):
+        cl = shared_cluster(**shared)
+        return simulate(reqs, cl, FifoPolicy(), perf_provider=provider).records.set_index("request_id")
+
+    # No prefetch: inputs that arrive while a step runs all join the next step (TEI packs the first of
+    # them into its next batch on arrival, and the later ones wait one batch more).
+    reqs = [emb(0.0, tokens=4000), emb(0.001, tokens=100), emb(0.002, tokens=100)]
+    pooled = run(reqs, embedding_backend="vllm")
+    assert pooled.loc["e0.001", "finish_s"] == pooled.loc["e0.002", "finish_s"]
+    tei = run(reqs, embedding_backend="tei")
+    assert tei.loc["e0.001", "finish_s"] < tei.loc["e0.002", "finish_s"]
+    # max_num_seqs caps the requests of one step.
+    capped = run(
+        [emb(0.0, 4000), emb(0.001, 100), emb(0.0011, 100), emb(0.0012, 100)],
+        **{"embedding_backend": "vllm", "pooling_max_num_seqs": 2},
+    )
+    assert capped.loc["e0.001", "finish_s"] == capped.loc["e0.0011", "finish_s"] < capped.loc["e0.0012", "finish_s"]
+    # vLLM's server has no per-call input limit (TEI answers 413 past max_client_batch_size = 32).
+    many = Request(
+        id="many",
+        type=RequestType.EMBEDDING,
+        model="bge-base",
+        arrival_s=0.0,
+        prompt_tokens=6400,
+        embedding_inputs=64,
+        embedding_tokens=6400,
+    )
+    assert run([many], embedding_backend="vllm").loc["many", "outcome"] == "completed"
+    assert run([many], embedding_backend="tei").loc["many", "outcome"] == "rejected"
+
+
+def test_vllm_pooling_engine_needs_its_encoder_and_refuses_tei_knobs():
+    from sagesched.typed_config import ConfigFieldError
+
+    with pytest.raises(ConfigFieldError, match="embedding_model"):
+        InstanceConfig(
+            id="mix", kind="llm_embedding", model="llama-2-7b", shared=SharedGpuConfig(embedding_backend="vllm")
+        )
+    with pytest.raises(ConfigFieldError, match="pooling_max_num_batched_tokens"):
+        InstanceConfig.from_dict(
+            {
+                "id": "mix",
+                "kind": "llm_embedding",
+                "embedding_model": "bge-base",
+                "tei": {"max_batch_tokens": 4096},
+                "shared": {"embedding_backend": "vllm"},
+            }
+        )
 
 
 def test_anchored_presets_span_time_slicing_to_roofline_overlap():

@@ -43,7 +43,7 @@ def make_provider(kv_tokens: int):
 
     def provider(cfg):
         llm = TinyLLMPerf(kv_tokens) if cfg.kind.value != "embedding" else None
-        emb = TinyEmbPerf() if cfg.kind.value != "llm" and cfg.shared.embedding_backend == "tei" else None
+        emb = TinyEmbPerf() if cfg.kind.value != "llm" else None
         return llm, emb
 
     return provider

@@ -8,13 +8,17 @@ count within `max_batch_requests`; one batch runs at a time, and (`prefetch`) th
 as soon as the current one starts, or as soon as an input arrives while it runs: an input arriving
 later waits for the batch after. Inputs longer than `max_input_length` are truncated to it. Each input
 returns its concurrency permit when it is embedded; a call is answered when its last input is.
+
+The same core runs a vLLM *pooling* engine (`vllm serve <encoder> --task embed`, `--runner pooling`
+in newer releases) when its config comes from `vllm_pooling_config`: the differences between the two
+servers that matter to a scheduler are configuration (see there).
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from sagesched.sim.config import TeiEngineConfig
+from sagesched.sim.config import SharedGpuConfig, TeiEngineConfig
 from sagesched.sim.engines.types import EngineRejected, EngineRequest
 
 
@@ -173,3 +177,40 @@ class TeiEngineCore:
         self.batches += 1
         self.batch = None
         return done
+
+
+#: No limit: vLLM's OpenAI server neither caps the inputs of one call nor refuses a call for load.
+UNLIMITED = 1 << 30
+
+
+def vllm_pooling_config(shared: SharedGpuConfig) -> TeiEngineConfig:
+    """The batcher of a vLLM pooling engine serving an encoder, as a `TeiEngineCore` config.
+
+    What vLLM does with embedding requests (v0.8-v0.10 source, `vllm/config.py` and
+    `vllm/engine/arg_utils.py`; the v1 scheduler `vllm/v1/core/sched/scheduler.py`):
+    - each input of an `/v1/embeddings` call is one engine request; a call is answered when all are;
+    - a pooling model runs every prompt whole: chunked prefill is refused for pooling runners ("Chunked
+      prefill is not supported for pooling models"), so a step takes waiting requests from the queue
+      head while their tokens fit the step budget and stops at the first that does not
+      (`max_batch_tokens` = `pooling_max_num_batched_tokens`), and at `max_num_seqs` requests
+      (`max_batch_requests` = `pooling_max_num_seqs`);
+    - the budget defaults to `POOLING_MODEL_MAX_NUM_BATCHED_TOKENS` = 32768 for pooling runners (capped
+      at max_num_seqs x max_model_len, which is larger for a 512-token encoder at 256 sequences);
+    - the scheduler forms the next step when the current one ends, so an input arriving during a step
+      joins the next one (`prefetch` False; TEI packs one batch ahead instead);
+    - the server queues without bound: no 413 for many inputs, no 429 under load (`UNLIMITED`).
+    A step is priced by the encoder's own `EmbeddingPerfModel` (the one the TEI engine uses for that
+    model and GPU); an encoder-only model keeps no KV cache, so nothing else limits a step.
+    Not modelled: vLLM refuses an input longer than the encoder's max_model_len with a 400 unless the
+    client sets `truncate_prompt_tokens` (here it is truncated, as TEI does); vLLM's per-step CPU
+    cost and its API server's tokenisation, which may differ from TEI's (the perf model is fitted to
+    TEI-like batches).
+    """
+    return TeiEngineConfig(
+        max_batch_tokens=shared.pooling_max_num_batched_tokens,
+        max_batch_requests=shared.pooling_max_num_seqs,
+        max_concurrent_requests=UNLIMITED,
+        max_client_batch_size=UNLIMITED,
+        max_input_length=None,
+        prefetch=False,
+    )
