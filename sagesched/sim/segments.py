@@ -4,8 +4,9 @@ An engine spends one SimPy event per *change of batch*: a vLLM step, a jump over
 (`VllmEngineCore.decode_run_limit`; cut short after the step in progress when new work arrives), or
 a TEI batch. Each end applies the engine's results, records first tokens and completions, starts
 the next segment and offers freed slots to the policy. On an `llm_embedding` instance (`SharedGpu`)
-each engine's start or stop re-times the other's segment in flight (work-conserving sharing). `Simulator` (`sagesched.sim.cluster`)
-completes this mixin with the run's state and its request bookkeeping.
+each engine's start or stop re-times the other's segment in flight (work-conserving sharing).
+`Simulator` (`sagesched.sim.cluster`) completes this mixin with the run's state and its request
+bookkeeping.
 """
 
 from __future__ import annotations
