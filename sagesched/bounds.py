@@ -33,6 +33,7 @@ import numpy as np
 
 from sagesched.core import Request
 from sagesched.sim.config import ClusterConfig, InstanceConfig
+from sagesched.sim.engines.llamacpp_instance import isolated_llamacpp_s, llamacpp_admits
 from sagesched.sim.perf_model import BatchShape, EmbeddingPerfModel, LLMPerfModel
 
 
@@ -70,6 +71,8 @@ def admits(request: Request, instance: InstanceConfig) -> bool:
     request whose KV cache need exceeds the whole cache, or, with `vllm.max_model_len` set, whose
     prompt plus output exceeds it). A bound for a request no engine admits is NaN: it is rejected,
     and pricing its prefill would walk a 10**12-token prompt chunk by chunk."""
+    if instance.engine == "llamacpp":
+        return llamacpp_admits(request, instance)
     if request.is_embedding:
         return True  # an encoder engine (TEI or vLLM's pooling engine) keeps no KV cache to run out of
     outputs = request.output_tokens if request.output_tokens is not None else request.max_tokens
@@ -87,6 +90,8 @@ def admits(request: Request, instance: InstanceConfig) -> bool:
 
 def isolated_latency_s(request: Request, instance: InstanceConfig, cached_tokens: int = 0) -> tuple[float, float]:
     """(time to first token or result, end-to-end) of `request` alone on `instance`, in seconds."""
+    if instance.engine == "llamacpp":
+        return isolated_llamacpp_s(request, instance, cached_tokens)
     if request.is_embedding:
         # Every embedding engine (TEI, or vLLM's pooling engine beside vLLM) runs the encoder's own
         # performance model; alone, a request's inputs are one batch.

@@ -9,13 +9,15 @@ What it does, in order (everything on 127.0.0.1, stopped at the end):
    embedding instance (sagesched.live.real_backends);
 2. composes the default experiment (workload azure_conv: the Azure 2023 conversation trace plus
    the query-embedding stream, with its classes and SLOs) with the cluster below and the scaling
-   in SCALING, and runs it four times: policy fifo and hybrid, each with driver=sim and
+   in `scaling()`, and runs it four times: policy fifo and hybrid, each with driver=sim and
    driver=live (mode policy: our executor and policy over the three servers);
 3. `sagesched compare` on sim vs live per policy, and live fifo vs live hybrid;
 4. writes results.md (generated tables) next to the hand-written README.md.
 
-The simulator has no CPU hardware profile: it models these instances as the same models on an
-A100 (`model.hardware`), which is exactly the gap the sim-to-real calibration work will close.
+Both drivers read the same cluster entries: each server is an `engine: llamacpp` instance whose steps
+are timed by the probe calibration shipped in sagesched/data/profiles/calibration/llamacpp/ (fitted
+from probes of a lone llama-server, never from these runs), with the servers' own settings (slots,
+context, batch sizes, one ggml thread).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import contextlib
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +36,37 @@ sys.path.insert(0, str(ROOT))
 HERE = Path(__file__).resolve().parent
 
 # The default workload, shrunk to what two CPU llama-servers can serve on a shared 2-core machine.
-SCALING = [
-    "workload.rate_scale=0.1",  # a tenth of the trace's arrival rate (the trace averages ~5.4 chat req/s)
-    "workload.duration_s=10",  # the first 10 s of the trace (13 chats), stretched by 1/rate_scale to ~100 s
-    "+workload.lengths.max_prompt_tokens=128",  # clip prompts (trace mean ~1,000 tokens)
-    "+workload.lengths.max_output_tokens=16",  # clip outputs (trace mean ~200 tokens)
-    "workload.embedding.stream_rps=4.0",  # the default query stream, x rate_scale = 0.4/s (29 requests)
-    "model.llm=gemma-3-270m",  # the model the llama-servers serve (and the simulator's profile of it)
-    "model.embedding=all-minilm-l6-v2",  # the smallest encoder profile for the simulator
-]
+# The chat load was chosen *before* the final live run, from the simulator alone (calibrated from
+# probes, not from any live replay): RATE_SCALE puts the two LLM servers at roughly 70-80% simulated
+# utilisation, busy enough that requests queue behind the slots (so policies have something to decide)
+# and not hopelessly past saturation (see README.md, "Choice of load", and `--sim-only`).
+RATE_SCALE = 0.6
+DURATION_S = 48.0
+EMBEDDING_RPS = 0.4  # query embeddings per second, kept at the earlier run's rate (one slow CPU slot)
+
+
+def scaling(rate_scale: float = RATE_SCALE, duration_s: float = DURATION_S) -> list[str]:
+    return [
+        f"workload.rate_scale={rate_scale}",  # x the trace's arrival rate
+        f"workload.duration_s={duration_s}",  # the trace's first seconds, stretched by 1/rate_scale
+        "+workload.lengths.max_prompt_tokens=128",  # clip prompts (trace mean ~1,000 tokens)
+        "+workload.lengths.max_output_tokens=16",  # clip outputs (trace mean ~200 tokens)
+        # The stream's rate is multiplied by rate_scale; this keeps it at EMBEDDING_RPS.
+        f"workload.embedding.stream_rps={EMBEDDING_RPS / rate_scale:.6g}",
+        "model.llm=gemma-3-270m",  # the model the llama-servers serve
+        "model.embedding=gemma-3-270m-embed",  # the same GGUF as an --embeddings server
+    ]
+
+
+LLM_CALIBRATION = "gemma-3-270m-q4km-xeon-2cpu-t1"
+EMBEDDING_CALIBRATION = "gemma-3-270m-q4km-xeon-2cpu-t1-embedding"
 LIVE = ["driver.request_timeout_s=120"]  # a request unfinished 2 min after its arrival fails
 POLICIES = ("fifo", "hybrid")
 
 
 def cluster_config(llm_urls: list[str], embedding_url: str, llm_slots: int) -> dict[str, Any]:
-    """Two LLM instances and one embedding instance, each naming its server."""
+    """Two LLM llama-servers and one --embeddings llama-server, each naming its URL (live) and its
+    llama.cpp engine model (sim): the same entries drive both drivers."""
     instances = [
         {
             "id": "llm",
@@ -55,17 +74,20 @@ def cluster_config(llm_urls: list[str], embedding_url: str, llm_slots: int) -> d
             "kind": "llm",
             "url": llm_urls,
             "model": "${model.llm}",
-            "hardware": "${model.hardware}",
             "max_inflight": 2 * llm_slots,
-            "vllm": {"max_num_seqs": llm_slots},
+            "engine": "llamacpp",
+            # as real_backends starts them: -np llm_slots, -c 2048 per slot, -b 2048 -ub 512, -t 1
+            "llamacpp": {"calibration": LLM_CALIBRATION, "n_parallel": llm_slots},
         },
         {
             "id": "emb",
             "kind": "embedding",
             "url": embedding_url,
             "embedding_model": "${model.embedding}",
-            "hardware": "${model.hardware}",
             "max_inflight": 8,
+            "engine": "llamacpp",
+            # --embeddings --pooling mean, one slot, -c 2048 -b 2048 -ub 2048, -t 1
+            "llamacpp": {"calibration": EMBEDDING_CALIBRATION, "n_parallel": 1},
         },
     ]
     return {"instances": instances}
@@ -109,29 +131,142 @@ def backends(emulators: bool, llm_slots: int):
             yield [s.url for s in llms], emb.url, f"llama-server ({' '.join(llms[0].command[1:])})"
 
 
+METRICS = (
+    "ttft_p50_ms",
+    "ttft_p90_ms",
+    "ttft_p99_ms",
+    "tpot_p50_ms",
+    "tpot_p90_ms",
+    "e2e_p50_ms",
+    "e2e_p90_ms",
+    "e2e_p99_ms",
+    "embedding_p50_ms",
+    "embedding_p99_ms",
+    "slo_attainment",
+    "goodput_rps",
+)
+CLASSES = ("interactive", "standard", "batch", "query_embedding")
+
+
+def load_average() -> str:
+    with contextlib.suppress(OSError):
+        return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return "?"
+
+
+def utilisation(summary: dict[str, Any]) -> str:
+    """Simulated busy share per instance (the sim summary's per-instance stats), else '–'."""
+    stats = ((summary.get("sim") or {}).get("instances")) or {}
+    return ", ".join(f"{k} {v['utilization']:.2f}" for k, v in sorted(stats.items()) if "utilization" in v) or "–"
+
+
+def error_tables(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """Sim vs live per metric and policy, and hybrid vs fifo in each driver (the direction check)."""
+
+    def val(name: str, metric: str) -> float | None:
+        v = summaries[name].get(metric)
+        return None if v is None else float(v)
+
+    def pct(a: float | None, b: float | None) -> str:
+        return "–" if a is None or b is None or b == 0 else f"{100 * (a / b - 1):+.1f}%"
+
+    def num(v: float | None) -> str:
+        return "–" if v is None else (f"{v:.3f}" if abs(v) < 10 else f"{v:.0f}")
+
+    lines = [
+        "## Sim vs live per metric (error = sim / live - 1)",
+        "",
+        "| metric | fifo sim | fifo live | fifo error | hybrid sim | hybrid live | hybrid error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in METRICS:
+        cells = []
+        for p in POLICIES:
+            s, v = val(f"{p}_sim", m), val(f"{p}_live", m)
+            cells += [num(s), num(v), pct(s, v)]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Hybrid vs fifo in each driver (change = hybrid / fifo - 1; same direction = same sign)",
+        "",
+        "| metric | sim fifo | sim hybrid | sim change | live fifo | live hybrid | live change | same direction |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = (
+        [(m, m) for m in METRICS]
+        + [(f"{c} attainment", ("classes", c, "slo_attainment")) for c in CLASSES]
+        + [(f"{c} TTFT p99", ("classes", c, "ttft_p99_ms")) for c in ("interactive", "standard", "batch")]
+    )
+    for label, key in rows:
+
+        def get(name: str, key=key) -> float | None:
+            if isinstance(key, str):
+                return val(name, key)
+            d: Any = summaries[name]
+            for k in key:
+                d = (d or {}).get(k)
+            return None if d is None else float(d)
+
+        sf, sh, lf, lh = get("fifo_sim"), get("hybrid_sim"), get("fifo_live"), get("hybrid_live")
+        same = "–"
+        if None not in (sf, sh, lf, lh):
+            ds, dl = (sh or 0) - (sf or 0), (lh or 0) - (lf or 0)
+            tol = 1e-9
+            sign_s = 0 if abs(ds) <= tol * max(1.0, abs(sf or 0)) else (1 if ds > 0 else -1)
+            sign_l = 0 if abs(dl) <= tol * max(1.0, abs(lf or 0)) else (1 if dl > 0 else -1)
+            same = "yes" if sign_s == sign_l else ("sim: no change" if sign_s == 0 else "no")
+        lines.append(
+            f"| {label} | {num(sf)} | {num(sh)} | {pct(sh, sf)} | {num(lf)} | {num(lh)} | {pct(lh, lf)} | {same} |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--emulators", action="store_true", help="use the emulators instead of llama-server (dry run)")
     parser.add_argument("--out", default=str(HERE), help="report folder (default: this folder)")
     parser.add_argument("--llm-slots", type=int, default=2, help="llama-server --parallel per LLM instance")
+    parser.add_argument("--rate-scale", type=float, default=RATE_SCALE, help="x the trace's chat arrival rate")
+    parser.add_argument("--duration", type=float, default=DURATION_S, help="seconds of the trace replayed")
+    parser.add_argument(
+        "--sim-only", action="store_true", help="simulate only (no servers): print utilisation and latencies per policy"
+    )
     args = parser.parse_args(argv)
 
     from sagesched.experiment import run
     from sagesched.replay.compare import compare
 
+    scaling_args = scaling(args.rate_scale, args.duration)
+    if args.sim_only:
+        cluster = cluster_config(["http://127.0.0.1:1", "http://127.0.0.1:2"], "http://127.0.0.1:3", args.llm_slots)
+        for policy in POLICIES:
+            s = run(compose([f"policy={policy}", *scaling_args, "driver=sim"], cluster), Path(args.out), progress=False)
+            print(
+                f"{policy}: {s['llm_requests']} chats, {s['embedding_requests']} embeddings over {s['duration_s']:.0f}s; "
+                f"utilisation {utilisation(s)}; TTFT p50/p99 {s['ttft_p50_ms']:.0f}/{s['ttft_p99_ms']:.0f} ms, "
+                f"e2e p99 {s['e2e_p99_ms']:.0f} ms, attainment {s['slo_attainment']:.3f}, goodput {s['goodput_rps']:.3f}/s"
+            )
+        return 0
     out = Path(args.out)
     runs = out / "runs"
     if runs.exists():
         shutil.rmtree(runs)
     summaries: dict[str, dict[str, Any]] = {}
+    conditions: list[str] = [f"load average before the servers started: {load_average()}"]
     with backends(args.emulators, args.llm_slots) as (llm_urls, embedding_url, what):
         cluster = cluster_config(llm_urls, embedding_url, args.llm_slots)
         for policy in POLICIES:
             for driver in ("sim", "live"):
                 name = f"{policy}_{driver}"
-                overrides = [f"policy={policy}", *SCALING, f"driver={driver}", *(LIVE if driver == "live" else [])]
-                print(f"== {name}", flush=True)
+                overrides = [f"policy={policy}", *scaling_args, f"driver={driver}", *(LIVE if driver == "live" else [])]
+                before = load_average()
+                started = time.strftime("%H:%M:%S UTC", time.gmtime())
+                print(f"== {name} (load average {before})", flush=True)
                 summaries[name] = run(compose(overrides, cluster), runs / name, progress=False)
+                if driver == "live":
+                    conditions.append(
+                        f"{name}: started {started}, load average before {before}, after {load_average()}"
+                    )
     texts = []
     for a, b in [(f"{p}_sim", f"{p}_live") for p in POLICIES] + [("fifo_live", "hybrid_live")]:
         folder = out / "compare" / f"{a}__vs__{b}"
@@ -143,11 +278,15 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Backends: {what}. Requests per run: {live['requests']} "
         f"({live['llm_requests']} chat, {live['embedding_requests']} embedding).",
-        f"Scaling of the default workload: `{' '.join(SCALING)}`.",
+        f"Scaling of the default workload: `{' '.join(scaling_args)}`.",
+        "Simulated: the same cluster entries, `engine: llamacpp` with the shipped probe calibrations "
+        f"`{LLM_CALIBRATION}` and `{EMBEDDING_CALIBRATION}`.",
+        "",
+        "Machine (2 cores, shared with other users' jobs): " + "; ".join(conditions) + ".",
         "",
         "| run | completed | rejected | failed | TTFT p50 | TTFT p99 | TPOT p50 | e2e p99 | embedding p99 | SLO att. |"
-        " send lateness p99 | prompt mismatches |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " goodput/s | send lateness p99 | prompt mismatches | simulated utilisation |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(value: Any, fmt: str = "{:.0f}") -> str:
@@ -158,9 +297,12 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {s['completed']} | {s['rejected']} | {s['failed']} | {cell(s.get('ttft_p50_ms'))} | "
             f"{cell(s.get('ttft_p99_ms'))} | {cell(s.get('tpot_p50_ms'), '{:.1f}')} | {cell(s.get('e2e_p99_ms'))} | "
             f"{cell(s.get('embedding_p99_ms'), '{:.1f}')} | {cell(s.get('slo_attainment'), '{:.3f}')} | "
-            f"{cell(s.get('send_lateness_p99_ms'), '{:.2f}')} | {cell(s.get('prompt_token_mismatches'))} |"
+            f"{cell(s.get('goodput_rps'), '{:.3f}')} | "
+            f"{cell(s.get('send_lateness_p99_ms'), '{:.2f}')} | {cell(s.get('prompt_token_mismatches'))} | "
+            f"{utilisation(s)} |"
         )
-    header += ["", "Latencies in ms. Each comparison below: A = first run, B = second.", ""]
+    header += ["", "Latencies in ms.", "", *error_tables(summaries), ""]
+    header += ["Each comparison below: A = first run, B = second.", ""]
     (out / "results.md").write_text("\n".join(header + [t.replace("\n# ", "\n## ") for t in texts]) + "\n")
     print(f"wrote {out / 'results.md'}")
     return 0

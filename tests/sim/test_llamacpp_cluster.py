@@ -283,3 +283,28 @@ def test_calibration_errors_name_the_fix():
         run(chats(2, 1.0), [{**llm_entry(), "llamacpp": {"calibration": "no-such-calibration"}}])
     with pytest.raises(ValueError, match="probed on an embedding server"):
         run(chats(2, 1.0), [{**llm_entry(), "llamacpp": {"calibration": EMB_CAL}}])
+
+
+def test_bounds_price_a_request_alone_on_the_llamacpp_engine():
+    """The offline bounds (`sagesched.bounds`) of a llama.cpp cluster: each request alone, as simulated."""
+    import dataclasses
+
+    from sagesched.bounds import isolated_latencies
+
+    reqs = [dataclasses.replace(r, arrival_s=30.0 * i) for i, r in enumerate(chats(6, 1.0) + embeds(3, 1.0))]
+    cluster = ClusterConfig.from_dict({"instances": [llm_entry(), emb_entry()]})
+    bounds = isolated_latencies(reqs, cluster)
+    got = by_id(run(reqs, [llm_entry(), emb_entry()]))
+    for i, r in enumerate(reqs):
+        e2e = (got.loc[r.id, "finish_s"] - r.arrival_s) * 1000.0
+        assert bounds[i, 2] == pytest.approx(e2e, rel=1e-9)
+    too_long = Request(
+        id="x",
+        type=RequestType.LLM_CHAT,
+        model="gemma-3-270m",
+        arrival_s=0.0,
+        prompt_tokens=5000,
+        max_tokens=4,
+        output_tokens=4,
+    )
+    assert all(v != v for v in isolated_latencies([too_long], cluster)[0])  # NaN: no slot holds it

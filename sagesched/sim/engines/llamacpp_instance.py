@@ -383,3 +383,43 @@ def bind_llamacpp(instances: Any, requests: Any) -> None:
     inputs = {r.id: r.embedding_inputs for r in requests if r.is_embedding}
     for core in cores:
         core.embedding_inputs = lambda rid: inputs.get(rid, 1)
+
+
+def llamacpp_admits(request: Any, instance: Any) -> bool:
+    """Whether an `engine: llamacpp` instance would take `request` at all (each prompt or input
+    shorter than a slot's context; the simulator answers 400 otherwise)."""
+    perf = load_llamacpp_perf(instance)
+    slot_ctx = perf.config.n_ctx // perf.config.n_parallel
+    if request.is_embedding:
+        inputs = max(1, request.embedding_inputs)
+        return max(split_inputs(request.embedding_tokens or request.prompt_tokens, inputs)) < slot_ctx
+    return 0 < request.prompt_tokens < slot_ctx
+
+
+def isolated_llamacpp_s(request: Any, instance: Any, cached_tokens: int = 0) -> tuple[float, float]:
+    """(first token or result, end-to-end) of `request` alone on an `engine: llamacpp` instance, in
+    seconds: the engine model run on it alone (`replay_llamacpp`), frontend included; a cached prefix
+    (`cached_tokens`) is left out of the prompt, as a slot's prompt cache would skip it."""
+    perf = load_llamacpp_perf(instance)
+    if request.is_embedding:
+        inputs = max(1, request.embedding_inputs)
+        key: tuple = (tuple(split_inputs(request.embedding_tokens or request.prompt_tokens, inputs)), 0, 0)
+    else:
+        outputs = request.output_tokens if request.output_tokens is not None else request.max_tokens
+        prompt = max(1, request.prompt_tokens - max(0, cached_tokens))
+        key = ((prompt,), max(1, outputs), max(1, request.max_tokens or outputs))
+    return _isolated(perf, *key)
+
+
+@lru_cache(maxsize=4096)
+def _isolated(perf: LlamaCppPerf, prompts: tuple[int, ...], outputs: int, max_tokens: int) -> tuple[float, float]:
+    from sagesched.sim.engines.llamacpp_driver import replay_llamacpp
+
+    reqs = [
+        (0.0, EngineRequest(id=f"i{k}", prompt_tokens=p, output_tokens=max(1, outputs), max_tokens=max_tokens))
+        for k, p in enumerate(prompts)
+    ]
+    recs = replay_llamacpp(reqs, perf.config, perf.step, frontend_request_s=perf.frontend_request_s)
+    first = min(r.first_token_s for r in recs if r.first_token_s is not None)
+    finish = max(r.finish_s for r in recs if r.finish_s is not None)
+    return (finish if perf.config.embeddings else first), finish
