@@ -168,6 +168,10 @@ class LlamaCppInstanceConfig:
     The rest as `LlamaCppConfig`: prompt cache, 503 when every slot is busy (`reject_when_busy`; the
     real server's default is to queue), `--slot-prompt-similarity`, `--kv-unified`, KV padding, and
     the tokens per entry of a request's `prefix_hashes`.
+    host / host_cpus: servers that name the same `host` share its `host_cpus` cores: a step that starts
+        while k of them (itself included) have a step running takes max(1, k / host_cpus) times its
+        calibrated time (one-thread servers under a fair CPU scheduler; the factor is fixed at the
+        step's start). None: the server has its CPU to itself, as when it was calibrated.
     """
 
     calibration: str | None = None
@@ -182,9 +186,11 @@ class LlamaCppInstanceConfig:
     checkpoint_tail_tokens: int | None = None
     kv_pad: int = 256
     prefix_block_tokens: int = 16
+    host: str | None = None
+    host_cpus: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("n_parallel", "n_ctx", "n_batch", "n_ubatch", "kv_pad", "prefix_block_tokens"):
+        for name in ("n_parallel", "n_ctx", "n_batch", "n_ubatch", "kv_pad", "prefix_block_tokens", "host_cpus"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigFieldError((name,), f"must be >= 1, got {value}")

@@ -8,6 +8,7 @@ config errors.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -287,8 +288,6 @@ def test_calibration_errors_name_the_fix():
 
 def test_bounds_price_a_request_alone_on_the_llamacpp_engine():
     """The offline bounds (`sagesched.bounds`) of a llama.cpp cluster: each request alone, as simulated."""
-    import dataclasses
-
     from sagesched.bounds import isolated_latencies
 
     reqs = [dataclasses.replace(r, arrival_s=30.0 * i) for i, r in enumerate(chats(6, 1.0) + embeds(3, 1.0))]
@@ -308,3 +307,40 @@ def test_bounds_price_a_request_alone_on_the_llamacpp_engine():
         output_tokens=4,
     )
     assert all(v != v for v in isolated_latencies([too_long], cluster)[0])  # NaN: no slot holds it
+
+
+def test_servers_on_one_host_share_its_cores():
+    """Two one-thread servers on a one-core host: a step that starts while the other runs takes twice as
+    long; on a two-core host (or with no host) they do not slow each other down."""
+    reqs = [
+        Request(id=f"h{i}", type=RequestType.LLM_CHAT, model="gemma-3-270m", arrival_s=0.0, prompt_tokens=64,
+                max_tokens=8, output_tokens=8)
+        for i in range(2)
+    ]  # fmt: skip
+
+    def entries(**host):
+        e = llm_entry("cpu", count=2, **host)
+        e["max_inflight"] = 1  # one request each
+        return [e]
+
+    alone = by_id(run(reqs, entries()))
+    assert set(alone["instance_id"]) == {"cpu-0", "cpu-1"}
+    assert alone.loc["h0", "finish_s"] == alone.loc["h1", "finish_s"]
+    two = by_id(run(reqs, entries(host="box", host_cpus=2)))
+    assert two["finish_s"].tolist() == alone["finish_s"].tolist()
+    one = by_id(run(reqs, entries(host="box", host_cpus=1)))
+    assert (one["finish_s"] > alone["finish_s"]).all() and one["finish_s"].max() > 1.5 * alone["finish_s"].max()
+    # One step each (a 4-token prompt, one output token): h0 starts first and alone, h1 at the same
+    # instant with h0 running, so twice as long.
+    short = [dataclasses.replace(r, prompt_tokens=4, max_tokens=1, output_tokens=1) for r in reqs]
+    base, shared = by_id(run(short, entries())), by_id(run(short, entries(host="box", host_cpus=1)))
+    assert shared.loc["h0", "finish_s"] == base.loc["h0", "finish_s"]
+    assert shared.loc["h1", "finish_s"] == pytest.approx(2 * base.loc["h1", "finish_s"], rel=1e-12)
+    jump, step = (run(reqs, entries(host="box", host_cpus=1), mode=m).records for m in ("jump", "step"))
+    assert jump["finish_s"].tolist() == step["finish_s"].tolist()
+
+
+def test_one_host_needs_one_core_count():
+    bad = [llm_entry("a", host="box", host_cpus=2), llm_entry("b", host="box", host_cpus=4)]
+    with pytest.raises(ValueError, match="give every instance on one host the same host_cpus"):
+        run(chats(2, 1.0), bad)

@@ -21,6 +21,9 @@ What it adds to the core:
   and for the policy's wait predictions a prefill rate and decode step time from the calibration.
 - **Embedding servers** (`--embeddings`, kind `embedding`): a call with k inputs is k slot tasks (the
   tokens split evenly, as the live driver splits them), done when the last input is.
+- **A shared host** (optional, `llamacpp.host`): servers on one machine share its cores; a step that
+  starts while k of them (itself included) run a step takes max(1, k / host_cpus) x its calibrated
+  time, the factor fixed at the step's start (a probe calibration describes a server alone on its core).
 - **503**: with `reject_when_busy` a request that reaches the server with every slot busy or claimed
   is refused (llama-server's own default, and this model's, is to queue it).
 """
@@ -183,6 +186,17 @@ def split_inputs(total: int, n: int) -> list[int]:
     return [base + 1 if i < extra else base for i in range(n)]
 
 
+class CpuHost:
+    """The cores several simulated llama-servers share (`llamacpp.host`): how many run a step now."""
+
+    __slots__ = ("busy", "cpus", "name")
+
+    def __init__(self, name: str, cpus: int) -> None:
+        self.name = name
+        self.cpus = cpus
+        self.busy = 0
+
+
 class LlamaCppInstanceCore:
     """llama-server's slot scheduler, driven by the cluster simulator as it drives `VllmEngineCore`.
 
@@ -205,6 +219,8 @@ class LlamaCppInstanceCore:
         self.in_segment = False
         self.synced = False
         self.preemptions = 0
+        self.host: CpuHost | None = None  # set by `bind_llamacpp` for servers that share a host
+        self.factor = 1.0  # the step in flight's CPU-sharing stretch
         self.rejected_503 = 0
 
     # -- gauges (what `Simulator._load` and the timeline read) -------------------------------------
@@ -329,12 +345,17 @@ class LlamaCppInstanceCore:
             self.synced = self.in_segment = False
             return None
         self.in_segment = True
+        host = self.host
+        if host is not None:
+            host.busy += 1
+            self.factor = max(1.0, host.busy / host.cpus)
         return LlamaCppPlan(batch)
 
     def step_time_s(self, plan: _Sync | LlamaCppPlan) -> float:
         if isinstance(plan, _Sync):
             return 0.0
-        return self.core.step_time_s(plan.batch)
+        t = self.core.step_time_s(plan.batch)
+        return t if self.host is None else t * self.factor
 
     def finish_step(self, plan: _Sync | LlamaCppPlan, now: float = 0.0) -> StepOutcome:
         """Apply a segment: a step's tokens and completions, then the requests that arrived during it."""
@@ -343,6 +364,8 @@ class LlamaCppInstanceCore:
             out = StepOutcome(steps=0)
         else:
             self.synced = False
+            if self.host is not None:
+                self.host.busy -= 1
             cached = {slot.req.id: slot.req.cached_tokens for slot, _ in plan.batch if slot.req is not None}
             out = self.core.finish_step(plan.batch)
             self.kv.peak_used = max(self.kv.peak_used, self.kv.used)
@@ -375,14 +398,29 @@ class LlamaCppInstanceCore:
 
 
 def bind_llamacpp(instances: Any, requests: Any) -> None:
-    """Tell the llama.cpp embedding servers among `instances` (`InstanceState`s) how many inputs each
-    request carries (`Request.embedding_inputs`); a no-op, without a lookup table, when there are none."""
-    cores = [inst.llm for inst in instances if isinstance(inst.llm, LlamaCppInstanceCore) and inst.llm.embeddings]
+    """Wire the llama.cpp servers among `instances` (`InstanceState`s) into one simulation: the
+    embedding servers learn how many inputs each request carries (`Request.embedding_inputs`), and
+    servers naming the same `llamacpp.host` share one `CpuHost`. A no-op without llama.cpp servers."""
+    cores = [(inst, inst.llm) for inst in instances if isinstance(inst.llm, LlamaCppInstanceCore)]
     if not cores:
         return
-    inputs = {r.id: r.embedding_inputs for r in requests if r.is_embedding}
-    for core in cores:
-        core.embedding_inputs = lambda rid: inputs.get(rid, 1)
+    hosts: dict[str, CpuHost] = {}
+    for inst, core in cores:
+        name, cpus = inst.cfg.llamacpp.host, inst.cfg.llamacpp.host_cpus
+        if name is None:
+            continue
+        host = hosts.setdefault(name, CpuHost(name, cpus))
+        if host.cpus != cpus:
+            raise ValueError(
+                f"instance {inst.id}: llamacpp.host {name!r} has host_cpus {cpus} here but {host.cpus} on another "
+                "instance; give every instance on one host the same host_cpus"
+            )
+        core.host = host
+    if any(core.embeddings for _, core in cores):
+        inputs = {r.id: r.embedding_inputs for r in requests if r.is_embedding}
+        for _, core in cores:
+            if core.embeddings:
+                core.embedding_inputs = lambda rid: inputs.get(rid, 1)
 
 
 def llamacpp_admits(request: Any, instance: Any) -> bool:
