@@ -64,9 +64,17 @@ LIVE = ["driver.request_timeout_s=120"]  # a request unfinished 2 min after its 
 POLICIES = ("fifo", "hybrid")
 
 
-def cluster_config(llm_urls: list[str], embedding_url: str, llm_slots: int) -> dict[str, Any]:
+def host_cpus() -> int:
+    """The cores the servers share (this process's CPU affinity: 2 on the report's machine)."""
+    return len(os.sched_getaffinity(0))
+
+
+def cluster_config(llm_urls: list[str], embedding_url: str, llm_slots: int, shared_host: bool = True) -> dict[str, Any]:
     """Two LLM llama-servers and one --embeddings llama-server, each naming its URL (live) and its
-    llama.cpp engine model (sim): the same entries drive both drivers."""
+    llama.cpp engine model (sim): the same entries drive both drivers. `shared_host`: the three
+    one-thread servers share this machine's cores (`llamacpp.host`); False models each alone on a
+    core, as its calibration was probed."""
+    host = {"host": "local", "host_cpus": host_cpus()} if shared_host else {}
     instances = [
         {
             "id": "llm",
@@ -77,7 +85,7 @@ def cluster_config(llm_urls: list[str], embedding_url: str, llm_slots: int) -> d
             "max_inflight": 2 * llm_slots,
             "engine": "llamacpp",
             # as real_backends starts them: -np llm_slots, -c 2048 per slot, -b 2048 -ub 512, -t 1
-            "llamacpp": {"calibration": LLM_CALIBRATION, "n_parallel": llm_slots},
+            "llamacpp": {"calibration": LLM_CALIBRATION, "n_parallel": llm_slots, **host},
         },
         {
             "id": "emb",
@@ -87,7 +95,7 @@ def cluster_config(llm_urls: list[str], embedding_url: str, llm_slots: int) -> d
             "max_inflight": 8,
             "engine": "llamacpp",
             # --embeddings --pooling mean, one slot, -c 2048 -b 2048 -ub 2048, -t 1
-            "llamacpp": {"calibration": EMBEDDING_CALIBRATION, "n_parallel": 1},
+            "llamacpp": {"calibration": EMBEDDING_CALIBRATION, "n_parallel": 1, **host},
         },
     ]
     return {"instances": instances}
@@ -160,12 +168,24 @@ def utilisation(summary: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v['utilization']:.2f}" for k, v in sorted(stats.items()) if "utilization" in v) or "–"
 
 
+def direction(fifo: float | None, hybrid: float | None) -> int | None:
+    """+1 / -1 when hybrid's value is more than 1% above / below fifo's, 0 within 1%, None if missing."""
+    if fifo is None or hybrid is None:
+        return None
+    scale = max(abs(fifo), 1e-12)
+    if abs(hybrid - fifo) <= 0.01 * scale:
+        return 0
+    return 1 if hybrid > fifo else -1
+
+
 def error_tables(summaries: dict[str, dict[str, Any]]) -> list[str]:
     """Sim vs live per metric and policy, and hybrid vs fifo in each driver (the direction check)."""
 
-    def val(name: str, metric: str) -> float | None:
-        v = summaries[name].get(metric)
-        return None if v is None else float(v)
+    def get(name: str, key: str | tuple[str, ...]) -> float | None:
+        d: Any = summaries.get(name)
+        for k in (key,) if isinstance(key, str) else key:
+            d = (d or {}).get(k)
+        return None if d is None else float(d)
 
     def pct(a: float | None, b: float | None) -> str:
         return "–" if a is None or b is None or b == 0 else f"{100 * (a / b - 1):+.1f}%"
@@ -176,47 +196,53 @@ def error_tables(summaries: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
         "## Sim vs live per metric (error = sim / live - 1)",
         "",
-        "| metric | fifo sim | fifo live | fifo error | hybrid sim | hybrid live | hybrid error |",
-        "|---|---|---|---|---|---|---|",
+        "`sim` models the three servers sharing the machine's cores (`llamacpp.host`); `isolated` models each",
+        "alone on a core, as its calibration was probed.",
+        "",
+        "| metric | fifo live | fifo sim | error | fifo isolated | error | hybrid live | hybrid sim | error |"
+        " hybrid isolated | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in METRICS:
         cells = []
         for p in POLICIES:
-            s, v = val(f"{p}_sim", m), val(f"{p}_live", m)
-            cells += [num(s), num(v), pct(s, v)]
+            live = get(f"{p}_live", m)
+            cells.append(num(live))
+            for variant in ("sim", "sim_isolated"):
+                v = get(f"{p}_{variant}", m)
+                cells += [num(v), pct(v, live)]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "## Hybrid vs fifo in each driver (change = hybrid / fifo - 1; same direction = same sign)",
+        "## Hybrid vs fifo in each driver (change = hybrid / fifo - 1)",
         "",
-        "| metric | sim fifo | sim hybrid | sim change | live fifo | live hybrid | live change | same direction |",
-        "|---|---|---|---|---|---|---|---|",
+        "Direction: up / down when hybrid is more than 1% above / below fifo, `=` within 1%.",
+        "",
+        "| metric | live fifo | live hybrid | live change | sim fifo | sim hybrid | sim change | sim vs live |"
+        " isolated change | isolated vs live |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = (
+    rows: list[tuple[str, str | tuple[str, ...]]] = (
         [(m, m) for m in METRICS]
         + [(f"{c} attainment", ("classes", c, "slo_attainment")) for c in CLASSES]
         + [(f"{c} TTFT p99", ("classes", c, "ttft_p99_ms")) for c in ("interactive", "standard", "batch")]
+        + [("rejected (shed)", "rejected")]
     )
+    arrow = {1: "up", -1: "down", 0: "=", None: "–"}
+
+    def verdict(a: int | None, b: int | None) -> str:
+        if a is None or b is None:
+            return "–"
+        return f"{'same' if a == b else 'differs'} ({arrow[a]} / {arrow[b]})"
+
     for label, key in rows:
-
-        def get(name: str, key=key) -> float | None:
-            if isinstance(key, str):
-                return val(name, key)
-            d: Any = summaries[name]
-            for k in key:
-                d = (d or {}).get(k)
-            return None if d is None else float(d)
-
-        sf, sh, lf, lh = get("fifo_sim"), get("hybrid_sim"), get("fifo_live"), get("hybrid_live")
-        same = "–"
-        if None not in (sf, sh, lf, lh):
-            ds, dl = (sh or 0) - (sf or 0), (lh or 0) - (lf or 0)
-            tol = 1e-9
-            sign_s = 0 if abs(ds) <= tol * max(1.0, abs(sf or 0)) else (1 if ds > 0 else -1)
-            sign_l = 0 if abs(dl) <= tol * max(1.0, abs(lf or 0)) else (1 if dl > 0 else -1)
-            same = "yes" if sign_s == sign_l else ("sim: no change" if sign_s == 0 else "no")
+        lf, lh = get("fifo_live", key), get("hybrid_live", key)
+        sf, sh = get("fifo_sim", key), get("hybrid_sim", key)
+        xf, xh = get("fifo_sim_isolated", key), get("hybrid_sim_isolated", key)
+        live_dir = direction(lf, lh)
         lines.append(
-            f"| {label} | {num(sf)} | {num(sh)} | {pct(sh, sf)} | {num(lf)} | {num(lh)} | {pct(lh, lf)} | {same} |"
+            f"| {label} | {num(lf)} | {num(lh)} | {pct(lh, lf)} | {num(sf)} | {num(sh)} | {pct(sh, sf)} | "
+            f"{verdict(direction(sf, sh), live_dir)} | {pct(xh, xf)} | {verdict(direction(xf, xh), live_dir)} |"
         )
     return lines
 
@@ -238,14 +264,19 @@ def main(argv: list[str] | None = None) -> int:
 
     scaling_args = scaling(args.rate_scale, args.duration)
     if args.sim_only:
-        cluster = cluster_config(["http://127.0.0.1:1", "http://127.0.0.1:2"], "http://127.0.0.1:3", args.llm_slots)
-        for policy in POLICIES:
-            s = run(compose([f"policy={policy}", *scaling_args, "driver=sim"], cluster), Path(args.out), progress=False)
-            print(
-                f"{policy}: {s['llm_requests']} chats, {s['embedding_requests']} embeddings over {s['duration_s']:.0f}s; "
-                f"utilisation {utilisation(s)}; TTFT p50/p99 {s['ttft_p50_ms']:.0f}/{s['ttft_p99_ms']:.0f} ms, "
-                f"e2e p99 {s['e2e_p99_ms']:.0f} ms, attainment {s['slo_attainment']:.3f}, goodput {s['goodput_rps']:.3f}/s"
+        for shared in (True, False):
+            cluster = cluster_config(
+                ["http://127.0.0.1:1", "http://127.0.0.1:2"], "http://127.0.0.1:3", args.llm_slots, shared
             )
+            for policy in POLICIES:
+                overrides = [f"policy={policy}", *scaling_args, "driver=sim"]
+                s = run(compose(overrides, cluster), Path(args.out), progress=False)
+                print(
+                    f"{policy} ({'shared host' if shared else 'isolated'}): {s['llm_requests']} chats, "
+                    f"{s['embedding_requests']} embeddings over {s['duration_s']:.0f}s; utilisation {utilisation(s)}; "
+                    f"TTFT p50/p99 {s['ttft_p50_ms']:.0f}/{s['ttft_p99_ms']:.0f} ms, e2e p99 {s['e2e_p99_ms']:.0f} ms, "
+                    f"attainment {s['slo_attainment']:.3f}, goodput {s['goodput_rps']:.3f}/s, rejected {s['rejected']}"
+                )
         return 0
     out = Path(args.out)
     runs = out / "runs"
@@ -254,10 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     summaries: dict[str, dict[str, Any]] = {}
     conditions: list[str] = [f"load average before the servers started: {load_average()}"]
     with backends(args.emulators, args.llm_slots) as (llm_urls, embedding_url, what):
-        cluster = cluster_config(llm_urls, embedding_url, args.llm_slots)
         for policy in POLICIES:
-            for driver in ("sim", "live"):
-                name = f"{policy}_{driver}"
+            for variant in ("sim", "sim_isolated", "live"):
+                name = f"{policy}_{variant}"
+                driver = "live" if variant == "live" else "sim"
+                cluster = cluster_config(llm_urls, embedding_url, args.llm_slots, variant != "sim_isolated")
                 overrides = [f"policy={policy}", *scaling_args, f"driver={driver}", *(LIVE if driver == "live" else [])]
                 before = load_average()
                 started = time.strftime("%H:%M:%S UTC", time.gmtime())
@@ -280,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({live['llm_requests']} chat, {live['embedding_requests']} embedding).",
         f"Scaling of the default workload: `{' '.join(scaling_args)}`.",
         "Simulated: the same cluster entries, `engine: llamacpp` with the shipped probe calibrations "
-        f"`{LLM_CALIBRATION}` and `{EMBEDDING_CALIBRATION}`.",
+        f"`{LLM_CALIBRATION}` and `{EMBEDDING_CALIBRATION}`; `*_sim`: the three servers share the "
+        f"machine's {host_cpus()} cores (`llamacpp.host`), `*_sim_isolated`: each alone on a core.",
         "",
         "Machine (2 cores, shared with other users' jobs): " + "; ".join(conditions) + ".",
         "",
