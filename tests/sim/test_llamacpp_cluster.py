@@ -344,3 +344,36 @@ def test_one_host_needs_one_core_count():
     bad = [llm_entry("a", host="box", host_cpus=2), llm_entry("b", host="box", host_cpus=4)]
     with pytest.raises(ValueError, match="give every instance on one host the same host_cpus"):
         run(chats(2, 1.0), bad)
+
+
+@pytest.mark.parametrize("policy", ["fifo", "hybrid", "slo_aware"])
+def test_a_pool_of_vllm_and_llamacpp_instances_gives_the_same_records_in_both_modes(policy):
+    """vLLM jumps over decode runs in jump mode while the llama.cpp instances step; records are equal."""
+    from tiny_perf import make_provider
+
+    tiny = make_provider(kv_tokens=20_000)
+
+    def provider(cfg):
+        return (load_llamacpp_perf(cfg), None) if cfg.engine == "llamacpp" else tiny(cfg)
+
+    instances = [
+        llm_entry("cpu", count=2, host="box", host_cpus=1),
+        {"id": "gpu", "kind": "llm", "model": "gemma-3-270m", "max_inflight": 2, "vllm": {"max_num_seqs": 2}},
+        emb_entry(),
+    ]
+    for inst in instances:
+        inst["max_inflight"] = 2
+    cluster = ClusterConfig.from_dict({"instances": instances})
+    reqs = chats(120, 4.0) + embeds(20, 0.5)
+    out = {
+        mode: simulate(reqs, cluster, make_policy(policy), SimConfig(mode=mode), perf_provider=provider)
+        .records.sort_values("request_id")
+        .reset_index(drop=True)
+        for mode in ("jump", "step")
+    }
+    same = ["request_id", "outcome", "instance_id", "reason"]
+    assert out["jump"][same].equals(out["step"][same])
+    for col in ("dispatch_s", "first_token_s", "finish_s"):  # vLLM's closed-form runs: equal to ~1e-14 s
+        assert out["jump"][col].tolist() == pytest.approx(out["step"][col].tolist(), abs=1e-9)
+    served = set(out["jump"]["instance_id"].dropna())
+    assert {"gpu", "emb"} <= served and served & {"cpu-0", "cpu-1"}  # both engines serve
