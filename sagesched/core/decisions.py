@@ -33,7 +33,7 @@ from typing import Literal, NamedTuple
 
 from sagesched.core.assignment import Assignment, Rejection
 from sagesched.core.instance import InstanceView
-from sagesched.core.pool import views_by_id
+from sagesched.core.pool import ViewList, views_by_id
 from sagesched.core.request import Request
 
 logger = logging.getLogger(__name__)
@@ -108,12 +108,20 @@ def _call(policy: object, now: float, queue: Sequence[Request], views: Sequence[
         out = policy.schedule(now, queue, views)  # type: ignore[attr-defined]
     except Exception as exc:  # the policy's own bug, whatever it is
         raise PolicyMisbehaved(f"{type(exc).__name__}: {exc}") from exc
+    bad = _malformed(out)
+    if bad is not None:
+        raise bad
+    return out if type(out) is list else list(out)
+
+
+def _malformed(out: object) -> PolicyMisbehaved | None:
+    """What is wrong with `out` as a `schedule` result, or None when it is a list of decisions."""
     if not isinstance(out, (list, tuple)):
-        raise PolicyMisbehaved(f"schedule() returned {type(out).__name__}, not a list of decisions")
+        return PolicyMisbehaved(f"schedule() returned {type(out).__name__}, not a list of decisions")
     for d in out:
         if not isinstance(d, (Assignment, Rejection)):
-            raise PolicyMisbehaved(f"schedule() returned a {type(d).__name__}; expected Assignment or Rejection")
-    return out if type(out) is list else list(out)
+            return PolicyMisbehaved(f"schedule() returned a {type(d).__name__}; expected Assignment or Rejection")
+    return None
 
 
 def _offenders(
@@ -148,12 +156,29 @@ def decide(policy: object, now: float, queue: Sequence[Request], views: Sequence
 
     Cost: the policy call plus O(decisions), never O(queue), when the policy behaves: ids are looked
     up with ``queue.get(id)`` when the queue has it (else one dict is built), and the views are
-    indexed only when an assignment names an instance.
+    indexed only when an assignment names an instance. `_call` is spelled out here (the same checks,
+    without its frame and exception wrapping): this runs on every arrival and completion.
     """
     result = Decisions()
+    first: PolicyMisbehaved | None = None
     try:
-        raw = _call(policy, now, queue, views)
-    except PolicyMisbehaved as first:
+        # The queue goes through as given (the simulator passes an indexed queue; copying it would
+        # make every call O(queue) past saturation).
+        raw = policy.schedule(now, queue, views)  # type: ignore[attr-defined]
+    except Exception as exc:  # the policy's own bug, whatever it is
+        first = PolicyMisbehaved(f"{type(exc).__name__}: {exc}")
+        first.__cause__ = exc
+    else:
+        if type(raw) is list:
+            for d in raw:
+                if type(d) is not Assignment and type(d) is not Rejection:
+                    first = _malformed(raw)
+                    break
+        else:
+            first = _malformed(raw)
+            if first is None:
+                raw = list(raw)
+    if first is not None:
         good = _isolate(policy, now, list(queue), views, first, result)
         raw = []
         if good:
@@ -207,6 +232,18 @@ def _apply(
     raw: list, lookup: Callable[[str], Request | None], view_list: Sequence[InstanceView], result: Decisions
 ) -> None:
     """Check each decision against the queue and the views; the first decision about a request wins."""
+    if len(raw) == 1:
+        # One assignment of one request that passes every check (at light load, almost every call):
+        # the loop below, without its bookkeeping.
+        d = raw[0]
+        if type(d) is Assignment and len(d.request_ids) == 1:
+            request = lookup(d.request_ids[0])
+            if request is not None:
+                by_id = view_list.by_id() if type(view_list) is ViewList else views_by_id(view_list)
+                view = by_id.get(d.instance_id)
+                if view is not None and view.healthy and view.can_serve(request):
+                    result.placements.append(Placement(d.instance_id, (request,), d.priority_hint, d.rule, d.reason))
+                    return
     decided: set[str] = set()
     views: Mapping[str, InstanceView] | None = None
     for d in raw:

@@ -64,6 +64,7 @@ from sagesched.core import (
     Priority,
     Rejection,
     Request,
+    RequestType,
 )
 from sagesched.core.queue import ClassKey
 from sagesched.policies.base import (
@@ -100,6 +101,7 @@ from sagesched.policies.slo_aware import SloAwarePolicy
 logger = logging.getLogger(__name__)
 
 _HIGH = int(Priority.HIGH)  # the least urgent class `llm_holdback_ms` never holds
+_EMBEDDING_REQUEST = RequestType.EMBEDDING
 
 
 @register
@@ -134,6 +136,8 @@ class HybridPolicy(EmbeddingBatching, Policy):
         self._fallback_indexed = (
             isinstance(fallback, SloAwarePolicy) and fallback.admission is not None and fallback.fair is None
         )
+        # A lone LLM request with that fallback: hybrid asks it only what it would decide (`lone_answer`).
+        self._lone_admitted = c.prefer_specialized_instances and self._fallback_indexed
         self._llm_holdback_s = c.llm_holdback_ms / 1000.0
         # Constant per policy, so built once rather than on every call.
         self._llm_rule = f"{self.name}/llm/{c.llm_fallback_policy}"
@@ -162,10 +166,11 @@ class HybridPolicy(EmbeddingBatching, Policy):
             return self._schedule_indexed(now, queue, instances)
         rejections, servable = reject_unservable(queue, instances, self.name)
         decisions: list[Decision] = list(rejections)
-        llm = [r for r in servable if not r.is_embedding]
-        embeddings = self._reject_too_large(servable, instances, decisions)
+        llm = [r for r in servable if r.type is not _EMBEDDING_REQUEST]
+        embeddings = self._reject_too_large(servable, instances, decisions) if len(llm) < len(servable) else []
         first, order_reason = self._claim_order(now, embeddings, llm)  # (queue order: pressure sums)
-        llm.sort(key=arrival_order)
+        if len(llm) > 1:
+            llm.sort(key=arrival_order)
         waiting = _count_by_model(llm)
         return self._run(now, instances, decisions, embeddings, llm, None, [], waiting, first, order_reason)
 
@@ -234,8 +239,8 @@ class HybridPolicy(EmbeddingBatching, Policy):
             llm_classes=llm_classes,
             llm_built=llm_queue is None,
             llm_done=set(),
-            waiting={EMBEDDING: _count_by_model(embeddings), LLM: waiting_llm},
-            embedding_hint=self._embedding_hint_base(first),
+            waiting={EMBEDDING: _count_by_model(embeddings) if embeddings else {}, LLM: waiting_llm},
+            embedding_hint=self._embedding_hint_base(first) if embeddings else None,
             order_reason=order_reason,
         )
 
@@ -248,8 +253,11 @@ class HybridPolicy(EmbeddingBatching, Policy):
             elif call.llm_n and llm_views:
                 self._place_llm(call, llm_views)
 
-        window_s = self.config.window_s
-        self._held_deadlines = [r.arrival_s + window_s for group in call.groups.values() for r in group]
+        if call.groups:
+            window_s = self.config.window_s
+            self._held_deadlines = [r.arrival_s + window_s for group in call.groups.values() for r in group]
+        elif self._held_deadlines:
+            self._held_deadlines = []
         return decisions
 
     def describe(self) -> dict[str, Any]:
@@ -369,9 +377,18 @@ class HybridPolicy(EmbeddingBatching, Policy):
         added_emb = ledger.added_embedding_tokens
         best: InstanceView | None = None
         best_key: tuple[float, bool, int, str] | None = None
+        # `views` are LLM-capable and every request is an LLM request (`_place_llm`), so
+        # `view.can_serve(r)` is whether the view serves r's model: spelled out (hot: once per view
+        # per placed request).
+        model = head.model if n == 1 or all(r.model == head.model for r in requests) else None
         for view in views:
             vid = view.id
-            if not view.healthy or not (view.can_serve(head) if n == 1 else all(view.can_serve(r) for r in requests)):
+            if not view.healthy:
+                continue
+            if model is not None:
+                if model not in view.models:
+                    continue
+            elif not all(view.can_serve(r) for r in requests):
                 continue
             if hold_s > 0.0:
                 ahead = view.queued_prefill_tokens + prefill[vid]
@@ -380,7 +397,7 @@ class HybridPolicy(EmbeddingBatching, Policy):
                 if ahead > hold_s * view.prefill_tokens_per_s:
                     continue
             if view.kind is _LLM_ONLY:
-                if view.max_inflight - view.inflight - added[vid] < n:
+                if view.max_inflight - view.running - view.waiting - added[vid] < n:
                     continue
                 capacity = view.prefill_tokens_per_s
             else:
@@ -390,7 +407,7 @@ class HybridPolicy(EmbeddingBatching, Policy):
             outstanding = view.queued_prefill_tokens + view.queued_decode_tokens + prefill[vid] + decode[vid]
             # Rounded so that equal loads compare equal (0.7 * x is not exact in floating point).
             load = round((outstanding + work) / capacity, 9) if capacity > _EPS else math.inf
-            key = (load, view.kind is not _LLM_ONLY, view.inflight + added[vid], vid)
+            key = (load, view.kind is not _LLM_ONLY, view.running + view.waiting + added[vid], vid)
             if best_key is None or key < best_key:
                 best, best_key = view, key
         if best is None or best_key is None:
@@ -424,6 +441,59 @@ class HybridPolicy(EmbeddingBatching, Policy):
         call.llm_n = 0
         call.llm_done.add(request.id)
 
+    def _place_lone_admitted(self, call: _Call, views: Sequence[InstanceView]) -> bool:
+        """`_place_llm` for one queued LLM request and the admission fallback, when the fallback would
+        see `views` unchanged (nothing placed on them yet, no share applies): the same decisions.
+
+        The fallback's answer (`SloAwarePolicy.lone_answer`: shed, stay queued, or its assignment's
+        reason) is read off this call's ledger, which equals a fresh one on these views; its choice
+        of instance is not made, since `_llm_target` re-targets it. At light load this is every
+        LLM placement. False (nothing done) when the views would be adjusted: the general path runs.
+        """
+        ledger = call.ledger
+        added = ledger.added_requests
+        embedding_waits = any(call.waiting[EMBEDDING].values())  # else no share applies anywhere
+        request = call.llm_list()[0]
+        model = request.model
+        any_room = serving_room = False
+        for view in views:
+            if (
+                added[view.id]
+                or not view.healthy
+                or (embedding_waits and view.kind is _MIXED and call.other_waits(LLM, view))
+            ):
+                return False
+            if not serving_room and view.max_inflight > view.running + view.waiting:  # free_slots > 0
+                any_room = True
+                serving_room = model in view.models
+        if not any_room:
+            return True  # the fallback would not be called (`_fallback_views` is None)
+        fallback = self.llm_fallback
+        assert isinstance(fallback, SloAwarePolicy)
+        # `serving_room`: the fallback has a candidate (healthy, a free slot, serves the request; the
+        # views it does not see are embedding-only, which do not).
+        answer = fallback.lone_answer(ledger, request, call.now, serving_room)
+        if answer is None:
+            return True
+        if isinstance(answer, Rejection):
+            call.decisions.append(dataclasses.replace(answer, rule=self._llm_rule))
+        else:
+            found = self._llm_target(call, views, [request])
+            if found is None:
+                return True
+            target, load = found
+            reason = (
+                f"order: {answer[1]}; placed on the {target.kind.value} instance with the least work per LLM "
+                f"capacity ({load:.2f} s); {call.order_reason}"
+            )
+            ledger.add(target.id, (request,))
+            call.decisions.append(Assignment(target.id, (request.id,), int(request.priority), self._llm_rule, reason))
+        call.unqueue(LLM, (request,))
+        call.llm_done.add(request.id)
+        call.llm = []
+        call.llm_n = 0
+        return True
+
     def _place_llm(self, call: _Call, views: Sequence[InstanceView]) -> None:
         """Let the fallback order (and, without the preference, place) the queued LLM requests.
 
@@ -433,6 +503,8 @@ class HybridPolicy(EmbeddingBatching, Policy):
         """
         if self._lone_fast_path and call.llm_n == 1:
             self._place_lone_llm(call, views)
+            return
+        if self._lone_admitted and call.llm_n == 1 and self._place_lone_admitted(call, views):
             return
         adjusted = self._fallback_views(call, views)
         if adjusted is None:

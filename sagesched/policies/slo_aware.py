@@ -234,34 +234,67 @@ class SloAwarePolicy(Policy):
         to do, and the slacks `best_slack_s` computes are the ones `_place_by_slack` needs (nothing
         is placed in between), so each instance's slack is computed once, not twice.
         """
-        admission = self.admission
-        assert admission is not None
         rejections, servable = reject_unservable((request,), instances, self.name)
         if not servable:
             return list(rejections)
-        admission.observe_ids({request.id})
         ledger = LoadLedger(instances)
-        decisions: list[Decision] = []
+        answer = self.lone_answer(ledger, request, now)
+        if answer is None:
+            return []
+        if isinstance(answer, Rejection):
+            return [answer]
+        slacks, reason = answer
+        candidates = ledger.candidates(request)
+        if slacks is not None:
+            target = min(candidates, key=lambda v: (-slacks[v.id], ledger.inflight(v.id), v.id))
+        else:
+            target = min(
+                candidates, key=lambda v: (predicted_completion_s(ledger, v.id, request), ledger.inflight(v.id), v.id)
+            )
+        return [ledger.assign(target, [request], self.name, reason, priority_hint=int(request.priority))]
+
+    def lone_answer(
+        self, ledger: LoadLedger, request: Request, now: float, placeable: bool | None = None
+    ) -> Rejection | tuple[dict[str, float] | None, str] | None:
+        """What a call with `request` queued alone decides (admission on, fair share off), short of
+        picking the instance; `ledger` holds no placements. Counts the request as seen.
+
+        None: it stays queued (no free instance, or none healthy). A `Rejection`: shed. Otherwise
+        (slacks, reason) of the assignment: placed by slack (`slacks`: per healthy compatible
+        instance) or, with None, on the earliest predicted completion. Split from `_schedule_lone`
+        so that hybrid, which re-targets the fallback's assignment anyway, is told the answer
+        without the fallback choosing an instance it would discard. `placeable`: whether `ledger`
+        has a candidate for `request` (`LoadLedger.candidates`), when the caller already knows.
+        """
+        admission = self.admission
+        assert admission is not None
+        admission.observe_ids({request.id})
         if not has_slo(request):
-            self._place_soonest(ledger, request, decisions, _REASONS[_NO_SLO])
-            return decisions
+            if placeable is None:
+                placeable = _placeable(ledger, request)
+            return (None, _REASONS[_NO_SLO]) if placeable else None
         slacks = {
             v.id: slack_s(ledger, v.id, request, now)
             for v in ledger.views.values()
             if v.healthy and v.can_serve(request)
         }
         if not slacks:
-            return decisions  # every compatible instance is down: it stays queued
+            return None  # every compatible instance is down: it stays queued
         best = max(list(slacks.values()))
         if best >= 0:
-            self._place_by_slack(ledger, request, now, decisions, None, slacks)
-            return decisions
-        shed, kept = admission.split_late([(best, request)], self.name)
-        decisions.extend(shed)
-        if kept:
-            how = _LATE_FIRST if int(request.priority) <= admission.config.late_first_priority else _LATE
-            self._place_soonest(ledger, request, decisions, _REASONS[how])
-        return decisions
+            candidates = ledger.candidates(request)
+            if not candidates:
+                return None
+            # The reason `_place_by_slack` gives: the slack of its target, the most of any candidate.
+            most = max([slacks[v.id] for v in candidates])
+            return slacks, f"least slack first: {most * 1000:.0f} ms slack here, the most of any instance"
+        shed, _kept = admission.split_late([(best, request)], self.name)
+        if shed:
+            return shed[0]
+        how = _LATE_FIRST if int(request.priority) <= admission.config.late_first_priority else _LATE
+        if placeable is None:
+            placeable = _placeable(ledger, request)
+        return (None, _REASONS[how]) if placeable else None
 
     def _place_by_slack(
         self,
@@ -314,6 +347,11 @@ class SloAwarePolicy(Policy):
         if how == _SLACK:
             return self._place_by_slack(ledger, request, now, decisions, None)
         return self._place_soonest(ledger, request, decisions, _REASONS[how])
+
+
+def _placeable(ledger: LoadLedger, request: Request) -> bool:
+    """``bool(ledger.candidates(request))``, without the list for an LLM request (the common case)."""
+    return bool(ledger.candidates(request)) if request.is_embedding else ledger.has_room(request)
 
 
 _LATE_FIRST, _SLACK, _LATE, _NO_SLO = "late-first", "slack", "late", "no-slo"

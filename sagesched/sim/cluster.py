@@ -35,7 +35,7 @@ from sagesched.core import (
     RequestRecord,
 )
 from sagesched.core.decisions import Placement, decide
-from sagesched.core.pool import InstancePool, is_idle
+from sagesched.core.pool import InstancePool, ViewList, is_idle
 from sagesched.metrics import records_frame
 from sagesched.policies.base import Policy
 from sagesched.sim.config import ClusterConfig, InstanceConfig, SimConfig
@@ -222,7 +222,8 @@ class Simulator(EngineSegments, TimelineSampler):
         pool: InstancePool | None = None
         views: Sequence[InstanceView]
         if self.plain_inputs or len(self.instances) <= EAGER_VIEWS_MAX:
-            views = [self._view(inst, now) for inst in self.instances]
+            view = self._view
+            views = ViewList([view(inst, now) for inst in self.instances], self._serves_class)
         else:
             views = pool = self._pool(now)
         t0 = time.perf_counter()

@@ -191,6 +191,40 @@ def test_gateway_queue_stays_correct_through_compaction():
     assert list(q.in_arrival_order()) == sorted(alive.values(), key=lambda r: (r.arrival_s, r.id))
 
 
+def test_gateway_queue_indexes_built_on_first_read_match_the_queue():
+    """The streams and columns are built on the first index read and dropped when the queue empties;
+    whenever they are read (before, during and after such cycles) they give the queued requests."""
+    rng = random.Random(3)
+    reqs = saturating_workload(600, seed=5)
+    q = GatewayQueue()
+    alive: dict[str, Request] = {}
+    reads = 0
+    for r in reqs:
+        q.add(r)
+        alive[r.id] = r
+        if rng.random() < 0.5:
+            victim = rng.choice(list(alive))
+            assert q.pop(victim) is alive.pop(victim)
+        if rng.random() < 0.05:  # drain: the indexes are dropped
+            for rid in list(alive):
+                assert q.pop(rid) is alive.pop(rid)
+            assert not q._indexed and len(q) == 0
+        if rng.random() < 0.3:
+            reads += 1
+            want = sorted(alive.values(), key=lambda x: (x.arrival_s, x.id))
+            assert list(q.in_arrival_order()) == want
+            assert q._indexed
+            for cls in q.classes():
+                of_class = [x for x in alive.values() if (x.type is RequestType.EMBEDDING, x.model) == cls]
+                assert q.of_class(cls) == of_class
+                cols = q.columns(cls)
+                assert [cols.requests[i].id for i in range(cols.n) if cols.alive[i]] == [x.id for x in of_class]
+                for p in q.priorities(cls):
+                    assert list(q.stream(cls, p)) == [x for x in want if x in of_class and int(x.priority) == p]
+    assert reads > 100
+    assert list(q) == list(alive.values())
+
+
 def test_quiet_timeline_rows_are_the_rows_a_full_sample_gives(monkeypatch):
     """The sampler reuses the row of an instance idle and untouched since its last sample; with
     that shortcut disabled the timeline must be the same."""

@@ -84,3 +84,35 @@ def test_lone_request_shortcut_matches_the_list_code(seed: int) -> None:
         for d in got:
             taken["shed" if getattr(d, "code", None) is not None else "placed"] += 1
     assert taken["placed"] > 50 and taken["shed"] > 0  # both outcomes were exercised
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hybrid_lone_llm_request_matches_asking_the_fallback(seed: int) -> None:
+    """Hybrid reads the admission fallback's answer for a lone LLM request (`lone_answer`) instead of
+    calling it; the decisions (targets, reasons, shed rejections) and the fallback's admission
+    state must be those of the call it replaces (`_lone_admitted` off)."""
+    rng = random.Random(100 + seed)
+    config = {"llm_fallback_config": {"max_shed_fraction": 0.3}}
+    fast = make_policy("hybrid", **config)
+    ref = make_policy("hybrid", **config)
+    assert fast._lone_admitted
+    ref._lone_admitted = False
+    taken = {"placed": 0, "shed": 0}
+    for i in range(400):
+        views = _views(rng)
+        request = _request(rng, i)
+        if request.is_embedding:
+            continue
+        queue = [request]
+        if rng.random() < 0.3:  # an embedding waiting beside it (a mixed instance's share applies)
+            queue.append(_request(random.Random(i), 10_000 + i))
+        now = rng.uniform(4, 8)
+        got = fast.schedule(now, queue, views)
+        want = ref.schedule(now, queue, views)
+        assert got == want, (queue, views)
+        a, b = fast.llm_fallback.admission, ref.llm_fallback.admission
+        assert (a.seen_count, a.shed) == (b.seen_count, b.shed)
+        for d in got:
+            if d.rule.startswith("hybrid/llm"):
+                taken["shed" if getattr(d, "code", None) is not None else "placed"] += 1
+    assert taken["placed"] > 50 and taken["shed"] > 0  # both outcomes were exercised
