@@ -3,16 +3,18 @@
     python reports/live_replay/make_report.py            # real llama-server backends (a few minutes)
     python reports/live_replay/make_report.py --emulators --out /tmp/lr   # a dry run on the emulators
 
-What it does, in order (everything on 127.0.0.1, stopped at the end):
+What it does, in order (everything on 127.0.0.1, servers stopped after each live run):
 
-1. starts two llama-server LLM instances (Gemma 3 270M, `--parallel 2` each) and one llama-server
-   embedding instance (sagesched.live.real_backends);
-2. composes the default experiment (workload azure_conv: the Azure 2023 conversation trace plus
+1. composes the default experiment (workload azure_conv: the Azure 2023 conversation trace plus
    the query-embedding stream, with its classes and SLOs) with the cluster below and the scaling
-   in `scaling()`, and runs it four times: policy fifo and hybrid, each with driver=sim and
-   driver=live (mode policy: our executor and policy over the three servers);
-3. `sagesched compare` on sim vs live per policy, and live fifo vs live hybrid;
-4. writes results.md (generated tables) next to the hand-written README.md.
+   in `scaling()`, and for each policy (fifo, hybrid) runs it three times: simulated with the three
+   servers sharing the machine's cores (`*_sim`), simulated with each server alone on a core
+   (`*_sim_isolated`), and live (`*_live`: our executor and the same policy over fresh servers: two
+   llama-server LLM instances, Gemma 3 270M, `--parallel 2` each, and one llama-server embedding
+   instance, from sagesched.live.real_backends), recording the load average, the servers' CPU time,
+   steps and prompt-cache hits;
+2. `sagesched compare` on sim vs live per policy, and live fifo vs live hybrid;
+3. writes results.md (generated tables) next to the hand-written README.md.
 
 Both drivers read the same cluster entries: each server is an `engine: llamacpp` instance whose steps
 are timed by the probe calibration shipped in sagesched/data/profiles/calibration/llamacpp/ (fitted
@@ -118,7 +120,8 @@ def compose(overrides: list[str], cluster: dict[str, Any]) -> Any:
 
 @contextlib.contextmanager
 def backends(emulators: bool, llm_slots: int):
-    """(llm urls, embedding url) of running servers; stopped on exit."""
+    """(llm urls, embedding url, description, {group: [(pid, url)]} of llama-servers) of running
+    servers; stopped on exit."""
     stack = contextlib.ExitStack()
     with stack:
         if emulators:
@@ -126,7 +129,7 @@ def backends(emulators: bool, llm_slots: int):
 
             llms = [stack.enter_context(start_emulator("vllm", model="gemma-3-270m", time_scale=1.0)) for _ in range(2)]
             emb = stack.enter_context(start_emulator("tei", model="all-minilm-l6-v2"))
-            yield [s.url for s in llms], emb.url, "emulators (sagesched emulate vllm/tei)"
+            yield [s.url for s in llms], emb.url, "emulators (sagesched emulate vllm/tei)", {}
         else:
             from sagesched.live import real_backends as rb
 
@@ -136,7 +139,8 @@ def backends(emulators: bool, llm_slots: int):
 
             llms = [stack.enter_context(rb.start_llama_server(parallel=llm_slots)) for _ in range(2)]
             emb = stack.enter_context(rb.start_llama_server(embeddings=True, parallel=1))
-            yield [s.url for s in llms], emb.url, f"llama-server ({' '.join(llms[0].command[1:])})"
+            servers = {"llm": [(s.pid, s.url) for s in llms], "emb": [(emb.pid, emb.url)]}
+            yield [s.url for s in llms], emb.url, f"llama-server ({' '.join(llms[0].command[1:])})", servers
 
 
 METRICS = (
@@ -247,6 +251,54 @@ def error_tables(summaries: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def server_work(servers: dict[str, list[tuple[int, str]]]) -> dict[str, float]:
+    """Per server group: CPU seconds of its llama-server processes and their steps (`n_decode_total`)."""
+    from sagesched.calibrate.llamacpp_sweep import process_cpu_s, server_counters
+
+    out: dict[str, float] = {}
+    for group, procs in servers.items():
+        out[f"{group}_cpu_s"] = sum(process_cpu_s(pid) for pid, _ in procs)
+        counters = [server_counters(url) for _, url in procs]
+        out[f"{group}_steps"] = sum(c.get("n_decode_total", 0.0) for c in counters)
+        out[f"{group}_cached"] = sum(c.get("prompt_tokens_cached_total", 0.0) for c in counters)
+    return out
+
+
+def work_table(summaries: dict[str, dict[str, Any]], work: dict[str, dict[str, float]]) -> list[str]:
+    """The servers' work in each live run beside the simulated work of the same policy: CPU seconds
+    against simulated busy seconds (isolated: the calibrated step times, no sharing), and steps."""
+    if not work:
+        return []
+    lines = [
+        "## Work: live servers' CPU time and steps vs simulated",
+        "",
+        "Live: CPU seconds (user + system, all threads) of the llama-server processes during the run and their"
+        " `llama_decode` calls (`/metrics` n_decode_total). Simulated: busy seconds (utilisation x simulated"
+        " time) and steps; `isolated` busy time is the calibrated step time alone, `sim` includes the"
+        " shared-host stretch.",
+        "",
+        "| policy | servers | live CPU s | sim isolated busy s | sim busy s | live steps | sim steps | isolated steps |"
+        " live prompt tokens from cache |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in POLICIES:
+        if f"{p}_live" not in work:
+            continue
+        w = work[f"{p}_live"]
+        for group, prefix in (("llm", "llm-"), ("emb", "emb")):
+            cells = []
+            for variant in ("sim_isolated", "sim"):
+                st = summaries[f"{p}_{variant}"].get("sim") or {}
+                inst = {k: v for k, v in (st.get("instances") or {}).items() if k.startswith(prefix)}
+                busy = sum(v["utilization"] for v in inst.values()) * float(st.get("sim_time_s") or 0.0)
+                cells.append((busy, sum(v.get("steps", 0) for v in inst.values())))
+            lines.append(
+                f"| {p} | {group} | {w[f'{group}_cpu_s']:.1f} | {cells[0][0]:.1f} | {cells[1][0]:.1f} | "
+                f"{w[f'{group}_steps']:.0f} | {cells[1][1]} | {cells[0][1]} | {w[f'{group}_cached']:.0f} |"
+            )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--emulators", action="store_true", help="use the emulators instead of llama-server (dry run)")
@@ -283,22 +335,33 @@ def main(argv: list[str] | None = None) -> int:
     if runs.exists():
         shutil.rmtree(runs)
     summaries: dict[str, dict[str, Any]] = {}
-    conditions: list[str] = [f"load average before the servers started: {load_average()}"]
-    with backends(args.emulators, args.llm_slots) as (llm_urls, embedding_url, what):
-        for policy in POLICIES:
-            for variant in ("sim", "sim_isolated", "live"):
-                name = f"{policy}_{variant}"
-                driver = "live" if variant == "live" else "sim"
-                cluster = cluster_config(llm_urls, embedding_url, args.llm_slots, variant != "sim_isolated")
-                overrides = [f"policy={policy}", *scaling_args, f"driver={driver}", *(LIVE if driver == "live" else [])]
-                before = load_average()
-                started = time.strftime("%H:%M:%S UTC", time.gmtime())
-                print(f"== {name} (load average {before})", flush=True)
-                summaries[name] = run(compose(overrides, cluster), runs / name, progress=False)
-                if driver == "live":
-                    conditions.append(
-                        f"{name}: started {started}, load average before {before}, after {load_average()}"
-                    )
+    conditions: list[str] = [f"load average at the start: {load_average()}"]
+    work: dict[str, dict[str, float]] = {}
+    placeholder = (["http://127.0.0.1:1", "http://127.0.0.1:2"], "http://127.0.0.1:3")
+    for policy in POLICIES:
+        for variant in ("sim", "sim_isolated"):
+            name = f"{policy}_{variant}"
+            print(f"== {name}", flush=True)
+            cluster = cluster_config(*placeholder, args.llm_slots, variant == "sim")
+            summaries[name] = run(
+                compose([f"policy={policy}", *scaling_args, "driver=sim"], cluster), runs / name, progress=False
+            )
+        # Fresh servers for each live run: a server's slots keep the prompts of the previous run's last
+        # requests (the prompt cache), which would hand the second policy's first requests a head start.
+        name = f"{policy}_live"
+        with backends(args.emulators, args.llm_slots) as (llm_urls, embedding_url, what, servers):
+            cluster = cluster_config(llm_urls, embedding_url, args.llm_slots)
+            before = load_average()
+            started = time.strftime("%H:%M:%S UTC", time.gmtime())
+            print(f"== {name} (load average {before})", flush=True)
+            counters0 = server_work(servers)
+            summaries[name] = run(
+                compose([f"policy={policy}", *scaling_args, "driver=live", *LIVE], cluster), runs / name, progress=False
+            )
+            if servers:
+                after = server_work(servers)
+                work[name] = {k: after[k] - counters0[k] for k in after}
+            conditions.append(f"{name}: started {started}, load average before {before}, after {load_average()}")
     texts = []
     for a, b in [(f"{p}_sim", f"{p}_live") for p in POLICIES] + [("fifo_live", "hybrid_live")]:
         folder = out / "compare" / f"{a}__vs__{b}"
@@ -334,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{cell(s.get('send_lateness_p99_ms'), '{:.2f}')} | {cell(s.get('prompt_token_mismatches'))} | "
             f"{utilisation(s)} |"
         )
-    header += ["", "Latencies in ms.", "", *error_tables(summaries), ""]
+    header += ["", "Latencies in ms.", "", *error_tables(summaries), "", *work_table(summaries, work), ""]
     header += ["Each comparison below: A = first run, B = second.", ""]
     (out / "results.md").write_text("\n".join(header + [t.replace("\n# ", "\n## ") for t in texts]) + "\n")
     print(f"wrote {out / 'results.md'}")
