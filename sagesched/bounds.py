@@ -95,10 +95,18 @@ def isolated_latency_s(request: Request, instance: InstanceConfig, cached_tokens
     if request.is_embedding:
         # Every embedding engine (TEI, or vLLM's pooling engine beside vLLM) runs the encoder's own
         # performance model; alone, a request's inputs are one batch.
+        # Its inputs are truncated as the engine truncates them (`TeiEngineCore.max_input_length`).
         assert instance.embedding_model is not None
         perf = _emb(instance.embedding_model, instance.hardware, instance.calibration)
-        per_input = max(1, request.embedding_tokens // max(1, request.embedding_inputs))
-        t = perf.batch_time_s(request.embedding_inputs, request.embedding_tokens, per_input)
+        n = max(1, request.embedding_inputs)
+        base, extra = divmod(request.embedding_tokens or request.prompt_tokens, n)  # as the driver splits them
+        limit = instance.tei.max_input_length or getattr(getattr(perf, "model", None), "max_position_embeddings", None)
+        if limit:
+            total = (n - extra) * min(base, limit) + extra * min(base + 1, limit)
+            longest = min(base + (1 if extra else 0), limit)
+        else:
+            total, longest = base * n + extra, base + (1 if extra else 0)
+        t = perf.batch_time_s(n, total, max(1, longest))
         return t, t
     llm = _llm(instance.model, instance.hardware, instance.tensor_parallel, instance.calibration)
     cached = min(cached_tokens, max(0, request.prompt_tokens - 1))
