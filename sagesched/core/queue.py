@@ -255,6 +255,24 @@ class GatewayQueue(Sequence[Request]):
     def ids(self) -> Iterable[str]:
         return self._items.keys()
 
+    @property
+    def last_serial(self) -> int:
+        """The serial of the most recently added request (0 when none ever was)."""
+        return self._serial
+
+    def queued_by(self, request_id: str, serial: int) -> bool:
+        """Whether the request is queued and was added at or before `serial` (`last_serial` then)."""
+        item = self._items.get(request_id)
+        return item is not None and item[0] <= serial
+
+    def added_since(self, serial: int) -> Iterator[Request]:
+        """The queued requests added after `serial`, newest first: O(their number), since the
+        requests are kept in insertion order (a re-queued request moves to the end)."""
+        for added, request in reversed(self._items.values()):
+            if added <= serial:
+                return
+            yield request
+
     def serial(self, request_id: str) -> int:
         """Position of the request in insertion order (increasing; for ordering, not indexing)."""
         return self._items[request_id][0]

@@ -25,10 +25,11 @@ shed, both functions of the calls it received.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from sagesched.core import Priority, RejectCode, Rejection, Request
+from sagesched.core import GatewayQueue, Priority, RejectCode, Rejection, Request
+from sagesched.core.queue import ClassKey, Columns, class_of
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,15 @@ class AdmissionConfig:
 class AdmissionControl:
     """The shed budget and the shed decision over one call's late requests."""
 
-    __slots__ = ("_last", "config", "seen_count", "shed")
+    __slots__ = ("_last", "_mark", "config", "seen_count", "shed")
 
     def __init__(self, config: AdmissionConfig) -> None:
         self.config = config
         self.seen_count = 0
         self._last: set[str] = set()
+        # After `observe_queue`: (the queue, its `last_serial` then) stands for the ids it offered,
+        # which were every request of the offered classes queued then (`_last` is then unused).
+        self._mark: tuple[GatewayQueue, int] | None = None
         self.shed = 0
 
     def observe(self, requests: Iterable[Request]) -> None:
@@ -88,8 +92,42 @@ class AdmissionControl:
 
     def observe_ids(self, ids: set[str]) -> None:
         """`observe` given the offered requests' ids (a set the caller built; kept, not copied)."""
-        self.seen_count += len(ids - self._last)
+        mark = self._mark
+        if mark is None:
+            self.seen_count += len(ids - self._last)
+        else:
+            queue, serial = mark
+            self.seen_count += sum([not queue.queued_by(rid, serial) for rid in ids])
+            self._mark = None
         self._last = ids
+
+    def observe_queue(
+        self, queue: GatewayQueue, columns: Sequence[tuple[ClassKey, Columns]], exclude: Collection[str]
+    ) -> bool:
+        """`observe_ids` of the requests of the classes in `columns` queued in `queue`, less `exclude`
+        (ids that leave the queue in this call), without building that set; whether any was offered.
+
+        Past saturation the offered set is the whole backlog on every call, and the set arithmetic
+        of `observe_ids` was O(queue) per call (~10% of a simulation at 3x load). Callers offer
+        every queued request of their classes (less what they place in the same call), so the
+        ids offered now and not at the previous call are exactly the ones added to the queue since
+        then: O(those) from the queue's insertion order (`GatewayQueue.added_since`).
+        """
+        offered = sum([len(cols.row) for _, cols in columns])
+        if exclude:
+            offered -= sum([any(rid in cols.row for _, cols in columns) for rid in exclude])
+        if offered <= 0:
+            return False
+        mark = self._mark
+        if mark is not None and mark[0] is queue:
+            keys = {cls for cls, _ in columns}
+            self.seen_count += sum([class_of(r) in keys and r.id not in exclude for r in queue.added_since(mark[1])])
+        else:
+            ids: set[str] = set().union(*(cols.row.keys() for _, cols in columns))
+            self.observe_ids(ids - set(exclude) if exclude else ids)
+        self._mark = (queue, queue.last_serial)
+        self._last = set()
+        return True
 
     def shed_rejection(self, request: Request, slack: float, rule: str) -> Rejection:
         """The rejection of a shed late request (best predicted slack `slack` < 0)."""

@@ -268,7 +268,7 @@ def schedule_admission_indexed(
     `classes` (default: the queue's servable classes, unservable ones rejected first) and `exclude`
     (ids not offered: hybrid's fallback sees only its LLM classes, less what this call placed)
     say which queued requests the call is about; they are exactly the plain path's `servable`.
-    Admission counts their ids (`AdmissionControl.observe_ids`, set arithmetic in C), best slacks
+    Admission counts the ones new since its last call (`AdmissionControl.observe_queue`), best slacks
     come per class from the numpy columns, the budget's most hopeless late requests are found by a
     partition, and the bounded order (late urgent, attainable urgent, other late, relaxed, no SLO)
     is merged lazily per class, a class without a free slot dropped for the rest of the call.
@@ -285,12 +285,8 @@ def schedule_admission_indexed(
     if not classes:
         return decisions
     columns = [(cls, queue.columns(cls)) for cls in classes]
-    ids: set[str] = set().union(*(cols.row.keys() for _, cols in columns))
-    if exclude:
-        ids -= exclude
-    if not ids:
+    if not admission.observe_queue(queue, columns, exclude):
         return decisions
-    admission.observe_ids(ids)
     ledger = LoadLedger(instances)
     config = admission.config
     horizon, first = config.defer_slack_s, config.late_first_priority

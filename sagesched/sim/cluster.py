@@ -223,7 +223,7 @@ class Simulator(EngineSegments, TimelineSampler):
         views: Sequence[InstanceView]
         if self.plain_inputs or len(self.instances) <= EAGER_VIEWS_MAX:
             view = self._view
-            views = ViewList([view(inst, now) for inst in self.instances], self._serves_class)
+            views = ViewList.of([view(inst, now) for inst in self.instances], self._serves_class)
         else:
             views = pool = self._pool(now)
         t0 = time.perf_counter()

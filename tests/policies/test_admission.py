@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from sagesched.core import Assignment, RejectCode, Rejection
+from sagesched.core import Assignment, GatewayQueue, RejectCode, Rejection
+from sagesched.core.queue import class_of
 from sagesched.policies import make_policy
 from sagesched.policies.admission import AdmissionConfig, AdmissionControl
 
@@ -78,3 +81,39 @@ def test_hybrid_sheds_late_llm_work_through_its_fallback(make_request, make_view
     assert not [
         d for d in make_policy("hybrid", admission=False).schedule(2.5, queue, views) if isinstance(d, Rejection)
     ]
+
+
+def test_observe_queue_counts_what_observe_ids_counts(make_request):
+    """Counting the requests added since the last call (`observe_queue`) gives the set arithmetic's
+    count, whatever mix of calls (queue-wide, explicit ids) and queue changes comes between."""
+    rng = random.Random(4)
+    fast = AdmissionControl(AdmissionConfig())
+    ref = AdmissionControl(AdmissionConfig())
+    q = GatewayQueue()
+    classes = [(False, "a"), (False, "b")]
+    n = 0
+    for _ in range(600):
+        for _ in range(rng.randrange(4)):
+            n += 1
+            q.add(make_request(f"r{n}", model=rng.choice(["a", "b"]), arrival_s=float(n)))
+        for victim in [r.id for r in q if rng.random() < 0.2]:
+            q.pop(victim)
+        if not len(q):
+            continue
+        offered = [c for c in classes if any(class_of(r) == c for r in q)]
+        # What a call places before asking admission (it leaves the queue after the call).
+        exclude = {r.id for r in q if rng.random() < 0.1}
+        if rng.random() < 0.7:
+            ids = {r.id for r in q if class_of(r) in offered} - exclude
+            columns = [(c, q.columns(c)) for c in offered]
+            assert fast.observe_queue(q, columns, exclude) == bool(ids)
+            if ids:
+                ref.observe_ids(ids)
+        else:  # a short queue's plain path: explicit ids
+            ids = {r.id for r in q if class_of(r) in offered}
+            fast.observe_ids(set(ids))
+            ref.observe_ids(ids)
+        assert fast.seen_count == ref.seen_count
+        for rid in exclude:
+            q.pop(rid)
+    assert fast.seen_count > 500
