@@ -34,6 +34,7 @@ from typing import Literal, NamedTuple
 from sagesched.core.assignment import Assignment, Rejection
 from sagesched.core.instance import InstanceView
 from sagesched.core.pool import ViewList, views_by_id
+from sagesched.core.queue import GatewayQueue
 from sagesched.core.request import Request
 
 logger = logging.getLogger(__name__)
@@ -192,7 +193,9 @@ def decide(policy: object, now: float, queue: Sequence[Request], views: Sequence
         return result
     if raw:
         # A plain list has no `get` (and getattr's miss costs an exception): skip the lookup.
-        getter = None if type(queue) is list else getattr(queue, "get", None)
+        getter = (
+            queue.get if type(queue) is GatewayQueue else None if type(queue) is list else getattr(queue, "get", None)
+        )
         _apply(raw, getter if callable(getter) else {r.id: r for r in queue}.get, views, result)
     return result
 

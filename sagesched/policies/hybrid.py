@@ -139,6 +139,8 @@ class HybridPolicy(EmbeddingBatching, Policy):
         # A lone LLM request with that fallback: hybrid asks it only what it would decide (`lone_answer`).
         self._lone_admitted = c.prefer_specialized_instances and self._fallback_indexed
         self._llm_holdback_s = c.llm_holdback_ms / 1000.0
+        # `_schedule_indexed` does not serve embedding_priority=adaptive (pressure sums over every request).
+        self._indexable = c.embedding_priority != "adaptive"
         # Constant per policy, so built once rather than on every call.
         self._llm_rule = f"{self.name}/llm/{c.llm_fallback_policy}"
         mode = c.embedding_priority
@@ -158,11 +160,14 @@ class HybridPolicy(EmbeddingBatching, Policy):
         Requests whose window already closed but that found no free capacity are not reported: the
         driver calls again when capacity frees (a completion), which is when they can go.
         """
+        if not self._held_deadlines:
+            return None
         upcoming = [t for t in self._held_deadlines if t > now + _EPS]
         return min(upcoming) if upcoming else None
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
-        if self.config.embedding_priority != "adaptive" and use_index(queue) and isinstance(queue, GatewayQueue):
+        if self._indexable and use_index(queue):
+            assert isinstance(queue, GatewayQueue)
             return self._schedule_indexed(now, queue, instances)
         rejections, servable = reject_unservable(queue, instances, self.name)
         decisions: list[Decision] = list(rejections)
@@ -279,7 +284,8 @@ class HybridPolicy(EmbeddingBatching, Policy):
     def _claim_order(self, now: float, embeddings: Sequence[Request], llm: Sequence[Request]) -> tuple[str, str]:
         """Which type claims mixed capacity first this call, and why (in words for the records)."""
         mode = self.config.embedding_priority
-        self.last_pressure = {}
+        if self.last_pressure:
+            self.last_pressure = {}
         if mode == "high" or mode == "low":
             return self._fixed_order[mode]
         if not embeddings or not llm:

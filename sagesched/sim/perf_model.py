@@ -343,7 +343,16 @@ class LLMPerfModel:
         lm = self._lm_slope * rows
         t += lm if lm > self._lm_const else self._lm_const
         if p > 0:
-            t += self._prefill_attention(batch)
+            # `_prefill_attention(batch)`, spelled out: once per step with a prefill (hot).
+            ctx = batch.prefill_context_tokens
+            if ctx < p:
+                ctx = p
+            pairs = batch.prefill_attention_pairs
+            if pairs <= 0.0:
+                pairs = (p * ctx - 0.5 * p * p) / (k if k > 0 else 1)
+            compute = self._c_prefill * pairs
+            memory = self._c_kv_read * ctx
+            t += compute if compute > memory else memory
         return t + self._c_decode * batch.decode_context_tokens + self._c_seq * rows
 
     def cpu_time_s(self, batch: BatchShape) -> float:
