@@ -253,9 +253,12 @@ def error_tables(summaries: dict[str, dict[str, Any]]) -> list[str]:
 
 def server_work(servers: dict[str, list[tuple[int, str]]]) -> dict[str, float]:
     """Per server group: CPU seconds of its llama-server processes and their steps (`n_decode_total`)."""
+    import psutil
+
     from sagesched.calibrate.llamacpp_sweep import process_cpu_s, server_counters
 
-    out: dict[str, float] = {}
+    me = psutil.Process().cpu_times()  # this process: the live driver (executor, policy, sender)
+    out: dict[str, float] = {"wall_s": time.monotonic(), "replay_cpu_s": float(me.user + me.system)}
     for group, procs in servers.items():
         out[f"{group}_cpu_s"] = sum(process_cpu_s(pid) for pid, _ in procs)
         counters = [server_counters(url) for _, url in procs]
@@ -296,6 +299,20 @@ def work_table(summaries: dict[str, dict[str, Any]], work: dict[str, dict[str, f
                 f"| {p} | {group} | {w[f'{group}_cpu_s']:.1f} | {cells[0][0]:.1f} | {cells[1][0]:.1f} | "
                 f"{w[f'{group}_steps']:.0f} | {cells[1][1]} | {cells[0][1]} | {w[f'{group}_cached']:.0f} |"
             )
+    lines += [
+        "",
+        "Where the machine's 2 cores went during each live run (average cores over its wall time):",
+        "",
+        "| policy | wall s | LLM servers | embedding server | live driver (this process) | left for other processes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in POLICIES:
+        w = work.get(f"{p}_live")
+        if not w:
+            continue
+        wall = w["wall_s"]
+        llm, emb, me = (w[k] / wall for k in ("llm_cpu_s", "emb_cpu_s", "replay_cpu_s"))
+        lines.append(f"| {p} | {wall:.0f} | {llm:.2f} | {emb:.2f} | {me:.2f} | {host_cpus() - llm - emb - me:.2f} |")
     return lines
 
 
