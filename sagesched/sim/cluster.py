@@ -129,7 +129,7 @@ class Simulator(EngineSegments, TimelineSampler):
         self._idle_set: set[str] = set()
         self._serves_class: dict = {}  # class -> served by some instance (kinds and models never change)
         self.by_id = {inst.id: inst for inst in self.instances}
-        bind_llamacpp(self.instances, self.requests)
+        bind_llamacpp(self.instances, self.requests, self)
         self.env = simpy.Environment()
         self.records: dict[str, RequestRecord] = {r.id: RequestRecord.from_request(r) for r in self.requests}
         # The gateway queue, passed to the policy as is (its indexes let a policy look only at what

@@ -86,8 +86,8 @@ class EngineSegments(ABC):
         dt = core.step_time_s(plan) * factor
         ev = env.timeout(dt)
         ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
+        inst.llm_event = ev  # re-timed by a shared GPU, or by a llama.cpp server's shared CPU host
         if gpu is not None:
-            inst.llm_event = ev
             self._llm_started(inst, gpu, factor, now + dt)
 
     def _llm_started(self, inst: InstanceState, gpu: SharedGpu, factor: float, end: float) -> None:

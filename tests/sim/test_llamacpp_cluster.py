@@ -330,12 +330,20 @@ def test_servers_on_one_host_share_its_cores():
     assert two["finish_s"].tolist() == alone["finish_s"].tolist()
     one = by_id(run(reqs, entries(host="box", host_cpus=1)))
     assert (one["finish_s"] > alone["finish_s"]).all() and one["finish_s"].max() > 1.5 * alone["finish_s"].max()
-    # One step each (a 4-token prompt, one output token): h0 starts first and alone, h1 at the same
-    # instant with h0 running, so twice as long.
+    # One step each (a 4-token prompt, one output token), both from t=0 on one core: processor
+    # sharing, each at half speed, so both end at twice the time alone.
     short = [dataclasses.replace(r, prompt_tokens=4, max_tokens=1, output_tokens=1) for r in reqs]
     base, shared = by_id(run(short, entries())), by_id(run(short, entries(host="box", host_cpus=1)))
-    assert shared.loc["h0", "finish_s"] == base.loc["h0", "finish_s"]
-    assert shared.loc["h1", "finish_s"] == pytest.approx(2 * base.loc["h1", "finish_s"], rel=1e-12)
+    for rid in ("h0", "h1"):
+        assert shared.loc[rid, "finish_s"] == pytest.approx(2 * base.loc[rid, "finish_s"], rel=1e-12)
+    # Unequal steps (4 and 100 prompt tokens): the short one ends at twice its time alone; the long one
+    # then runs alone, its work conserved: it ends at (alone time of both) = d_short + d_long.
+    mixed = [short[0], dataclasses.replace(short[1], prompt_tokens=100)]
+    base, shared = by_id(run(mixed, entries())), by_id(run(mixed, entries(host="box", host_cpus=1)))
+    d0, d1 = base.loc["h0", "finish_s"], base.loc["h1", "finish_s"]
+    assert d1 > 3 * d0
+    assert shared.loc["h0", "finish_s"] == pytest.approx(2 * d0, rel=1e-12)
+    assert shared.loc["h1", "finish_s"] == pytest.approx(d0 + d1, rel=1e-12)
     jump, step = (run(reqs, entries(host="box", host_cpus=1), mode=m).records for m in ("jump", "step"))
     assert jump["finish_s"].tolist() == step["finish_s"].tolist()
 

@@ -21,9 +21,10 @@ What it adds to the core:
   and for the policy's wait predictions a prefill rate and decode step time from the calibration.
 - **Embedding servers** (`--embeddings`, kind `embedding`): a call with k inputs is k slot tasks (the
   tokens split evenly, as the live driver splits them), done when the last input is.
-- **A shared host** (optional, `llamacpp.host`): servers on one machine share its cores; a step that
-  starts while k of them (itself included) run a step takes max(1, k / host_cpus) x its calibrated
-  time, the factor fixed at the step's start (a probe calibration describes a server alone on its core).
+- **A shared host** (optional, `llamacpp.host`): servers on one machine share its cores; while k of
+  them run a step, each step runs at 1 / max(1, k / host_cpus) of its calibrated speed, and every
+  start or end of a step on the host re-times the others' steps in flight with their work conserved
+  (a probe calibration describes a server alone on its core).
 - **503**: with `reject_when_busy` a request that reaches the server with every slot busy or claimed
   is refused (llama-server's own default, and this model's, is to queue it).
 """
@@ -187,14 +188,51 @@ def split_inputs(total: int, n: int) -> list[int]:
 
 
 class CpuHost:
-    """The cores several simulated llama-servers share (`llamacpp.host`): how many run a step now."""
+    """The cores several simulated llama-servers share (`llamacpp.host`).
 
-    __slots__ = ("busy", "cpus", "name")
+    Processor sharing: while `busy` of its servers run a step, each runs at 1 / `factor()` of full
+    speed. A step's end is scheduled at the factor of its start; when a step starts or ends, the
+    others' steps in flight are re-timed (`retime`): their remaining work runs at the new factor.
+    """
+
+    __slots__ = ("busy", "cpus", "members", "name", "sim")
 
     def __init__(self, name: str, cpus: int) -> None:
         self.name = name
         self.cpus = cpus
         self.busy = 0
+        self.members: list[tuple[Any, LlamaCppInstanceCore]] = []  # (InstanceState, its core)
+        self.sim: Any = None  # the Simulator: its clock, and `_llm_done` for re-timed step ends
+
+    def factor(self) -> float:
+        return max(1.0, self.busy / self.cpus)
+
+    def now(self) -> float:
+        return float(self.sim.env.now)
+
+    def changed(self, source: LlamaCppInstanceCore) -> None:
+        """`source` started or ended a step: re-time every other member's step in flight."""
+        new = self.factor()
+        for inst, core in self.members:
+            if core is not source and core.step_end is not None and core.factor != new:
+                self._retime(inst, core, new)
+
+    def _retime(self, inst: Any, core: LlamaCppInstanceCore, new: float) -> None:
+        now = self.now()
+        end = core.step_end
+        assert end is not None
+        old, core.factor = core.factor, new
+        if end <= now:
+            return  # due now: its end event is already on its way
+        core.step_end = end = now + (end - now) * (new / old)
+        sim = self.sim
+        inst.llm_gen += 1
+        gen = inst.llm_gen
+        if inst.llm_event is not None:
+            inst.llm_event.callbacks.clear()  # superseded (`_llm_done` would ignore its generation)
+        ev = sim.env.timeout(end - now)
+        ev.callbacks.append(lambda _e: sim._llm_done(inst, gen))
+        inst.llm_event = ev
 
 
 class LlamaCppInstanceCore:
@@ -220,7 +258,8 @@ class LlamaCppInstanceCore:
         self.synced = False
         self.preemptions = 0
         self.host: CpuHost | None = None  # set by `bind_llamacpp` for servers that share a host
-        self.factor = 1.0  # the step in flight's CPU-sharing stretch
+        self.factor = 1.0  # the step in flight's CPU-sharing stretch now
+        self.step_end: float | None = None  # when the step in flight ends (servers on a shared host)
         self.rejected_503 = 0
 
     # -- gauges (what `Simulator._load` and the timeline read) -------------------------------------
@@ -345,17 +384,23 @@ class LlamaCppInstanceCore:
             self.synced = self.in_segment = False
             return None
         self.in_segment = True
-        host = self.host
-        if host is not None:
-            host.busy += 1
-            self.factor = max(1.0, host.busy / host.cpus)
         return LlamaCppPlan(batch)
 
     def step_time_s(self, plan: _Sync | LlamaCppPlan) -> float:
+        """The step's time; on a shared host at the host's factor with this step running (the driver
+        calls this once per planned step, as it starts)."""
         if isinstance(plan, _Sync):
             return 0.0
         t = self.core.step_time_s(plan.batch)
-        return t if self.host is None else t * self.factor
+        host = self.host
+        if host is None:
+            return t
+        host.busy += 1
+        self.factor = host.factor()
+        t *= self.factor
+        self.step_end = host.now() + t
+        host.changed(self)
+        return t
 
     def finish_step(self, plan: _Sync | LlamaCppPlan, now: float = 0.0) -> StepOutcome:
         """Apply a segment: a step's tokens and completions, then the requests that arrived during it."""
@@ -366,6 +411,8 @@ class LlamaCppInstanceCore:
             self.synced = False
             if self.host is not None:
                 self.host.busy -= 1
+                self.step_end = None
+                self.host.changed(self)
             cached = {slot.req.id: slot.req.cached_tokens for slot, _ in plan.batch if slot.req is not None}
             out = self.core.finish_step(plan.batch)
             self.kv.peak_used = max(self.kv.peak_used, self.kv.used)
@@ -397,10 +444,11 @@ class LlamaCppInstanceCore:
         return done
 
 
-def bind_llamacpp(instances: Any, requests: Any) -> None:
-    """Wire the llama.cpp servers among `instances` (`InstanceState`s) into one simulation: the
-    embedding servers learn how many inputs each request carries (`Request.embedding_inputs`), and
-    servers naming the same `llamacpp.host` share one `CpuHost`. A no-op without llama.cpp servers."""
+def bind_llamacpp(instances: Any, requests: Any, sim: Any = None) -> None:
+    """Wire the llama.cpp servers among `instances` (`InstanceState`s) into one simulation (`sim`, the
+    `Simulator`): the embedding servers learn how many inputs each request carries
+    (`Request.embedding_inputs`), and servers naming the same `llamacpp.host` share one `CpuHost`.
+    A no-op without llama.cpp servers."""
     cores = [(inst, inst.llm) for inst in instances if isinstance(inst.llm, LlamaCppInstanceCore)]
     if not cores:
         return
@@ -409,7 +457,11 @@ def bind_llamacpp(instances: Any, requests: Any) -> None:
         name, cpus = inst.cfg.llamacpp.host, inst.cfg.llamacpp.host_cpus
         if name is None:
             continue
+        if sim is None:
+            raise ValueError(f"instance {inst.id}: llamacpp.host needs the simulator (bind_llamacpp(..., sim))")
         host = hosts.setdefault(name, CpuHost(name, cpus))
+        host.sim = sim
+        host.members.append((inst, core))
         if host.cpus != cpus:
             raise ValueError(
                 f"instance {inst.id}: llamacpp.host {name!r} has host_cpus {cpus} here but {host.cpus} on another "
