@@ -168,10 +168,10 @@ class LlamaCppInstanceConfig:
     The rest as `LlamaCppConfig`: prompt cache, 503 when every slot is busy (`reject_when_busy`; the
     real server's default is to queue), `--slot-prompt-similarity`, `--kv-unified`, KV padding, and
     the tokens per entry of a request's `prefix_hashes`.
-    host / host_cpus: servers that name the same `host` share its `host_cpus` cores: a step that starts
-        while k of them (itself included) have a step running takes max(1, k / host_cpus) times its
-        calibrated time (one-thread servers under a fair CPU scheduler; the factor is fixed at the
-        step's start). None: the server has its CPU to itself, as when it was calibrated.
+    host / host_cpus: servers that name the same `host` share its `host_cpus` cores: while k of them
+        run a step, each runs at 1 / max(1, k / host_cpus) of its calibrated speed (one-thread servers
+        under a fair CPU scheduler; steps in flight are re-timed when k changes, work conserved).
+        None: the server has its CPU to itself, as when it was calibrated.
     """
 
     calibration: str | None = None
