@@ -141,6 +141,10 @@ class LLMPerfModel:
     `prefill_tokens_per_s` and `decode_step_s` (nominal figures for `InstanceView` estimates).
     """
 
+    #: `step_time_s` is exactly affine in `decode_context_tokens` for fixed token counts (its
+    #: guarantee below), so a decode run needs no check that it is (`VllmEngineCore.start_decode_run`).
+    decode_affine = True
+
     __slots__ = (
         "_ar_latency",
         "_ar_per_token",

@@ -106,6 +106,9 @@ class VllmEngineCore:
         self.perf = perf
         # vLLM's --async-scheduling overlaps the CPU side of a step with the GPU side of the previous one.
         self._step_time = perf.step_time_s
+        # A model that guarantees step time affine in the decode KV length (LLMPerfModel) times a
+        # decode run from two evaluations; others get the affinity checked at every run's start.
+        self._affine_decode = bool(getattr(perf, "decode_affine", False)) and not config.async_scheduling
         if config.async_scheduling:
             fn = getattr(perf, "step_time_async_s", None)
             if fn is None:
@@ -494,6 +497,10 @@ class VllmEngineCore:
         if k > 1:
             decode.decode_context_tokens = ctx + n
             d = step(decode) - a
+            if self._affine_decode:
+                run.a, run.d = a, d
+                self.run = run
+                return run
             decode.decode_context_tokens = ctx + n * (k - 1)
             last = step(decode)
             if abs(a + d * (k - 1) - last) <= 1e-9 * max(abs(last), 1e-12):
