@@ -385,3 +385,14 @@ def test_a_pool_of_vllm_and_llamacpp_instances_gives_the_same_records_in_both_mo
         assert out["jump"][col].tolist() == pytest.approx(out["step"][col].tolist(), abs=1e-9)
     served = set(out["jump"]["instance_id"].dropna())
     assert {"gpu", "emb"} <= served and served & {"cpu-0", "cpu-1"}  # both engines serve
+
+
+def test_an_embedding_input_longer_than_the_physical_batch_is_refused():
+    """llama-server pools an input in one micro-batch: longer than n_ubatch is its 500."""
+    req = Request(id="big", type=RequestType.EMBEDDING, model="gemma-embed", arrival_s=0.0, prompt_tokens=600,
+                  embedding_inputs=1, embedding_tokens=600)  # fmt: skip
+    res = by_id(run([req], [emb_entry(n_ubatch=512)]))
+    assert res.loc["big", "outcome"] == "rejected" and "backend 500" in res.loc["big", "reason"]
+    assert "llamacpp.n_ubatch" in res.loc["big", "reason"]
+    split = dataclasses.replace(req, embedding_inputs=2)  # two inputs of 300 tokens fit
+    assert by_id(run([split], [emb_entry(n_ubatch=512)])).loc["big", "outcome"] == "completed"

@@ -349,6 +349,13 @@ class LlamaCppInstanceCore:
                     f"exceeds the available context size ({core.slot_ctx} tokens per slot = n_ctx / n_parallel); "
                     "raise llamacpp.n_ctx or lower llamacpp.n_parallel",
                 )
+            if self.embeddings and part.prompt_tokens > self.config.n_ubatch:
+                # llama-server pools an input in one physical batch, and answers 500 when it is longer
+                raise EngineRejected(
+                    500,
+                    f"request {req.id}: input ({part.prompt_tokens} tokens) is too large to process; increase the "
+                    f"physical batch size (llamacpp.n_ubatch, now {self.config.n_ubatch})",
+                )
         if self.config.reject_when_busy:
             claimed = len(self.pending) + len(core.waiting) + sum(s.req is not None for s in core.slots)
             if claimed >= self.config.n_parallel:
@@ -476,13 +483,13 @@ def bind_llamacpp(instances: Any, requests: Any, sim: Any = None) -> None:
 
 
 def llamacpp_admits(request: Any, instance: Any) -> bool:
-    """Whether an `engine: llamacpp` instance would take `request` at all (each prompt or input
-    shorter than a slot's context; the simulator answers 400 otherwise)."""
+    """Whether an `engine: llamacpp` instance would take `request` at all (a prompt or input shorter
+    than a slot's context, an embedding input within one physical batch; refused otherwise)."""
     perf = load_llamacpp_perf(instance)
     slot_ctx = perf.config.n_ctx // perf.config.n_parallel
     if request.is_embedding:
-        inputs = max(1, request.embedding_inputs)
-        return max(split_inputs(request.embedding_tokens or request.prompt_tokens, inputs)) < slot_ctx
+        longest = max(split_inputs(request.embedding_tokens or request.prompt_tokens, max(1, request.embedding_inputs)))
+        return longest < slot_ctx and longest <= perf.config.n_ubatch
     return 0 < request.prompt_tokens < slot_ctx
 
 
