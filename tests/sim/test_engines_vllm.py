@@ -190,6 +190,29 @@ def test_decode_run_matches_step_by_step():
         assert finish_a[rid] == pytest.approx(finish_b[rid], abs=1e-9)
 
 
+def test_queued_tokens_kept_through_decode_runs_equal_a_recount():
+    """`finish_decode_run` updates the cached (prefill, decode) totals instead of recounting; after
+    every run they equal a recount over the engine's requests (max_tokens above and at the output,
+    runs cut short, requests finishing mid-run)."""
+    core = engine(num_gpu_blocks=200, block_size=16)
+    for i, (p, o, mx) in enumerate([(30, 50, 50), (70, 80, 400), (5, 120, 0), (300, 7, 9), (12, 60, 61)]):
+        core.add(EngineRequest(id=f"r{i}", prompt_tokens=p, output_tokens=o, max_tokens=mx))
+    runs = 0
+    while core.has_work:
+        core.queued_tokens()  # cached now
+        k = core.decode_run_limit()
+        run = core.start_decode_run(k) if k >= 2 else None
+        if run is not None and run.k >= 1:
+            kept = core.finish_decode_run(run, max(1, run.k - runs % 3))
+            runs += 1
+            cached = core.queued_tokens()
+            core._qt_version = -1  # force a recount
+            assert cached == core.queued_tokens(), kept
+        else:
+            core.finish_step(core.plan_step())
+    assert runs >= 5
+
+
 @pytest.mark.parametrize("mode", ["jump", "step"])
 @pytest.mark.parametrize("prompt", [300, 5000])
 def test_lone_request_latency_equals_the_perf_model_prediction(mode, prompt):

@@ -523,29 +523,48 @@ class VllmEngineCore:
         return run.used0 + run.alloc_cum(min(steps_done, run.k - 1))
 
     def finish_decode_run(self, run: DecodeRun, m: int) -> StepOutcome:
-        """Apply the first `m` steps of `run` (m <= run.k): every sequence gains m tokens."""
+        """Apply the first `m` steps of `run` (m <= run.k): every sequence gains m tokens.
+
+        Keeps `queued_tokens`'s cache current when it was: every running sequence is decoding (a
+        run's precondition), so no prompt tokens change and each sequence's expected decode tokens
+        drop by what it generated (all of what is left of a finished one). This loop walks them
+        anyway; a full recount per snapshot was ~2% of a light-load simulation.
+        """
+        cached = self._qt_version == self.version
         self.version += 1
         self.run = None
         out = StepOutcome(steps=m)
         if m <= 0:
+            if cached:
+                self._qt_version = self.version
             return out
         bs = self.bs
         kv = self.kv
         kv.allocate(run.alloc_cum(m - 1))
         emitted = out.emitted
         finished: list[Seq] = []
+        dropped = 0  # expected decode tokens no longer outstanding
         for seq in self.running:
+            left = seq.max_tokens - seq.generated
             seq.num_computed += m
             seq.num_tokens += m
             seq.generated += m
             seq.blocks = -(-seq.num_computed // bs)
             emitted[seq.id] = m
+            if left > 0:
+                dropped += left if left < m else m
             if seq.generated >= seq.target:
                 finished.append(seq)
+                if left > m:
+                    dropped += left - m  # the rest of a finished sequence's max_tokens
         for seq in finished:
             self.running.remove(seq)
             self._free(seq)
             del self.seqs[seq.id]
             out.finished_ids.append(seq.id)
         self.steps += m
+        if cached:
+            prefill, decode = self._qt
+            self._qt = (prefill, decode - dropped)
+            self._qt_version = self.version
         return out
