@@ -362,9 +362,10 @@ class HybridPolicy(EmbeddingBatching, Policy):
         """The specialized-first load rule: where `requests` (one fallback assignment) go, and the load.
 
         Among the instances with LLM room for all of them, the lowest load after taking them: the
-        outstanding token work (`LoadLedger.outstanding_tokens`, plus their prompt and ``max_tokens``)
-        over the LLM speed it may count on (``prefill_tokens_per_s * _llm_share``), i.e. seconds of
-        work queued per unit of LLM capacity. Ties go to the LLM-only instance, then fewer in flight,
+        outstanding LLM token work (`LoadLedger.outstanding_tokens` less a mixed GPU's embedding
+        queue, plus their prompt and ``max_tokens``) over the LLM speed it may count on
+        (``prefill_tokens_per_s * _llm_share``), i.e. seconds of work queued per unit of LLM
+        capacity. Ties go to the LLM-only instance, then fewer in flight,
         then id. None when none has room (they stay queued).
 
         Runs once per placed LLM request, so the ledger's dicts are read directly (what is computed
@@ -396,12 +397,14 @@ class HybridPolicy(EmbeddingBatching, Policy):
                     continue
             elif not all(view.can_serve(r) for r in requests):
                 continue
-            if hold_s > 0.0:
-                ahead = view.queued_prefill_tokens + prefill[vid]
-                if view.kind is _MIXED:
-                    ahead -= view.queued_embedding_tokens + added_emb[vid]
-                if ahead > hold_s * view.prefill_tokens_per_s:
-                    continue
+            # The LLM prefill queued: on a mixed GPU `queued_prefill_tokens` also counts its
+            # embedding engine's queue, which runs beside the LLM engine, not ahead of its prefill
+            # (the interference it causes is what `_llm_share` prices).
+            ahead = view.queued_prefill_tokens + prefill[vid]
+            if view.kind is _MIXED:
+                ahead -= view.queued_embedding_tokens + added_emb[vid]
+            if hold_s > 0.0 and ahead > hold_s * view.prefill_tokens_per_s:
+                continue
             if view.kind is _LLM_ONLY:
                 if view.max_inflight - view.running - view.waiting - added[vid] < n:
                     continue
@@ -410,7 +413,7 @@ class HybridPolicy(EmbeddingBatching, Policy):
                 if self._room(call, view, LLM) < n:
                     continue
                 capacity = view.prefill_tokens_per_s * self._llm_share(call, view)
-            outstanding = view.queued_prefill_tokens + view.queued_decode_tokens + prefill[vid] + decode[vid]
+            outstanding = ahead + view.queued_decode_tokens + decode[vid]
             # Rounded so that equal loads compare equal (0.7 * x is not exact in floating point).
             load = round((outstanding + work) / capacity, 9) if capacity > _EPS else math.inf
             key = (load, view.kind is not _LLM_ONLY, view.running + view.waiting + added[vid], vid)

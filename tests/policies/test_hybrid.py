@@ -336,6 +336,42 @@ def test_llm_work_goes_to_the_mixed_instance_once_it_is_less_loaded(make_request
     assert target(busy_gpu, light_mix, prefer_specialized_instances=False, llm_fallback_policy="fifo") == "mix"
 
 
+def test_a_mixed_gpus_embedding_queue_is_not_llm_load(make_request, make_view):
+    """A mixed GPU's `queued_prefill_tokens` also counts its embedding engine's queue, which runs
+    beside the LLM engine: the load rule counts only the LLM work (the interference is the ratio's).
+    Counting a queued 16k-token ingest batch as LLM work sent every chat to the LLM-only GPU at
+    embedding_heavy 3x (reports/policy_benchmark)."""
+    chat = [make_request("c", prompt_tokens=100, max_tokens=50, priority="high")]
+    gpu = make_view("gpu", "llm", running=40, queued_prefill_tokens=1_000, queued_decode_tokens=10_000)
+    # 16,384 embedding tokens queued at the TEI engine, 500 LLM prompt tokens: (500 + 3000 + 150) / 0.7
+    # of its speed is less than the LLM-only GPU's 11,150.
+    mix = make_view(
+        "mix",
+        "llm_embedding",
+        running=21,
+        embedding_inflight=1,
+        queued_prefill_tokens=16_884,
+        queued_embedding_tokens=16_384,
+        queued_decode_tokens=3_000,
+    )
+    for policy in (make_policy("hybrid"), make_policy("hybrid", admission=False)):  # lone paths both
+        (d,) = policy.schedule(1.0, chat, [gpu, mix])
+        assert d.instance_id == "mix"
+    # With the embedding queue counted as LLM work it would be the more loaded one: the LLM-only GPU
+    # wins once the mixed GPU's own LLM work is larger.
+    heavier = make_view(
+        "mix",
+        "llm_embedding",
+        running=21,
+        embedding_inflight=1,
+        queued_prefill_tokens=16_384 + 8_000,
+        queued_embedding_tokens=16_384,
+        queued_decode_tokens=3_000,
+    )
+    (d,) = make_policy("hybrid").schedule(1.0, chat, [gpu, heavier])
+    assert d.instance_id == "gpu"
+
+
 def test_embeddings_overflow_to_a_mixed_instance_when_the_tei_one_is_more_loaded(make_request, make_view):
     queue = [emb(make_request, "e", inputs=1, tokens=10)]
 
