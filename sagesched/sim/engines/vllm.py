@@ -280,7 +280,8 @@ class VllmEngineCore:
         if num_new > budget:
             num_new = budget
         need = -(-(computed + num_new) // self.bs) - hits
-        if need + evictable > self.kv.free_blocks:
+        kv = self.kv
+        if need + evictable > kv.num_blocks - kv.used:  # kv.free_blocks (hot)
             return None
         return hits, num_new, need
 
@@ -304,7 +305,7 @@ class VllmEngineCore:
                 num_new = budget
             need = -(-(seq.num_computed + num_new) // bs) - seq.blocks
             ok = True
-            while need > kv.free_blocks:
+            while need > kv.num_blocks - kv.used:  # kv.free_blocks, without the property call (hot)
                 victim = self._victim()
                 j = running.index(victim)
                 running.pop(j)
