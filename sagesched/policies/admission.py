@@ -25,6 +25,7 @@ shed, both functions of the calls it received.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,10 @@ class AdmissionConfig:
         bounded by its own queue); less urgent late ones go after the urgent attainable ones.
     retry_after_s: what the rejection's reason suggests as a retry delay (the gateway's 429 carries
         its own ``Retry-After``).
+    shed_margin_s: the slacks this controller is given are measured this far ahead of the clock
+        (hybrid's ``slack_margin_ms``: its fallback ranks as of ``now + margin``); only a request
+        late by the clock itself (given slack < ``-shed_margin_s``) may be shed, and its reason
+        names that lateness. The rest of the late set is served first instead. 0: the clock's own.
     """
 
     max_shed_fraction: float = 0.05
@@ -53,8 +58,11 @@ class AdmissionConfig:
     protect_priority: int = int(Priority.CRITICAL)
     retry_after_s: float = 1.0
     late_first_priority: int = int(Priority.HIGH)
+    shed_margin_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (self.shed_margin_s >= 0 and math.isfinite(self.shed_margin_s)):
+            raise ValueError(f"shed_margin_s must be a finite number >= 0 s, got {self.shed_margin_s!r}")
         if not 0.0 <= self.max_shed_fraction <= 1.0:
             raise ValueError(f"max_shed_fraction must be within [0, 1], got {self.max_shed_fraction!r}")
         if not self.defer_slack_s >= 0:
@@ -130,11 +138,11 @@ class AdmissionControl:
         return True
 
     def shed_rejection(self, request: Request, slack: float, rule: str) -> Rejection:
-        """The rejection of a shed late request (best predicted slack `slack` < 0)."""
+        """The rejection of a shed late request (best predicted slack `slack` < -shed_margin_s)."""
         return Rejection(
             request.id,
             f"SLO cannot be met given the predicted queue (best predicted lateness "
-            f"{-slack * 1000:.0f} ms); refused rather than served late, retry after "
+            f"{-(slack + self.config.shed_margin_s) * 1000:.0f} ms); refused rather than served late, retry after "
             f"{self.config.retry_after_s:g} s",
             RejectCode.QUEUE_FULL,
             rule,
@@ -149,7 +157,8 @@ class AdmissionControl:
         return max(0, int(self.config.max_shed_fraction * self.seen_count) - self.shed)
 
     def split_late(self, late: list[tuple[float, Request]], rule: str) -> tuple[list[Rejection], list[Request]]:
-        """Shed what the budget allows of `late` ((best slack, request) pairs, best slack < 0).
+        """Shed what the budget allows of `late` ((best slack, request) pairs, best slack < 0; only
+        those below ``-shed_margin_s`` may be shed).
 
         Returns the rejections and the late requests kept, the kept ones in (priority, arrival, id)
         order: the order in which they are served ahead of long-slack work.
@@ -160,7 +169,7 @@ class AdmissionControl:
         kept: list[Request] = []
         if budget > 0:
             sheddable = sorted(
-                (item for item in late if int(item[1].priority) > c.protect_priority),
+                (item for item in late if int(item[1].priority) > c.protect_priority and item[0] < -c.shed_margin_s),
                 key=lambda item: (item[0], -int(item[1].priority), item[1].arrival_s, item[1].id),
             )
             shed_ids = set()

@@ -119,6 +119,12 @@ class HybridPolicy(EmbeddingBatching, Policy):
         if c.llm_fallback_policy == "slo_aware":
             fallback_config.setdefault("admission", c.admission)
         self.llm_fallback = make_policy(c.llm_fallback_policy, **fallback_config)
+        # `slack_margin_ms`: the fallback is asked as of `now + margin` (below); its admission must
+        # then shed only what is late by the clock itself.
+        self._slack_margin_s = c.slack_margin_ms / 1000.0
+        admission = getattr(self.llm_fallback, "admission", None)
+        if admission is not None and self._slack_margin_s > 0:
+            admission.config = dataclasses.replace(admission.config, shed_margin_s=self._slack_margin_s)
         # A lone queued LLM request needs no ordering; when hybrid places it and the fallback could
         # not reject it (only shedding rejects: unservable requests never reach the fallback), the
         # fallback is skipped (`_place_lone_llm`).
@@ -481,7 +487,7 @@ class HybridPolicy(EmbeddingBatching, Policy):
         assert isinstance(fallback, SloAwarePolicy)
         # `serving_room`: the fallback has a candidate (healthy, a free slot, serves the request; the
         # views it does not see are embedding-only, which do not).
-        answer = fallback.lone_answer(ledger, request, call.now, serving_room)
+        answer = fallback.lone_answer(ledger, request, call.now + self._slack_margin_s, serving_room)
         if answer is None:
             return True
         if isinstance(answer, Rejection):
@@ -526,7 +532,7 @@ class HybridPolicy(EmbeddingBatching, Policy):
             q, done_before = call.llm_queue, call.llm_done
             assert isinstance(policy, SloAwarePolicy)
             fallback_decisions = schedule_admission_indexed(
-                policy, call.now, q, adjusted, classes=call.llm_classes, exclude=done_before
+                policy, call.now + self._slack_margin_s, q, adjusted, classes=call.llm_classes, exclude=done_before
             )
 
             def lookup(rid: str) -> Request | None:
@@ -535,7 +541,7 @@ class HybridPolicy(EmbeddingBatching, Policy):
         else:
             queue = call.llm_list()
             lookup = {r.id: r for r in queue}.get
-            fallback_decisions = policy.schedule(call.now, queue, adjusted)
+            fallback_decisions = policy.schedule(call.now + self._slack_margin_s, queue, adjusted)
         view_ids = {v.id for v in views}
         rule = self._llm_rule
         prefer = self.config.prefer_specialized_instances

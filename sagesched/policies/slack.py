@@ -319,7 +319,11 @@ def schedule_admission_indexed(
     if budget > 0:
         pool = []
         for _, cols, _, best, _, late, prio in per_class:
-            rows = np.flatnonzero(late & (prio > config.protect_priority))
+            sheddable = late & (prio > config.protect_priority)
+            if config.shed_margin_s > 0:
+                with np.errstate(invalid="ignore"):
+                    sheddable &= best < -config.shed_margin_s
+            rows = np.flatnonzero(sheddable)
             if rows.size:
                 pool.append((cols, best, rows, prio))
         total = sum(rows.size for _, _, rows, _ in pool)
