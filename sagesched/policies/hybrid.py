@@ -119,10 +119,12 @@ class HybridPolicy(EmbeddingBatching, Policy):
         if c.llm_fallback_policy == "slo_aware":
             fallback_config.setdefault("admission", c.admission)
         self.llm_fallback = make_policy(c.llm_fallback_policy, **fallback_config)
-        # `slack_margin_ms`: the fallback is asked as of `now + margin` (below); its admission must
-        # then shed only what is late by the clock itself.
-        self._slack_margin_s = c.slack_margin_ms / 1000.0
+        # `slack_margin_ms`: a fallback with admission is asked as of `now + margin` (below), and
+        # its admission then sheds only what is late by the clock itself. Only with admission: a
+        # plain least-slack order serves late requests last, so the margin would push the requests
+        # nearest their deadline to the back, and the other fallbacks do not rank by slack.
         admission = getattr(self.llm_fallback, "admission", None)
+        self._slack_margin_s = c.slack_margin_ms / 1000.0 if admission is not None else 0.0
         if admission is not None and self._slack_margin_s > 0:
             admission.config = dataclasses.replace(admission.config, shed_margin_s=self._slack_margin_s)
         # A lone queued LLM request needs no ordering; when hybrid places it and the fallback could

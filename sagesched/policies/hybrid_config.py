@@ -124,6 +124,8 @@ class HybridConfig(PolicyConfig):
         request dispatched at slack 0 then misses by that error; with a margin it goes while it
         can still make it. 200 ms (docs/policies/hybrid.md, "Slack margin": 150-300 all gain;
         rag 2.8x +4.1%, conversation 1.8x +1.8% by mean, no cell below saturation changes).
+        Applies only to a fallback with admission (the default): without it least slack serves
+        late requests last, where the margin would send the requests nearest their deadline.
         0 turns it off.
     """
 

@@ -32,6 +32,9 @@ def test_default_margin_is_documented_and_reaches_admission():
     policy = make_policy("hybrid")
     assert policy.llm_fallback.admission.config.shed_margin_s == pytest.approx(0.2)
     assert make_policy("hybrid", slack_margin_ms=0).llm_fallback.admission.config.shed_margin_s == 0.0
+    # Without admission the fallback is asked at the clock (late requests go last there).
+    assert make_policy("hybrid", admission=False)._slack_margin_s == 0.0
+    assert make_policy("hybrid", llm_fallback_policy="fifo")._slack_margin_s == 0.0
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan")])
