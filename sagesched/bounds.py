@@ -34,6 +34,7 @@ import numpy as np
 from sagesched.core import Request
 from sagesched.sim.config import ClusterConfig, InstanceConfig
 from sagesched.sim.engines.llamacpp_instance import isolated_llamacpp_s, llamacpp_admits
+from sagesched.sim.engines.tei import embedding_engine_config
 from sagesched.sim.perf_model import BatchShape, EmbeddingPerfModel, LLMPerfModel
 
 
@@ -100,7 +101,8 @@ def isolated_latency_s(request: Request, instance: InstanceConfig, cached_tokens
         perf = _emb(instance.embedding_model, instance.hardware, instance.calibration)
         n = max(1, request.embedding_inputs)
         base, extra = divmod(request.embedding_tokens or request.prompt_tokens, n)  # as the driver splits them
-        limit = instance.tei.max_input_length or getattr(getattr(perf, "model", None), "max_position_embeddings", None)
+        longest_model = getattr(getattr(perf, "model", None), "max_position_embeddings", None)
+        limit = embedding_engine_config(instance, longest_model).max_input_length or longest_model
         if limit:
             total = (n - extra) * min(base, limit) + extra * min(base + 1, limit)
             longest = min(base + (1 if extra else 0), limit)

@@ -115,12 +115,13 @@ class SharedGpuConfig:
     """How the two engines of an `llm_embedding` instance share one GPU (see docs/simulator.md).
 
     embedding_backend: the engine serving the encoder next to vLLM's generate engine: "tei" (a
-        text-embeddings-inference server) or "vllm" (a second vLLM server running the encoder as a
-        pooling model, `--task embed`; see `sagesched.sim.engines.tei.vllm_pooling_config`). Either
-        is priced by the encoder's performance model and shares the GPU as below.
-    pooling_max_num_batched_tokens, pooling_max_num_seqs: the vLLM pooling engine's step budget
-        (`--max-num-batched-tokens`, default 32768 for pooling models) and sequence cap
-        (`--max-num-seqs`); used with embedding_backend "vllm" only (TEI's are in `tei`).
+        text-embeddings-inference server, knobs in the instance's `tei`) or "vllm" (a second vLLM
+        server running the encoder as a pooling model, `--runner pooling` / `--task embed`; see
+        `sagesched.sim.engines.tei.embedding_engine_config`). Either is priced by the encoder's
+        performance model and shares the GPU as below.
+    pooling_max_num_batched_tokens, pooling_max_num_seqs: the vLLM pooling engine's
+        `--max-num-batched-tokens` and `--max-num-seqs`; None: vLLM's defaults for the encoder on
+        this GPU (`engines.tei.embedding_engine_config`). Only with embedding_backend "vllm".
     llm_weight, embedding_weight: time-sharing weights; while both engines have a step/batch on the
         GPU, each gets the share weight / (llm_weight + embedding_weight) of it.
     overlap: extra throughput from running both at once (0 = pure time-slicing; 1 = each engine runs
@@ -131,8 +132,8 @@ class SharedGpuConfig:
     llm_weight: float = 0.7
     embedding_weight: float = 0.3
     overlap: float = 0.2
-    pooling_max_num_batched_tokens: int = 32768
-    pooling_max_num_seqs: int = 256
+    pooling_max_num_batched_tokens: int | None = None
+    pooling_max_num_seqs: int | None = None
 
     def __post_init__(self) -> None:
         if self.embedding_backend not in ("tei", "vllm"):
@@ -145,8 +146,15 @@ class SharedGpuConfig:
         if not 0.0 <= self.overlap <= 1.0:
             raise ConfigFieldError(("overlap",), f"must be in [0, 1], got {self.overlap}")
         for name in ("pooling_max_num_batched_tokens", "pooling_max_num_seqs"):
-            if getattr(self, name) < 1:
-                raise ConfigFieldError((name,), f"must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.embedding_backend != "vllm":
+                raise ConfigFieldError(
+                    (name,), f"applies to embedding_backend: vllm only (this one is {self.embedding_backend!r})"
+                )
+            if value < 1:
+                raise ConfigFieldError((name,), f"must be >= 1 (or None: vLLM's default), got {value}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, root: Path = ("shared",)) -> SharedGpuConfig:
@@ -213,8 +221,8 @@ class InstanceConfig:
     hardware: GPU type ("a100", "h100"); tensor_parallel: GPUs per vLLM engine.
     max_inflight: requests the driver lets be outstanding at the instance (InstanceView.max_inflight).
     calibration: optional calibration file for the performance model.
-    vllm / tei / shared: engine knobs (see their classes). With `shared.embedding_backend: vllm`, `tei`
-        is the vLLM pooling engine's batcher, derived from `shared` (`engines.tei.vllm_pooling_config`).
+    vllm / tei / shared: engine knobs (see their classes). With `shared.embedding_backend: vllm` the
+        `tei` block does not apply (the pooling engine's knobs are `shared.pooling_*`).
     engine: the LLM engine model, "vllm" (default) or "llamacpp" (llama-server, CPU step model from a
         probe calibration; an `embedding` instance with it is llama-server `--embeddings`); its knobs
         in `llamacpp` (which needs `calibration`).
@@ -249,19 +257,19 @@ class InstanceConfig:
             )
         if self.max_inflight < 1:
             raise ConfigFieldError(("max_inflight",), f"instance {self.id}: must be >= 1, got {self.max_inflight}")
-        if self.kind is InstanceKind.LLM_EMBEDDING and self.shared.embedding_backend == "vllm":
-            # The embedding engine is vLLM's pooling engine: `tei` holds its batcher, derived from
-            # the `shared.pooling_*` knobs (TEI's own knobs would be silently ignored, so refuse them).
-            from sagesched.sim.engines.tei import vllm_pooling_config
-
-            pooling = vllm_pooling_config(self.shared)
-            if self.tei not in (TeiEngineConfig(), pooling):
-                raise ConfigFieldError(
-                    ("tei",),
-                    f"instance {self.id}: with shared.embedding_backend: vllm the encoder runs on vLLM's pooling "
-                    "engine; drop the `tei` block and set shared.pooling_max_num_batched_tokens / pooling_max_num_seqs",
-                )
-            object.__setattr__(self, "tei", pooling)
+        vllm_pooling = self.shared.embedding_backend == "vllm"
+        if vllm_pooling and self.kind is not InstanceKind.LLM_EMBEDDING:
+            raise ConfigFieldError(
+                ("shared", "embedding_backend"),
+                f"instance {self.id}: applies to kind llm_embedding only (this one is {self.kind.value})",
+            )
+        if vllm_pooling and self.tei != TeiEngineConfig():
+            # TEI's knobs would be silently ignored: the encoder runs on vLLM's pooling engine.
+            raise ConfigFieldError(
+                ("tei",),
+                f"instance {self.id}: with shared.embedding_backend: vllm the encoder runs on vLLM's pooling "
+                "engine; drop the `tei` block and set shared.pooling_max_num_batched_tokens / pooling_max_num_seqs",
+            )
 
     def _check_engine(self) -> None:
         if self.engine not in ("vllm", "llamacpp"):

@@ -16,6 +16,7 @@ from sagesched.core import InstanceKind, InstanceView
 from sagesched.sim.config import InstanceConfig
 from sagesched.sim.engines import DecodeRun, SharedGpu, StepPlan, TeiBatch, TeiEngineCore, VllmEngineCore
 from sagesched.sim.engines.llamacpp_instance import LlamaCppInstanceCore
+from sagesched.sim.engines.tei import embedding_engine_config
 from sagesched.sim.views import DEFAULT_VIEW
 
 
@@ -34,9 +35,17 @@ class InstanceState:
             self.llm = cast(VllmEngineCore, LlamaCppInstanceCore(llm_perf))
         elif llm_perf is not None:
             self.llm = VllmEngineCore(cfg.vllm, llm_perf)
-        self.tei = TeiEngineCore(cfg.tei, emb_perf) if emb_perf is not None else None
+        # TEI, or a vLLM pooling engine (`shared.embedding_backend: vllm`): the same core, its knobs.
+        emb_cfg = embedding_engine_config(
+            cfg, getattr(getattr(emb_perf, "model", None), "max_position_embeddings", None)
+        )
+        self.tei = TeiEngineCore(emb_cfg, emb_perf) if emb_perf is not None else None
+        if self.kind is InstanceKind.LLM_EMBEDDING and (self.llm is None or self.tei is None):
+            raise ValueError(
+                f"instance {cfg.id}: an llm_embedding instance needs both an LLM and an embedding performance model "
+                "(the perf provider returned none for one of them)"
+            )
         self.gpu = SharedGpu(cfg.shared) if (self.llm is not None and self.tei is not None) else None
-        self.pooling = self.kind is InstanceKind.LLM_EMBEDDING and self.tei is None
         self.inflight = 0
         self.emb_inflight = 0
         self.tei_requests = 0
@@ -75,11 +84,11 @@ class InstanceState:
         else:
             self.prefill_rate = float(emb_perf.tokens_per_s)
             self.decode_step = DEFAULT_VIEW.decode_step_s
-            self.max_num_seqs = cfg.tei.max_concurrent_requests
-            self.max_batch_tokens = cfg.tei.max_batch_tokens
+            self.max_num_seqs = emb_cfg.max_concurrent_requests
+            self.max_batch_tokens = emb_cfg.max_batch_tokens
         self.emb_rate = float(emb_perf.tokens_per_s) if emb_perf is not None else self.prefill_rate
         self.max_client_batch = (
-            cfg.tei.max_client_batch_size if self.tei is not None else DEFAULT_VIEW.max_client_batch_size
+            emb_cfg.max_client_batch_size if self.tei is not None else DEFAULT_VIEW.max_client_batch_size
         )
         # The constant part of this instance's snapshots (validated once by the constructor).
         template = InstanceView(
@@ -95,7 +104,7 @@ class InstanceState:
             decode_step_s=self.decode_step,
             embedding_tokens_per_s=self.emb_rate,
             age_s=0.0,
-            max_embedding_inputs=cfg.tei.max_concurrent_requests if self.tei is not None else 0,
+            max_embedding_inputs=emb_cfg.max_concurrent_requests if self.tei is not None else 0,
         )
         self.static_view = tuple(getattr(template, f) for f in InstanceView.__slots__)
 

@@ -141,7 +141,8 @@ class EngineSegments(ABC):
         inst.llm_event = ev
 
     def _cut_run(self, inst: InstanceState) -> None:
-        """New work (or a change on the shared GPU) mid-run: end the run after the step in progress."""
+        """New work mid-run: end the run after the step in progress (a change on a shared GPU goes
+        through `_llm_retime`, which also re-times that step)."""
         run = inst.llm_run
         assert run is not None and inst.llm_event is not None
         now = self.env.now

@@ -8,6 +8,7 @@ from tiny_perf import TinyEmbPerf, make_provider
 from sagesched.core import Request, RequestType
 from sagesched.policies.fifo import FifoPolicy
 from sagesched.sim import ClusterConfig, InstanceConfig, SharedGpuConfig, SimConfig, simulate
+from sagesched.sim.config import TeiEngineConfig
 from sagesched.sim.engines import SharedGpu
 
 provider = make_provider(kv_tokens=100_000)
@@ -115,29 +116,31 @@ def test_vllm_pooling_engine_prices_embeddings_by_the_encoder_and_shares_the_gpu
 
 
 def test_vllm_pooling_engine_batches_as_vllm_schedules():
-    from sagesched.sim.engines.tei import vllm_pooling_config
-
-    cfg = shared_cluster(embedding_backend="vllm", pooling_max_num_seqs=2).instances[0]
-    assert cfg.tei == vllm_pooling_config(cfg.shared)
-    assert cfg.tei.max_batch_tokens == 32768 and cfg.tei.max_batch_requests == 2 and not cfg.tei.prefetch
-
     def run(reqs, **shared):
         cl = shared_cluster(**shared)
         return simulate(reqs, cl, FifoPolicy(), perf_provider=provider).records.set_index("request_id")
 
     # No prefetch: inputs that arrive while a step runs all join the next step (TEI packs the first of
     # them into its next batch on arrival, and the later ones wait one batch more).
-    reqs = [emb(0.0, tokens=4000), emb(0.001, tokens=100), emb(0.002, tokens=100)]
+    reqs = [emb(0.0, tokens=1500), emb(0.001, tokens=100), emb(0.002, tokens=100)]
     pooled = run(reqs, embedding_backend="vllm")
     assert pooled.loc["e0.001", "finish_s"] == pooled.loc["e0.002", "finish_s"]
     tei = run(reqs, embedding_backend="tei")
     assert tei.loc["e0.001", "finish_s"] < tei.loc["e0.002", "finish_s"]
     # max_num_seqs caps the requests of one step.
     capped = run(
-        [emb(0.0, 4000), emb(0.001, 100), emb(0.0011, 100), emb(0.0012, 100)],
-        **{"embedding_backend": "vllm", "pooling_max_num_seqs": 2},
+        [emb(0.0, 1500), emb(0.001, 100), emb(0.0011, 100), emb(0.0012, 100)],
+        embedding_backend="vllm",
+        pooling_max_num_seqs=2,
     )
     assert capped.loc["e0.001", "finish_s"] == capped.loc["e0.0011", "finish_s"] < capped.loc["e0.0012", "finish_s"]
+    # The token budget caps a step: two 400-token inputs share a step under the default budget
+    # (2048 on an A100) and take one each under a 512-token budget.
+    pair = [emb(0.0, 1500), emb(0.001, 400), emb(0.002, 400)]
+    wide = run(pair, embedding_backend="vllm")
+    assert wide.loc["e0.001", "finish_s"] == wide.loc["e0.002", "finish_s"]
+    narrow = run(pair, embedding_backend="vllm", pooling_max_num_batched_tokens=512, pooling_max_num_seqs=8)
+    assert narrow.loc["e0.001", "finish_s"] < narrow.loc["e0.002", "finish_s"]
     # vLLM's server has no per-call input limit (TEI answers 413 past max_client_batch_size = 32).
     many = Request(
         id="many",
@@ -152,14 +155,54 @@ def test_vllm_pooling_engine_batches_as_vllm_schedules():
     assert run([many], embedding_backend="tei").loc["many", "outcome"] == "rejected"
 
 
-def test_vllm_pooling_engine_needs_its_encoder_and_refuses_tei_knobs():
+@pytest.mark.parametrize(
+    ("hardware", "max_model_len", "shared", "budget", "seqs"),
+    [
+        ("a100", 512, {}, 2048, 256),  # the server's A100 defaults (vLLM V1 `vllm serve`)
+        ("h100", 512, {}, 8192, 1024),  # >= 70 GB GPUs
+        ("a100", 8192, {}, 8192, 256),  # chunked prefill off: raised to max_model_len
+        ("a100", 4, {}, 1024, 256),  # capped at max_num_seqs x max_model_len
+        ("a100", 512, {"pooling_max_num_seqs": 4}, 2048, 4),  # (cap 4 x 512 = 2048: unchanged)
+        ("a100", 512, {"pooling_max_num_batched_tokens": 1000}, 1000, 256),
+    ],
+)
+def test_vllm_pooling_engine_defaults_follow_vllm(hardware, max_model_len, shared, budget, seqs):
+    from sagesched.sim.engines.tei import UNLIMITED, embedding_engine_config
+
+    cfg = InstanceConfig.from_dict(
+        {
+            "id": "mix",
+            "kind": "llm_embedding",
+            "embedding_model": "bge-base",
+            "hardware": hardware,
+            "shared": {"embedding_backend": "vllm", **shared},
+        }
+    )
+    assert cfg.tei == TeiEngineConfig()  # the TEI block is left as given, never rewritten
+    got = embedding_engine_config(cfg, max_model_len)
+    assert (got.max_batch_tokens, got.max_batch_requests) == (budget, seqs)
+    assert not got.prefetch and got.max_client_batch_size == got.max_concurrent_requests == UNLIMITED
+    assert embedding_engine_config(shared_cluster().instances[0], max_model_len) == TeiEngineConfig()
+
+
+def test_vllm_pooling_engine_config_errors():
+    from sagesched.sim.engines.tei import embedding_engine_config
     from sagesched.typed_config import ConfigFieldError
+
+    def inst(**shared):
+        return InstanceConfig(
+            id="mix",
+            kind="llm_embedding",
+            model="llama-2-7b",
+            embedding_model="bge-base",
+            shared=SharedGpuConfig(embedding_backend="vllm", **shared),
+        )
 
     with pytest.raises(ConfigFieldError, match="embedding_model"):
         InstanceConfig(
             id="mix", kind="llm_embedding", model="llama-2-7b", shared=SharedGpuConfig(embedding_backend="vllm")
         )
-    with pytest.raises(ConfigFieldError, match="pooling_max_num_batched_tokens"):
+    with pytest.raises(ConfigFieldError, match="pooling_max_num_batched_tokens"):  # TEI knobs would be ignored
         InstanceConfig.from_dict(
             {
                 "id": "mix",
@@ -169,6 +212,33 @@ def test_vllm_pooling_engine_needs_its_encoder_and_refuses_tei_knobs():
                 "shared": {"embedding_backend": "vllm"},
             }
         )
+    with pytest.raises(ConfigFieldError, match="embedding_backend: vllm only"):  # ignored with TEI
+        SharedGpuConfig(pooling_max_num_seqs=8)
+    with pytest.raises(ConfigFieldError, match="llm_embedding only"):
+        InstanceConfig(
+            id="e", kind="embedding", embedding_model="bge-base", shared=SharedGpuConfig(embedding_backend="vllm")
+        )
+    # vLLM refuses to start with a budget under max_model_len (no chunked prefill) or under max_num_seqs.
+    with pytest.raises(ConfigFieldError, match="max_model_len 512"):
+        embedding_engine_config(inst(pooling_max_num_batched_tokens=256), 512)
+    with pytest.raises(ConfigFieldError, match="below pooling_max_num_seqs 256"):
+        embedding_engine_config(inst(pooling_max_num_batched_tokens=128, pooling_max_num_seqs=256), None)
+    # (with max_num_seqs left to vLLM, it is capped at the budget instead)
+    assert embedding_engine_config(inst(pooling_max_num_batched_tokens=128), None).max_batch_requests == 128
+    # Switching the backend back by `replace` leaves a plain TEI engine (nothing was written into `tei`).
+    from dataclasses import replace
+
+    back = replace(inst(), shared=SharedGpuConfig())
+    assert embedding_engine_config(back, 512) == TeiEngineConfig()
+
+
+def test_an_llm_embedding_instance_needs_both_engines():
+    def no_encoder(cfg):
+        llm, _ = provider(cfg)
+        return llm, None
+
+    with pytest.raises(ValueError, match="both an LLM and an embedding performance model"):
+        simulate([emb(0.0)], shared_cluster(embedding_backend="vllm"), FifoPolicy(), perf_provider=no_encoder)
 
 
 def test_anchored_presets_span_time_slicing_to_roofline_overlap():

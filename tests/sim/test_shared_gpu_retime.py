@@ -137,3 +137,40 @@ def test_jump_equals_step_when_both_engines_overlap(order):
     alone = simulate(chats, cluster(), FifoPolicy(), SimConfig(mode="jump"), perf_provider=provider).records
     slower = jump.set_index("request_id").loc[list(alone.request_id), "e2e_ms"].to_numpy() - alone.e2e_ms.to_numpy()
     assert (slower >= -1e-9).all() and slower.max() > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_jump_equals_step_under_many_retimings(seed, monkeypatch):
+    # Ten chats decoding while 120 small embedding batches come and go over 2.5 s: the embedding
+    # engine starts and stops ~100 times mid-run, so decode runs are cut and re-timed mid-step
+    # (jump mode) as often as single steps are (step mode).
+    import random
+
+    import sagesched.sim.segments as segments
+
+    retimed: dict[tuple[bool, str], int] = {}
+    original = segments.EngineSegments._llm_retime
+
+    def counting(self, inst, gpu, factor):
+        kind = "run" if inst.llm_run is not None else "step"
+        gen = inst.llm_gen
+        original(self, inst, gpu, factor)
+        if inst.llm_gen != gen:
+            key = (self.step_mode, kind)
+            retimed[key] = retimed.get(key, 0) + 1
+
+    monkeypatch.setattr(segments.EngineSegments, "_llm_retime", counting)
+    rng = random.Random(seed)
+    chats = [
+        chat(f"c{i}", rng.uniform(0, 0.5), prompt=rng.randint(50, 3000), out=rng.randint(1, 600)) for i in range(10)
+    ]
+    embs = [emb(f"e{i}", rng.uniform(0, 2.5), tokens=rng.randint(20, 400)) for i in range(120)]
+    reqs = sorted(chats + embs, key=lambda r: r.arrival_s)
+    jump = simulate(reqs, cluster(), FifoPolicy(), SimConfig(mode="jump"), perf_provider=provider).records
+    step = simulate(reqs, cluster(), FifoPolicy(), SimConfig(mode="step"), perf_provider=provider).records
+    assert (jump.outcome == "completed").all() and (step.outcome == "completed").all()
+    assert list(jump.request_id) == list(step.request_id)
+    assert (jump.e2e_ms - step.e2e_ms).abs().max() < 1e-6
+    assert (jump.ttft_ms - step.ttft_ms).abs().max() < 1e-6
+    assert retimed.get((False, "run"), 0) >= 50  # decode runs re-timed mid-step in jump mode
+    assert retimed.get((True, "step"), 0) >= 50

@@ -22,7 +22,7 @@ our engine profiles) between the two deployments one can run, separate processes
 the driver and overlapping kernels under MPS (`colocated_stretch`). The policy benchmark's
 mixed-versus-siloed study uses them (experiments/policy_benchmark/conf/benchmark/mvs_*.yaml).
 The embedding engine is TEI, or a vLLM pooling engine serving the encoder (`embedding_backend:
-vllm`, `sagesched.sim.engines.tei.vllm_pooling_config`); both share the GPU the same way.
+vllm`, `sagesched.sim.engines.tei.embedding_engine_config`); both share the GPU the same way.
 Not modelled: a share that depends on what each step does (a prefill-heavy step contends for
 compute, a decode step for bandwidth: the presets price one typical pair); the few microseconds a
 real GPU takes to switch between the two processes' kernels.
@@ -31,10 +31,12 @@ real GPU takes to switch between the two processes' kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import simpy
+from typing import TYPE_CHECKING
 
 from sagesched.sim.config import SharedGpuConfig
+
+if TYPE_CHECKING:
+    import simpy
 
 
 @dataclass(frozen=True)

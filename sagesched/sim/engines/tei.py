@@ -10,7 +10,7 @@ later waits for the batch after. Inputs longer than `max_input_length` are trunc
 returns its concurrency permit when it is embedded; a call is answered when its last input is.
 
 The same core runs a vLLM *pooling* engine (`vllm serve <encoder> --task embed`, `--runner pooling`
-in newer releases) when its config comes from `vllm_pooling_config`: the differences between the two
+in newer releases) when its config comes from `embedding_engine_config`: the differences between the two
 servers that matter to a scheduler are configuration (see there).
 """
 
@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from sagesched.sim.config import SharedGpuConfig, TeiEngineConfig
+from sagesched.sim.config import InstanceConfig, TeiEngineConfig, VllmEngineConfig, vllm_defaults_for
 from sagesched.sim.engines.types import EngineRejected, EngineRequest
+from sagesched.typed_config import ConfigFieldError
 
 
 class TeiCall:
@@ -183,32 +184,70 @@ class TeiEngineCore:
 UNLIMITED = 1 << 30
 
 
-def vllm_pooling_config(shared: SharedGpuConfig) -> TeiEngineConfig:
-    """The batcher of a vLLM pooling engine serving an encoder, as a `TeiEngineCore` config.
+def embedding_engine_config(cfg: InstanceConfig, max_model_len: int | None) -> TeiEngineConfig:
+    """The batcher of an instance's embedding engine: its `tei` knobs, or for
+    `shared.embedding_backend: vllm` those of a vLLM pooling engine serving the encoder, as a
+    `TeiEngineCore` config. `max_model_len`: the encoder's longest input (its
+    max_position_embeddings, vLLM's default max_model_len), None if unknown.
 
-    What vLLM does with embedding requests (v0.8-v0.10 source, `vllm/config.py` and
-    `vllm/engine/arg_utils.py`; the v1 scheduler `vllm/v1/core/sched/scheduler.py`):
+    What recent vLLM V1 does with an encoder-only embedding model such as bge-base, which is what
+    the embedding profiles here are (`vllm/engine/arg_utils.py`, `EngineArgs`
+    `._set_default_chunked_prefill_and_prefix_caching_args` and
+    `._set_default_max_num_seqs_and_batched_tokens_args`; the scheduler
+    `vllm/v1/core/sched/scheduler.py`):
     - each input of an `/v1/embeddings` call is one engine request; a call is answered when all are;
-    - a pooling model runs every prompt whole: chunked prefill is refused for pooling runners ("Chunked
-      prefill is not supported for pooling models"), so a step takes waiting requests from the queue
-      head while their tokens fit the step budget and stops at the first that does not
-      (`max_batch_tokens` = `pooling_max_num_batched_tokens`), and at `max_num_seqs` requests
-      (`max_batch_requests` = `pooling_max_num_seqs`);
-    - the budget defaults to `POOLING_MODEL_MAX_NUM_BATCHED_TOKENS` = 32768 for pooling runners (capped
-      at max_num_seqs x max_model_len, which is larger for a 512-token encoder at 256 sequences);
-    - the scheduler forms the next step when the current one ends, so an input arriving during a step
-      joins the next one (`prefetch` False; TEI packs one batch ahead instead);
+    - chunked prefill is off by default for a model that does not support it (encoder-only,
+      bidirectional attention), so prompts run whole: a step takes waiting requests from the queue
+      head while their tokens fit the step budget and stops at the first that does not (the latest
+      V1 scheduler breaks there; early V1 releases skipped it and went on);
+    - the budget, unless given (`pooling_max_num_batched_tokens`), is the server's usual default on
+      this GPU (`vllm_defaults_for`: 2048 on an A100, 8192 on >= 70 GB GPUs), raised to
+      max_model_len with chunked prefill off, then capped at max_num_seqs x max_model_len; the
+      sequence cap (`pooling_max_num_seqs`) is the GPU's default (256 / 1024) capped at the budget.
+      (Earlier V1 releases used max_model_len alone; V0 used 32768 for pooling models.) vLLM
+      refuses to start with a budget under max_model_len (chunked prefill off) or under
+      max_num_seqs, and so does this;
+    - the scheduler forms the next step when the current one ends, so an input arriving during a
+      step joins the next one (`prefetch` False; TEI packs one batch ahead instead);
     - the server queues without bound: no 413 for many inputs, no 429 under load (`UNLIMITED`).
     A step is priced by the encoder's own `EmbeddingPerfModel` (the one the TEI engine uses for that
     model and GPU); an encoder-only model keeps no KV cache, so nothing else limits a step.
-    Not modelled: vLLM refuses an input longer than the encoder's max_model_len with a 400 unless the
-    client sets `truncate_prompt_tokens` (here it is truncated, as TEI does); vLLM's per-step CPU
+    Not modelled: a causal embedding model (Qwen3-Embedding and the like), for which vLLM V1 keeps
+    chunked prefill and prefix caching on; vLLM's 400 for an input longer than max_model_len unless
+    the client sets `truncate_prompt_tokens` (here it is truncated, as TEI does); vLLM's per-step CPU
     cost and its API server's tokenisation, which may differ from TEI's (the perf model is fitted to
     TEI-like batches).
     """
+    shared = cfg.shared
+    if shared.embedding_backend != "vllm":
+        return cfg.tei
+    server = {
+        "max_num_batched_tokens": VllmEngineConfig.max_num_batched_tokens,
+        "max_num_seqs": VllmEngineConfig.max_num_seqs,
+        **vllm_defaults_for(cfg.hardware),
+    }
+    seqs = shared.pooling_max_num_seqs
+    budget = shared.pooling_max_num_batched_tokens
+    if budget is None:
+        budget = server["max_num_batched_tokens"]
+        if max_model_len:
+            budget = min(max(budget, max_model_len), (seqs or server["max_num_seqs"]) * max_model_len)
+    if seqs is None:
+        seqs = min(server["max_num_seqs"], budget)
+    field = ("shared", "pooling_max_num_batched_tokens")
+    if max_model_len and budget < max_model_len:
+        raise ConfigFieldError(
+            field,
+            f"instance {cfg.id}: {budget} is below the encoder's max_model_len {max_model_len}: vLLM refuses to "
+            "start a pooling model without chunked prefill so (raise it, or leave it unset for vLLM's default)",
+        )
+    if budget < seqs:
+        raise ConfigFieldError(
+            field, f"instance {cfg.id}: {budget} is below pooling_max_num_seqs {seqs}: vLLM refuses to start so"
+        )
     return TeiEngineConfig(
-        max_batch_tokens=shared.pooling_max_num_batched_tokens,
-        max_batch_requests=shared.pooling_max_num_seqs,
+        max_batch_tokens=budget,
+        max_batch_requests=seqs,
         max_concurrent_requests=UNLIMITED,
         max_client_batch_size=UNLIMITED,
         max_input_length=None,
