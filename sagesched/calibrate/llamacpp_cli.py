@@ -12,7 +12,6 @@ use; `python -m sagesched.calibrate.live_report` does this and checks it against
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from sagesched.calibrate import llamacpp_probe as lp
 from sagesched.calibrate.llamacpp_server import ServerSettings
@@ -28,21 +27,15 @@ def cmd_llamacpp(args: argparse.Namespace) -> int:
         embeddings=args.embeddings,
         checkpoint_tail_tokens=0 if args.embeddings else args.checkpoint_tail,
     )
-    if args.embeddings:
-        probes = asyncio.run(lp.run_embedding_probes(args.url, args.model, repeats=args.repeats))
-        columns: tuple[str, ...] = lp.EMBEDDING_COLUMNS
-    else:
-        plan = lp.ProbePlan(repeats=args.repeats)
-        probes = asyncio.run(lp.run_llm_probes(args.url, args.model, settings.engine_config(), plan))
-        columns = lp.COLUMNS
-    result = lp.fit(probes, settings.engine_config(), columns)
-    cal = lp.calibration_from_fit(
-        result,
-        model=args.model,
+    _, result, cal = lp.probe_and_fit(
+        args.url,
+        args.model,
+        settings.engine_config(),
+        embeddings=args.embeddings,
+        repeats=args.repeats,
         hardware=args.hardware or lp.machine_name(),
         server=settings.as_dict(),
         source=f"sagesched calibrate llamacpp {args.url}",
-        columns=columns,
     )
     cal.write(args.out)
     print(f"coefficients: {result['coefficients']}")

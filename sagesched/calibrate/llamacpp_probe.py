@@ -338,6 +338,35 @@ def calibration_from_fit(
     )
 
 
+def probe_and_fit(
+    url: str,
+    model: str,
+    cfg: LlamaCppConfig,
+    *,
+    embeddings: bool,
+    repeats: int,
+    hardware: str,
+    server: dict,
+    source: str,
+) -> tuple[list[Probe], dict, LlamaCppCalibration]:
+    """Probe a running llama-server, fit its step model, build its calibration: (probes, fit, calibration).
+
+    The sequence both front ends run (`sagesched calibrate llamacpp` on a server the user runs,
+    `calibrate.live_report` on one it starts): one definition, so that a file the CLI writes is
+    the calibration the report checks. `cfg` and `server` must be the server's real settings.
+    """
+    columns: tuple[str, ...]
+    if embeddings:
+        probes = asyncio.run(run_embedding_probes(url, model, repeats=repeats))
+        columns = EMBEDDING_COLUMNS
+    else:
+        probes = asyncio.run(run_llm_probes(url, model, cfg, ProbePlan(repeats=repeats)))
+        columns = COLUMNS
+    result = fit(probes, cfg, columns)
+    cal = calibration_from_fit(result, model=model, hardware=hardware, server=server, source=source, columns=columns)
+    return probes, result, cal
+
+
 def machine_name() -> str:
     """A short name of this CPU for calibration files (model name and the CPUs this process may use)."""
     name = "cpu"
