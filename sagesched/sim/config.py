@@ -126,12 +126,17 @@ class SharedGpuConfig:
         GPU, each gets the share weight / (llm_weight + embedding_weight) of it.
     overlap: extra throughput from running both at once (0 = pure time-slicing; 1 = each engine runs
         as if alone); a share is (1 + overlap) x weight share, capped at 1.
+
+    The defaults are the anchored ``mps`` preset (`sagesched.sim.engines.shared_gpu.PRESETS`): the
+    two servers under MPS with half of the ideal roofline overlap, so each engine's step takes 1.5x
+    its solo time while the other is busy. `PRESETS` also has ``time_slice`` (no MPS: 2x) and
+    ``ideal`` (1x) for the bounds either side.
     """
 
     embedding_backend: str = "tei"
-    llm_weight: float = 0.7
-    embedding_weight: float = 0.3
-    overlap: float = 0.2
+    llm_weight: float = 0.5
+    embedding_weight: float = 0.5
+    overlap: float = 0.333333
     pooling_max_num_batched_tokens: int | None = None
     pooling_max_num_seqs: int | None = None
 

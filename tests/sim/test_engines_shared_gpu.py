@@ -264,3 +264,14 @@ def test_anchored_presets_span_time_slicing_to_roofline_overlap():
     assert colocated_stretch(DECODE_LLAMA2_7B_A100, TEI_BGE_BASE_A100, 0.0) == 2.0
     with pytest.raises(ValueError, match="efficiency"):
         colocated_stretch(heavy, heavy, 1.5)
+
+
+def test_default_interference_is_the_anchored_mps_preset():
+    """The shared-GPU defaults are not free numbers: they are `PRESETS['mps']`, derived from the two
+    engines' roofline demands (each engine's work takes 1.5x its solo time while the other is busy)."""
+    from sagesched.sim.engines.shared_gpu import PRESETS
+
+    config = SharedGpuConfig()
+    assert {k: getattr(config, k) for k in PRESETS["mps"]} == PRESETS["mps"]
+    gpu = SharedGpu(config)
+    assert gpu.llm_factor == pytest.approx(1.5, rel=1e-5) and gpu.embedding_factor == pytest.approx(1.5, rel=1e-5)

@@ -14,13 +14,14 @@ steps) is cut after the step in progress at each such change and that step re-ti
 step-by-step simulation re-times its step. `overlap` = 0 is pure time-slicing (the shares sum to 1:
 the GPU does the same total work either way); `overlap` = 1 is no interference at all.
 
-What it predicts (docs/simulator.md has the numbers): with the defaults (w 0.7 / 0.3, overlap 0.2)
-LLM work that overlaps an embedding batch runs 1/0.84 = 1.19x slower and embedding work that
-overlaps LLM work 1/0.36 = 2.78x slower; an idle partner costs nothing. Those defaults are not
-anchored to a measurement. `PRESETS` are: a roofline of the two engines' demands (A100 datasheet,
-our engine profiles) between the two deployments one can run, separate processes time-sliced by
-the driver and overlapping kernels under MPS (`colocated_stretch`). The policy benchmark's
-mixed-versus-siloed study uses them (experiments/policy_benchmark/conf/benchmark/mvs_*.yaml).
+What it predicts (docs/simulator.md has the numbers): `PRESETS` are a roofline of the two
+engines' demands (A100 datasheet, our engine profiles) between the two deployments one can run,
+separate processes time-sliced by the driver and overlapping kernels under MPS
+(`colocated_stretch`). The defaults (`SharedGpuConfig`) are the ``mps`` preset: equal weights and
+overlap 1/3, so work that overlaps the other engine's runs 1.5x slower; an idle partner costs
+nothing. The policy benchmark's mixed-versus-siloed study runs all three presets
+(experiments/policy_benchmark/conf/benchmark/mvs_*.yaml). (Before these were anchored, the
+defaults were weights 0.7 / 0.3 and overlap 0.2: 1.19x for LLM work, 2.78x for embedding work.)
 The embedding engine is TEI, or a vLLM pooling engine serving the encoder (`embedding_backend:
 vllm`, `sagesched.sim.engines.tei.embedding_engine_config`); both share the GPU the same way.
 Not modelled: a share that depends on what each step does (a prefill-heavy step contends for
