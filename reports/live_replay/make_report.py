@@ -66,9 +66,13 @@ LIVE = ["driver.request_timeout_s=120"]  # a request unfinished 2 min after its 
 POLICIES = ("fifo", "hybrid")
 
 
+HOST_CPUS: int | None = None  # --host-cpus; None: this process's CPU affinity
+
+
 def host_cpus() -> int:
-    """The cores the servers share (this process's CPU affinity: 2 on the report's machine)."""
-    return len(os.sched_getaffinity(0))
+    """The cores the servers share: --host-cpus, else this process's CPU affinity (2 on the report's
+    machine; a bigger machine runs the shared-host simulation with its own count unless told)."""
+    return HOST_CPUS if HOST_CPUS is not None else len(os.sched_getaffinity(0))
 
 
 def cluster_config(llm_urls: list[str], embedding_url: str, llm_slots: int, shared_host: bool = True) -> dict[str, Any]:
@@ -258,7 +262,14 @@ def server_work(servers: dict[str, list[tuple[int, str]]]) -> dict[str, float]:
     from sagesched.calibrate.llamacpp_sweep import process_cpu_s, server_counters
 
     me = psutil.Process().cpu_times()  # this process: the live driver (executor, policy, sender)
-    out: dict[str, float] = {"wall_s": time.monotonic(), "replay_cpu_s": float(me.user + me.system)}
+    m = psutil.cpu_times()  # the whole machine (/proc/stat), all processes
+    out: dict[str, float] = {
+        "wall_s": time.monotonic(),
+        "replay_cpu_s": float(me.user + me.system),
+        "machine_busy_s": float(m.user + m.nice + m.system + getattr(m, "irq", 0.0) + getattr(m, "softirq", 0.0)),
+        "machine_idle_s": float(m.idle + getattr(m, "iowait", 0.0)),
+        "machine_steal_s": float(getattr(m, "steal", 0.0)),
+    }
     for group, procs in servers.items():
         out[f"{group}_cpu_s"] = sum(process_cpu_s(pid) for pid, _ in procs)
         counters = [server_counters(url) for _, url in procs]
@@ -301,18 +312,26 @@ def work_table(summaries: dict[str, dict[str, Any]], work: dict[str, dict[str, f
             )
     lines += [
         "",
-        "Where the machine's 2 cores went during each live run (average cores over its wall time):",
+        f"Where the machine's {host_cpus()} cores went during each live run (average cores over its wall time;"
+        " machine busy and idle from /proc/stat, other processes = machine busy - ours):",
         "",
-        "| policy | wall s | LLM servers | embedding server | live driver (this process) | left for other processes |",
-        "|---|---|---|---|---|---|",
+        "| policy | wall s | LLM servers | embedding server | live driver (this process) | other processes |"
+        " idle | stolen by the hypervisor |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in POLICIES:
         w = work.get(f"{p}_live")
         if not w:
             continue
         wall = w["wall_s"]
-        llm, emb, me = (w[k] / wall for k in ("llm_cpu_s", "emb_cpu_s", "replay_cpu_s"))
-        lines.append(f"| {p} | {wall:.0f} | {llm:.2f} | {emb:.2f} | {me:.2f} | {host_cpus() - llm - emb - me:.2f} |")
+        llm, emb, me, busy, idle, steal = (
+            w[k] / wall
+            for k in ("llm_cpu_s", "emb_cpu_s", "replay_cpu_s", "machine_busy_s", "machine_idle_s", "machine_steal_s")
+        )
+        lines.append(
+            f"| {p} | {wall:.0f} | {llm:.2f} | {emb:.2f} | {me:.2f} | {busy - llm - emb - me:.2f} | {idle:.2f} |"
+            f" {steal:.2f} |"
+        )
     return lines
 
 
@@ -326,7 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sim-only", action="store_true", help="simulate only (no servers): print utilisation and latencies per policy"
     )
+    parser.add_argument(
+        "--host-cpus", type=int, default=None, help="cores the simulated servers share (default: affinity)"
+    )
     args = parser.parse_args(argv)
+    global HOST_CPUS
+    HOST_CPUS = args.host_cpus
 
     from sagesched.experiment import run
     from sagesched.replay.compare import compare
