@@ -396,3 +396,69 @@ def test_an_embedding_input_longer_than_the_physical_batch_is_refused():
     assert "llamacpp.n_ubatch" in res.loc["big", "reason"]
     split = dataclasses.replace(req, embedding_inputs=2)  # two inputs of 300 tokens fit
     assert by_id(run([split], [emb_entry(n_ubatch=512)])).loc["big", "outcome"] == "completed"
+
+
+def _driver(reqs, entry, hashes=None):
+    cal = load_llamacpp_calibration(LLM_CAL)
+    cfg = engine_config(ClusterConfig.from_dict({"instances": [entry]}).instances[0].llamacpp, False, cal)
+    pairs = [
+        (
+            r.arrival_s,
+            EngineRequest(
+                id=r.id,
+                prompt_tokens=r.prompt_tokens,
+                output_tokens=r.output_tokens or 1,
+                max_tokens=r.max_tokens,
+                prefix_hashes=r.prefix_hashes,
+            ),
+        )
+        for r in reqs
+    ]
+    return {rec.id: rec for rec in replay_llamacpp(pairs, cfg, cal.step, frontend_request_s=cal.frontend_request_s)}
+
+
+@pytest.mark.parametrize("rate", [2.0, 5.0])
+def test_503s_are_decided_as_the_driver_decides_them(rate):
+    """With reject_when_busy, a request that arrives during a step finds the slots that step frees."""
+    reqs = chats(60, rate)
+    entry = llm_entry(reject_when_busy=True)
+    ref = _driver(reqs, entry)
+    for mode in ("jump", "step"):
+        got = by_id(run(reqs, [entry], mode=mode))
+        refused = {rid for rid, rec in ref.items() if rec.status == 503}
+        assert refused and set(got.index[got["outcome"] == "rejected"]) == refused
+        for rid, rec in ref.items():
+            if rec.status == 200:
+                assert got.loc[rid, "finish_s"] == pytest.approx(rec.finish_s, rel=1e-9)
+
+
+def test_the_slot_prompt_cache_agrees_with_the_driver_for_a_mid_step_arrival():
+    """Shared prefixes, and requests arriving while the previous ones' last steps run."""
+    base = chats(40, 3.0, seed=7)
+    reqs = [dataclasses.replace(r, prefix_hashes=tuple(range(i % 3, i % 3 + 1 + r.prompt_tokens // 16))) for i, r in
+            enumerate(base)]  # fmt: skip
+    entry = llm_entry()
+    ref = _driver(reqs, entry)
+    got = by_id(run(reqs, [entry]))
+    assert got["cached_prompt_tokens"].sum() > 0
+    for rid, rec in ref.items():
+        assert got.loc[rid, "finish_s"] == pytest.approx(rec.finish_s, rel=1e-9)
+
+
+def test_three_servers_on_two_cores_each_get_two_thirds():
+    reqs = [
+        Request(id=f"t{i}", type=RequestType.LLM_CHAT, model="gemma-3-270m", arrival_s=0.0, prompt_tokens=4,
+                max_tokens=1, output_tokens=1)
+        for i in range(3)
+    ]  # fmt: skip
+
+    def entries(**host):
+        e = llm_entry("cpu", count=3, **host)
+        e["max_inflight"] = 1
+        return [e]
+
+    alone = by_id(run(reqs, entries()))
+    shared = by_id(run(reqs, entries(host="box", host_cpus=2)))
+    assert len(set(shared["instance_id"])) == 3
+    for rid in alone.index:
+        assert shared.loc[rid, "finish_s"] == pytest.approx(1.5 * alone.loc[rid, "finish_s"], rel=1e-12)

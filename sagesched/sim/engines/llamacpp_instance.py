@@ -119,20 +119,30 @@ def _calibration(name: str) -> LlamaCppCalibration:
 
 
 def load_llamacpp_perf(cfg: Any) -> LlamaCppPerf:
-    """The perf model of an `engine: llamacpp` instance (`InstanceConfig`); errors name the entry's fix."""
+    """The perf model of an `engine: llamacpp` instance (`InstanceConfig`); errors name the entry's fix.
+    Cached by (id, kind, llamacpp section): bounds ask it once per request."""
     from sagesched.core import InstanceKind
 
-    embeddings = cfg.kind is InstanceKind.EMBEDDING
-    cal = _calibration(str(cfg.llamacpp.calibration))
+    return _perf(str(cfg.id), cfg.kind is InstanceKind.EMBEDDING, cfg.kind.value, cfg.llamacpp)
+
+
+@lru_cache(maxsize=64)
+def _perf(ident: str, embeddings: bool, kind: str, entry: Any) -> LlamaCppPerf:
+    from sagesched.sim.engines.llamacpp_perf import CalibrationFileError
+
+    try:
+        cal = _calibration(str(entry.calibration))
+    except CalibrationFileError as exc:
+        raise CalibrationFileError(f"instance {ident}: llamacpp.calibration: {exc}") from None
     server = cal.server or {}
     if "embeddings" in server and bool(server["embeddings"]) != embeddings:
         want = "an embedding" if embeddings else "a chat"
         raise ValueError(
-            f"instance {cfg.id}: llamacpp.calibration {cfg.llamacpp.calibration!r} was probed on "
-            f"{'an embedding' if server['embeddings'] else 'a chat'} server, but kind {cfg.kind.value} is {want} "
+            f"instance {ident}: llamacpp.calibration {entry.calibration!r} was probed on "
+            f"{'an embedding' if server['embeddings'] else 'a chat'} server, but kind {kind} is {want} "
             "server; give the calibration probed on that kind of server"
         )
-    return LlamaCppPerf(cal, engine_config(cfg.llamacpp, embeddings, cal))
+    return LlamaCppPerf(cal, engine_config(entry, embeddings, cal))
 
 
 class _Sync:
@@ -260,6 +270,7 @@ class LlamaCppInstanceCore:
         self.host: CpuHost | None = None  # set by `bind_llamacpp` for servers that share a host
         self.factor = 1.0  # the step in flight's CPU-sharing stretch now
         self.step_end: float | None = None  # when the step in flight ends (servers on a shared host)
+        self.step_plan: LlamaCppPlan | None = None  # the step in flight (not a sync segment)
         self.rejected_503 = 0
 
     # -- gauges (what `Simulator._load` and the timeline read) -------------------------------------
@@ -357,7 +368,10 @@ class LlamaCppInstanceCore:
                     f"physical batch size (llamacpp.n_ubatch, now {self.config.n_ubatch})",
                 )
         if self.config.reject_when_busy:
-            claimed = len(self.pending) + len(core.waiting) + sum(s.req is not None for s in core.slots)
+            # As the single-server driver decides: when the server loop picks the request up, after the
+            # step in flight has released the slots of the requests it finishes.
+            busy = sum(s.req is not None for s in core.slots) - self._freed_by_step()
+            claimed = len(self.pending) + len(core.waiting) + busy
             if claimed >= self.config.n_parallel:
                 self.rejected_503 += 1
                 raise EngineRejected(503, f"no slot available ({self.config.n_parallel} busy); retry later")
@@ -391,7 +405,20 @@ class LlamaCppInstanceCore:
             self.synced = self.in_segment = False
             return None
         self.in_segment = True
-        return LlamaCppPlan(batch)
+        self.step_plan = LlamaCppPlan(batch)
+        return self.step_plan
+
+    def _freed_by_step(self) -> int:
+        """Slots the step in flight frees when it ends (its requests that finish with it)."""
+        plan = self.step_plan
+        if plan is None:
+            return 0
+        n = 0
+        for slot, t in plan.batch:
+            r = slot.req
+            if r is not None and r.n_past + t >= r.prompt and r.generated + 1 >= r.target:
+                n += 1
+        return n
 
     def step_time_s(self, plan: _Sync | LlamaCppPlan) -> float:
         """The step's time; on a shared host at the host's factor with this step running (the driver
@@ -416,6 +443,7 @@ class LlamaCppInstanceCore:
             out = StepOutcome(steps=0)
         else:
             self.synced = False
+            self.step_plan = None
             if self.host is not None:
                 self.host.busy -= 1
                 self.step_end = None
