@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -80,7 +79,6 @@ from sagesched.policies.hybrid_call import _Call, _count_by_model
 from sagesched.policies.hybrid_config import (
     _EMBEDDING_ONLY,
     _EPS,
-    _LLM_ONLY,
     _MIXED,
     EMBEDDING,
     EMBEDDING_PRIORITIES,
@@ -94,18 +92,18 @@ from sagesched.policies.hybrid_config import (
     HybridConfig,
 )
 from sagesched.policies.hybrid_embeddings import EmbeddingBatching
+from sagesched.policies.hybrid_llm import LlmPlacement
 from sagesched.policies.registry import make_policy, register
 from sagesched.policies.slack import schedule_admission_indexed
 from sagesched.policies.slo_aware import SloAwarePolicy
 
 logger = logging.getLogger(__name__)
 
-_HIGH = int(Priority.HIGH)  # the least urgent class `llm_holdback_ms` never holds
 _EMBEDDING_REQUEST = RequestType.EMBEDDING
 
 
 @register
-class HybridPolicy(EmbeddingBatching, Policy):
+class HybridPolicy(EmbeddingBatching, LlmPlacement, Policy):
     name = "hybrid"
     Config = HybridConfig
     config: HybridConfig
@@ -353,164 +351,7 @@ class HybridPolicy(EmbeddingBatching, Policy):
             max_inflight=min(view.max_inflight, inflight + room),
         )
 
-    # -- where work goes: normalised load ---------------------------------------------------------
-    def _llm_share(self, call: _Call, view: InstanceView) -> float:
-        """The fraction of `view` LLM work may count on: 1 on an LLM-only instance; on a mixed one
-        ``ratio`` while embedding work is in flight on it or queued for it (its GPU is then shared),
-        else 1 (an idle embedding side costs the LLM nothing)."""
-        if view.kind is not _MIXED:
-            return 1.0
-        if call.ledger.embedding_inflight(view.id) > 0 or call.other_waits(LLM, view):
-            return self.config.hybrid_instance_ratio
-        return 1.0
-
-    def _llm_target(
-        self, call: _Call, views: Sequence[InstanceView], requests: Sequence[Request]
-    ) -> tuple[InstanceView, float] | None:
-        """The specialized-first load rule: where `requests` (one fallback assignment) go, and the load.
-
-        Among the instances with LLM room for all of them, the lowest load after taking them: the
-        outstanding LLM token work (`LoadLedger.outstanding_tokens` less a mixed GPU's embedding
-        queue, plus their prompt and ``max_tokens``) over the LLM speed it may count on
-        (``prefill_tokens_per_s * _llm_share``), i.e. seconds of work queued per unit of LLM
-        capacity. Ties go to the LLM-only instance, then fewer in flight,
-        then id. None when none has room (they stay queued).
-
-        Runs once per placed LLM request, so the ledger's dicts are read directly (what is computed
-        is `_room`, `_llm_share` and `LoadLedger.outstanding_tokens`, spelled out).
-        """
-        n = len(requests)
-        head = requests[0]
-        work = (
-            head.prompt_tokens + head.max_tokens if n == 1 else sum([r.prompt_tokens + r.max_tokens for r in requests])
-        )
-        ledger = call.ledger
-        added, prefill, decode = ledger.added_requests, ledger.added_prefill, ledger.added_decode
-        # Priority holdback (``llm_holdback_ms``): work below high priority goes only where little
-        # prefill is queued; elsewhere it would wait in the engine's FIFO queue, out of reach.
-        hold_s = self._llm_holdback_s if int(head.priority) > _HIGH else 0.0
-        added_emb = ledger.added_embedding_tokens
-        best: InstanceView | None = None
-        best_key: tuple[float, bool, int, str] | None = None
-        # `views` are LLM-capable and every request is an LLM request (`_place_llm`), so
-        # `view.can_serve(r)` is whether the view serves r's model: spelled out (hot: once per view
-        # per placed request).
-        model = head.model if n == 1 or all(r.model == head.model for r in requests) else None
-        for view in views:
-            vid = view.id
-            if not view.healthy:
-                continue
-            if model is not None:
-                if model not in view.models:
-                    continue
-            elif not all(view.can_serve(r) for r in requests):
-                continue
-            # The LLM prefill queued: on a mixed GPU `queued_prefill_tokens` also counts its
-            # embedding engine's queue, which runs beside the LLM engine, not ahead of its prefill
-            # (the interference it causes is what `_llm_share` prices).
-            ahead = view.queued_prefill_tokens + prefill[vid]
-            if view.kind is _MIXED:
-                ahead -= view.queued_embedding_tokens + added_emb[vid]
-            if hold_s > 0.0 and ahead > hold_s * view.prefill_tokens_per_s:
-                continue
-            if view.kind is _LLM_ONLY:
-                if view.max_inflight - view.running - view.waiting - added[vid] < n:
-                    continue
-                capacity = view.prefill_tokens_per_s
-            else:
-                if self._room(call, view, LLM) < n:
-                    continue
-                capacity = view.prefill_tokens_per_s * self._llm_share(call, view)
-            outstanding = ahead + view.queued_decode_tokens + decode[vid]
-            # Rounded so that equal loads compare equal (0.7 * x is not exact in floating point).
-            load = round((outstanding + work) / capacity, 9) if capacity > _EPS else math.inf
-            key = (load, view.kind is not _LLM_ONLY, view.running + view.waiting + added[vid], vid)
-            if best_key is None or key < best_key:
-                best, best_key = view, key
-        if best is None or best_key is None:
-            return None
-        return best, best_key[0]
-
     # -- LLM ---------------------------------------------------------------------------------------
-    def _place_lone_llm(self, call: _Call, views: Sequence[InstanceView]) -> None:
-        """One LLM request queued, placement by the load rule, a fallback that cannot reject: there is
-        no order to decide, so the fallback is not asked (the common case at light load, and half of
-        a call's cost if it were). The request goes where `_llm_target` sends it, its priority as hint.
-        """
-        lone = call.llm_list()
-        request = lone[0]
-        found = self._llm_target(call, views, lone)
-        if found is None:
-            return
-        target, load = found
-        call.decisions.append(
-            call.ledger.assign(
-                target,
-                lone,
-                self._llm_rule,
-                f"the only queued LLM request; placed on the {target.kind.value} instance with the least work "
-                f"per LLM capacity ({load:.2f} s); {call.order_reason}",
-                priority_hint=int(request.priority),
-            )
-        )
-        call.unqueue(LLM, lone)
-        call.llm = []
-        call.llm_n = 0
-        call.llm_done.add(request.id)
-
-    def _place_lone_admitted(self, call: _Call, views: Sequence[InstanceView]) -> bool:
-        """`_place_llm` for one queued LLM request and the admission fallback, when the fallback would
-        see `views` unchanged (nothing placed on them yet, no share applies): the same decisions.
-
-        The fallback's answer (`SloAwarePolicy.lone_answer`: shed, stay queued, or its assignment's
-        reason) is read off this call's ledger, which equals a fresh one on these views; its choice
-        of instance is not made, since `_llm_target` re-targets it. At light load this is every
-        LLM placement. False (nothing done) when the views would be adjusted: the general path runs.
-        """
-        ledger = call.ledger
-        added = ledger.added_requests
-        embedding_waits = any(call.waiting[EMBEDDING].values())  # else no share applies anywhere
-        request = call.llm_list()[0]
-        model = request.model
-        any_room = serving_room = False
-        for view in views:
-            if (
-                added[view.id]
-                or not view.healthy
-                or (embedding_waits and view.kind is _MIXED and call.other_waits(LLM, view))
-            ):
-                return False
-            if not serving_room and view.max_inflight > view.running + view.waiting:  # free_slots > 0
-                any_room = True
-                serving_room = model in view.models
-        if not any_room:
-            return True  # the fallback would not be called (`_fallback_views` is None)
-        fallback = self.llm_fallback
-        assert isinstance(fallback, SloAwarePolicy)
-        # `serving_room`: the fallback has a candidate (healthy, a free slot, serves the request; the
-        # views it does not see are embedding-only, which do not).
-        answer = fallback.lone_answer(ledger, request, call.now + self._slack_margin_s, serving_room)
-        if answer is None:
-            return True
-        if isinstance(answer, Rejection):
-            call.decisions.append(dataclasses.replace(answer, rule=self._llm_rule))
-        else:
-            found = self._llm_target(call, views, [request])
-            if found is None:
-                return True
-            target, load = found
-            reason = (
-                f"order: {answer[1]}; placed on the {target.kind.value} instance with the least work per LLM "
-                f"capacity ({load:.2f} s); {call.order_reason}"
-            )
-            ledger.add(target.id, (request,))
-            call.decisions.append(Assignment(target.id, (request.id,), int(request.priority), self._llm_rule, reason))
-        call.unqueue(LLM, (request,))
-        call.llm_done.add(request.id)
-        call.llm = []
-        call.llm_n = 0
-        return True
-
     def _place_llm(self, call: _Call, views: Sequence[InstanceView]) -> None:
         """Let the fallback order (and, without the preference, place) the queued LLM requests.
 
