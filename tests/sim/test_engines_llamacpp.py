@@ -150,3 +150,15 @@ def test_lru_takes_the_slot_released_longest_ago_and_four_rows_cost_less_than_th
     assert core.step_time_s(three) == pytest.approx(
         perf.ubatch_time_s(UBatch(2, 2, 2, 22.0)) + perf.ubatch_time_s(UBatch(1, 1, 1, 11.0))
     )
+
+
+def test_an_embedding_input_is_never_split_across_batches():
+    """llama-server computes a non-causal (embedding) input in one batch: what does not fit waits."""
+    core = LlamaCppEngineCore(LlamaCppConfig(n_parallel=2, n_ctx=1024, n_batch=64, n_ubatch=64, embeddings=True), PERF)
+    for i in range(2):
+        core.add(EngineRequest(id=f"e{i}", prompt_tokens=48, output_tokens=1))
+    first = core.plan_step()
+    assert [t for _, t in first] == [48]
+    out = core.finish_step(first)
+    second = core.plan_step()
+    assert len(out.finished_ids) == 1 and [t for _, t in second] == [48]

@@ -11,8 +11,8 @@ What it models (llama-server's `update_slots` and llama.cpp's batch splitter):
   context is full (no context shift).
 - Each step is one `llama_decode` call: one token for every generating slot first (slot order), then
   prompt tokens of the slots still processing their prompt, in slot order, while the batch holds fewer
-  than `n_batch` tokens (prompts are processed in chunks). The first token comes with the step that
-  finishes the prompt.
+  than `n_batch` tokens (prompts are processed in chunks; an embedding server's input is non-causal and
+  goes in whole or waits for the next step). The first token comes with the step that finishes the prompt.
 - The batch is cut into physical micro-batches of at most `n_ubatch` tokens as llama.cpp does:
   with one KV stream per slot (the default, `kv_unified=False`, n_parallel > 1) by `split_equal`
   (sequential): a micro-batch takes sequences in batch order whose slot ids are consecutive, and the
@@ -215,6 +215,8 @@ class LlamaCppEngineCore:
             if r is None or r.n_past >= r.prompt or used >= self.config.n_batch:
                 continue
             left = r.prompt - r.n_past
+            if self.config.embeddings and left > self.config.n_batch - used:
+                continue  # a non-causal input is computed whole in one batch: it waits for the next step
             take = min(left, self.config.n_batch - used)
             tail = self.config.checkpoint_tail_tokens
             if tail and not self.config.embeddings and left > tail:

@@ -58,6 +58,7 @@ def engine_config(entry: Any, embeddings: bool, calibration: LlamaCppCalibration
     else:
         n_batch = entry.n_batch if entry.n_batch is not None else 2048
         n_ubatch = entry.n_ubatch if entry.n_ubatch is not None else 512
+    n_ubatch = min(n_ubatch, n_batch)  # llama.cpp clamps the physical batch to the logical one
     tail = entry.checkpoint_tail_tokens
     if tail is None:
         tail = int((calibration.server or {}).get("checkpoint_tail_tokens", 0))
