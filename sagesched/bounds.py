@@ -33,7 +33,7 @@ import numpy as np
 
 from sagesched.core import Request
 from sagesched.sim.config import ClusterConfig, InstanceConfig
-from sagesched.sim.engines.llamacpp_instance import isolated_llamacpp_s, llamacpp_admits
+from sagesched.sim.engines.llamacpp_instance import isolated_llamacpp_s, llamacpp_admits, prefix_block_tokens
 from sagesched.sim.engines.tei import embedding_engine_config
 from sagesched.sim.perf_model import BatchShape, EmbeddingPerfModel, LLMPerfModel
 
@@ -133,7 +133,14 @@ def isolated_latencies(requests: Sequence[Request], cluster: ClusterConfig) -> n
                 if block_hash not in seen_blocks:
                     break
                 cached += 1
-            block_tokens = candidates[0].vllm.prefix_hash_block_tokens if candidates else 0
+            block_tokens = 0
+            if candidates:
+                first = candidates[0]
+                block_tokens = (
+                    prefix_block_tokens(first.llamacpp)
+                    if first.engine == "llamacpp"
+                    else first.vllm.prefix_hash_block_tokens
+                )
             cached *= block_tokens
             seen_blocks.update(request.prefix_hashes)
         if not candidates:

@@ -137,7 +137,8 @@ def block_tokens_of(entry: Mapping[str, Any]) -> int | None:
     `prefix_hash_block_tokens`), or None."""
     if entry.get("engine") == "llamacpp":
         section = entry.get("llamacpp") or {}
-        return int(section["prefix_block_tokens"]) if "prefix_block_tokens" in section else None
+        value = section.get("prefix_block_tokens")
+        return int(value) if value is not None else None
     vllm = entry.get("vllm") or {}
     return int(vllm["prefix_hash_block_tokens"]) if "prefix_hash_block_tokens" in vllm else None
 

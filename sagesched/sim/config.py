@@ -180,7 +180,8 @@ class LlamaCppInstanceConfig:
     checkpoint_tail_tokens: None takes the calibration's (4 for Gemma 3's sliding-window attention).
     The rest as `LlamaCppConfig`: prompt cache, 503 when every slot is busy (`reject_when_busy`; the
     real server's default is to queue), `--slot-prompt-similarity`, `--kv-unified`, KV padding, and
-    the tokens per entry of a request's `prefix_hashes`.
+    `prefix_block_tokens`, the tokens per entry of a request's `prefix_hashes` (a property of the
+    workload, not the server: None is the traces' 512, as vllm.prefix_hash_block_tokens).
     host / host_cpus: servers that name the same `host` share its `host_cpus` cores: while k of them
         run a step, each runs at 1 / max(1, k / host_cpus) of its calibrated speed (one-thread servers
         under a fair CPU scheduler; steps in flight are re-timed when k changes, work conserved).
@@ -198,7 +199,7 @@ class LlamaCppInstanceConfig:
     kv_unified: bool = False
     checkpoint_tail_tokens: int | None = None
     kv_pad: int = 256
-    prefix_block_tokens: int = 16
+    prefix_block_tokens: int | None = None
     host: str | None = None
     host_cpus: int = 1
 

@@ -39,3 +39,15 @@ def test_a_bad_llamacpp_entry_is_refused_at_its_field_for_live_use_too():
     bad = {"instances": [{**CLUSTER["instances"][0], "llamacpp": {"calibration": "nope", "n_parallel": 2}}]}
     with pytest.raises(ConfigFieldError, match=r"cluster\.instances\[0\]\.llamacpp\.calibration.*no such file"):
         backend_configs(bad)
+
+
+def test_prefix_hash_blocks_mean_the_same_tokens_in_the_simulator_the_live_prompts_and_the_bounds():
+    """The hash granularity belongs to the workload: 512 tokens unless the entry says otherwise."""
+    from sagesched.sim.engines.llamacpp_instance import engine_config, load_llamacpp_calibration, prefix_block_tokens
+
+    entry = {**CLUSTER["instances"][0], "llamacpp": {"calibration": "gemma-3-270m-q4km-xeon-2cpu-t1"}}
+    cluster = {"instances": [entry]}
+    inst = ClusterConfig.from_dict(sim_cluster_dict(cluster)).instances[0]
+    cfg = engine_config(inst.llamacpp, False, load_llamacpp_calibration("gemma-3-270m-q4km-xeon-2cpu-t1"))
+    assert block_tokens(cluster) == 512 == cfg.prefix_block_tokens == prefix_block_tokens(inst.llamacpp)
+    assert block_tokens(CLUSTER) == 32  # an entry that says so

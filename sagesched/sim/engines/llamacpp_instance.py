@@ -49,6 +49,15 @@ RATE_DECODE_CONTEXT = 256
 _SUB = "\x00"  # separates an embedding request's id from its input index in the core's ids
 
 
+#: Tokens per entry of `Request.prefix_hashes` when an entry does not say (the traces' Mooncake block).
+PREFIX_BLOCK_TOKENS = 512
+
+
+def prefix_block_tokens(entry: Any) -> int:
+    """The hash granularity of a `llamacpp:` section: its `prefix_block_tokens`, else the traces' 512."""
+    return int(entry.prefix_block_tokens) if entry.prefix_block_tokens is not None else PREFIX_BLOCK_TOKENS
+
+
 def engine_config(entry: Any, embeddings: bool, calibration: LlamaCppCalibration) -> LlamaCppConfig:
     """The `LlamaCppConfig` of a cluster entry's `llamacpp:` section (`LlamaCppInstanceConfig`)."""
     n_ctx = entry.n_ctx if entry.n_ctx is not None else DEFAULT_SLOT_CONTEXT * entry.n_parallel
@@ -67,7 +76,7 @@ def engine_config(entry: Any, embeddings: bool, calibration: LlamaCppCalibration
         n_ctx=n_ctx,
         n_batch=n_batch,
         n_ubatch=n_ubatch,
-        prefix_block_tokens=entry.prefix_block_tokens,
+        prefix_block_tokens=prefix_block_tokens(entry),
         cache_prompt=entry.cache_prompt,
         reject_when_busy=entry.reject_when_busy,
         slot_prompt_similarity=entry.slot_prompt_similarity,
