@@ -212,6 +212,10 @@ class LlamaCppInstanceConfig:
             raise ConfigFieldError(("n_ctx",), f"{self.n_ctx} gives each of {self.n_parallel} slots no context")
         if self.checkpoint_tail_tokens is not None and self.checkpoint_tail_tokens < 0:
             raise ConfigFieldError(("checkpoint_tail_tokens",), f"must be >= 0, got {self.checkpoint_tail_tokens}")
+        if self.host is not None and not self.host:
+            raise ConfigFieldError(("host",), "must be a non-empty name (or null: the server has its own core)")
+        if self.host is None and self.host_cpus != 1:
+            raise ConfigFieldError(("host_cpus",), "is the cores of a shared `host`; set `host` too")
         if not 0.0 <= self.slot_prompt_similarity <= 1.0:
             raise ConfigFieldError(("slot_prompt_similarity",), f"must be in [0, 1], got {self.slot_prompt_similarity}")
 
@@ -281,7 +285,18 @@ class InstanceConfig:
         if self.engine not in ("vllm", "llamacpp"):
             raise ConfigFieldError(("engine",), f"instance {self.id}: {self.engine!r}: use 'vllm' or 'llamacpp'")
         if self.engine != "llamacpp":
+            if self.llamacpp != LlamaCppInstanceConfig():
+                raise ConfigFieldError(
+                    ("llamacpp",),
+                    f"instance {self.id}: llama.cpp knobs on a vLLM instance; add `engine: llamacpp` to use them",
+                )
             return
+        if self.calibration is not None:
+            raise ConfigFieldError(
+                ("calibration",),
+                f"instance {self.id}: engine llamacpp reads `llamacpp.calibration`, not `calibration` (a GPU "
+                "profile calibration); move it there",
+            )
         if self.kind is InstanceKind.LLM_EMBEDDING:
             raise ConfigFieldError(
                 ("engine",),

@@ -462,3 +462,18 @@ def test_three_servers_on_two_cores_each_get_two_thirds():
     assert len(set(shared["instance_id"])) == 3
     for rid in alone.index:
         assert shared.loc[rid, "finish_s"] == pytest.approx(1.5 * alone.loc[rid, "finish_s"], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("entry", "where", "says"),
+    [
+        ({"id": "v", "kind": "llm", "model": "m", "llamacpp": {"n_parallel": 2}}, "llamacpp", "add `engine: llamacpp`"),
+        ({**llm_entry(), "calibration": "x.yaml"}, "calibration", "llamacpp.calibration"),
+        ({**llm_entry(), "llamacpp": {"calibration": LLM_CAL, "host_cpus": 2}}, "llamacpp.host_cpus", "set `host`"),
+        ({**llm_entry(), "llamacpp": {"calibration": LLM_CAL, "host": ""}}, "llamacpp.host", "non-empty"),
+    ],
+)
+def test_knobs_that_would_be_ignored_are_refused(entry, where, says):
+    with pytest.raises(ConfigFieldError) as err:
+        ClusterConfig.from_dict({"instances": [entry]})
+    assert f"cluster.instances[0].{where}" in str(err.value) and says in str(err.value)
