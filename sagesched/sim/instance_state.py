@@ -56,7 +56,7 @@ class InstanceState:
         self.index = 0  # position in the simulator's instance list (and its views)
         self.llm_t0 = 0.0
         self.llm_gen = 0
-        self.llm_event: simpy.Event | None = None  # the end event of the decode run in flight
+        self.llm_event: simpy.Event | None = None  # the end event of the LLM segment in flight (step or run)
         self.tei_batch: TeiBatch | None = None
         # Utilisation: time with at least one engine busy.
         self.busy_since: float | None = None
