@@ -477,3 +477,27 @@ def test_knobs_that_would_be_ignored_are_refused(entry, where, says):
     with pytest.raises(ConfigFieldError) as err:
         ClusterConfig.from_dict({"instances": [entry]})
     assert f"cluster.instances[0].{where}" in str(err.value) and says in str(err.value)
+
+
+def test_asking_a_started_steps_time_again_changes_nothing():
+    """On a shared host the first `step_time_s` call starts the step; a second caller must not count it twice."""
+    from sagesched.sim.engines.llamacpp_instance import SYNC, CpuHost, LlamaCppInstanceCore, LlamaCppPlan
+
+    perf = load_llamacpp_perf(ClusterConfig.from_dict({"instances": [llm_entry()]}).instances[0])
+    core = LlamaCppInstanceCore(perf)
+    host = CpuHost("box", 1)
+
+    class Clock:  # what the host reads of the simulator: its clock
+        class env:
+            now = 0.0
+
+    host.sim = Clock
+    core.host = host
+    host.members.append((None, core))
+    core.add(EngineRequest(id="a", prompt_tokens=8, output_tokens=2, max_tokens=2))
+    assert core.plan_step() is SYNC
+    core.finish_step(SYNC)
+    plan = core.plan_step()
+    assert isinstance(plan, LlamaCppPlan)
+    first = core.step_time_s(plan)
+    assert core.step_time_s(plan) == first and host.busy == 1

@@ -169,12 +169,13 @@ SYNC = _Sync()
 class LlamaCppPlan:
     """A planned `llama_decode` batch: (slot, tokens) pairs."""
 
-    __slots__ = ("batch", "batch_size", "preempted")
+    __slots__ = ("batch", "batch_size", "preempted", "time_s")
 
     def __init__(self, batch: list[tuple[Slot, int]]) -> None:
         self.batch = batch
         self.batch_size = len(batch)
         self.preempted: tuple = ()
+        self.time_s: float | None = None  # set when the step starts (`step_time_s`)
 
 
 @dataclass
@@ -431,19 +432,27 @@ class LlamaCppInstanceCore:
         return n
 
     def step_time_s(self, plan: _Sync | LlamaCppPlan) -> float:
-        """The step's time; on a shared host at the host's factor with this step running (the driver
-        calls this once per planned step, as it starts)."""
+        """The step's time, as it starts; on a shared host at the host's factor with this step running.
+
+        The driver calls it once per planned step when the step starts, and on a shared host that call
+        is the step's start (it joins the host's busy count and re-times the others): a later call for
+        the same plan returns the time the first one gave and changes nothing.
+        """
         if isinstance(plan, _Sync):
             return 0.0
+        if plan.time_s is not None:
+            return plan.time_s
         t = self.core.step_time_s(plan.batch)
         host = self.host
         if host is None:
+            plan.time_s = t
             return t
         host.busy += 1
         self.factor = host.factor()
         t *= self.factor
         self.step_end = host.now() + t
         host.changed(self)
+        plan.time_s = t
         return t
 
     def finish_step(self, plan: _Sync | LlamaCppPlan, now: float = 0.0) -> StepOutcome:
