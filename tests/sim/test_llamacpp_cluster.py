@@ -501,3 +501,19 @@ def test_asking_a_started_steps_time_again_changes_nothing():
     assert isinstance(plan, LlamaCppPlan)
     first = core.step_time_s(plan)
     assert core.step_time_s(plan) == first and host.busy == 1
+
+
+def test_a_chat_frontend_cost_is_added_as_the_driver_adds_it(tmp_path):
+    """The shipped chat calibration has no frontend cost; one with 20 ms must shift first token and finish."""
+    cal = dataclasses.replace(load_llamacpp_calibration(LLM_CAL), frontend_request_s=0.02)
+    path = cal.write(tmp_path / "chat-fe.yaml")
+    entry = {**llm_entry(), "llamacpp": {"calibration": str(path), "n_parallel": 2}}
+    reqs = chats(30, 2.0)
+    cfg = engine_config(ClusterConfig.from_dict({"instances": [entry]}).instances[0].llamacpp, False, cal)
+    pairs = [(r.arrival_s, EngineRequest(id=r.id, prompt_tokens=r.prompt_tokens, output_tokens=r.output_tokens or 1,
+                                         max_tokens=r.max_tokens)) for r in reqs]  # fmt: skip
+    ref = {rec.id: rec for rec in replay_llamacpp(pairs, cfg, cal.step, frontend_request_s=0.02)}
+    got = by_id(run(reqs, [entry]))
+    for rid, rec in ref.items():
+        assert got.loc[rid, "first_token_s"] == pytest.approx(rec.first_token_s, rel=1e-9)
+        assert got.loc[rid, "finish_s"] == pytest.approx(rec.finish_s, rel=1e-9)
