@@ -11,6 +11,7 @@ mixed instance while the other type waits for it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -123,6 +124,19 @@ class EmbeddingBatching:
             wait *= self.config.colocated_embedding_slowdown
         return wait
 
+    def _llm_prefill_ms(self, call: _Call, view: InstanceView) -> float:
+        """Predicted ms of LLM prefill queued at `view` (a mixed GPU's embedding queue not counted),
+        this call's placements included."""
+        ledger = call.ledger
+        vid = view.id
+        tokens = (
+            view.queued_prefill_tokens
+            + ledger.added_prefill[vid]
+            - view.queued_embedding_tokens
+            - ledger.added_embedding_tokens[vid]
+        )
+        return 1000.0 * tokens / view.prefill_tokens_per_s if view.prefill_tokens_per_s > 0 else math.inf
+
     def _place_embeddings(self, call: _Call) -> None:
         """Form and release batches, model by model, best-ranked head first, until all are held or placed."""
         if not call.groups:
@@ -148,6 +162,14 @@ class EmbeddingBatching:
                 # while that queue is short, so it never delays an SLO-bound query by more than the
                 # holdback; otherwise it waits at the gateway, where urgent requests overtake it.
                 targets = [t for t in targets if self._embedding_queue_s(call, t) * 1000.0 <= c.embedding_holdback_ms]
+                if targets and c.mixed_ingest_guard_ms > 0:
+                    # ...and a mixed GPU's embedding engine only while its LLM engine has little
+                    # prefill queued: a batch there stretches the steps that are making TTFTs.
+                    targets = [
+                        t
+                        for t in targets
+                        if t.kind is not _MIXED or self._llm_prefill_ms(call, t) <= c.mixed_ingest_guard_ms
+                    ]
                 if not targets:
                     aside.add(head.id)  # a completion there (the driver calls again) lets it go
                     continue

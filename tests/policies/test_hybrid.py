@@ -396,7 +396,11 @@ def test_embeddings_overflow_to_a_mixed_instance_when_the_tei_one_is_more_loaded
         "mix", "llm_embedding", prefill_tokens_per_s=1_000.0, queued_prefill_tokens=50_000, queued_embedding_tokens=0
     )
     backlog_tei = make_view("tei", "embedding", running=1, queued_prefill_tokens=500)  # 10 ms queued
-    assert target(backlog_tei, slow_prefill) == "mix"
+    # (A query with an SLO: work without one waits while a mixed GPU's LLM side is prefilling,
+    # `mixed_ingest_guard_ms`, tests/policies/test_hybrid_margin.py.)
+    query = [emb(make_request, "q", inputs=1, tokens=10, e2e_ms=50)]
+    (d,) = HybridPolicy().schedule(0.0, query, [backlog_tei, slow_prefill])
+    assert d.instance_id == "mix"
 
 
 def _fields(view):

@@ -78,3 +78,38 @@ def test_margin_never_sheds_what_the_clock_says_can_make_it(make_request, make_v
     # Without the margin the same request is shed alike: the margin moves no shedding threshold.
     decisions = make_policy("hybrid", slack_margin_ms=0, **config).schedule(NOW, [late, *others], [view])
     assert [d.request_id for d in decisions if isinstance(d, Rejection)] == ["l"]
+
+
+# -- mixed-GPU ingest guard (`mixed_ingest_guard_ms`) -----------------------------------------------
+
+
+def test_ingest_waits_while_a_mixed_gpus_llm_engine_is_prefilling(make_request, make_view):
+    """Background embeddings (no SLO) join a mixed GPU's embedding engine only while its LLM engine
+    has at most 100 ms of prefill queued (the batch would stretch the prefill's steps); a query with
+    an SLO still goes; an embedding-only GPU takes the ingest; 0 turns the guard off."""
+    ingest = make_request("ing", kind="embedding", inputs=32, prompt_tokens=8192, priority="background")
+    query = make_request("q", kind="embedding", inputs=1, prompt_tokens=32, e2e_ms=50)
+    # 3,000 LLM prompt tokens queued at 10k tokens/s: 300 ms of prefill (its embedding queue is empty).
+    busy = make_view(
+        "mix", "llm_embedding", running=3, queued_prefill_tokens=3_000, prefill_tokens_per_s=RATE, max_inflight=64
+    )
+    assert make_policy("hybrid").schedule(NOW, [ingest], [busy]) == []  # held at the gateway
+    (placed,) = make_policy("hybrid", mixed_ingest_guard_ms=0).schedule(NOW, [ingest], [busy])
+    assert placed.request_ids == ("ing",) and placed.instance_id == "mix"
+    (q,) = make_policy("hybrid").schedule(NOW, [query], [busy])
+    assert q.request_ids == ("q",)
+    # 500 tokens (50 ms) of prefill: under the guard, the ingest goes.
+    light = make_view(
+        "mix", "llm_embedding", running=3, queued_prefill_tokens=500, prefill_tokens_per_s=RATE, max_inflight=64
+    )
+    (placed,) = make_policy("hybrid").schedule(NOW, [ingest], [light])
+    assert placed.instance_id == "mix"
+    # An embedding-only GPU is not guarded.
+    tei = make_view("tei", "embedding", max_inflight=64)
+    (placed,) = make_policy("hybrid").schedule(NOW, [ingest], [busy, tei])
+    assert placed.instance_id == "tei"
+
+
+def test_bad_guard_names_the_fix():
+    with pytest.raises(ValueError, match="mixed_ingest_guard_ms must be a finite number >= 0"):
+        make_policy("hybrid", mixed_ingest_guard_ms=-1)
