@@ -11,7 +11,7 @@
 #   - multi_tenant: four tenants (40/20/20/20%), 6 policies, 2 loads, 2 seeds (24 runs);
 # then `sagesched.report` (the per-scenario tables and plots) and `analyze.py` (paired-by-seed
 # comparisons, gap to the bound closed, shed fractions, mixed vs siloed, Jain's index).
-# One job at a time by default (N_JOBS=1; the machine it was tuned on has 2 shared cores): ~30 min.
+# One job at a time by default (N_JOBS=1; the machine it was tuned on has 2 shared cores): ~12 min (29 Nov 2026).
 # Set SAGESCHED_BENCH_DIR to keep the run folders elsewhere (default: multirun/policy_benchmark).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
