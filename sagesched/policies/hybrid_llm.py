@@ -110,6 +110,8 @@ class LlmPlacement:
             outstanding = ahead + view.queued_decode_tokens + decode[vid]
             # Rounded so that equal loads compare equal (0.7 * x is not exact in floating point).
             load = round((outstanding + work) / capacity, 9) if capacity > _EPS else math.inf
+            if best_key is not None and load > best_key[0]:
+                continue  # the key's first term already loses: no tuple to build (hot: per view)
             key = (load, view.kind is not _LLM_ONLY, view.running + view.waiting + added[vid], vid)
             if best_key is None or key < best_key:
                 best, best_key = view, key

@@ -12,6 +12,7 @@ bookkeeping.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import partial
 
 import simpy
 
@@ -63,7 +64,7 @@ class EngineSegments(ABC):
                     if inst.busy_since is None:  # `_set_busy` with the LLM engine busy, inlined (hot)
                         inst.busy_since = now
                     ev = env.timeout(run.cum_time(run.k))
-                    ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
+                    ev.callbacks.append(partial(self._llm_done, inst, gen))
                     inst.llm_event = ev
                     if gpu is not None:
                         self._llm_started(inst, gpu, factor, 0.0)
@@ -85,7 +86,7 @@ class EngineSegments(ABC):
             inst.busy_since = now
         dt = core.step_time_s(plan) * factor
         ev = env.timeout(dt)
-        ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
+        ev.callbacks.append(partial(self._llm_done, inst, gen))
         inst.llm_event = ev  # re-timed by a shared GPU, or by a llama.cpp server's shared CPU host
         if gpu is not None:
             self._llm_started(inst, gpu, factor, now + dt)
@@ -137,7 +138,7 @@ class EngineSegments(ABC):
         assert inst.llm_event is not None
         inst.llm_event.callbacks.clear()  # stale: `_llm_done` would ignore it (old generation)
         ev = self.env.timeout(delay)
-        ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
+        ev.callbacks.append(partial(self._llm_done, inst, gen))
         inst.llm_event = ev
 
     def _cut_run(self, inst: InstanceState) -> None:
@@ -156,10 +157,12 @@ class EngineSegments(ABC):
         # it (`_llm_done` would ignore it anyway: its generation is stale).
         inst.llm_event.callbacks.clear()
         ev = self.env.timeout(inst.llm_t0 + run.cum_time(m + 1) - now)
-        ev.callbacks.append(lambda _e: self._llm_done(inst, gen))
+        ev.callbacks.append(partial(self._llm_done, inst, gen))
         inst.llm_event = ev
 
-    def _llm_done(self, inst: InstanceState, gen: int) -> None:
+    def _llm_done(self, inst: InstanceState, gen: int, _event: object = None) -> None:
+        # A SimPy callback through `functools.partial` (the event comes last, unused): a C-level call
+        # rather than a lambda's Python frame per engine event.
         if gen != inst.llm_gen:
             return  # superseded by a cut
         self.events += 1
@@ -218,7 +221,7 @@ class EngineSegments(ABC):
             gpu.tei_now = factor
             gpu.tei_end = now + dt
         ev = self.env.timeout(dt)
-        ev.callbacks.append(lambda _e: self._tei_done(inst))
+        ev.callbacks.append(partial(self._tei_done, inst))
         if gpu is not None:
             gpu.tei_event = ev
 
@@ -236,10 +239,10 @@ class EngineSegments(ABC):
         assert gpu.tei_event is not None
         gpu.tei_event.callbacks.clear()  # stale
         ev = self.env.timeout(new - now)
-        ev.callbacks.append(lambda _e: self._tei_done(inst))
+        ev.callbacks.append(partial(self._tei_done, inst))
         gpu.tei_event = ev
 
-    def _tei_done(self, inst: InstanceState) -> None:
+    def _tei_done(self, inst: InstanceState, _event: object = None) -> None:
         self.events += 1
         now = self.env.now
         assert inst.tei is not None and inst.tei_batch is not None

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 from sagesched.sim.engines.llamacpp import LlamaCppConfig, LlamaCppEngineCore, Slot
@@ -252,7 +252,7 @@ class CpuHost:
         if inst.llm_event is not None:
             inst.llm_event.callbacks.clear()  # superseded (`_llm_done` would ignore its generation)
         ev = sim.env.timeout(end - now)
-        ev.callbacks.append(lambda _e: sim._llm_done(inst, gen))
+        ev.callbacks.append(partial(sim._llm_done, inst, gen))
         inst.llm_event = ev
 
 
