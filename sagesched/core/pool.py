@@ -125,16 +125,16 @@ class ViewList(list):
     ``__init__`` on a list subclass cost more (~0.7 us a call) than the dict it saves.
     """
 
-    __slots__ = ("_by_id", "serves_class")
+    # Class-level defaults (no __slots__), so that a plain `ViewList(views)` works too.
     idle_ids = None
-    _by_id: dict[str, InstanceView] | None
-    serves_class: dict | None  # as `InstancePool.serves_class`
+    _by_id: dict[str, InstanceView] | None = None
+    serves_class: dict | None = None  # as `InstancePool.serves_class`
 
     @classmethod
     def of(cls, views: Iterable[InstanceView], serves_class: dict | None = None) -> ViewList:
         made = cls(views)
-        made._by_id = None
-        made.serves_class = serves_class
+        if serves_class is not None:
+            made.serves_class = serves_class
         return made
 
     def by_id(self) -> dict[str, InstanceView]:

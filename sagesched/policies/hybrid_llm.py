@@ -16,13 +16,15 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from sagesched.core import Assignment, InstanceView, Priority, Rejection, Request
+from sagesched.core import Assignment, InstanceKind, InstanceView, Priority, Rejection, Request
 from sagesched.policies.base import Policy
 from sagesched.policies.hybrid_call import _Call
 from sagesched.policies.hybrid_config import _EPS, _LLM_ONLY, _MIXED, EMBEDDING, LLM, HybridConfig
 from sagesched.policies.slo_aware import SloAwarePolicy
 
 _HIGH = int(Priority.HIGH)  # the least urgent class `llm_holdback_ms` never holds
+# `kind.value` for the reasons: an enum's `.value` is a Python-level descriptor, read on every placement.
+_KIND_NAMES = {kind: kind.value for kind in InstanceKind}
 
 
 class LlmPlacement:
@@ -135,7 +137,7 @@ class LlmPlacement:
                 target,
                 lone,
                 self._llm_rule,
-                f"the only queued LLM request; placed on the {target.kind.value} instance with the least work "
+                f"the only queued LLM request; placed on the {_KIND_NAMES[target.kind]} instance with the least work "
                 f"per LLM capacity ({load:.2f} s); {call.order_reason}",
                 priority_hint=int(request.priority),
             )
@@ -187,7 +189,7 @@ class LlmPlacement:
                 return True
             target, load = found
             reason = (
-                f"order: {answer[1]}; placed on the {target.kind.value} instance with the least work per LLM "
+                f"order: {answer[1]}; placed on the {_KIND_NAMES[target.kind]} instance with the least work per LLM "
                 f"capacity ({load:.2f} s); {call.order_reason}"
             )
             ledger.add(target.id, (request,))

@@ -108,3 +108,26 @@ def test_real_policy_passes_through_unchanged() -> None:
     placed = {r.id: p.instance_id for p in d.placements for r in p.requests}
     assert placed == {"a": "i1", "b": "t1"}
     assert d.verdicts == [] and d.policy_errors == 0
+
+
+def test_a_view_list_decides_as_the_plain_list_it_is():
+    """The simulator's `ViewList` (a list that also shares one id map per call) gives the decisions a
+    plain list gives, built with `ViewList.of` or directly, including an invalid target."""
+    from sagesched.core.pool import ViewList
+
+    views = [view("a"), view("b", InstanceKind.EMBEDDING, models=("e",)), view("c", healthy=False)]
+    queue = [req("r1"), req("r2"), req("r3")]
+
+    class Fixed:
+        name = "fixed"
+
+        def schedule(self, now, q, vs):
+            return [Assignment("a", ("r1",)), Assignment("b", ("r2",)), Assignment("c", ("r3",))]
+
+    want = decide(Fixed(), 0.0, queue, views)
+    for shown in (ViewList(views), ViewList.of(views, serves_class={})):
+        got = decide(Fixed(), 0.0, queue, shown)
+        assert got.placements == want.placements and got.verdicts == want.verdicts
+        assert got.held_unhealthy == want.held_unhealthy == 1
+        assert shown.by_id() == {v.id: v for v in views} and shown.idle_ids is None
+    assert [p.instance_id for p in want.placements] == ["a"] and want.verdicts[0].code == INVALID_DECISION
