@@ -109,6 +109,16 @@ class AdmissionControl:
             self._mark = None
         self._last = ids
 
+    def observe_one(self, request_id: str) -> None:
+        """`observe_ids({request_id})` without the set difference (a lone request, every light-load call)."""
+        mark = self._mark
+        if mark is None:
+            self.seen_count += request_id not in self._last
+        else:
+            self.seen_count += not mark[0].queued_by(request_id, mark[1])
+            self._mark = None
+        self._last = {request_id}
+
     def observe_queue(
         self, queue: GatewayQueue, columns: Sequence[tuple[ClassKey, Columns]], exclude: Collection[str]
     ) -> bool:

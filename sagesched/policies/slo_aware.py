@@ -268,7 +268,7 @@ class SloAwarePolicy(Policy):
         """
         admission = self.admission
         assert admission is not None
-        admission.observe_ids({request.id})
+        admission.observe_one(request.id)
         if not has_slo(request):
             if placeable is None:
                 placeable = _placeable(ledger, request)

@@ -84,8 +84,9 @@ def test_hybrid_sheds_late_llm_work_through_its_fallback(make_request, make_view
 
 
 def test_observe_queue_counts_what_observe_ids_counts(make_request):
-    """Counting the requests added since the last call (`observe_queue`) gives the set arithmetic's
-    count, whatever mix of calls (queue-wide, explicit ids) and queue changes comes between."""
+    """Counting the requests added since the last call (`observe_queue`), or one lone request
+    (`observe_one`), gives the set arithmetic's count, whatever mix of calls (queue-wide, explicit
+    ids, one id) and queue changes comes between."""
     rng = random.Random(4)
     fast = AdmissionControl(AdmissionConfig())
     ref = AdmissionControl(AdmissionConfig())
@@ -109,10 +110,14 @@ def test_observe_queue_counts_what_observe_ids_counts(make_request):
             assert fast.observe_queue(q, columns, exclude) == bool(ids)
             if ids:
                 ref.observe_ids(ids)
-        else:  # a short queue's plain path: explicit ids
+        elif rng.random() < 0.5:  # a short queue's plain path: explicit ids
             ids = {r.id for r in q if class_of(r) in offered}
             fast.observe_ids(set(ids))
             ref.observe_ids(ids)
+        else:  # a lone request (`observe_one`)
+            rid = rng.choice([r.id for r in q])
+            fast.observe_one(rid)
+            ref.observe_ids({rid})
         assert fast.seen_count == ref.seen_count
         for rid in exclude:
             q.pop(rid)
