@@ -33,7 +33,7 @@ class PoolClosed(RuntimeError):
 class InstancePool(Sequence[InstanceView]):
     """Lazily built views of one policy call (module docstring)."""
 
-    __slots__ = ("_build", "_closed", "_ids", "_index", "_views", "idle_ids", "serves_class")
+    __slots__ = ("_build", "_closed", "_ids", "_index", "_views", "idle_ids", "serves_class", "uniform_llm")
 
     def __init__(
         self,
@@ -43,6 +43,7 @@ class InstancePool(Sequence[InstanceView]):
         build: Callable[[int], InstanceView],
         idle_ids: tuple[str, ...] = (),
         serves_class: dict | None = None,
+        uniform_llm: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         self._views = views  # None where not built yet (the pool's own list)
         self._ids = ids
@@ -53,6 +54,11 @@ class InstancePool(Sequence[InstanceView]):
         # (is_embedding, model) -> whether any instance serves it, shared by the calls of a driver
         # whose instances never change kind or models (`policies.base.servable_classes`).
         self.serves_class = serves_class
+        # model -> (prefill_tokens_per_s, decode_step_s) shared by every instance that can serve the
+        # model's LLM requests, when those never change and every instance is always healthy (the
+        # simulator's pools); None when the driver does not know. With it, an idle instance serving
+        # the model is as fast as any and has nothing ahead: a least-work choice is an idle one.
+        self.uniform_llm = uniform_llm
 
     def _get(self, i: int) -> InstanceView:
         view = self._views[i]

@@ -65,6 +65,7 @@ from sagesched.core import (
     Request,
     RequestType,
 )
+from sagesched.core.pool import InstancePool
 from sagesched.core.queue import ClassKey
 from sagesched.policies.base import (
     LoadLedger,
@@ -255,14 +256,26 @@ class HybridPolicy(EmbeddingBatching, LlmPlacement, Policy):
             order_reason=order_reason,
         )
 
-        llm_views = [v for v in instances if v.kind is not _EMBEDDING_ONLY] if call.llm_n else []
+        # Built on the first LLM round that needs them: on a large pool, a lone request that an idle
+        # instance takes (`_place_lone_idle`) reads no other view.
+        llm_views: list[InstanceView] | None = None if call.llm_n else []
         second = LLM if first == EMBEDDING else EMBEDDING
         for kind in (first, second, first):
             if kind == EMBEDDING:
                 if call.groups:
                     self._place_embeddings(call)
-            elif call.llm_n and llm_views:
-                self._place_llm(call, llm_views)
+            elif call.llm_n:
+                if llm_views is None:
+                    if (
+                        type(instances) is InstancePool
+                        and self._lone_admitted
+                        and call.llm_n == 1
+                        and self._place_lone_idle(call)
+                    ):
+                        continue
+                    llm_views = [v for v in instances if v.kind is not _EMBEDDING_ONLY]
+                if llm_views:
+                    self._place_llm(call, llm_views)
 
         if call.groups:
             window_s = self.config.window_s

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from sagesched.core import Assignment, InstanceKind, InstanceView, Priority, Rejection, Request
+from sagesched.core.pool import InstancePool
 from sagesched.policies.base import Policy
 from sagesched.policies.hybrid_call import _Call
 from sagesched.policies.hybrid_config import _EPS, _LLM_ONLY, _MIXED, EMBEDDING, LLM, HybridConfig
@@ -146,6 +147,61 @@ class LlmPlacement:
         call.llm = []
         call.llm_n = 0
         call.llm_done.add(request.id)
+
+    def _place_lone_idle(self, call: _Call) -> bool:
+        """`_place_lone_admitted` in O(1) on a pool whose instances for the request's model share one
+        speed (`InstancePool.uniform_llm`) when one of them is idle: the same decisions.
+
+        With nothing placed yet in this call and no embedding queued (so no view would be adjusted
+        and no share applies), the first idle LLM-only instance in id order is where `_llm_target`
+        sends the request (no instance has less work per unit of the same capacity; ties go to
+        LLM-only, then fewer in flight, then id), and it also has the most slack of any instance
+        (no wait, the same service), which is all the fallback's answer needs (`lone_answer`'s
+        `best`). False, with nothing done, when any of that does not hold: `_place_llm` runs.
+        On 256 instances this call no longer reads every view.
+        """
+        pool = call.views
+        if type(pool) is not InstancePool or not pool.idle_ids or not pool.uniform_llm:
+            return False
+        if any(call.waiting[EMBEDDING].values()) or any(type(d) is Assignment for d in call.decisions):
+            return False
+        request = call.llm_list()[0]
+        model = request.model
+        if model not in pool.uniform_llm:
+            return False
+        views = call.ledger.views
+        target: InstanceView | None = None
+        for vid in pool.idle_ids:
+            view = views[vid]
+            if view.kind is _LLM_ONLY and model in view.models:
+                target = view
+                break
+        if target is None:
+            return False
+        fallback = self.llm_fallback
+        assert isinstance(fallback, SloAwarePolicy)
+        answer = fallback.lone_answer(call.ledger, request, call.now + self._slack_margin_s, True, target)
+        if answer is None:
+            return True
+        if isinstance(answer, Rejection):
+            call.decisions.append(dataclasses.replace(answer, rule=self._llm_rule))
+        else:
+            capacity = target.prefill_tokens_per_s
+            # `_llm_target`'s load for an instance with nothing outstanding, the same expression.
+            load = (
+                round((0 + request.prompt_tokens + request.max_tokens) / capacity, 9) if capacity > _EPS else math.inf
+            )
+            reason = (
+                f"order: {answer[1]}; placed on the {_KIND_NAMES[target.kind]} instance with the least work per LLM "
+                f"capacity ({load:.2f} s); {call.order_reason}"
+            )
+            call.ledger.add(target.id, (request,))
+            call.decisions.append(Assignment(target.id, (request.id,), int(request.priority), self._llm_rule, reason))
+        call.unqueue(LLM, (request,))
+        call.llm_done.add(request.id)
+        call.llm = []
+        call.llm_n = 0
+        return True
 
     def _place_lone_admitted(self, call: _Call, views: Sequence[InstanceView]) -> bool:
         """`_place_llm` for one queued LLM request and the admission fallback, when the fallback would

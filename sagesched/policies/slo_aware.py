@@ -254,7 +254,12 @@ class SloAwarePolicy(Policy):
         return [ledger.assign(target, [request], self.name, reason, priority_hint=int(request.priority))]
 
     def lone_answer(
-        self, ledger: LoadLedger, request: Request, now: float, placeable: bool | None = None
+        self,
+        ledger: LoadLedger,
+        request: Request,
+        now: float,
+        placeable: bool | None = None,
+        best: InstanceView | None = None,
     ) -> Rejection | tuple[dict[str, float] | None, str] | None:
         """What a call with `request` queued alone decides (admission on, fair share off), short of
         picking the instance; `ledger` holds no placements. Counts the request as seen.
@@ -265,6 +270,9 @@ class SloAwarePolicy(Policy):
         so that hybrid, which re-targets the fallback's assignment anyway, is told the answer
         without the fallback choosing an instance it would discard. `placeable`: whether `ledger`
         has a candidate for `request` (`LoadLedger.candidates`), when the caller already knows.
+        `best`: a candidate the caller knows has the most slack of every healthy compatible instance
+        (an idle one in a pool of equal rates: no wait, the same service), so only its slack is
+        computed; `slacks` then holds just it.
         """
         admission = self.admission
         assert admission is not None
@@ -273,22 +281,28 @@ class SloAwarePolicy(Policy):
             if placeable is None:
                 placeable = _placeable(ledger, request)
             return (None, _REASONS[_NO_SLO]) if placeable else None
-        slacks = {
-            v.id: slack_s(ledger, v.id, request, now)
-            for v in ledger.views.values()
-            if v.healthy and v.can_serve(request)
-        }
+        if best is not None:
+            slacks = {best.id: slack_s(ledger, best.id, request, now)}
+        else:
+            slacks = {
+                v.id: slack_s(ledger, v.id, request, now)
+                for v in ledger.views.values()
+                if v.healthy and v.can_serve(request)
+            }
         if not slacks:
             return None  # every compatible instance is down: it stays queued
-        best = max(list(slacks.values()))
-        if best >= 0:
-            candidates = ledger.candidates(request)
-            if not candidates:
-                return None
-            # The reason `_place_by_slack` gives: the slack of its target, the most of any candidate.
-            most = max([slacks[v.id] for v in candidates])
+        top = max(list(slacks.values()))
+        if top >= 0:
+            if best is not None:
+                most = top  # `best` is a candidate, and no instance has more slack
+            else:
+                candidates = ledger.candidates(request)
+                if not candidates:
+                    return None
+                # The reason `_place_by_slack` gives: the slack of its target, the most of any candidate.
+                most = max([slacks[v.id] for v in candidates])
             return slacks, f"least slack first: {most * 1000:.0f} ms slack here, the most of any instance"
-        shed, _kept = admission.split_late([(best, request)], self.name)
+        shed, _kept = admission.split_late([(top, request)], self.name)
         if shed:
             return shed[0]
         how = _LATE_FIRST if int(request.priority) <= admission.config.late_first_priority else _LATE

@@ -49,7 +49,7 @@ from sagesched.sim.instance_state import InstanceState
 from sagesched.sim.results import SimResult, timeline_frame
 from sagesched.sim.segments import EngineSegments
 from sagesched.sim.timeline import TimelineSampler
-from sagesched.sim.views import make_view
+from sagesched.sim.views import make_view, uniform_llm_rates
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ class Simulator(EngineSegments, TimelineSampler):
         self._stale: set[InstanceState] = set()
         self._idle: list[str] = []  # sorted ids of idle instances (see `InstancePool`)
         self._idle_set: set[str] = set()
+        self._uniform_llm: dict[str, tuple[float, float]] | None = None  # `uniform_llm_rates`, once
         self._serves_class: dict = {}  # class -> served by some instance (kinds and models never change)
         self.by_id = {inst.id: inst for inst in self.instances}
         bind_llamacpp(self.instances, self.requests, self)
@@ -284,8 +285,16 @@ class Simulator(EngineSegments, TimelineSampler):
                     idle_set.add(inst.id)
                     insort(idle, inst.id)
         self._stale.clear()
+        if self._uniform_llm is None:
+            self._uniform_llm = uniform_llm_rates(instances)
         return InstancePool(
-            views, self._ids, self._index, lambda i: view(instances[i], now), tuple(idle), self._serves_class
+            views,
+            self._ids,
+            self._index,
+            lambda i: view(instances[i], now),
+            tuple(idle),
+            self._serves_class,
+            self._uniform_llm,
         )
 
     def _any_active(self) -> bool:

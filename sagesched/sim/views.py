@@ -10,6 +10,8 @@ a layout trick about `InstanceView`, not about simulation.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 from sagesched.core import InstanceKind, InstanceView
 
@@ -208,3 +210,28 @@ def _direct_views_work() -> bool:
 # validated once by the real constructor). The generic version is the fallback should
 # `InstanceView`'s fields ever change.
 make_view = _make_view_direct if _direct_views_work() else _make_view_generic
+
+
+_STATIC_SLOT = {name: i for i, name in enumerate(InstanceView.__slots__)}
+
+
+def uniform_llm_rates(instances: Sequence[Any]) -> dict[str, tuple[float, float]]:
+    """`InstancePool.uniform_llm` for the simulator's instances (`InstanceState`, fixed `static_view`).
+
+    Per model, the (prefill_tokens_per_s, decode_step_s) that every instance able to serve the
+    model's LLM requests shares; a model whose instances differ is left out. The simulator's
+    instances are always healthy and their rates never change, which is what lets a policy call
+    an idle one the fastest place for new LLM work (hybrid's load rule, `hybrid_llm`).
+    """
+    slot = _STATIC_SLOT
+    pairs: dict[str, set[tuple[float, float]]] = {}
+    for inst in instances:
+        static = inst.static_view
+        if not static[slot["healthy"]]:
+            return {}
+        if static[slot["kind"]] is InstanceKind.EMBEDDING:
+            continue
+        pair = (static[slot["prefill_tokens_per_s"]], static[slot["decode_step_s"]])
+        for model in static[slot["models"]]:
+            pairs.setdefault(model, set()).add(pair)
+    return {model: next(iter(found)) for model, found in pairs.items() if len(found) == 1}

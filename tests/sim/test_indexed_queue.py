@@ -157,6 +157,46 @@ def test_idle_index_gives_the_reference_results(policy):
     pd.testing.assert_frame_equal(fast, reference)
 
 
+@pytest.mark.parametrize("spread", [20.0, 2.0])
+def test_hybrid_idle_shortcut_gives_the_reference_results(spread, monkeypatch, views_mode):
+    """On a pool of equal LLM instances (`InstancePool.uniform_llm`) hybrid sends a lone request to
+    the first idle one without reading the other views (`_place_lone_idle`); with SLOs, shedding
+    and busy instances the records are those of the plain-list reference, and the shortcut is used."""
+    from sagesched.policies.hybrid_llm import LlmPlacement
+
+    taken = {"yes": 0}
+    original = LlmPlacement._place_lone_idle
+
+    def counted(self, call):
+        placed = original(self, call)
+        taken["yes"] += placed
+        return placed
+
+    monkeypatch.setattr(LlmPlacement, "_place_lone_idle", counted)
+    reqs = [dataclasses.replace(r, arrival_s=spread * r.arrival_s) for r in saturating_workload(300, seed=9)]
+    reqs = [r for r in reqs if not r.is_embedding and r.model == "llm-a"]
+    pool = ClusterConfig(tuple(InstanceConfig(id=f"p{k:02d}", model="llm-a", max_inflight=2) for k in range(12)))
+
+    def run(plain: bool) -> pd.DataFrame:
+        result = simulate(
+            reqs,
+            pool,
+            make_policy("hybrid", llm_fallback_config={"max_shed_fraction": 0.3}),
+            SimConfig(timeline_interval_s=0),
+            perf_provider=make_provider(60_000),
+            plain_inputs=plain,
+        )
+        return result.records.sort_values("request_id").reset_index(drop=True)
+
+    fast = run(False)
+    if views_mode == "lazy pool":
+        assert taken["yes"] > 10  # the shortcut placed requests
+    else:
+        assert taken["yes"] == 0  # eager views are a plain list: the scan runs
+    reference = run(True)
+    pd.testing.assert_frame_equal(fast, reference)
+
+
 def test_gateway_queue_is_the_list_it_replaces():
     reqs = saturating_workload(60)
     q = GatewayQueue(reqs)
