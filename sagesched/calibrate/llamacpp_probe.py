@@ -43,17 +43,7 @@ from sagesched.sim.engines.types import EngineRequest
 #: Columns of the fit: the step model's coefficients, then the frontend's per-request cost.
 COLUMNS = (*FEATURES, "frontend_request_s")
 #: Embedding server columns (no output rows: the pooled vector is not a logits row).
-EMBEDDING_COLUMNS = (
-    "step_s",
-    "ubatch_s",
-    "row_block_s",
-    "row_tail1_s",
-    "row_tail2_s",
-    "row_tail3_s",
-    "seq_s",
-    "kv_pair_s",
-    "frontend_request_s",
-)
+EMBEDDING_COLUMNS = (*(f for f in FEATURES if f != "output_s"), "frontend_request_s")
 
 
 @dataclass(frozen=True)

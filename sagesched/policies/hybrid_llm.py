@@ -184,23 +184,12 @@ class LlmPlacement:
         if answer is None:
             return True
         if isinstance(answer, Rejection):
-            call.decisions.append(dataclasses.replace(answer, rule=self._llm_rule))
-        else:
-            capacity = target.prefill_tokens_per_s
-            # `_llm_target`'s load for an instance with nothing outstanding, the same expression.
-            load = (
-                round((0 + request.prompt_tokens + request.max_tokens) / capacity, 9) if capacity > _EPS else math.inf
-            )
-            reason = (
-                f"order: {answer[1]}; placed on the {_KIND_NAMES[target.kind]} instance with the least work per LLM "
-                f"capacity ({load:.2f} s); {call.order_reason}"
-            )
-            call.ledger.add(target.id, (request,))
-            call.decisions.append(Assignment(target.id, (request.id,), int(request.priority), self._llm_rule, reason))
-        call.unqueue(LLM, (request,))
-        call.llm_done.add(request.id)
-        call.llm = []
-        call.llm_n = 0
+            self._finish_lone(call, request, answer)
+            return True
+        capacity = target.prefill_tokens_per_s
+        # `_llm_target`'s load for an instance with nothing outstanding, the same expression.
+        load = round((0 + request.prompt_tokens + request.max_tokens) / capacity, 9) if capacity > _EPS else math.inf
+        self._finish_lone(call, request, answer[1], target, load)
         return True
 
     def _place_lone_admitted(self, call: _Call, views: Sequence[InstanceView]) -> bool:
@@ -238,20 +227,34 @@ class LlmPlacement:
         if answer is None:
             return True
         if isinstance(answer, Rejection):
+            self._finish_lone(call, request, answer)
+            return True
+        found = self._llm_target(call, views, [request])
+        if found is not None:
+            self._finish_lone(call, request, answer[1], *found)
+        return True
+
+    def _finish_lone(
+        self,
+        call: _Call,
+        request: Request,
+        answer: Rejection | str,
+        target: InstanceView | None = None,
+        load: float = 0.0,
+    ) -> None:
+        """The decision of a lone-request shortcut: the fallback's shed rejection under hybrid's rule,
+        or the request placed on `target` with the fallback's reason (`answer`); it leaves the queue."""
+        if isinstance(answer, Rejection):
             call.decisions.append(dataclasses.replace(answer, rule=self._llm_rule))
         else:
-            found = self._llm_target(call, views, [request])
-            if found is None:
-                return True
-            target, load = found
+            assert target is not None
             reason = (
-                f"order: {answer[1]}; placed on the {_KIND_NAMES[target.kind]} instance with the least work per LLM "
+                f"order: {answer}; placed on the {_KIND_NAMES[target.kind]} instance with the least work per LLM "
                 f"capacity ({load:.2f} s); {call.order_reason}"
             )
-            ledger.add(target.id, (request,))
+            call.ledger.add(target.id, (request,))
             call.decisions.append(Assignment(target.id, (request.id,), int(request.priority), self._llm_rule, reason))
         call.unqueue(LLM, (request,))
         call.llm_done.add(request.id)
         call.llm = []
         call.llm_n = 0
-        return True
