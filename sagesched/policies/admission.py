@@ -167,8 +167,10 @@ class AdmissionControl:
         return max(0, int(self.config.max_shed_fraction * self.seen_count) - self.shed)
 
     def split_late(self, late: list[tuple[float, Request]], rule: str) -> tuple[list[Rejection], list[Request]]:
-        """Shed what the budget allows of `late` ((best slack, request) pairs, best slack < 0; only
-        those below ``-shed_margin_s`` may be shed).
+        """Shed what the budget allows of `late` ((best slack, request) pairs of late requests; only
+        those whose slack is below ``-shed_margin_s`` may be shed: under slo_aware's
+        ``ttft_margin_factor`` a request is late by the stretched slack and given here with its
+        slack at factor 1, which may still be >= 0).
 
         Returns the rejections and the late requests kept, the kept ones in (priority, arrival, id)
         order: the order in which they are served ahead of long-slack work.

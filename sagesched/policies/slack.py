@@ -31,7 +31,7 @@ import numpy as np
 from sagesched.core import Decision, GatewayQueue, InstanceView, RejectCode, Rejection, Request
 from sagesched.core.queue import ClassKey, Columns
 from sagesched.policies.base import LoadLedger, class_served_by, servable_classes
-from sagesched.policies.slack_columns import class_best_slacks, class_slo_slacks
+from sagesched.policies.slack_columns import class_best_slacks, class_row_slacks, class_slo_slacks
 
 if TYPE_CHECKING:
     from sagesched.policies.slo_aware import SloAwarePolicy
@@ -290,9 +290,11 @@ def schedule_admission_indexed(
     ledger = LoadLedger(instances)
     config = admission.config
     horizon, first = config.defer_slack_s, config.late_first_priority
+    factor = policy.ttft_factor
 
-    # Per class: the rows offered, their best slacks, and which are attainable / late.
+    # Per class: the rows offered, their best slacks (under `factor`), and which are attainable / late.
     per_class = []
+    served_by: dict[ClassKey, list[InstanceView]] = {}
     for cls, cols in columns:
         n = cols.n
         alive = cols.alive[:n]
@@ -302,9 +304,9 @@ def schedule_admission_indexed(
                 alive = alive.copy()
                 alive[gone] = False
         has_slo = cols.has_slo[:n]
-        views = [v for v in ledger.views.values() if v.healthy and class_served_by(v, cls)]
+        views = served_by[cls] = [v for v in ledger.views.values() if v.healthy and class_served_by(v, cls)]
         if views:
-            best = class_best_slacks(cols, views, ledger, now, cls[0])
+            best = class_best_slacks(cols, views, ledger, now, cls[0], factor)
             with np.errstate(invalid="ignore"):
                 ok = best >= 0
             slo_rows = alive & has_slo
@@ -314,13 +316,21 @@ def schedule_admission_indexed(
             attainable = late = np.zeros(n, dtype=bool)
         per_class.append((cls, cols, alive & ~has_slo, best, attainable, late, _priority_column(policy, cls, cols)))
 
-    # Shedding: the budget's most hopeless sheddable late requests, (slack, -priority, arrival, id).
+    # Shedding: the budget's most hopeless sheddable late requests, (slack, -priority, arrival, id);
+    # under a `ttft_margin_factor` by their slack at factor 1 (`_shed_slacks` on the plain path).
     budget = admission.budget()
     if budget > 0:
         pool = []
-        for _, cols, _, best, _, late, prio in per_class:
+        for cls, cols, _, best, _, late, prio in per_class:
             sheddable = late & (prio > config.protect_priority)
-            if config.shed_margin_s > 0:
+            if factor != 1.0 and not cls[0]:
+                rows = np.flatnonzero(sheddable)
+                if not rows.size:
+                    continue
+                best = np.full(cols.n, _INF)
+                best[rows] = class_row_slacks(cols, served_by[cls], ledger, now, False, rows)
+                sheddable &= best < -config.shed_margin_s
+            elif config.shed_margin_s > 0:
                 with np.errstate(invalid="ignore"):
                     sheddable &= best < -config.shed_margin_s
             rows = np.flatnonzero(sheddable)

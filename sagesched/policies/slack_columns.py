@@ -28,10 +28,16 @@ _INF = math.inf
 
 
 def class_best_slacks(
-    cols: Columns, views: Sequence[InstanceView], ledger: LoadLedger, now: float, embedding: bool
+    cols: Columns,
+    views: Sequence[InstanceView],
+    ledger: LoadLedger,
+    now: float,
+    embedding: bool,
+    ttft_factor: float = 1.0,
 ) -> np.ndarray:
     """`slo_aware.best_slack_s` for every row of one class's columns, over `views` (the healthy
     instances that serve the class, non-empty). Rows without an SLO get +inf. Read-only.
+    `ttft_factor`: as `slo_aware.slack_s`'s (LLM rows only; an embedding class ignores it).
 
     Only non-dominated instances are computed (`_dominant_terms`): among instances with the same
     rates, one whose predicted wait(s) are no larger than another's has, row by row, a slack at
@@ -41,13 +47,30 @@ def class_best_slacks(
     """
     terms = _dominant_terms(views, ledger, embedding)
     n = cols.n
-    key = (now, embedding, terms)
+    factor = 1.0 if embedding else float(ttft_factor)
+    key = (now, embedding, terms, factor)
     memo = cols.cache.get("best")
     if memo is not None and memo[0] == key and memo[1] == n:
         return memo[2]
-    best = _slacks(cols, terms, now, embedding)
+    best = _slacks(cols, terms, now, embedding, factor=factor)
     cols.cache["best"] = (key, n, best)
     return best
+
+
+def class_row_slacks(
+    cols: Columns,
+    views: Sequence[InstanceView],
+    ledger: LoadLedger,
+    now: float,
+    embedding: bool,
+    rows: np.ndarray,
+    ttft_factor: float = 1.0,
+) -> np.ndarray:
+    """`class_best_slacks(...)[rows]`, computing only `rows` (not kept): the same floats. For a few
+    rows read at a second factor (admission sheds by the slack at factor 1 under a
+    ``ttft_margin_factor``)."""
+    terms = _dominant_terms(views, ledger, embedding)
+    return _slacks(cols, terms, now, embedding, rows, 1.0 if embedding else float(ttft_factor))
 
 
 def class_slo_slacks(
@@ -64,7 +87,7 @@ def class_slo_slacks(
     """
     terms = _dominant_terms(views, ledger, embedding)
     n = cols.n
-    key = (now, embedding, terms)
+    key = (now, embedding, terms, 1.0)
     memo = cols.cache.get("slo")
     if memo is not None and memo[0] == key and memo[1] == n:
         return memo[2]
@@ -90,10 +113,12 @@ def _slacks(
     now: float,
     embedding: bool,
     rows: np.ndarray | None = None,
+    factor: float = 1.0,
 ) -> np.ndarray:
-    """Best slacks of `rows` (default: all n rows), operation for operation as `slo_aware.slack_s`."""
+    """Best slacks of `rows` (default: all n rows), operation for operation as `slo_aware.slack_s`
+    (`factor`: its ``ttft_factor``, for LLM rows; 1 leaves the reference's operations untouched)."""
     if all(math.isfinite(v) and v >= 0 for t in terms for v in t) and all(t[0] > 0 for t in terms):
-        return _slacks_static(cols, terms, now, embedding, rows)
+        return _slacks_static(cols, terms, now, embedding, rows, factor)
     n = cols.n
 
     def col(values: np.ndarray) -> np.ndarray:
@@ -119,6 +144,8 @@ def _slacks(
         else:
             own = prompt / rate
             ttft = wait + own
+            if factor != 1.0:
+                ttft = factor * ttft
             service = own + max_tokens * decode_step
         slack = np.where(has_ttft, np.minimum(inf, ttft_due - ttft), inf)
         slack = np.where(has_deadline, np.minimum(slack, e2e_due - (wait + service)), slack)
@@ -135,6 +162,7 @@ def _slacks_static(
     now: float,
     embedding: bool,
     rows: np.ndarray | None,
+    factor: float = 1.0,
 ) -> np.ndarray:
     """`_slacks` with finite non-negative waits and positive finite rates, from per-row terms kept on
     the columns (`_static_terms`): a missing objective's deadline is +inf there, so that its
@@ -149,7 +177,10 @@ def _slacks_static(
     for rate, decode_step, wait, embedding_wait in terms:
         own, service, tpot = _static_terms(cols, rate, decode_step, embedding)
         own = own[pick]
-        slack = np.minimum(ttft_due - ((embedding_wait if embedding else wait) + own), e2e_due - (wait + service[pick]))
+        ttft = (embedding_wait if embedding else wait) + own
+        if factor != 1.0:  # (LLM rows only: callers pass 1 for embeddings)
+            ttft = factor * ttft
+        slack = np.minimum(ttft_due - ttft, e2e_due - (wait + service[pick]))
         if not embedding:
             slack = np.minimum(slack, tpot[pick])
         best = slack if best is None else np.maximum(best, slack)
@@ -257,4 +288,4 @@ def _dominant_terms(
     return tuple(kept)
 
 
-__all__ = ["class_best_slacks", "class_slo_slacks"]
+__all__ = ["class_best_slacks", "class_row_slacks", "class_slo_slacks"]

@@ -47,14 +47,20 @@ def has_slo(request: Request) -> bool:
     return not request.slo.empty
 
 
-def slack_s(ledger: LoadLedger, instance_id: str, request: Request, now: float) -> float:
-    """Seconds `request` could still lose on `instance_id` and meet all its objectives (inf: no SLO)."""
+def slack_s(ledger: LoadLedger, instance_id: str, request: Request, now: float, ttft_factor: float = 1.0) -> float:
+    """Seconds `request` could still lose on `instance_id` and meet all its objectives (inf: no SLO).
+
+    `ttft_factor` (`SloAwareConfig.ttft_margin_factor`): an LLM request's predicted TTFT counts this
+    many times over in its TTFT term (1: as predicted; embeddings always as predicted)."""
     view = ledger.views[instance_id]
     slo = request.slo
     slack = math.inf
     ttft_deadline = request.ttft_deadline_s
     if slo.ttft_ms is not None and ttft_deadline is not None:
-        slack = min(slack, ttft_deadline - now - ledger.predicted_ttft_s(instance_id, request))
+        ttft = ledger.predicted_ttft_s(instance_id, request)
+        if ttft_factor != 1.0 and not request.is_embedding:
+            ttft = ttft_factor * ttft
+        slack = min(slack, ttft_deadline - now - ttft)
     deadline = request.deadline_s
     if deadline is not None:
         slack = min(slack, deadline - now - predicted_completion_s(ledger, instance_id, request))
@@ -68,9 +74,13 @@ def predicted_completion_s(ledger: LoadLedger, instance_id: str, request: Reques
     return ledger.predicted_wait_s(instance_id) + ledger.views[instance_id].predicted_service_s(request)
 
 
-def best_slack_s(ledger: LoadLedger, request: Request, now: float) -> float | None:
+def best_slack_s(ledger: LoadLedger, request: Request, now: float, ttft_factor: float = 1.0) -> float | None:
     """The largest slack over healthy compatible instances (full or not); None when none is healthy."""
-    slacks = [slack_s(ledger, v.id, request, now) for v in ledger.views.values() if v.healthy and v.can_serve(request)]
+    slacks = [
+        slack_s(ledger, v.id, request, now, ttft_factor)
+        for v in ledger.views.values()
+        if v.healthy and v.can_serve(request)
+    ]
     return max(slacks) if slacks else None
 
 
@@ -91,6 +101,19 @@ class SloAwareConfig(PolicyConfig):
     fair_share: per-tenant weighted fair share (`sagesched.policies.fair_share`): the least-served
         backlogged tenant places next, each tenant's requests in the order above (admission's
         order, shedding only with ``admission``). With ``tenant_weights`` (default 1 per tenant).
+    ttft_margin_factor: a proportional slack margin, for the order only (needs ``admission``): an
+        LLM request's TTFT slack is ``ttft_deadline - now - factor x predicted TTFT``, so a request
+        counts as late (admission serves it ahead of long-slack work, urgent classes first) once
+        its predicted TTFT, stretched by the factor, no longer fits, and attainable requests are
+        ranked by that slack. Shedding reads the slack at factor 1: only a request late as
+        predicted may be refused. Why: the prediction prices a prompt at the engine's isolated
+        prefill rate, while past saturation each step also carries the running decodes, so a
+        prompt (and the prefill queued ahead of it) takes 1.3-2x that; the error grows with the
+        prediction, which a fixed margin (hybrid's ``slack_margin_ms``) does not follow. 1 (the
+        default) is off; embeddings' slacks never change. Without admission late requests go last,
+        where a margin would send the requests nearest their deadline to the back: refused there.
+        Measured as hybrid's order on the policy benchmark, it gained nothing beyond noise, so
+        hybrid leaves it off (docs/policies/admission.md).
     """
 
     shed_unattainable: bool = False
@@ -101,8 +124,20 @@ class SloAwareConfig(PolicyConfig):
     late_first_priority: int = 1
     fair_share: bool = False
     tenant_weights: Mapping[str, float] = field(default_factory=dict)
+    ttft_margin_factor: float = 1.0
 
     def __post_init__(self) -> None:
+        factor = self.ttft_margin_factor
+        if isinstance(factor, bool) or not (
+            isinstance(factor, int | float) and math.isfinite(factor) and factor >= 1.0
+        ):
+            raise ValueError(f"ttft_margin_factor must be a finite number >= 1 (1 = off), got {factor!r}")
+        if factor != 1.0 and not self.admission:
+            raise ValueError(
+                "ttft_margin_factor needs admission=true (without it late requests are served last, so the "
+                "margin would push the requests nearest their deadline to the back); set admission or factor 1"
+            )
+        object.__setattr__(self, "ttft_margin_factor", float(factor))
         self.admission_config()  # validates
         FairShareConfig(tenant_weights=self.tenant_weights)  # validates
 
@@ -126,6 +161,7 @@ class SloAwarePolicy(Policy):
         c = self.config
         self.admission = AdmissionControl(c.admission_config()) if c.admission else None
         self.fair = FairShare(c.tenant_weights) if c.fair_share else None
+        self.ttft_factor = c.ttft_margin_factor
 
     def schedule(self, now: float, queue: Sequence[Request], instances: Sequence[InstanceView]) -> list[Decision]:
         if use_index(queue) and isinstance(queue, GatewayQueue):
@@ -155,7 +191,7 @@ class SloAwarePolicy(Policy):
             if not has_slo(request):
                 best_effort.append(request)
                 continue
-            best = best_slack_s(ledger, request, now)
+            best = best_slack_s(ledger, request, now, self.ttft_factor)
             if best is None:
                 continue  # every compatible instance is down: keep it queued until one returns
             if best >= 0:
@@ -169,7 +205,7 @@ class SloAwarePolicy(Policy):
             # Bounded tails: late requests of urgent classes, urgent attainable work, the other late
             # requests not shed, then work with plenty of slack, then work without an SLO.
             if admission is not None:
-                shed, kept = admission.split_late(late, self.name)
+                shed, kept = admission.split_late(self._shed_slacks(ledger, late, now), self.name)
                 decisions.extend(shed)
                 config = admission.config
             else:
@@ -282,10 +318,10 @@ class SloAwarePolicy(Policy):
                 placeable = _placeable(ledger, request)
             return (None, _REASONS[_NO_SLO]) if placeable else None
         if best is not None:
-            slacks = {best.id: slack_s(ledger, best.id, request, now)}
+            slacks = {best.id: slack_s(ledger, best.id, request, now, self.ttft_factor)}
         else:
             slacks = {
-                v.id: slack_s(ledger, v.id, request, now)
+                v.id: slack_s(ledger, v.id, request, now, self.ttft_factor)
                 for v in ledger.views.values()
                 if v.healthy and v.can_serve(request)
             }
@@ -302,6 +338,8 @@ class SloAwarePolicy(Policy):
                 # The reason `_place_by_slack` gives: the slack of its target, the most of any candidate.
                 most = max([slacks[v.id] for v in candidates])
             return slacks, f"least slack first: {most * 1000:.0f} ms slack here, the most of any instance"
+        if self.ttft_factor != 1.0:  # shedding reads the slack as predicted (factor 1), same instances
+            top = max([slack_s(ledger, vid, request, now) for vid in slacks])
         shed, _kept = admission.split_late([(top, request)], self.name)
         if shed:
             return shed[0]
@@ -327,7 +365,7 @@ class SloAwarePolicy(Policy):
         if not candidates:
             return False
         if known is None:
-            slacks = {v.id: slack_s(ledger, v.id, request, now) for v in candidates}
+            slacks = {v.id: slack_s(ledger, v.id, request, now, self.ttft_factor) for v in candidates}
         else:
             slacks = {v.id: known[v.id] for v in candidates}
         target = min(candidates, key=lambda v: (-slacks[v.id], ledger.inflight(v.id), v.id))
@@ -344,6 +382,22 @@ class SloAwarePolicy(Policy):
             )
         )
         return True
+
+    def _shed_slacks(
+        self, ledger: LoadLedger, late: list[tuple[float, Request]], now: float
+    ) -> list[tuple[float, Request]]:
+        """`late` ((best slack, request) under `ttft_factor`) with the best slacks admission's shedding
+        reads: at factor 1 (only a request late as predicted may be shed, and the most hopeless by
+        that measure go first). Unchanged at factor 1 or when nothing may be shed now."""
+        admission = self.admission
+        if self.ttft_factor == 1.0 or admission is None or admission.budget() <= 0:
+            return late
+        out = []
+        for _, request in late:
+            best = best_slack_s(ledger, request, now)
+            assert best is not None  # late: some healthy instance serves it
+            out.append((best, request))
+        return out
 
     def _place_soonest(self, ledger: LoadLedger, request: Request, decisions: list[Decision], reason: str) -> bool:
         """The candidate with the earliest predicted completion; whether it was placed."""
