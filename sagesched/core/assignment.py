@@ -25,9 +25,10 @@ class Assignment:
     reason: str = ""
 
     def __post_init__(self) -> None:
-        if not self.request_ids:
+        ids = self.request_ids
+        if not ids:
             raise ValueError("an Assignment needs at least one request id")
-        if len(set(self.request_ids)) != len(self.request_ids):
+        if len(ids) > 1 and len(set(ids)) != len(ids):  # one id (most assignments): nothing to check
             raise ValueError(f"duplicate request ids in one Assignment: {self.request_ids}")
 
     @property

@@ -13,12 +13,22 @@ from collections.abc import Iterable, Sequence
 from operator import attrgetter
 from typing import Any, ClassVar
 
-from sagesched.core import Assignment, Decision, InstanceKind, InstanceView, RejectCode, Rejection, Request
-from sagesched.core.pool import views_by_id
+from sagesched.core import (
+    Assignment,
+    Decision,
+    InstanceKind,
+    InstanceView,
+    RejectCode,
+    Rejection,
+    Request,
+    RequestType,
+)
+from sagesched.core.pool import InstancePool, ViewList, views_by_id
 from sagesched.core.queue import ClassKey, GatewayQueue
 
 _EMBEDDING_KIND = InstanceKind.EMBEDDING
 _LLM_KIND = InstanceKind.LLM
+_EMBEDDING_REQUEST = RequestType.EMBEDDING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +87,21 @@ def reject_unservable(
     """
     rejected: list[Rejection] = []
     servable: list[Request] = []
+    # The simulator's views remember per class whether any instance serves it (`servable_classes`);
+    # a class lookup per request is cheaper than asking each view (this runs on every call).
+    kind = type(instances)
+    known = instances.serves_class if kind is ViewList or kind is InstancePool else None  # type: ignore[attr-defined]
     for request in queue:
+        if known is not None:
+            cls = (request.type is _EMBEDDING_REQUEST, request.model)
+            served = known.get(cls)
+            if served is None:
+                served = known[cls] = any(class_served_by(view, cls) for view in instances)
+            if served:
+                servable.append(request)
+            else:
+                rejected.append(unservable_rejection(request, rule))
+            continue
         for view in instances:
             if view.can_serve(request):
                 servable.append(request)
@@ -106,7 +130,7 @@ INDEX_MIN_QUEUE = 24
 
 def use_index(queue: Sequence[Request]) -> bool:
     """Whether to take the indexed path: a `GatewayQueue` long enough to be worth it."""
-    return isinstance(queue, GatewayQueue) and len(queue) >= INDEX_MIN_QUEUE
+    return type(queue) is GatewayQueue and len(queue) >= INDEX_MIN_QUEUE
 
 
 def class_served_by(view: InstanceView, cls: ClassKey) -> bool:

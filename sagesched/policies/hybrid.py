@@ -237,23 +237,24 @@ class HybridPolicy(EmbeddingBatching, LlmPlacement, Policy):
             for request in sorted(embeddings, key=lambda r: rank[r.id]):
                 groups.setdefault(request.model, []).append(request)
             oldest = {model: min(r.arrival_s for r in group) for model, group in groups.items()}
+        # Positional (in `_Call`'s field order): 17 keywords cost ~0.5 us more per call to match.
         call = _Call(
-            now=now,
-            views=instances,
-            ledger=LoadLedger(instances),
-            decisions=decisions,
-            groups=groups,
-            rank=rank,
-            oldest=oldest,
-            llm=llm,
-            llm_n=len(llm) if llm_queue is None else sum(waiting_llm.values()),
-            llm_queue=llm_queue,
-            llm_classes=llm_classes,
-            llm_built=llm_queue is None,
-            llm_done=set(),
-            waiting={EMBEDDING: _count_by_model(embeddings) if embeddings else {}, LLM: waiting_llm},
-            embedding_hint=self._embedding_hint_base(first) if embeddings else None,
-            order_reason=order_reason,
+            now,
+            instances,
+            LoadLedger(instances),
+            decisions,
+            groups,
+            rank,
+            oldest,
+            llm,
+            len(llm) if llm_queue is None else sum(waiting_llm.values()),
+            llm_queue,
+            llm_classes,
+            llm_queue is None,
+            set(),
+            {EMBEDDING: _count_by_model(embeddings) if embeddings else {}, LLM: waiting_llm},
+            self._embedding_hint_base(first) if embeddings else None,
+            order_reason,
         )
 
         # Built on the first LLM round that needs them: on a large pool, a lone request that an idle

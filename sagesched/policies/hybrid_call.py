@@ -19,7 +19,10 @@ from sagesched.policies.hybrid_config import EMBEDDING, LLM
 
 @dataclass(slots=True)
 class _Call:
-    """The working state of one `schedule` call: load so far and what is still queued."""
+    """The working state of one `schedule` call: load so far and what is still queued.
+
+    Built positionally by `HybridPolicy._run` (once per call): keep the field order.
+    """
 
     now: float
     views: Sequence[InstanceView]

@@ -23,9 +23,17 @@ from sagesched.policies.hybrid_call import _Call
 from sagesched.policies.hybrid_config import _EPS, _LLM_ONLY, _MIXED, EMBEDDING, LLM, HybridConfig
 from sagesched.policies.slo_aware import SloAwarePolicy
 
+# Two raw loads further apart than this round (to 9 decimals) to different values, in the same order.
+_ROUNDING_GAP = 2e-9
 _HIGH = int(Priority.HIGH)  # the least urgent class `llm_holdback_ms` never holds
 # `kind.value` for the reasons: an enum's `.value` is a Python-level descriptor, read on every placement.
 _KIND_NAMES = {kind: kind.value for kind in InstanceKind}
+
+
+def _load_key(view: InstanceView, raw: float, added: dict[str, int]) -> tuple[float, bool, int, str]:
+    """`_llm_target`'s order: the load rounded to 9 decimals, then LLM-only first, then fewer in flight, then id."""
+    load = round(raw, 9) if raw != math.inf else math.inf
+    return (load, view.kind is not _LLM_ONLY, view.running + view.waiting + added[view.id], view.id)
 
 
 class LlmPlacement:
@@ -80,7 +88,12 @@ class LlmPlacement:
         hold_s = self._llm_holdback_s if int(head.priority) > _HIGH else 0.0
         added_emb = ledger.added_embedding_tokens
         best: InstanceView | None = None
-        best_key: tuple[float, bool, int, str] | None = None
+        # The key is (load rounded to 9 decimals, not LLM-only, in flight, id), lowest wins. Loads
+        # are compared unrounded first: rounding to 9 decimals cannot reorder two loads more than
+        # `_ROUNDING_GAP` apart, so the rounded key is built only for near-ties (`round(x, 9)`,
+        # ~0.3 us, was the costliest line of a light-load run when built for every view).
+        best_raw = math.inf
+        best_key: tuple[float, bool, int, str] | None = None  # built for near-ties only
         # `views` are LLM-capable and every request is an LLM request (`_place_llm`), so
         # `view.can_serve(r)` is whether the view serves r's model: spelled out (hot: once per view
         # per placed request).
@@ -111,16 +124,23 @@ class LlmPlacement:
                     continue
                 capacity = view.prefill_tokens_per_s * self._llm_share(call, view)
             outstanding = ahead + view.queued_decode_tokens + decode[vid]
-            # Rounded so that equal loads compare equal (0.7 * x is not exact in floating point).
-            load = round((outstanding + work) / capacity, 9) if capacity > _EPS else math.inf
-            if best_key is not None and load > best_key[0]:
-                continue  # the key's first term already loses: no tuple to build (hot: per view)
-            key = (load, view.kind is not _LLM_ONLY, view.running + view.waiting + added[vid], vid)
-            if best_key is None or key < best_key:
-                best, best_key = view, key
-        if best is None or best_key is None:
+            raw = (outstanding + work) / capacity if capacity > _EPS else math.inf
+            if best is not None:
+                if raw > best_raw + _ROUNDING_GAP:
+                    continue  # loses on the rounded load too
+                if raw >= best_raw - _ROUNDING_GAP:
+                    # A near-tie: the full keys decide. Rounded so that equal loads compare equal
+                    # (0.7 * x is not exact in floating point).
+                    if best_key is None:
+                        best_key = _load_key(best, best_raw, added)
+                    key = _load_key(view, raw, added)
+                    if key < best_key:
+                        best, best_raw, best_key = view, raw, key
+                    continue
+            best, best_raw, best_key = view, raw, None  # wins on the load alone (or the first)
+        if best is None:
             return None
-        return best, best_key[0]
+        return best, (round(best_raw, 9) if best_raw != math.inf else math.inf)
 
     def _place_lone_llm(self, call: _Call, views: Sequence[InstanceView]) -> None:
         """One LLM request queued, placement by the load rule, a fallback that cannot reject: there is

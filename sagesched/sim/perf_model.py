@@ -90,6 +90,38 @@ class BatchShape:
     prefill_attention_pairs: float = 0.0
 
 
+class StepShape:
+    """A `BatchShape` (same attributes) that an engine builds for every step it plans: a frozen
+    dataclass's keyword ``__init__`` cost 0.9 us against 0.3 us here, once per planned step. The
+    performance model only reads the attributes; nothing may change them after construction.
+    """
+
+    __slots__ = (
+        "decode_context_tokens",
+        "decode_tokens",
+        "num_prefills",
+        "prefill_attention_pairs",
+        "prefill_context_tokens",
+        "prefill_tokens",
+    )
+
+    def __init__(
+        self,
+        prefill_tokens: int,
+        decode_tokens: int,
+        prefill_context_tokens: int,
+        decode_context_tokens: int,
+        num_prefills: int,
+        prefill_attention_pairs: float,
+    ) -> None:
+        self.prefill_tokens = prefill_tokens
+        self.decode_tokens = decode_tokens
+        self.prefill_context_tokens = prefill_context_tokens
+        self.decode_context_tokens = decode_context_tokens
+        self.num_prefills = num_prefills
+        self.prefill_attention_pairs = prefill_attention_pairs
+
+
 def available_models() -> list[str]:
     """Every shipped model profile (LLM and embedding)."""
     return available_model_profiles()

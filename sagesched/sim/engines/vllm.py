@@ -29,7 +29,7 @@ from sagesched.sim.config import VllmEngineConfig
 from sagesched.sim.engines.decode_run import DecodeRun, DecodeShape
 from sagesched.sim.engines.kv_cache import KvCache
 from sagesched.sim.engines.types import EngineRejected, EngineRequest, StepOutcome
-from sagesched.sim.perf_model import BatchShape
+from sagesched.sim.perf_model import BatchShape, StepShape
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class StepPlan:
 
     __slots__ = ("preempted", "scheduled", "shape")
 
-    def __init__(self, scheduled: list[tuple[Seq, int]], shape: BatchShape, preempted: list[Seq]) -> None:
+    def __init__(self, scheduled: list[tuple[Seq, int]], shape: BatchShape | StepShape, preempted: list[Seq]) -> None:
         self.scheduled = scheduled
         self.shape = shape
         self.preempted = preempted
@@ -379,15 +379,7 @@ class VllmEngineCore:
                 n_pf += 1
                 # Exact causal attention work of this chunk: c (L - c/2) (query, key) pairs.
                 pairs += num_new * (length - 0.5 * num_new)
-        shape = BatchShape(
-            prefill_tokens=pf,
-            decode_tokens=dec,
-            prefill_context_tokens=pf_ctx,
-            decode_context_tokens=dec_ctx,
-            num_prefills=n_pf,
-            prefill_attention_pairs=pairs,
-        )
-        return StepPlan(scheduled, shape, preempted)
+        return StepPlan(scheduled, StepShape(pf, dec, pf_ctx, dec_ctx, n_pf, pairs), preempted)
 
     def step_time_s(self, plan: StepPlan) -> float:
         return self._step_time(plan.shape)
