@@ -87,28 +87,39 @@ def reject_unservable(
     """
     rejected: list[Rejection] = []
     servable: list[Request] = []
-    # The simulator's views remember per class whether any instance serves it (`servable_classes`);
-    # a class lookup per request is cheaper than asking each view (this runs on every call).
-    kind = type(instances)
-    known = instances.serves_class if kind is ViewList or kind is InstancePool else None  # type: ignore[attr-defined]
+    known = _known_classes(instances)
     for request in queue:
         if known is not None:
-            cls = (request.type is _EMBEDDING_REQUEST, request.model)
-            served = known.get(cls)
-            if served is None:
-                served = known[cls] = any(class_served_by(view, cls) for view in instances)
-            if served:
-                servable.append(request)
-            else:
-                rejected.append(unservable_rejection(request, rule))
-            continue
-        for view in instances:
-            if view.can_serve(request):
-                servable.append(request)
-                break
+            served = _class_served(known, (request.type is _EMBEDDING_REQUEST, request.model), instances)
+        else:
+            served = any(view.can_serve(request) for view in instances)
+        if served:
+            servable.append(request)
         else:
             rejected.append(unservable_rejection(request, rule))
     return rejected, servable
+
+
+def is_servable(request: Request, instances: Sequence[InstanceView]) -> bool:
+    """Whether some registered instance could ever serve `request` (`reject_unservable` keeps it)."""
+    known = _known_classes(instances)
+    if known is None:
+        return any(view.can_serve(request) for view in instances)
+    return _class_served(known, (request.type is _EMBEDDING_REQUEST, request.model), instances)
+
+
+def _known_classes(instances: Sequence[InstanceView]) -> dict | None:
+    """The driver's per-class answers (`servable_classes`), when its views carry them: a class
+    lookup per request is cheaper than asking each view (this runs on every call)."""
+    kind = type(instances)
+    return instances.serves_class if kind is ViewList or kind is InstancePool else None  # type: ignore[attr-defined]
+
+
+def _class_served(known: dict, cls: ClassKey, instances: Sequence[InstanceView]) -> bool:
+    served = known.get(cls)
+    if served is None:
+        served = known[cls] = any(class_served_by(view, cls) for view in instances)
+    return served
 
 
 def unservable_rejection(request: Request, rule: str) -> Rejection:
@@ -155,11 +166,10 @@ def servable_classes(
     # remembers the answer per class across calls.
     known = getattr(instances, "serves_class", None)
     for cls in q.classes():
-        served = None if known is None else known.get(cls)
-        if served is None:
+        if known is not None:
+            served = _class_served(known, cls, instances)
+        else:
             served = any(class_served_by(view, cls) for view in instances)
-            if known is not None:
-                known[cls] = served
         if served:
             classes.append(cls)
         else:

@@ -72,6 +72,7 @@ from sagesched.policies.base import (
     Policy,
     PolicyConfig,
     arrival_order,
+    is_servable,
     reject_unservable,
     servable_classes,
     use_index,
@@ -176,6 +177,13 @@ class HybridPolicy(EmbeddingBatching, LlmPlacement, Policy):
         if self._indexable and use_index(queue):
             assert isinstance(queue, GatewayQueue)
             return self._schedule_indexed(now, queue, instances)
+        if len(queue) == 1:
+            # One queued request (a light-load call): the lists below, without building them.
+            for request in queue:
+                if request.type is not _EMBEDDING_REQUEST and is_servable(request, instances):
+                    first, order_reason = self._claim_order(now, (), (request,))
+                    waiting_one = {request.model: 1}
+                    return self._run(now, instances, [], [], [request], None, [], waiting_one, first, order_reason)
         rejections, servable = reject_unservable(queue, instances, self.name)
         decisions: list[Decision] = list(rejections)
         llm = [r for r in servable if r.type is not _EMBEDDING_REQUEST]

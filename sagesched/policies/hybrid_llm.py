@@ -272,9 +272,13 @@ class LlmPlacement:
                 f"order: {answer}; placed on the {_KIND_NAMES[target.kind]} instance with the least work per LLM "
                 f"capacity ({load:.2f} s); {call.order_reason}"
             )
-            call.ledger.add(target.id, (request,))
+            if call.groups:
+                call.ledger.add(target.id, (request,))
             call.decisions.append(Assignment(target.id, (request.id,), int(request.priority), self._llm_rule, reason))
-        call.unqueue(LLM, (request,))
-        call.llm_done.add(request.id)
+        if call.groups:
+            # Embedding rounds follow in this call: they read the load placed and what LLM work still
+            # waits. Without them nothing reads either again (the LLM rounds end here: `llm_n` is 0).
+            call.unqueue(LLM, (request,))
+            call.llm_done.add(request.id)
         call.llm = []
         call.llm_n = 0

@@ -36,7 +36,7 @@ class DecodeRun:
     in the step index, so a histogram of KV lengths modulo the block size is enough).
     """
 
-    __slots__ = ("_hi", "_lo", "_m", "a", "bs", "cum", "d", "factor", "k", "n", "prefix", "used0")
+    __slots__ = ("_hi", "_lo", "_m", "_total", "_total_k", "a", "bs", "cum", "d", "factor", "k", "n", "prefix", "used0")
 
     def __init__(self, n: int, k: int, cnt: list[int], bs: int, used0: int) -> None:
         self.n = n
@@ -54,6 +54,8 @@ class DecodeRun:
         self._m = -1
         self._lo = 0.0
         self._hi = -1.0
+        self._total: float | None = None  # cum_time(k) in closed form, for `_total_k` == k
+        self._total_k = -1
 
     def truncate(self, k: int) -> None:
         """Stop the run after its first `k` steps (new work arrived: it joins at the next step)."""
@@ -85,7 +87,11 @@ class DecodeRun:
         out so that the bounds stay bit-identical while skipping the method calls.
         """
         k, f, a, d = self.k, self.factor, self.a, self.d
-        total = f * (k * a + d * (k * (k - 1) * 0.5))
+        total = self._total
+        if total is None or self._total_k != k:
+            # The whole run's time, kept per length (a run is timed once and only ever truncated).
+            total = self._total = f * (k * a + d * (k * (k - 1) * 0.5))
+            self._total_k = k
         if total <= elapsed:
             self._m, self._lo, self._hi = k, total, float("inf")
             return k

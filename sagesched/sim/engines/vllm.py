@@ -146,6 +146,9 @@ class VllmEngineCore:
         # (version, KV-length residue histogram, total KV length) of the batch, as `decode_run_limit`
         # last saw it: `start_decode_run` reuses it while the version is unchanged.
         self._run_shape: tuple[int, list[int], int] | None = None
+        # (version, k, residue counts, KV length) of the running batch as a decode run left it
+        # (`finish_decode_run`), for `decode_run_limit` at the same version.
+        self._decoding: tuple[int, int, list[int], int] | None = None
 
     # -- gauges ----------------------------------------------------------------------------------
     @property
@@ -436,19 +439,25 @@ class VllmEngineCore:
         n = len(running)
         if n == 0 or n > self.budget:
             return 0
-        k = 1 << 60
-        bs = self.bs
-        cnt = [0] * bs
-        ctx = 0
-        for seq in running:
-            if not seq.generated or seq.num_tokens - seq.num_computed != 1:
-                return 0
-            r = seq.target - seq.generated
-            if r < k:
-                k = r
-            # The run's shape, for `start_decode_run` (gathered here to walk the batch once).
-            cnt[-seq.num_computed % bs] += 1
-            ctx += seq.num_tokens
+        decoding = self._decoding
+        if decoding is not None and decoding[0] == self.version:
+            # Just after a decode run, nothing changed since: its survivors all decode, and the run
+            # gathered their shape (one walk of the batch fewer per run, ~2% of a light-load run).
+            _, k, cnt, ctx = decoding
+        else:
+            k = 1 << 60
+            bs = self.bs
+            cnt = [0] * bs
+            ctx = 0
+            for seq in running:
+                if not seq.generated or seq.num_tokens - seq.num_computed != 1:
+                    return 0
+                r = seq.target - seq.generated
+                if r < k:
+                    k = r
+                # The run's shape, for `start_decode_run` (gathered here to walk the batch once).
+                cnt[-seq.num_computed % bs] += 1
+                ctx += seq.num_tokens
         if self.waiting and n < self.max_seqs and self._admission(self.waiting[0], self.budget - n) is not None:
             return 0
         self._run_shape = (self.version, cnt, ctx)
@@ -537,19 +546,34 @@ class VllmEngineCore:
         emitted = out.emitted
         finished: list[Seq] = []
         dropped = 0  # expected decode tokens no longer outstanding
+        # The next run's shape over the sequences that go on (what `decode_run_limit` would gather
+        # in a second walk of the batch): all of them are still decoding.
+        k = 1 << 60
+        cnt = [0] * bs
+        ctx = 0
         for seq in self.running:
-            left = seq.max_tokens - seq.generated
-            seq.num_computed += m
-            seq.num_tokens += m
-            seq.generated += m
-            seq.blocks = -(-seq.num_computed // bs)
+            generated = seq.generated
+            left = seq.max_tokens - generated
+            computed = seq.num_computed + m
+            seq.num_computed = computed
+            tokens = seq.num_tokens + m
+            seq.num_tokens = tokens
+            generated += m
+            seq.generated = generated
+            seq.blocks = -(-computed // bs)
             emitted[seq.id] = m
             if left > 0:
                 dropped += left if left < m else m
-            if seq.generated >= seq.target:
+            r = seq.target - generated
+            if r <= 0:
                 finished.append(seq)
                 if left > m:
                     dropped += left - m  # the rest of a finished sequence's max_tokens
+            else:
+                if r < k:
+                    k = r
+                cnt[-computed % bs] += 1
+                ctx += tokens
         for seq in finished:
             self.running.remove(seq)
             self._free(seq)
@@ -560,4 +584,5 @@ class VllmEngineCore:
             prefill, decode = self._qt
             self._qt = (prefill, decode - dropped)
             self._qt_version = self.version
+        self._decoding = (self.version, k, cnt, ctx)
         return out
