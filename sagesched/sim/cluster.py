@@ -427,13 +427,15 @@ class Simulator(EngineSegments, TimelineSampler):
             out = req.output_tokens if req.output_tokens else req.max_tokens
             if req.max_tokens and out > req.max_tokens:
                 out = req.max_tokens
+            # Positional, in `EngineRequest`'s field order (one per dispatched request; keywords cost more).
             ereq = EngineRequest(
-                id=req.id,
-                prompt_tokens=req.prompt_tokens,
-                output_tokens=max(1, out),
-                max_tokens=req.max_tokens,
-                priority=int(req.priority) if priority is None else priority,
-                prefix_hashes=req.prefix_hashes,
+                req.id,
+                req.prompt_tokens,
+                max(1, out),
+                req.max_tokens,
+                int(req.priority) if priority is None else priority,
+                False,
+                req.prefix_hashes,
             )
             if self._add_llm(inst, ereq):
                 llm_added = True
@@ -476,7 +478,7 @@ class Simulator(EngineSegments, TimelineSampler):
             self._reject(self.records[ereq.id], f"backend {exc.status}: {exc.reason}")
             self.backend_refused = True
             return False
-        inst.seqs[ereq.id] = inst.llm.seq(ereq.id)
+        inst.seqs[ereq.id] = inst.llm.seqs[ereq.id]
         inst.inflight += 1
         if embedding:
             inst.emb_inflight += 1

@@ -391,6 +391,23 @@ class LLMPerfModel:
             t += compute if compute > memory else memory
         return t + self._c_decode * batch.decode_context_tokens + self._c_seq * rows
 
+    def decode_run_terms(self, n: int, ctx: int) -> tuple[float, float]:
+        """(a, d) of a run of pure-decode steps of `n` sequences over `ctx` KV tokens: the first
+        step's time and the increase per step (each step adds `n` KV tokens), bit for bit what two
+        `step_time_s` calls give (the same operations in the same order, with the part that does
+        not depend on the KV length computed once; a decode run starts ~2 times per request)."""
+        xs = self._xs
+        if n <= self._x0:
+            t = self._y0
+        else:
+            i = bisect_right(xs, n) - 1
+            t = self._ys[i] + self._slopes[i] * (n - xs[i])
+        lm = self._lm_slope * n
+        t += lm if lm > self._lm_const else self._lm_const
+        tail = self._c_seq * n
+        a = t + self._c_decode * ctx + tail
+        return a, t + self._c_decode * (ctx + n) + tail - a
+
     def cpu_time_s(self, batch: BatchShape) -> float:
         """The CPU share of `step_time_s(batch)`: the per-step and per-sequence overheads."""
         k = batch.num_prefills

@@ -66,17 +66,20 @@ class TimelineSampler(ABC):
                 inst.sample_t = now
                 timeline.append((now, inst.id, *quiet[1]))
                 continue
-            busy = inst.busy_total(now)
+            since = inst.busy_since  # `inst.busy_total(now)`, spelled out (every instance, every tick)
+            busy = inst.busy_acc + (now - since if since is not None else 0.0)
             span = now - inst.sample_t
             frac = (busy - inst.sample_busy) / span if span > 0 else 0.0
             inst.sample_busy, inst.sample_t = busy, now
             running = waiting = batch = 0
             kv = 0.0
-            if inst.llm is not None:
-                running, waiting = inst.llm.num_running, inst.llm.num_waiting
+            core = inst.llm
+            if core is not None:
+                running, waiting = core.num_running, core.num_waiting
                 kv = self._kv_usage(inst, now)
-                if inst.llm_run is not None:
-                    batch = inst.llm_run.n
+                run = inst.llm_run
+                if run is not None:
+                    batch = run.n
                 elif inst.llm_plan is not None:
                     batch = inst.llm_plan.batch_size
             if inst.tei is not None:

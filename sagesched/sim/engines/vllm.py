@@ -29,7 +29,7 @@ from sagesched.sim.config import VllmEngineConfig
 from sagesched.sim.engines.decode_run import DecodeRun, DecodeShape
 from sagesched.sim.engines.kv_cache import KvCache
 from sagesched.sim.engines.types import EngineRejected, EngineRequest, StepOutcome
-from sagesched.sim.perf_model import BatchShape, StepShape
+from sagesched.sim.perf_model import BatchShape, LLMPerfModel, StepShape
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ class VllmEngineCore:
         # A model that guarantees step time affine in the decode KV length (LLMPerfModel) times a
         # decode run from two evaluations; others get the affinity checked at every run's start.
         self._affine_decode = bool(getattr(perf, "decode_affine", False)) and not config.async_scheduling
+        # The same two evaluations in one call, where the step time is exactly `LLMPerfModel.step_time_s`.
+        self._decode_terms = perf.decode_run_terms if self._affine_decode and type(perf) is LLMPerfModel else None
         if config.async_scheduling:
             fn = getattr(perf, "step_time_async_s", None)
             if fn is None:
@@ -492,10 +494,15 @@ class VllmEngineCore:
             run.k = k = lo
         if k == 0:
             return run
+        run.factor = factor
+        terms = self._decode_terms
+        if terms is not None and k > 1:
+            run.a, run.d = terms(n, ctx)
+            self.run = run
+            return run
         step = self._step_time
         decode = DecodeShape(n, ctx)
         a = step(decode)
-        run.factor = factor
         if k > 1:
             decode.decode_context_tokens = ctx + n
             d = step(decode) - a
