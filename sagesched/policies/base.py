@@ -334,14 +334,25 @@ class LoadLedger:
                     and (not embedding_inputs or self.fits_embedding_inputs(v, embedding_inputs))
                 ):
                     return v
+        # `v.inflight` and `v.can_serve(request)`, spelled out (per instance per placed request).
+        embedding = request.type is _EMBEDDING_REQUEST
+        model = request.model
         for v in pool:
             vid = v.id
-            inflight = v.inflight + added[vid]
-            if filtering and not (v.healthy and inflight < v.max_inflight and v.can_serve(request)):
+            inflight = v.running + v.waiting + added[vid]
+            if filtering and not (
+                v.healthy
+                and inflight < v.max_inflight
+                and (v.kind is not _LLM_KIND if embedding else v.kind is not _EMBEDDING_KIND)
+                and model in v.models
+            ):
                 continue
             if embedding_inputs and not self.fits_embedding_inputs(v, embedding_inputs):
                 continue  # its embedding engine would refuse the inputs (TEI 429)
-            key = (v.queued_prefill_tokens + v.queued_decode_tokens + prefill[vid] + decode[vid], inflight, vid)
+            outstanding = v.queued_prefill_tokens + v.queued_decode_tokens + prefill[vid] + decode[vid]
+            if best_key is not None and outstanding > best_key[0]:
+                continue  # loses on the key's first term: no tuple to build
+            key = (outstanding, inflight, vid)
             if best_key is None or key < best_key:
                 best, best_key = v, key
         return best
