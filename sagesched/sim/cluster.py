@@ -21,7 +21,7 @@ import logging
 import time
 from bisect import bisect_left, insort
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import simpy
@@ -119,6 +119,8 @@ class Simulator(EngineSegments, TimelineSampler):
         self.instances = [InstanceState(cfg, *provider(cfg)) for cfg in cluster.instances]
         for index, inst in enumerate(self.instances):
             inst.index = index
+            inst.llm_done_cb = partial(self._llm_done, inst)
+            inst.tei_done_cb = partial(self._tei_done, inst)
         # A call's views are built lazily (`InstancePool`, `_pool`): up front only for the instances
         # whose state changed since the last call (`_stale`, which keeps the idle index exact), so
         # a call's cost follows what changed and what the policy reads, not the pool size.

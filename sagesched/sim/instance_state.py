@@ -8,6 +8,7 @@ no behaviour beyond a few derived flags: the engines are the pure state machines
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import simpy
@@ -18,6 +19,10 @@ from sagesched.sim.engines import DecodeRun, SharedGpu, StepPlan, TeiBatch, TeiE
 from sagesched.sim.engines.llamacpp_instance import LlamaCppInstanceCore
 from sagesched.sim.engines.tei import embedding_engine_config
 from sagesched.sim.views import DEFAULT_VIEW
+
+
+def _unbound(_event: simpy.Event) -> None:
+    raise RuntimeError("an engine segment ended on an instance no simulator has bound its callbacks to")
 
 
 class InstanceState:
@@ -55,7 +60,10 @@ class InstanceState:
         self.llm_run: DecodeRun | None = None
         self.index = 0  # position in the simulator's instance list (and its views)
         self.llm_t0 = 0.0
-        self.llm_gen = 0
+        # The engines' end-of-segment callbacks (`functools.partial` over this instance), built once by
+        # the driver rather than once per segment.
+        self.llm_done_cb: Callable[[simpy.Event], None] = _unbound
+        self.tei_done_cb: Callable[[simpy.Event], None] = _unbound
         self.llm_event: simpy.Event | None = None  # the end event of the LLM segment in flight (step or run)
         self.tei_batch: TeiBatch | None = None
         # Utilisation: time with at least one engine busy.

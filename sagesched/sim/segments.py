@@ -12,7 +12,6 @@ bookkeeping.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from functools import partial
 
 import simpy
 
@@ -52,8 +51,6 @@ class EngineSegments(ABC):
         factor = 1.0 if gpu is None or inst.tei_batch is None else gpu.llm_factor
         inst.version += 1
         self._stale.add(inst)
-        inst.llm_gen += 1
-        gen = inst.llm_gen
         if not self.step_mode:
             k = core.decode_run_limit()
             if k >= 2:
@@ -64,7 +61,7 @@ class EngineSegments(ABC):
                     if inst.busy_since is None:  # `_set_busy` with the LLM engine busy, inlined (hot)
                         inst.busy_since = now
                     ev = env.timeout(run.cum_time(run.k))
-                    ev.callbacks.append(partial(self._llm_done, inst, gen))
+                    ev.callbacks.append(inst.llm_done_cb)
                     inst.llm_event = ev
                     if gpu is not None:
                         self._llm_started(inst, gpu, factor, 0.0)
@@ -86,7 +83,7 @@ class EngineSegments(ABC):
             inst.busy_since = now
         dt = core.step_time_s(plan) * factor
         ev = env.timeout(dt)
-        ev.callbacks.append(partial(self._llm_done, inst, gen))
+        ev.callbacks.append(inst.llm_done_cb)
         inst.llm_event = ev  # re-timed by a shared GPU, or by a llama.cpp server's shared CPU host
         if gpu is not None:
             self._llm_started(inst, gpu, factor, now + dt)
@@ -133,12 +130,10 @@ class EngineSegments(ABC):
             gpu.llm_end = new
             delay = new - now
         gpu.llm_now = factor
-        inst.llm_gen += 1
-        gen = inst.llm_gen
         assert inst.llm_event is not None
         inst.llm_event.callbacks.clear()  # stale: `_llm_done` would ignore it (old generation)
         ev = self.env.timeout(delay)
-        ev.callbacks.append(partial(self._llm_done, inst, gen))
+        ev.callbacks.append(inst.llm_done_cb)
         inst.llm_event = ev
 
     def _cut_run(self, inst: InstanceState) -> None:
@@ -151,20 +146,18 @@ class EngineSegments(ABC):
         if m >= run.k - 1:
             return  # the step in progress is the run's last: its end event is already due
         run.truncate(m + 1)
-        inst.llm_gen += 1
-        gen = inst.llm_gen
         # The run's old end event stays in SimPy's queue; dropping its callback spares processing
         # it (`_llm_done` would ignore it anyway: its generation is stale).
         inst.llm_event.callbacks.clear()
         ev = self.env.timeout(inst.llm_t0 + run.cum_time(m + 1) - now)
-        ev.callbacks.append(partial(self._llm_done, inst, gen))
+        ev.callbacks.append(inst.llm_done_cb)
         inst.llm_event = ev
 
-    def _llm_done(self, inst: InstanceState, gen: int, _event: object = None) -> None:
-        # A SimPy callback through `functools.partial` (the event comes last, unused): a C-level call
-        # rather than a lambda's Python frame per engine event.
-        if gen != inst.llm_gen:
-            return  # superseded by a cut
+    def _llm_done(self, inst: InstanceState, event: object = None) -> None:
+        # A SimPy callback through the instance's `functools.partial` (`llm_done_cb`, built once): a
+        # C-level call, and no callable built per engine segment.
+        if event is not inst.llm_event:
+            return  # superseded (a cut or a re-timing clears the old event's callbacks; belt and braces)
         self.events += 1
         core = inst.llm
         assert core is not None
@@ -221,7 +214,7 @@ class EngineSegments(ABC):
             gpu.tei_now = factor
             gpu.tei_end = now + dt
         ev = self.env.timeout(dt)
-        ev.callbacks.append(partial(self._tei_done, inst))
+        ev.callbacks.append(inst.tei_done_cb)
         if gpu is not None:
             gpu.tei_event = ev
 
@@ -239,7 +232,7 @@ class EngineSegments(ABC):
         assert gpu.tei_event is not None
         gpu.tei_event.callbacks.clear()  # stale
         ev = self.env.timeout(new - now)
-        ev.callbacks.append(partial(self._tei_done, inst))
+        ev.callbacks.append(inst.tei_done_cb)
         gpu.tei_event = ev
 
     def _tei_done(self, inst: InstanceState, _event: object = None) -> None:

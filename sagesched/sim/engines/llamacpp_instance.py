@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import lru_cache, partial
+from functools import lru_cache
 from typing import Any
 
 from sagesched.sim.engines.llamacpp import LlamaCppConfig, LlamaCppEngineCore, Slot
@@ -247,12 +247,10 @@ class CpuHost:
             return  # due now: its end event is already on its way
         core.step_end = end = now + (end - now) * (new / old)
         sim = self.sim
-        inst.llm_gen += 1
-        gen = inst.llm_gen
         if inst.llm_event is not None:
-            inst.llm_event.callbacks.clear()  # superseded (`_llm_done` would ignore its generation)
+            inst.llm_event.callbacks.clear()  # superseded (`_llm_done` would ignore it: not `llm_event`)
         ev = sim.env.timeout(end - now)
-        ev.callbacks.append(partial(sim._llm_done, inst, gen))
+        ev.callbacks.append(inst.llm_done_cb)
         inst.llm_event = ev
 
 
