@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sagesched.core import Decision, InstanceView, Request
+from sagesched.core import Assignment, Decision, InstanceView, Request
 from sagesched.core.queue import RankedMerge
 from sagesched.policies.base import (
     LoadLedger,
@@ -48,6 +48,13 @@ class FifoPolicy(Policy):
         if not servable:
             return decisions
         ledger = LoadLedger(instances)
+        if len(servable) == 1:
+            # One request (a light-load call): no order, and no later placement reads the ledger.
+            request = servable[0]
+            target = ledger.least_outstanding(request)
+            if target is not None:
+                decisions.append(Assignment(target.id, (request.id,), None, self.name, self.reason))
+            return decisions
         servable.sort(key=arrival_order)
         blocking = self.config.head_of_line_blocking
         for request in servable:

@@ -123,3 +123,25 @@ def test_requests_arriving_at_one_instant_reach_the_policy_together():
     assert (1.0, ["b", "c"]) in arrivals  # one call with both, not one each
     assert not any(now == 1.0 and ids == ["b"] for now, ids in policy.seen)
     assert (result.records.outcome == "completed").all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    loads=st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 8), st.booleans()), min_size=1, max_size=6),
+    prompt=st.integers(1, 4000),
+)
+def test_fifo_places_a_lone_request_where_its_first_placement_of_two_would_go(loads, prompt):
+    """FIFO's one-request call skips the ordering and the ledger: its target is the one the general
+    loop picks for the same request placed first in a call of two."""
+    views = [
+        InstanceView(f"i{k}", InstanceKind.LLM, frozenset({"m"}), running=run, queued_decode_tokens=tokens, healthy=up)
+        for k, (tokens, run, up) in enumerate(loads)
+    ]
+    first = Request("a", RequestType.LLM_CHAT, "m", 0.0, prompt_tokens=prompt, max_tokens=10)
+    second = Request("b", RequestType.LLM_CHAT, "m", 1.0, prompt_tokens=5, max_tokens=10)
+    lone = FifoPolicy().schedule(2.0, [first], views)
+    pair = FifoPolicy().schedule(2.0, [first, second], views)
+    assert [(d.instance_id, d.request_ids) for d in lone] == [
+        (d.instance_id, d.request_ids) for d in pair if d.request_ids == ("a",)
+    ]
+    assert lone == [] or lone[0].rule == pair[0].rule

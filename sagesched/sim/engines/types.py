@@ -7,7 +7,7 @@ batch produced (`StepOutcome`) and how a backend refuses work (`EngineRejected`)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)
@@ -37,20 +37,36 @@ class EngineRequest:
     num_requests: int = 1
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class StepOutcome:
     """What one engine step (or a jump over several pure-decode steps) produced.
 
     `emitted` maps request id to the number of output tokens it produced; `first_token_ids` got
     their first token in this step; `finished_ids` are done (their KV blocks are already freed);
-    `preempted_ids` were preempted by recompute when this step was planned.
+    `preempted_ids` were preempted by recompute when this step was planned. Built at the end of
+    every engine segment, so its ``__init__`` is written out: the dataclass one called a factory
+    per field (~0.07 us more a segment).
     """
 
-    emitted: dict[str, int] = field(default_factory=dict)
-    first_token_ids: list[str] = field(default_factory=list)
-    finished_ids: list[str] = field(default_factory=list)
-    preempted_ids: list[str] = field(default_factory=list)
-    steps: int = 1
+    emitted: dict[str, int]
+    first_token_ids: list[str]
+    finished_ids: list[str]
+    preempted_ids: list[str]
+    steps: int
+
+    def __init__(
+        self,
+        emitted: dict[str, int] | None = None,
+        first_token_ids: list[str] | None = None,
+        finished_ids: list[str] | None = None,
+        preempted_ids: list[str] | None = None,
+        steps: int = 1,
+    ) -> None:
+        self.emitted = {} if emitted is None else emitted
+        self.first_token_ids = [] if first_token_ids is None else first_token_ids
+        self.finished_ids = [] if finished_ids is None else finished_ids
+        self.preempted_ids = [] if preempted_ids is None else preempted_ids
+        self.steps = steps
 
 
 class EngineRejected(Exception):
