@@ -368,16 +368,9 @@ class LLMPerfModel:
         n = p + d
         if n <= 0:
             return 0.0
-        xs = self._xs
-        if n <= self._x0:
-            t = self._y0
-        else:
-            i = bisect_right(xs, n) - 1
-            t = self._ys[i] + self._slopes[i] * (n - xs[i])
         k = batch.num_prefills
         rows = d + (k if k > 0 else (1 if p > 0 else 0))
-        lm = self._lm_slope * rows
-        t += lm if lm > self._lm_const else self._lm_const
+        t = self._rows_time(n, rows)
         if p > 0:
             # `_prefill_attention(batch)`, spelled out: once per step with a prefill (hot).
             ctx = batch.prefill_context_tokens
@@ -391,19 +384,24 @@ class LLMPerfModel:
             t += compute if compute > memory else memory
         return t + self._c_decode * batch.decode_context_tokens + self._c_seq * rows
 
-    def decode_run_terms(self, n: int, ctx: int) -> tuple[float, float]:
-        """(a, d) of a run of pure-decode steps of `n` sequences over `ctx` KV tokens: the first
-        step's time and the increase per step (each step adds `n` KV tokens), bit for bit what two
-        `step_time_s` calls give (the same operations in the same order, with the part that does
-        not depend on the KV length computed once; a decode run starts ~2 times per request)."""
+    def _rows_time(self, n: int, rows: int) -> float:
+        """The part of a step's time set by its `n` tokens and `rows` output rows alone (the linear
+        layers' piecewise curve and the LM head), before attention and per-sequence terms."""
         xs = self._xs
         if n <= self._x0:
             t = self._y0
         else:
             i = bisect_right(xs, n) - 1
             t = self._ys[i] + self._slopes[i] * (n - xs[i])
-        lm = self._lm_slope * n
-        t += lm if lm > self._lm_const else self._lm_const
+        lm = self._lm_slope * rows
+        return t + (lm if lm > self._lm_const else self._lm_const)
+
+    def decode_run_terms(self, n: int, ctx: int) -> tuple[float, float]:
+        """(a, d) of a run of pure-decode steps of `n` sequences over `ctx` KV tokens: the first
+        step's time and the increase per step (each step adds `n` KV tokens), bit for bit what two
+        `step_time_s` calls give (the same operations in the same order, with the part that does
+        not depend on the KV length computed once; a decode run starts ~2 times per request)."""
+        t = self._rows_time(n, n)
         tail = self._c_seq * n
         a = t + self._c_decode * ctx + tail
         return a, t + self._c_decode * (ctx + n) + tail - a
