@@ -192,10 +192,9 @@ class Simulator(EngineSegments, TimelineSampler):
         )
 
     def _arrivals(self):
-        """Start the arrivals (a SimPy process only to start at the run's first instant; from then on
-        each arrival batch is an event whose callback queues it and schedules the next one: resuming
-        a generator per arrival cost ~1% of a light-load run). Events are created at the same points
-        as a process yielding timeouts would create them, so their order is the same."""
+        """Start the arrivals: a process only to start at the run's first instant; then each arrival
+        batch is an event whose callback schedules the next (resuming a generator per arrival cost ~1%
+        of a light-load run), created where a process's timeout would be, so event order is the same."""
         self._arrive()
         return
         yield  # a generator, for `env.process`
@@ -226,12 +225,7 @@ class Simulator(EngineSegments, TimelineSampler):
                 progress.refresh()
         self._schedule()
         if i < n:
-            t = reqs[i].arrival_s
-            now = env.now
-            if t > now:
-                env.timeout(t - now).callbacks.append(self._arrive)
-            else:
-                self._arrive()
+            self._arrive()  # the next arrival's event (or, due already, the arrival itself)
 
     # -- policy ------------------------------------------------------------------------------------
     def _schedule(self) -> None:
