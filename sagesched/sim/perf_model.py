@@ -91,9 +91,10 @@ class BatchShape:
 
 
 class StepShape:
-    """A `BatchShape` (same attributes) that an engine builds for every step it plans: a frozen
-    dataclass's keyword ``__init__`` cost 0.9 us against 0.3 us here, once per planned step. The
-    performance model only reads the attributes; nothing may change them after construction.
+    """A mutable `BatchShape` (same attributes) for the engine's own evaluations: one per planned
+    step, and one reused across a decode run's evaluations (its KV length set before each). A frozen
+    dataclass's keyword ``__init__`` cost 0.9 us against 0.3 us here. The performance model only
+    reads the attributes.
     """
 
     __slots__ = (

@@ -309,19 +309,29 @@ def test_bounds_price_a_request_alone_on_the_llamacpp_engine():
     assert all(v != v for v in isolated_latencies([too_long], cluster)[0])  # NaN: no slot holds it
 
 
+def _chats_at_zero(prefix: str, n: int, prompt: int, out: int) -> list[Request]:
+    """`n` chats that all arrive at t=0."""
+    return [
+        Request(id=f"{prefix}{i}", type=RequestType.LLM_CHAT, model="gemma-3-270m", arrival_s=0.0,
+                prompt_tokens=prompt, max_tokens=out, output_tokens=out)
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def _one_each(name: str, count: int, **host) -> list[dict]:
+    """`count` llama.cpp servers (optionally on one host) that take one request each."""
+    entry = llm_entry(name, count=count, **host)
+    entry["max_inflight"] = 1
+    return [entry]
+
+
 def test_servers_on_one_host_share_its_cores():
     """Two one-thread servers on a one-core host: a step that starts while the other runs takes twice as
     long; on a two-core host (or with no host) they do not slow each other down."""
-    reqs = [
-        Request(id=f"h{i}", type=RequestType.LLM_CHAT, model="gemma-3-270m", arrival_s=0.0, prompt_tokens=64,
-                max_tokens=8, output_tokens=8)
-        for i in range(2)
-    ]  # fmt: skip
+    reqs = _chats_at_zero("h", 2, prompt=64, out=8)
 
     def entries(**host):
-        e = llm_entry("cpu", count=2, **host)
-        e["max_inflight"] = 1  # one request each
-        return [e]
+        return _one_each("cpu", 2, **host)
 
     alone = by_id(run(reqs, entries()))
     assert set(alone["instance_id"]) == {"cpu-0", "cpu-1"}
@@ -446,16 +456,10 @@ def test_the_slot_prompt_cache_agrees_with_the_driver_for_a_mid_step_arrival():
 
 
 def test_three_servers_on_two_cores_each_get_two_thirds():
-    reqs = [
-        Request(id=f"t{i}", type=RequestType.LLM_CHAT, model="gemma-3-270m", arrival_s=0.0, prompt_tokens=4,
-                max_tokens=1, output_tokens=1)
-        for i in range(3)
-    ]  # fmt: skip
+    reqs = _chats_at_zero("t", 3, prompt=4, out=1)
 
     def entries(**host):
-        e = llm_entry("cpu", count=3, **host)
-        e["max_inflight"] = 1
-        return [e]
+        return _one_each("cpu", 3, **host)
 
     alone = by_id(run(reqs, entries()))
     shared = by_id(run(reqs, entries(host="box", host_cpus=2)))

@@ -14,20 +14,6 @@ import math
 from itertools import accumulate
 
 
-class DecodeShape:
-    """A mutable stand-in for `BatchShape` (same attributes) for the many pure-decode evaluations of a
-    run: building a frozen dataclass per evaluation would cost more than the evaluation itself."""
-
-    __slots__ = ("decode_context_tokens", "decode_tokens", "num_prefills", "prefill_context_tokens", "prefill_tokens")
-
-    def __init__(self, n: int, ctx: int) -> None:
-        self.prefill_tokens = 0
-        self.decode_tokens = n
-        self.prefill_context_tokens = 0
-        self.decode_context_tokens = ctx
-        self.num_prefills = 0
-
-
 class DecodeRun:
     """k pure-decode steps of n sequences, timed in closed form (or from an explicit list of sums).
 
@@ -159,4 +145,4 @@ class DecodeRun:
         return prefix[-1] * q + prefix[s]
 
 
-__all__ = ["DecodeRun", "DecodeShape"]
+__all__ = ["DecodeRun"]

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Hashable
 
 from sagesched.sim.config import VllmEngineConfig
-from sagesched.sim.engines.decode_run import DecodeRun, DecodeShape
+from sagesched.sim.engines.decode_run import DecodeRun
 from sagesched.sim.engines.kv_cache import KvCache
 from sagesched.sim.engines.types import EngineRejected, EngineRequest, StepOutcome
 from sagesched.sim.perf_model import BatchShape, LLMPerfModel, StepShape
@@ -145,12 +145,11 @@ class VllmEngineCore:
         self.version = 0
         self._qt_version = -1
         self._qt = (0, 0)
-        # (version, KV-length residue histogram, total KV length) of the batch, as `decode_run_limit`
-        # last saw it: `start_decode_run` reuses it while the version is unchanged.
-        self._run_shape: tuple[int, list[int], int] | None = None
-        # (version, k, residue counts, KV length) of the running batch as a decode run left it
-        # (`finish_decode_run`), for `decode_run_limit` at the same version.
-        self._decoding: tuple[int, int, list[int], int] | None = None
+        # (version, steps to the first completion, KV-length residue histogram, total KV length) of
+        # the running batch, all decoding: gathered by `finish_decode_run` (in its walk of the batch)
+        # or `decode_run_limit`, and reused by both of them and `start_decode_run` while the version
+        # is unchanged.
+        self._run_shape: tuple[int, int, list[int], int] | None = None
 
     # -- gauges ----------------------------------------------------------------------------------
     @property
@@ -441,11 +440,11 @@ class VllmEngineCore:
         n = len(running)
         if n == 0 or n > self.budget:
             return 0
-        decoding = self._decoding
-        if decoding is not None and decoding[0] == self.version:
-            # Just after a decode run, nothing changed since: its survivors all decode, and the run
-            # gathered their shape (one walk of the batch fewer per run, ~2% of a light-load run).
-            _, k, cnt, ctx = decoding
+        shape = self._run_shape
+        if shape is not None and shape[0] == self.version:
+            # Nothing changed since the shape was gathered (just after a decode run: its survivors
+            # all decode, and the run gathered them in its own walk of the batch).
+            _, k, cnt, ctx = shape
         else:
             k = 1 << 60
             bs = self.bs
@@ -460,17 +459,17 @@ class VllmEngineCore:
                 # The run's shape, for `start_decode_run` (gathered here to walk the batch once).
                 cnt[-seq.num_computed % bs] += 1
                 ctx += seq.num_tokens
+            self._run_shape = (self.version, k, cnt, ctx)
         if self.waiting and n < self.max_seqs and self._admission(self.waiting[0], self.budget - n) is not None:
             return 0
-        self._run_shape = (self.version, cnt, ctx)
         return k
 
     def start_decode_run(self, k: int, factor: float = 1.0) -> DecodeRun:
         """Prepare up to `k` pure-decode steps (fewer if KV blocks run out first) and time them."""
         bs = self.bs
         shape = self._run_shape
-        if shape is not None and shape[0] == self.version:  # from `decode_run_limit`, nothing changed since
-            _, cnt, ctx = shape
+        if shape is not None and shape[0] == self.version:  # nothing changed since it was gathered
+            _, _, cnt, ctx = shape
         else:
             cnt = [0] * bs
             ctx = 0
@@ -501,7 +500,7 @@ class VllmEngineCore:
             self.run = run
             return run
         step = self._step_time
-        decode = DecodeShape(n, ctx)
+        decode = StepShape(0, n, 0, ctx, 0, 0.0)  # one shape for every evaluation below
         a = step(decode)
         if k > 1:
             decode.decode_context_tokens = ctx + n
@@ -591,5 +590,5 @@ class VllmEngineCore:
             prefill, decode = self._qt
             self._qt = (prefill, decode - dropped)
             self._qt_version = self.version
-        self._decoding = (self.version, k, cnt, ctx)
+        self._run_shape = (self.version, k, cnt, ctx)
         return out
