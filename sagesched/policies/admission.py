@@ -45,6 +45,12 @@ class AdmissionConfig:
     late_first_priority: late requests of this class or more urgent that are not shed go first,
         before even the urgent attainable requests (default 1, high: interactive work's tail stays
         bounded by its own queue); less urgent late ones go after the urgent attainable ones.
+    late_first_wait_s: a late request of such a class goes first only once it has waited this long
+        at the gateway (``now - arrival_s``, with the `now` the policy ranks at: hybrid's fallback
+        ranks as of ``now + slack_margin_ms``); until then it is served with the other late
+        requests, after the urgent attainable ones. Its SLO is already lost, so serving it ahead of
+        work that can still meet its own only moves the miss; the wait bounds how far its tail may
+        grow. 0 (the default): at once.
     retry_after_s: what the rejection's reason suggests as a retry delay (the gateway's 429 carries
         its own ``Retry-After``).
     shed_margin_s: the slacks this controller is given are measured this far ahead of the clock
@@ -59,8 +65,13 @@ class AdmissionConfig:
     retry_after_s: float = 1.0
     late_first_priority: int = int(Priority.HIGH)
     shed_margin_s: float = 0.0
+    late_first_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (self.late_first_wait_s >= 0 and math.isfinite(self.late_first_wait_s)):
+            raise ValueError(
+                f"late_first_wait_s must be a finite number >= 0 s (0 = at once), got {self.late_first_wait_s!r}"
+            )
         if not (self.shed_margin_s >= 0 and math.isfinite(self.shed_margin_s)):
             raise ValueError(f"shed_margin_s must be a finite number >= 0 s, got {self.shed_margin_s!r}")
         if not 0.0 <= self.max_shed_fraction <= 1.0:
@@ -73,6 +84,14 @@ class AdmissionConfig:
             raise ValueError(f"late_first_priority must be -1 (none) to 4, got {self.late_first_priority!r}")
         if not self.retry_after_s > 0:
             raise ValueError(f"retry_after_s must be > 0 s, got {self.retry_after_s!r}")
+
+    def goes_first(self, request: Request, now: float) -> bool:
+        """Whether `request`, late and not shed, goes before the urgent attainable work at `now`:
+        its class is ``late_first_priority`` or more urgent and it has waited ``late_first_wait_s``."""
+        if int(request.priority) > self.late_first_priority:
+            return False
+        wait = self.late_first_wait_s
+        return wait <= 0.0 or now - request.arrival_s >= wait
 
 
 class AdmissionControl:

@@ -118,6 +118,7 @@ class HybridPolicy(EmbeddingBatching, LlmPlacement, Policy):
         fallback_config = dict(c.llm_fallback_config)
         if c.llm_fallback_policy == "slo_aware":
             fallback_config.setdefault("admission", c.admission)
+            fallback_config.setdefault("late_first_wait_s", c.late_first_wait_ms / 1000.0)
         self.llm_fallback = make_policy(c.llm_fallback_policy, **fallback_config)
         # `slack_margin_ms`: a fallback with admission is asked as of `now + margin` (below), and
         # its admission then sheds only what is late by the clock itself. Only with admission: a

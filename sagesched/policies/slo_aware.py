@@ -96,8 +96,8 @@ class SloAwareConfig(PolicyConfig):
         ``max_shed_fraction`` of the requests seen have been shed, most hopeless first; the rest
         are served before attainable requests with more than ``defer_slack_s`` of slack, in
         (priority, arrival) order, instead of after everything. Off by default (the baseline).
-    max_shed_fraction, defer_slack_s, protect_priority, late_first_priority: the admission knobs
-        (see `AdmissionConfig`).
+    max_shed_fraction, defer_slack_s, protect_priority, late_first_priority, late_first_wait_s: the
+        admission knobs (see `AdmissionConfig`).
     fair_share: per-tenant weighted fair share (`sagesched.policies.fair_share`): the least-served
         backlogged tenant places next, each tenant's requests in the order above (admission's
         order, shedding only with ``admission``). With ``tenant_weights`` (default 1 per tenant).
@@ -122,6 +122,7 @@ class SloAwareConfig(PolicyConfig):
     defer_slack_s: float = 5.0
     protect_priority: int = 0
     late_first_priority: int = 1
+    late_first_wait_s: float = 0.0
     fair_share: bool = False
     tenant_weights: Mapping[str, float] = field(default_factory=dict)
     ttft_margin_factor: float = 1.0
@@ -147,6 +148,7 @@ class SloAwareConfig(PolicyConfig):
             self.defer_slack_s,
             self.protect_priority,
             late_first_priority=self.late_first_priority,
+            late_first_wait_s=self.late_first_wait_s,
         )
 
 
@@ -211,10 +213,11 @@ class SloAwarePolicy(Policy):
             else:
                 config = self.config.admission_config()
                 kept = sorted((r for _, r in late), key=lambda r: (int(r.priority), r.arrival_s, r.id))
-            horizon, first = config.defer_slack_s, config.late_first_priority
-            plan: list[tuple[Request, str]] = [(r, _LATE_FIRST) for r in kept if int(r.priority) <= first]
+            horizon = config.defer_slack_s
+            first = [config.goes_first(r, now) for r in kept]
+            plan: list[tuple[Request, str]] = [(r, _LATE_FIRST) for r, f in zip(kept, first, strict=True) if f]
             plan += [(r, _SLACK) for slack, r in attainable if slack <= horizon]
-            plan += [(r, _LATE) for r in kept if int(r.priority) > first]
+            plan += [(r, _LATE) for r, f in zip(kept, first, strict=True) if not f]
             plan += [(r, _SLACK) for slack, r in attainable if slack > horizon]
             plan += [(r, _NO_SLO) for r in best_effort]
             if self.fair is None:
@@ -343,7 +346,7 @@ class SloAwarePolicy(Policy):
         shed, _kept = admission.split_late([(top, request)], self.name)
         if shed:
             return shed[0]
-        how = _LATE_FIRST if int(request.priority) <= admission.config.late_first_priority else _LATE
+        how = _LATE_FIRST if admission.config.goes_first(request, now) else _LATE
         if placeable is None:
             placeable = _placeable(ledger, request)
         return (None, _REASONS[how]) if placeable else None

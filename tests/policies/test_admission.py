@@ -122,3 +122,46 @@ def test_observe_queue_counts_what_observe_ids_counts(make_request):
         for rid in exclude:
             q.pop(rid)
     assert fast.seen_count > 500
+
+
+def _late_interactive(make_request, make_view):
+    """A high-priority chat whose 500 ms TTFT is lost (arrived at 2.0), a standard chat that can
+    still make its 2 s TTFT (urgent: slack under `defer_slack_s`), a batch job with minutes of
+    slack, and enough on-time fillers for the indexed path; one roomy GPU, nothing shed."""
+    late = make_request("late", arrival_s=2.0, ttft_ms=500.0, priority="high")
+    urgent = make_request("urgent", arrival_s=2.8, ttft_ms=2000.0, priority="normal")
+    relaxed = make_request("relaxed", arrival_s=2.8, e2e_ms=120_000.0, priority="low")
+    fillers = [make_request(f"f{i}", arrival_s=2.85, e2e_ms=60_000.0, priority="low") for i in range(40)]
+    views = [make_view("gpu", "llm", max_inflight=256, running=10)]
+    return [late, urgent, relaxed, *fillers], views
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_late_urgent_work_goes_first_only_after_its_wait(make_request, make_view, indexed):
+    """`late_first_wait_s`: a late high-priority request goes ahead of urgent attainable work once it
+    has waited that long; before, right after it (and still before long-slack work)."""
+    queue, views = _late_interactive(make_request, make_view)
+
+    def order(now: float, **config) -> list[str]:
+        policy = make_policy("slo_aware", admission=True, max_shed_fraction=0.0, **config)
+        offered = GatewayQueue(queue) if indexed else list(queue)
+        decisions = policy.schedule(now, offered, views)
+        return [i for d in decisions if isinstance(d, Assignment) for i in d.request_ids]
+
+    at_once = order(2.9)
+    assert at_once.index("late") < at_once.index("urgent")  # the default: late urgent work first
+    waiting = order(2.9, late_first_wait_s=1.5)  # waited 0.9 s of 1.5
+    assert waiting.index("urgent") < waiting.index("late") < waiting.index("relaxed")
+    waited = order(3.6, late_first_wait_s=1.5)  # waited 1.6 s
+    assert waited.index("late") < waited.index("urgent")
+
+
+def test_hybrid_passes_its_late_first_wait_to_the_fallback():
+    assert make_policy("hybrid").llm_fallback.admission.config.late_first_wait_s == 1.5
+    assert make_policy("hybrid", late_first_wait_ms=0).llm_fallback.admission.config.late_first_wait_s == 0.0
+    explicit = make_policy("hybrid", llm_fallback_config={"late_first_wait_s": 0.4})
+    assert explicit.llm_fallback.admission.config.late_first_wait_s == 0.4
+    with pytest.raises(ValueError, match="late_first_wait_ms must be a finite number >= 0"):
+        make_policy("hybrid", late_first_wait_ms=-1)
+    with pytest.raises(ValueError, match="late_first_wait_s must be a finite number >= 0"):
+        make_policy("slo_aware", admission=True, late_first_wait_s=float("nan"))

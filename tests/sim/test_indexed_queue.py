@@ -29,6 +29,7 @@ POLICIES = [
     "slo_aware",
     "slo_aware:shed_unattainable",
     "slo_aware:admission",
+    "slo_aware:admission=true,late_first_wait_s=0.3",  # late urgent work first only after a wait
     "fair_share",
     "adaptive",
     "hybrid",
@@ -38,15 +39,28 @@ POLICIES = [
     "hybrid:embedding_priority=low",
     "hybrid:llm_fallback_policy=fifo",
     "hybrid:prefer_specialized_instances=false",
+    # late urgent work first at once (the wait off), and after a wait shorter than the default's
+    "hybrid:late_first_wait_ms=0",
+    "hybrid:late_first_wait_ms=300",
 ]
 
 
+def _value(text: str) -> object:
+    """A spec's value: true / false, a number, else the text itself."""
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def build(spec: str):
-    """``name``, ``name:flag`` (a boolean config field set to True) or ``name:field=value``."""
+    """``name``, ``name:flag`` (a boolean config field set to True) or ``name:field=value[,field=value]``."""
     name, _, flag = spec.partition(":")
     if "=" in flag:
-        key, _, value = flag.partition("=")
-        return make_policy(name, **{key: {"false": False, "true": True}.get(value, value)})
+        fields = dict(item.partition("=")[::2] for item in flag.split(","))
+        return make_policy(name, **{key: _value(value) for key, value in fields.items()})
     return make_policy(name, **({flag: True} if flag else {}))
 
 

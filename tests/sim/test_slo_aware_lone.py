@@ -67,11 +67,12 @@ def _request(rng: random.Random, i: int) -> Request:
     )
 
 
+@pytest.mark.parametrize("wait", [0.0, 2.0])  # late_first_wait_s: the reason names late-first or late
 @pytest.mark.parametrize("seed", range(5))
-def test_lone_request_shortcut_matches_the_list_code(seed: int) -> None:
+def test_lone_request_shortcut_matches_the_list_code(seed: int, wait: float) -> None:
     rng = random.Random(seed)
-    fast = make_policy("slo_aware", admission=True, max_shed_fraction=0.3)
-    ref = make_policy("slo_aware", admission=True, max_shed_fraction=0.3)
+    fast = make_policy("slo_aware", admission=True, max_shed_fraction=0.3, late_first_wait_s=wait)
+    ref = make_policy("slo_aware", admission=True, max_shed_fraction=0.3, late_first_wait_s=wait)
     taken = {"placed": 0, "shed": 0}
     for i in range(400):
         views = _views(rng)
