@@ -48,8 +48,9 @@ class AdmissionConfig:
     late_first_wait_s: a late request of such a class goes first only once it has waited this long
         at the gateway (``now - arrival_s``, with the `now` the policy ranks at: hybrid's fallback
         ranks as of ``now + slack_margin_ms``); until then it is served with the other late
-        requests, after the urgent attainable ones. Its SLO is already lost, so serving it ahead of
-        work that can still meet its own only moves the miss; the wait bounds how far its tail may
+        requests, after the urgent attainable ones. It is late as ranked (its SLO predicted lost, or,
+        under a ranking margin, within ``shed_margin_s`` of being lost), so serving it ahead of work
+        that can still meet its own mostly moves the miss; the wait bounds how far its tail may
         grow. 0 (the default): at once.
     retry_after_s: what the rejection's reason suggests as a retry delay (the gateway's 429 carries
         its own ``Retry-After``).

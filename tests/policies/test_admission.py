@@ -154,6 +154,8 @@ def test_late_urgent_work_goes_first_only_after_its_wait(make_request, make_view
     assert waiting.index("urgent") < waiting.index("late") < waiting.index("relaxed")
     waited = order(3.6, late_first_wait_s=1.5)  # waited 1.6 s
     assert waited.index("late") < waited.index("urgent")
+    edge = order(3.5, late_first_wait_s=1.5)  # waited exactly 1.5 s (all three values exact in binary)
+    assert edge.index("late") < edge.index("urgent")
 
 
 def test_hybrid_passes_its_late_first_wait_to_the_fallback():
