@@ -133,10 +133,11 @@ class HybridConfig(PolicyConfig):
         this long at the gateway, as of the time the fallback ranks at (the clock plus
         ``slack_margin_ms``); before that it goes with the other late requests, after the urgent
         work that can still meet its SLO (`AdmissionConfig.late_first_wait_s`). Why: past
-        saturation a late interactive chat has lost its SLO or is about to (most also miss their 50 ms TPOT on
-        the loaded engines: 262-276 of 305 at rag 2.8x, by policy), so serving it at once only moves the miss onto
-        a standard request that could still have made its own; the wait bounds its tail instead
-        (at rag 2.8x the interactive p99 TTFT stays under 0.1x FIFO's). 1500 ms, chosen on the
+        saturation a late interactive chat has lost its SLO or is about to (most also miss their
+        50 ms TPOT on the loaded engines: 262-276 of 305 at rag 2.8x, by policy), so serving it at
+        once only moves the miss onto a standard request that could still have made its own; the
+        wait bounds its tail instead (at rag 2.8x the interactive p99 TTFT stays under 0.1x
+        FIFO's). 1500 ms, chosen on the
         held-out windows (seeds 3-6: 0.75, 1.5, 3 and 6 s tried; docs/policies/hybrid.md, "Late-first
         wait"), then checked on the scored ones. ``llm_fallback_config.late_first_wait_s`` wins;
         0 serves late urgent requests first at once. Exempting the requests late only within the
