@@ -89,11 +89,7 @@ def reject_unservable(
     servable: list[Request] = []
     known = _known_classes(instances)
     for request in queue:
-        if known is not None:
-            served = _class_served(known, (request.type is _EMBEDDING_REQUEST, request.model), instances)
-        else:
-            served = any(view.can_serve(request) for view in instances)
-        if served:
+        if _served(request, known, instances):
             servable.append(request)
         else:
             rejected.append(unservable_rejection(request, rule))
@@ -102,7 +98,11 @@ def reject_unservable(
 
 def is_servable(request: Request, instances: Sequence[InstanceView]) -> bool:
     """Whether some registered instance could ever serve `request` (`reject_unservable` keeps it)."""
-    known = _known_classes(instances)
+    return _served(request, _known_classes(instances), instances)
+
+
+def _served(request: Request, known: dict | None, instances: Sequence[InstanceView]) -> bool:
+    """`is_servable`, given `_known_classes(instances)` (read once per call by `reject_unservable`)."""
     if known is None:
         return any(view.can_serve(request) for view in instances)
     return _class_served(known, (request.type is _EMBEDDING_REQUEST, request.model), instances)

@@ -361,26 +361,20 @@ def schedule_admission_indexed(
                     late[shed_here] = False
                     per_class[k] = (cls, cols, no_slo, best, attainable, late, prio)
 
-    # Late requests that go first (`AdmissionConfig.goes_first`): urgent class, waited long enough.
+    # The late rows split by `AdmissionConfig.goes_first`: urgent class, waited long enough.
     wait = config.late_first_wait_s
-    goes_first = [
-        c[5] & (c[6] <= first) & ((now - c[1].arrival[: c[1].n]) >= wait) if wait > 0 else c[5] & (c[6] <= first)
-        for c in per_class
-    ]
+    late_first, late_rest = [], []
+    for c in per_class:
+        go = c[5] & (c[6] <= first)
+        if wait > 0:
+            go &= (now - c[1].arrival[: c[1].n]) >= wait
+        late_first.append((c[0], _priority_rows_factory(c[6], go, c[1])))
+        late_rest.append((c[0], _priority_rows_factory(c[6], c[5] & ~go, c[1])))
     with np.errstate(invalid="ignore"):
         stages = [
-            (
-                _LATE_FIRST,
-                [(c[0], _priority_rows_factory(c[6], g, c[1])) for c, g in zip(per_class, goes_first, strict=True)],
-            ),
+            (_LATE_FIRST, late_first),
             (_SLACK, [(c[0], _rows_factory(c[3], c[4] & (c[3] <= horizon), c[1])) for c in per_class]),
-            (
-                _LATE,
-                [
-                    (c[0], _priority_rows_factory(c[6], c[5] & ~g, c[1]))
-                    for c, g in zip(per_class, goes_first, strict=True)
-                ],
-            ),
+            (_LATE, late_rest),
             (_SLACK, [(c[0], _rows_factory(c[3], c[4] & ~(c[3] <= horizon), c[1])) for c in per_class]),
             (_NO_SLO, [(c[0], _rows_factory(c[1].arrival[: c[1].n], c[2], c[1])) for c in per_class]),
         ]

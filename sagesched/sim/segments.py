@@ -131,7 +131,7 @@ class EngineSegments(ABC):
             delay = new - now
         gpu.llm_now = factor
         assert inst.llm_event is not None
-        inst.llm_event.callbacks.clear()  # stale: `_llm_done` would ignore it (old generation)
+        inst.llm_event.callbacks.clear()  # stale: `_llm_done` would ignore it (no longer `inst.llm_event`)
         ev = self.env.timeout(delay)
         ev.callbacks.append(inst.llm_done_cb)
         inst.llm_event = ev
@@ -147,7 +147,7 @@ class EngineSegments(ABC):
             return  # the step in progress is the run's last: its end event is already due
         run.truncate(m + 1)
         # The run's old end event stays in SimPy's queue; dropping its callback spares processing
-        # it (`_llm_done` would ignore it anyway: its generation is stale).
+        # it (`_llm_done` would ignore it anyway: it is no longer `inst.llm_event`).
         inst.llm_event.callbacks.clear()
         ev = self.env.timeout(inst.llm_t0 + run.cum_time(m + 1) - now)
         ev.callbacks.append(inst.llm_done_cb)
