@@ -346,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         "--sim-only", action="store_true", help="simulate only (no servers): print utilisation and latencies per policy"
     )
     parser.add_argument(
+        "--view-rates",
+        choices=("nominal", "learned"),
+        default="nominal",
+        help="the rates the simulated policy's views carry (sim.view_rates; learned: as the live executor)",
+    )
+    parser.add_argument(
         "--host-cpus", type=int, default=None, help="cores the simulated servers share (default: affinity)"
     )
     args = parser.parse_args(argv)
@@ -356,13 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     from sagesched.replay.compare import compare
 
     scaling_args = scaling(args.rate_scale, args.duration)
+    sim_args = [f"sim.view_rates={args.view_rates}"]
     if args.sim_only:
         for shared in (True, False):
             cluster = cluster_config(
                 ["http://127.0.0.1:1", "http://127.0.0.1:2"], "http://127.0.0.1:3", args.llm_slots, shared
             )
             for policy in POLICIES:
-                overrides = [f"policy={policy}", *scaling_args, "driver=sim"]
+                overrides = [f"policy={policy}", *scaling_args, "driver=sim", *sim_args]
                 s = run(compose(overrides, cluster), Path(args.out), progress=False)
                 print(
                     f"{policy} ({'shared host' if shared else 'isolated'}): {s['llm_requests']} chats, "
@@ -385,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {name}", flush=True)
             cluster = cluster_config(*placeholder, args.llm_slots, variant == "sim")
             summaries[name] = run(
-                compose([f"policy={policy}", *scaling_args, "driver=sim"], cluster), runs / name, progress=False
+                compose([f"policy={policy}", *scaling_args, "driver=sim", *sim_args], cluster), runs / name, progress=False
             )
         # Fresh servers for each live run: a server's slots keep the prompts of the previous run's last
         # requests (the prompt cache), which would hand the second policy's first requests a head start.

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sagesched.core import InstanceView, Request, RequestRecord
+from sagesched.core.rates import ThroughputEstimate
 from sagesched.live.backends import BackendClient, BackendConfig, BackendMetrics, SSEStream
 from sagesched.live.errors import (
     LiveError,
@@ -143,9 +144,11 @@ class BackendState:
         self.embedding_inputs = 0
         self.metrics: BackendMetrics | None = None
         self.own_at_scrape = 0  # len(inflight) when `metrics` was taken
-        self.prefill_tokens_per_s = float(config.prefill_tokens_per_s)
-        self.decode_step_s = float(config.decode_step_s)
-        self.embedding_tokens_per_s = float(config.embedding_tokens_per_s)
+        # Learned from finished requests (`learn_rates`); the simulator's "learned" view rates use
+        # the same estimator.
+        self.rates = ThroughputEstimate(
+            config.prefill_tokens_per_s, config.decode_step_s, config.embedding_tokens_per_s
+        )
         self.completed = 0
         self.failures = 0
 
@@ -192,27 +195,21 @@ class BackendState:
                 if p.request.is_embedding:
                     self.embedding_tokens += new[1] - old[1]
 
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.rates.prefill_tokens_per_s
+
+    @property
+    def decode_step_s(self) -> float:
+        return self.rates.decode_step_s
+
+    @property
+    def embedding_tokens_per_s(self) -> float:
+        return self.rates.embedding_tokens_per_s
+
     def learn_rates(self, p: PendingRequest, finish: float, alpha: float) -> None:
-        """Refine the throughput estimates from one finished request (moving average, weight `alpha`)."""
-        r = p.record
-        if r.dispatch_s is None:
-            return
-        request = p.request
-        if request.is_embedding:
-            elapsed = finish - r.dispatch_s
-            if elapsed > 0 and request.embedding_tokens > 0:
-                rate = request.embedding_tokens * max(1, r.batch_size) / elapsed
-                self.embedding_tokens_per_s += alpha * (rate - self.embedding_tokens_per_s)
-            return
-        tokens = p.progress.tokens_seen
-        if p.call.stream and r.first_token_s is not None and tokens >= 2:
-            step = (finish - r.first_token_s) / (tokens - 1)
-            if step > 0:
-                self.decode_step_s += alpha * (step - self.decode_step_s)
-            ttft = r.first_token_s - r.dispatch_s
-            if ttft > 0 and request.prompt_tokens >= 16:
-                rate = request.prompt_tokens / ttft
-                self.prefill_tokens_per_s += alpha * (rate - self.prefill_tokens_per_s)
+        """Refine the throughput estimates from one finished request (`ThroughputEstimate.learn`)."""
+        self.rates.learn(p.record, finish, p.progress.tokens_seen, alpha, streamed=p.call.stream)
 
     async def probe(self, config: ExecutorConfig) -> bool:
         """One health probe (and, when healthy, a metrics scrape); True when `healthy` changed.

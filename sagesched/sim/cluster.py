@@ -36,6 +36,7 @@ from sagesched.core import (
 )
 from sagesched.core.decisions import Placement, decide
 from sagesched.core.pool import InstancePool, ViewList, is_idle
+from sagesched.core.rates import ThroughputEstimate
 from sagesched.metrics import records_frame
 from sagesched.policies.base import Policy
 from sagesched.sim.config import ClusterConfig, InstanceConfig, SimConfig
@@ -49,7 +50,7 @@ from sagesched.sim.instance_state import InstanceState
 from sagesched.sim.results import SimResult, timeline_frame
 from sagesched.sim.segments import EngineSegments
 from sagesched.sim.timeline import TimelineSampler
-from sagesched.sim.views import make_view, uniform_llm_rates
+from sagesched.sim.views import STATIC_SLOT, make_view, uniform_llm_rates
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,21 @@ class Simulator(EngineSegments, TimelineSampler):
         self._idle_set: set[str] = set()
         self._uniform_llm: dict[str, tuple[float, float]] | None = None  # `uniform_llm_rates`, once
         self._serves_class: dict = {}  # class -> served by some instance (kinds and models never change)
+        # `SimConfig.view_rates == "learned"`: each instance's view rates, moved by finished requests
+        # as the live executor moves its backends' (`_learn_rates`). Their speeds then differ, so the
+        # pool is never uniform (the shortcut `uniform_llm_rates` allows is off).
+        self._rates: list[ThroughputEstimate] | None = None
+        if sim.view_rates == "learned":
+            self._uniform_llm = {}
+            slots = STATIC_SLOT
+            self._rates = [
+                ThroughputEstimate(
+                    inst.static_view[slots["prefill_tokens_per_s"]],
+                    inst.static_view[slots["decode_step_s"]],
+                    inst.static_view[slots["embedding_tokens_per_s"]],
+                )
+                for inst in self.instances
+            ]
         self.by_id = {inst.id: inst for inst in self.instances}
         bind_llamacpp(self.instances, self.requests, self)
         self.env = simpy.Environment()
@@ -523,7 +539,34 @@ class Simulator(EngineSegments, TimelineSampler):
         rec.finish_s = now
         rec.outcome = Outcome.COMPLETED.value
         inst.inflight -= 1
+        if self._rates is not None:
+            self._learn_rates(self._rates[inst.index], rec, now, inst)
         self._ended()
+
+    def _learn_rates(self, rates: ThroughputEstimate, rec: RequestRecord, now: float, inst: InstanceState) -> None:
+        """`SimConfig.view_rates == "learned"`: fold a finished request into its instance's rates and
+        give the instance's views the new figures.
+
+        The live client sees the serving frontend's delivery cost, which the records get only after
+        the run (`sagesched.sim.frontend`): it is priced here as that module does, with the requests
+        in flight now standing in for those in flight at the first token.
+        """
+        delivery = 0.0
+        core = inst.llm
+        if core is not None and (not rec.embedding_inputs or getattr(core.perf, "frontend_covers_embeddings", False)):
+            delivery = core.perf.frontend_s(rec.prompt_tokens, inst.inflight)
+        if not rates.learn(rec, now, rec.output_tokens, self.sim.rate_smoothing, delivery_s=delivery):
+            return
+        static = list(inst.static_view)
+        slots = STATIC_SLOT
+        (
+            static[slots["prefill_tokens_per_s"]],
+            static[slots["decode_step_s"]],
+            static[slots["embedding_tokens_per_s"]],
+        ) = rates.as_tuple()
+        inst.static_view = tuple(static)
+        inst.cached_view = None  # the load part (`cached_load`) does not depend on the rates
+        self._stale.add(inst)
 
     # -- the end -----------------------------------------------------------------------------------
     def _close_out(self) -> None:

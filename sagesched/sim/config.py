@@ -415,6 +415,13 @@ class SimConfig:
     progress: show a tqdm progress bar over arrivals.
     timeline_interval_s: sample each instance's state at most this often (0 disables the timeline).
     max_time_s: stop the clock here; requests still unfinished become `failed` records.
+    view_rates: the throughput figures the policy's views carry. "nominal" (default): each engine
+        model's fixed figures (prefill rate, one decode step at a nominal context). "learned": those
+        as a start, then moved by every finished request exactly as the live executor moves its
+        backends' estimates (`sagesched.core.rates.ThroughputEstimate`), so that a policy sees what
+        it would see live; use it to predict a live run (`docs/replay.md`).
+    rate_smoothing: with "learned", the weight of each new observation (the live executor's
+        `rate_smoothing`, same default).
     """
 
     mode: str = "jump"
@@ -422,12 +429,21 @@ class SimConfig:
     progress: bool = False
     timeline_interval_s: float = 1.0
     max_time_s: float | None = None
+    view_rates: str = "nominal"
+    rate_smoothing: float = 0.2
 
     def __post_init__(self) -> None:
         if self.mode not in ("jump", "step"):
             raise ConfigFieldError(("mode",), f"{self.mode!r}: use 'jump' (fast) or 'step' (reference)")
         if self.timeline_interval_s < 0:
             raise ConfigFieldError(("timeline_interval_s",), f"must be >= 0, got {self.timeline_interval_s}")
+        if self.view_rates not in ("nominal", "learned"):
+            raise ConfigFieldError(
+                ("view_rates",),
+                f"{self.view_rates!r}: use 'nominal' (the engine models' figures) or 'learned' (as live)",
+            )
+        if not 0.0 < self.rate_smoothing <= 1.0:
+            raise ConfigFieldError(("rate_smoothing",), f"must be in (0, 1], got {self.rate_smoothing}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, root: Path = ("sim",)) -> SimConfig:

@@ -212,7 +212,7 @@ def _direct_views_work() -> bool:
 make_view = _make_view_direct if _direct_views_work() else _make_view_generic
 
 
-_STATIC_SLOT = {name: i for i, name in enumerate(InstanceView.__slots__)}
+STATIC_SLOT = {name: i for i, name in enumerate(InstanceView.__slots__)}
 
 
 def uniform_llm_rates(instances: Sequence[Any]) -> dict[str, tuple[float, float]]:
@@ -223,7 +223,7 @@ def uniform_llm_rates(instances: Sequence[Any]) -> dict[str, tuple[float, float]
     instances are always healthy and their rates never change, which is what lets a policy call
     an idle one the fastest place for new LLM work (hybrid's load rule, `hybrid_llm`).
     """
-    slot = _STATIC_SLOT
+    slot = STATIC_SLOT
     pairs: dict[str, set[tuple[float, float]]] = {}
     for inst in instances:
         static = inst.static_view
