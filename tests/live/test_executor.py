@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sagesched.core import Assignment, Decision, InstanceView, RejectCode, Rejection, Request
+from sagesched.core.rates import ThroughputEstimate
 from sagesched.live.backends import BackendClient, BackendConfig, metrics_from_text
 from sagesched.live.errors import (
     ModelNotFound,
@@ -129,6 +130,27 @@ async def test_completion_chat_stream_and_records(llm_server) -> None:
         assert snap["decisions"] == {"fifo": 3} and snap["queue_len"] == 0 and snap["inflight"] == 0
         backend = next(iter(snap["backends"].values()))
         assert backend["healthy"] and backend["metrics"] is not None and backend["age_s"] is not None
+
+
+async def test_backend_rates_are_what_the_shared_estimator_makes_of_the_finished_records(llm_server) -> None:
+    """The live half of `sim.view_rates=learned` (tests/sim/test_view_rates.py): a backend's view
+    rates are `ThroughputEstimate` folded over its finished records, from the configured figures."""
+    cfg = llm(llm_server, prefill_tokens_per_s=1e6, decode_step_s=1e-6)
+    async with LiveExecutor(FifoPolicy(), [cfg], FAST) as ex:
+        for i in range(3):
+            prompt = f"List the numbers from {i} to {i + 40}, one per line, with no other words:"
+            resp = await ex.submit(
+                None, completion(llm_server, prompt, max_tokens=6, ignore_eos=True, stream=True), "completions"
+            )
+            assert [c async for c in resp.stream]
+        expected = ThroughputEstimate(cfg.prefill_tokens_per_s, cfg.decode_step_s, cfg.embedding_tokens_per_s)
+        for record in sorted(ex.records, key=lambda r: r.finish_s):
+            assert record.output_tokens >= 2 and record.prompt_tokens >= 16
+            expected.learn(record, record.finish_s, record.output_tokens, FAST.rate_smoothing)
+        view = next(iter(ex.snapshot()["backends"].values()))
+        seen = (view["prefill_tokens_per_s"], view["decode_step_s"])
+        assert seen == pytest.approx(expected.as_tuple()[:2], rel=1e-2)
+        assert seen[0] < 1e6 and seen[1] > 1e-6  # moved off the (absurd) configured figures
 
 
 async def test_merged_embedding_batch_returns_each_caller_its_own_vectors(embedding_server) -> None:
