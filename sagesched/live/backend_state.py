@@ -53,6 +53,8 @@ class Attempt:
     sse: the upstream stream, once a streamed LLM call has opened it.
     share: what this request adds to the backend's load sums (embedding requests, prefill tokens,
         decode tokens), so that removing it subtracts exactly what adding it added.
+    started_clear: an LLM request found nothing ahead of it at dispatch (`starts_clear`), so its
+        time to first token measures the backend's prefill rate (`learn_rates`).
     """
 
     instance_id: str
@@ -60,6 +62,7 @@ class Attempt:
     group: list[PendingRequest] = field(default_factory=list)
     sse: SSEStream | None = None
     share: tuple[int, int, int] = (0, 0, 0)
+    started_clear: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -209,7 +212,8 @@ class BackendState:
 
     def learn_rates(self, p: PendingRequest, finish: float, alpha: float) -> None:
         """Refine the throughput estimates from one finished request (`ThroughputEstimate.learn`)."""
-        self.rates.learn(p.record, finish, p.progress.tokens_seen, alpha, streamed=p.call.stream)
+        clear = p.attempt is not None and p.attempt.started_clear
+        self.rates.learn(p.record, finish, p.progress.tokens_seen, alpha, streamed=p.call.stream, started_clear=clear)
 
     async def probe(self, config: ExecutorConfig) -> bool:
         """One health probe (and, when healthy, a metrics scrape); True when `healthy` changed.

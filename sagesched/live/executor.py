@@ -38,6 +38,7 @@ from typing import Any
 
 from sagesched.core import Outcome, Request, RequestRecord
 from sagesched.core.decisions import INVALID_DECISION, Placement, Verdict, decide
+from sagesched.core.rates import starts_clear
 from sagesched.live.backend_state import Attempt, BackendState, CallerRequest, PendingRequest
 from sagesched.live.backends import BackendClient, BackendConfig, SSEStream
 from sagesched.live.dispatch import _PER_CALLER_EMBEDDING_FIELDS, Dispatcher
@@ -369,6 +370,8 @@ class LiveExecutor(Dispatcher):
         for p in members:
             del self._queue[p.request.id]
             p.attempt = Attempt(backend.id)
+            if not p.request.is_embedding:
+                p.attempt.started_clear = starts_clear(backend.view(self.config.metrics_stale_s))
             p.no_backend_since = None
             p.record.instance_id = backend.id
             p.record.dispatch_s = now

@@ -36,7 +36,7 @@ from sagesched.core import (
 )
 from sagesched.core.decisions import Placement, decide
 from sagesched.core.pool import InstancePool, ViewList, is_idle
-from sagesched.core.rates import ThroughputEstimate
+from sagesched.core.rates import ThroughputEstimate, starts_clear
 from sagesched.metrics import records_frame
 from sagesched.policies.base import Policy
 from sagesched.sim.config import ClusterConfig, InstanceConfig, SimConfig
@@ -136,6 +136,7 @@ class Simulator(EngineSegments, TimelineSampler):
         # as the live executor moves its backends' (`_learn_rates`). Their speeds then differ, so the
         # pool is never uniform (the shortcut `uniform_llm_rates` allows is off).
         self._rates: list[ThroughputEstimate] | None = None
+        self._started_clear: set[str] = set()  # LLM requests that found nothing ahead (`starts_clear`)
         if sim.view_rates == "learned":
             self._uniform_llm = {}
             slots = STATIC_SLOT
@@ -427,6 +428,10 @@ class Simulator(EngineSegments, TimelineSampler):
             reqs.append(req)
         if not reqs:
             return
+        # Learned rates: whether the first LLM request of the call starts clear, as the live executor
+        # decides it: from the instance's view before this call (taken before the version moves, so
+        # the cached snapshot stays that state's); the others have the first ahead of them.
+        clear = self._rates is not None and starts_clear(self._view(inst, now))
         inst.version += 1
         self._stale.add(inst)
         priority = a.priority_hint
@@ -436,6 +441,9 @@ class Simulator(EngineSegments, TimelineSampler):
             if req.is_embedding:
                 embeddings.append(req)
                 continue
+            if clear:
+                self._started_clear.add(req.id)
+                clear = False
             out = req.output_tokens if req.output_tokens else req.max_tokens
             if req.max_tokens and out > req.max_tokens:
                 out = req.max_tokens
@@ -555,7 +563,11 @@ class Simulator(EngineSegments, TimelineSampler):
         core = inst.llm
         if core is not None and (not rec.embedding_inputs or getattr(core.perf, "frontend_covers_embeddings", False)):
             delivery = core.perf.frontend_s(rec.prompt_tokens, inst.inflight)
-        if not rates.learn(rec, now, rec.output_tokens, self.sim.rate_smoothing, delivery_s=delivery):
+        clear = rec.request_id in self._started_clear
+        self._started_clear.discard(rec.request_id)
+        if not rates.learn(
+            rec, now, rec.output_tokens, self.sim.rate_smoothing, started_clear=clear, delivery_s=delivery
+        ):
             return
         static = list(inst.static_view)
         slots = STATIC_SLOT

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sagesched.core import Request, RequestRecord, RequestType
-from sagesched.core.rates import ThroughputEstimate
+from sagesched.core import InstanceKind, InstanceView, Request, RequestRecord, RequestType
+from sagesched.core.rates import ThroughputEstimate, starts_clear
 
 
 def _chat(prompt: int = 400, dispatch: float | None = 1.0, first: float | None = 1.5) -> RequestRecord:
@@ -70,3 +70,37 @@ def test_delivery_time_lengthens_the_time_to_first_token_not_the_decode_step():
     emb = ThroughputEstimate(1000.0, 0.02, 5000.0)
     emb.learn(_embedding(), finish_s=2.2, tokens=0, alpha=1.0, delivery_s=0.1)
     assert emb.embedding_tokens_per_s == pytest.approx(600 / 0.3)
+
+
+def test_a_request_that_waited_behind_others_teaches_the_decode_step_only():
+    est = ThroughputEstimate(1000.0, 0.02, 5000.0)
+    assert est.learn(_chat(), finish_s=2.5, tokens=11, alpha=0.5, started_clear=False)
+    assert est.prefill_tokens_per_s == 1000.0 and est.decode_step_s == pytest.approx(0.06)
+
+
+def _view(**kw) -> InstanceView:
+    return InstanceView("i", kw.pop("kind", InstanceKind.LLM), frozenset({"m"}), max_num_seqs=4, **kw)
+
+
+@pytest.mark.parametrize(
+    ("view", "clear"),
+    [
+        (_view(), True),
+        (_view(running=3, queued_decode_tokens=300), True),  # decoding only: a slot is free
+        (_view(running=1, queued_prefill_tokens=200), False),  # a prompt still in prefill
+        (_view(running=4, queued_decode_tokens=400), False),  # every slot taken
+        # A shared GPU: the embedding engine's queue is not ahead of LLM prompts, nor are its requests.
+        (
+            _view(
+                kind=InstanceKind.LLM_EMBEDDING,
+                running=4,
+                embedding_inflight=2,
+                queued_prefill_tokens=900,
+                queued_embedding_tokens=900,
+            ),
+            True,
+        ),
+    ],
+)
+def test_starts_clear_means_no_prompt_ahead_and_a_free_slot(view, clear):
+    assert starts_clear(view) is clear

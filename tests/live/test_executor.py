@@ -153,6 +153,30 @@ async def test_backend_rates_are_what_the_shared_estimator_makes_of_the_finished
         assert seen[0] < 1e6 and seen[1] > 1e-6  # moved off the (absurd) configured figures
 
 
+async def test_a_chat_dispatched_behind_another_does_not_teach_the_prefill_rate(llm_server) -> None:
+    """Two chats at once on a backend declared one sequence wide: the second is dispatched with the
+    first ahead of it, so its time to first token (which includes that wait) leaves the prefill
+    rate alone; both teach the decode step."""
+    cfg = llm(llm_server, max_num_seqs=1, prefill_tokens_per_s=1e6, decode_step_s=1e-6)
+    async with LiveExecutor(FifoPolicy(), [cfg], FAST) as ex:
+
+        async def chat(i: int) -> None:
+            prompt = f"Write the numbers from {i} to {i + 30} in words, separated by commas:"
+            body = completion(llm_server, prompt, max_tokens=6, ignore_eos=True, stream=True)
+            resp = await ex.submit(None, body, "completions")
+            assert [c async for c in resp.stream]
+
+        await asyncio.gather(chat(1), chat(2))
+        records = sorted(ex.records, key=lambda r: r.finish_s)
+        first_dispatched = min(records, key=lambda r: r.dispatch_s)
+        expected = ThroughputEstimate(cfg.prefill_tokens_per_s, cfg.decode_step_s, cfg.embedding_tokens_per_s)
+        for record in records:
+            clear = record is first_dispatched
+            expected.learn(record, record.finish_s, record.output_tokens, FAST.rate_smoothing, started_clear=clear)
+        view = next(iter(ex.snapshot()["backends"].values()))
+        assert (view["prefill_tokens_per_s"], view["decode_step_s"]) == pytest.approx(expected.as_tuple()[:2], rel=1e-2)
+
+
 async def test_merged_embedding_batch_returns_each_caller_its_own_vectors(embedding_server) -> None:
     texts = [["red apple"], ["a train leaves the station", "blue sky"], ["quantum"]]
     cfg = BackendConfig(embedding_server.url, "embedding", [embedding_server.model])

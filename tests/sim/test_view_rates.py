@@ -121,6 +121,29 @@ def test_learned_decode_step_rises_when_the_batch_grows():
     assert learned.seen[-1][1]["llm"][1] > 1.5 * nominal.seen[-1][1]["llm"][1]
 
 
+def test_only_a_request_that_started_clear_teaches_the_prefill_rate():
+    """A burst: the first chat finds the instance idle, every later one a prompt ahead of it. Their
+    times to first token include that wait, which a policy adds separately, so only the first one
+    (and a later chat on an idle instance) moves the prefill rate; every one moves the decode step."""
+    burst = [
+        Request(
+            f"b{i}", RequestType.LLM_CHAT, "llama-2-7b", 0.001 * i, prompt_tokens=2000, max_tokens=30, output_tokens=30
+        )
+        for i in range(20)
+    ] + [Request("late", RequestType.LLM_CHAT, "llama-2-7b", 60.0, prompt_tokens=100, max_tokens=5, output_tokens=5)]
+    policy, result = _run("learned", burst)
+    records = result.records.set_index("request_id")
+    nominal = PERF.prefill_tokens_per_s
+    first = records.loc["b0"]
+    expected = nominal + 0.2 * (first.prompt_tokens / (first.first_token_s - first.dispatch_s) - nominal)
+    at_late = next(rates["llm"] for now, rates in policy.seen if now == 60.0)
+    assert at_late[0] == pytest.approx(expected, rel=1e-12)
+    # Had every chat taught it, the waits would have pulled it far lower.
+    waited = records.loc[[f"b{i}" for i in range(1, 20)]]
+    assert (waited.prompt_tokens / (waited.first_token_s - waited.dispatch_s)).max() < 0.5 * expected
+    assert at_late[1] != PERF.decode_step_s
+
+
 def test_learned_rates_keep_the_simulator_deterministic():
     requests = _spaced_workload()
     _, a = _run("learned", requests)
