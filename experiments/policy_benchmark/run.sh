@@ -14,23 +14,10 @@
 # One job at a time by default (N_JOBS=1; the machine it was tuned on has 2 shared cores): ~12 min (29 Nov 2026).
 # Set SAGESCHED_BENCH_DIR to keep the run folders elsewhere (default: multirun/policy_benchmark).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-PYTHON=${PYTHON:-python}
 OUT=${SAGESCHED_BENCH_DIR:-multirun/policy_benchmark}
-HERE=experiments/policy_benchmark
-JOBS=${N_JOBS:-1}
+source "$(dirname "$0")/sweep.sh"
 rm -rf "$OUT" "$OUT-mvs"
 mkdir -p "$(dirname "$OUT")"
-
-sweep() {  # sweep NAME [overrides...]: one Hydra multirun, logged to $OUT.NAME.log
-    local name=$1
-    shift
-    local start
-    start=$(date +%s)
-    SAGESCHED_BENCH_DIR="${DEST:-$OUT}" "$PYTHON" -m sagesched.experiment -m --config-dir "$HERE/conf" \
-        "hydra.launcher.n_jobs=$JOBS" "$@" >"$OUT.$name.log" 2>&1 || { tail -40 "$OUT.$name.log"; exit 1; }
-    echo "$name: done in $(($(date +%s) - start)) s"
-}
 
 for scenario in azure_conv azure_code rag embedding_heavy; do
     sweep "$scenario" "+benchmark=$scenario" "${@}"

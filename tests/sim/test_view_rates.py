@@ -67,6 +67,26 @@ def _spaced_workload() -> list[Request]:
     return out
 
 
+def _burst(n: int, prompt: int, output: int, late_at: float) -> list[Request]:
+    """`n` chats 1 ms apart (b0, b1, ...), then one short chat ("late") on the idle instance at `late_at`."""
+    chats = [
+        Request(
+            f"b{i}",
+            RequestType.LLM_CHAT,
+            "llama-2-7b",
+            0.001 * i,
+            prompt_tokens=prompt,
+            max_tokens=output,
+            output_tokens=output,
+        )
+        for i in range(n)
+    ]
+    late = Request(
+        "late", RequestType.LLM_CHAT, "llama-2-7b", late_at, prompt_tokens=100, max_tokens=5, output_tokens=5
+    )
+    return [*chats, late]
+
+
 def _run(view_rates: str, requests: list[Request]) -> tuple[_Watching, object]:
     policy = _Watching()
     result = simulate(requests, CLUSTER, policy, SimConfig(view_rates=view_rates, timeline_interval_s=0.0))
@@ -110,12 +130,7 @@ def test_learned_rates_are_what_the_live_estimator_makes_of_the_finished_records
 def test_learned_decode_step_rises_when_the_batch_grows():
     """Forty chats at once: every step carries forty sequences, so each one's step is longer than
     the nominal single-sequence step, and the learned figure says so."""
-    burst = [
-        Request(
-            f"b{i}", RequestType.LLM_CHAT, "llama-2-7b", 0.001 * i, prompt_tokens=500, max_tokens=60, output_tokens=60
-        )
-        for i in range(40)
-    ] + [Request("late", RequestType.LLM_CHAT, "llama-2-7b", 30.0, prompt_tokens=100, max_tokens=5, output_tokens=5)]
+    burst = _burst(40, prompt=500, output=60, late_at=30.0)
     learned, _ = _run("learned", burst)
     nominal, _ = _run("nominal", burst)
     assert learned.seen[-1][1]["llm"][1] > 1.5 * nominal.seen[-1][1]["llm"][1]
@@ -125,12 +140,7 @@ def test_only_a_request_that_started_clear_teaches_the_prefill_rate():
     """A burst: the first chat finds the instance idle, every later one a prompt ahead of it. Their
     times to first token include that wait, which a policy adds separately, so only the first one
     (and a later chat on an idle instance) moves the prefill rate; every one moves the decode step."""
-    burst = [
-        Request(
-            f"b{i}", RequestType.LLM_CHAT, "llama-2-7b", 0.001 * i, prompt_tokens=2000, max_tokens=30, output_tokens=30
-        )
-        for i in range(20)
-    ] + [Request("late", RequestType.LLM_CHAT, "llama-2-7b", 60.0, prompt_tokens=100, max_tokens=5, output_tokens=5)]
+    burst = _burst(20, prompt=2000, output=30, late_at=60.0)
     policy, result = _run("learned", burst)
     records = result.records.set_index("request_id")
     nominal = PERF.prefill_tokens_per_s
