@@ -31,7 +31,9 @@ def simulate(view_rates: str) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for policy in mr.POLICIES:
         overrides = [f"policy={policy}", *mr.scaling(), "driver=sim", f"sim.view_rates={view_rates}"]
-        out[policy] = run(mr.compose(overrides, cluster), Path("/tmp") / f"learned_rates_{policy}_{view_rates}", progress=False)
+        out[policy] = run(
+            mr.compose(overrides, cluster), Path("/tmp") / f"learned_rates_{policy}_{view_rates}", progress=False
+        )
     return out
 
 

@@ -336,6 +336,7 @@ def work_table(summaries: dict[str, dict[str, Any]], work: dict[str, dict[str, f
 
 
 def main(argv: list[str] | None = None) -> int:
+    global HOST_CPUS, LLM_CALIBRATION, EMBEDDING_CALIBRATION
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--emulators", action="store_true", help="use the emulators instead of llama-server (dry run)")
     parser.add_argument("--out", default=str(HERE), help="report folder (default: this folder)")
@@ -354,9 +355,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--host-cpus", type=int, default=None, help="cores the simulated servers share (default: affinity)"
     )
+    parser.add_argument(
+        "--llm-calibration",
+        default=LLM_CALIBRATION,
+        help="the chat servers' llama.cpp calibration: a shipped name or a file (`sagesched calibrate llamacpp`)",
+    )
+    parser.add_argument(
+        "--embedding-calibration", default=EMBEDDING_CALIBRATION, help="the embedding server's, likewise"
+    )
     args = parser.parse_args(argv)
-    global HOST_CPUS
     HOST_CPUS = args.host_cpus
+    LLM_CALIBRATION, EMBEDDING_CALIBRATION = args.llm_calibration, args.embedding_calibration
 
     from sagesched.experiment import run
     from sagesched.replay.compare import compare
@@ -392,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {name}", flush=True)
             cluster = cluster_config(*placeholder, args.llm_slots, variant == "sim")
             summaries[name] = run(
-                compose([f"policy={policy}", *scaling_args, "driver=sim", *sim_args], cluster), runs / name, progress=False
+                compose([f"policy={policy}", *scaling_args, "driver=sim", *sim_args], cluster),
+                runs / name,
+                progress=False,
             )
         # Fresh servers for each live run: a server's slots keep the prompts of the previous run's last
         # requests (the prompt cache), which would hand the second policy's first requests a head start.
@@ -422,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Backends: {what}. Requests per run: {live['requests']} "
         f"({live['llm_requests']} chat, {live['embedding_requests']} embedding).",
         f"Scaling of the default workload: `{' '.join(scaling_args)}`.",
-        "Simulated: the same cluster entries, `engine: llamacpp` with the shipped probe calibrations "
-        f"`{LLM_CALIBRATION}` and `{EMBEDDING_CALIBRATION}`; `*_sim`: the three servers share the "
+        "Simulated: the same cluster entries, `engine: llamacpp` with the probe calibrations "
+        f"`{LLM_CALIBRATION}` and `{EMBEDDING_CALIBRATION}` (view rates: {args.view_rates}); `*_sim`: the three servers share the "
         f"machine's {host_cpus()} cores (`llamacpp.host`), `*_sim_isolated`: each alone on a core.",
         "",
         "Machine (2 cores, shared with other users' jobs): " + "; ".join(conditions) + ".",
