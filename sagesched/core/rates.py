@@ -70,9 +70,9 @@ class ThroughputEstimate:
         produced at least two tokens, its decode step (time after the first token per further
         token) and, when it `started_clear` (`starts_clear` at its dispatch) with a prompt of
         `MIN_PROMPT_TOKENS_FOR_RATE` or more, its prompt over its time to first token. `tokens` is
-        how many output tokens it produced. `delivery_s` is added to
-        its first token and its finish: the simulator's records do not hold the serving frontend's
-        delivery cost until the run ends (`sagesched.sim.frontend`), while the live client sees it.
+        how many output tokens it produced. `delivery_s` is added to its first token and its
+        finish: the simulator's records get the serving frontend's delivery cost only when the run
+        ends (`sagesched.sim.frontend`), while the live client sees it.
         """
         dispatch = record.dispatch_s
         if dispatch is None:

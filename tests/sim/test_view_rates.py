@@ -7,6 +7,7 @@ handed the estimates the live gateway would have handed it on the same run.
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from sagesched.core import Request, RequestRecord, RequestType
@@ -152,6 +153,20 @@ def test_only_a_request_that_started_clear_teaches_the_prefill_rate():
     waited = records.loc[[f"b{i}" for i in range(1, 20)]]
     assert (waited.prompt_tokens / (waited.first_token_s - waited.dispatch_s)).max() < 0.5 * expected
     assert at_late[1] != PERF.decode_step_s
+
+
+def test_learned_rates_give_the_same_records_in_jump_and_step_mode():
+    """The rates move at completions, which the decode jump reproduces exactly, so the reference
+    mode and the fast one still agree request by request."""
+    requests = [*_burst(12, prompt=700, output=40, late_at=5.0), *_spaced_workload()[:6]]
+    records = {}
+    for mode in ("jump", "step"):
+        result = simulate(
+            requests, CLUSTER, _Watching(), SimConfig(mode=mode, view_rates="learned", timeline_interval_s=0.0)
+        )
+        records[mode] = result.records.sort_values("request_id").reset_index(drop=True)
+    cols = ["request_id", "instance_id", "dispatch_s", "first_token_s", "finish_s", "outcome"]
+    pd.testing.assert_frame_equal(records["jump"][cols], records["step"][cols], rtol=1e-9)
 
 
 def test_learned_rates_keep_the_simulator_deterministic():
