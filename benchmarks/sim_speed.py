@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     t = time.perf_counter()
-    from sagesched.sim.cluster import default_perf_provider
+    from sagesched.sim.perf_provider import default_perf_provider
 
     default_perf_provider(cluster.instances[0])  # load + fit the performance model once (cached)
     perf_load_s = time.perf_counter() - t

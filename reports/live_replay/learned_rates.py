@@ -37,19 +37,7 @@ def simulate(view_rates: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def get(summary: dict[str, Any] | None, key: str | tuple[str, ...]) -> float | None:
-    d: Any = summary
-    for k in (key,) if isinstance(key, str) else key:
-        d = (d or {}).get(k)
-    return None if d is None else float(d)
-
-
-def pct(a: float | None, b: float | None) -> str:
-    return "–" if a is None or b is None or b == 0 else f"{100 * (a / b - 1):+.1f}%"
-
-
 def table(live: dict[str, dict[str, Any]], sims: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
-    arrow = {1: "up", -1: "down", 0: "=", None: "–"}
     rows: list[tuple[str, str | tuple[str, ...]]] = (
         [(m, m) for m in mr.METRICS]
         + [(f"{c} attainment", ("classes", c, "slo_attainment")) for c in mr.CLASSES]
@@ -67,14 +55,14 @@ def table(live: dict[str, dict[str, Any]], sims: dict[str, dict[str, dict[str, A
     closer = 0
     counted = 0
     for label, key in rows:
-        lf, lh = get(live["fifo"], key), get(live["hybrid"], key)
-        cells = [pct(lh, lf)]
+        lf, lh = mr.figure(live["fifo"], key), mr.figure(live["hybrid"], key)
+        cells = [mr.pct(lh, lf)]
         gaps = []
         for name in ("nominal", "learned"):
-            sf, sh = get(sims[name]["fifo"], key), get(sims[name]["hybrid"], key)
+            sf, sh = mr.figure(sims[name]["fifo"], key), mr.figure(sims[name]["hybrid"], key)
             d_sim, d_live = mr.direction(sf, sh), mr.direction(lf, lh)
             same = "–" if d_sim is None or d_live is None else ("same" if d_sim == d_live else "differs")
-            cells += [pct(sh, sf), f"{same} ({arrow[d_sim]} / {arrow[d_live]})"]
+            cells += [mr.pct(sh, sf), f"{same} ({mr.ARROW[d_sim]} / {mr.ARROW[d_live]})"]
             ok = None not in (sf, sh, lf, lh) and sf != 0 and lf != 0
             gaps.append(abs((sh / sf) - (lh / lf)) if ok else None)  # type: ignore[operator]
         verdict = "–"
@@ -97,9 +85,9 @@ def table(live: dict[str, dict[str, Any]], sims: dict[str, dict[str, dict[str, A
     for m in mr.METRICS:
         cells = []
         for p in mr.POLICIES:
-            lv = get(live[p], m)
-            cells.append("–" if lv is None else f"{lv:.3f}" if abs(lv) < 10 else f"{lv:.0f}")
-            cells += [pct(get(sims[name][p], m), lv) for name in ("nominal", "learned")]
+            lv = mr.figure(live[p], m)
+            cells.append(mr.num(lv))
+            cells += [mr.pct(mr.figure(sims[name][p], m), lv) for name in ("nominal", "learned")]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 

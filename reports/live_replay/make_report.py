@@ -186,20 +186,31 @@ def direction(fifo: float | None, hybrid: float | None) -> int | None:
     return 1 if hybrid > fifo else -1
 
 
+ARROW = {1: "up", -1: "down", 0: "=", None: "–"}  # `direction`'s values, as the tables write them
+
+
+def figure(summary: dict[str, Any] | None, key: str | tuple[str, ...]) -> float | None:
+    """`summary[key]` (a tuple: a path into nested sections) as a float, None where missing."""
+    d: Any = summary
+    for k in (key,) if isinstance(key, str) else key:
+        d = (d or {}).get(k)
+    return None if d is None else float(d)
+
+
+def pct(a: float | None, b: float | None) -> str:
+    """a / b - 1 as a signed percentage, '–' where either is missing."""
+    return "–" if a is None or b is None or b == 0 else f"{100 * (a / b - 1):+.1f}%"
+
+
+def num(v: float | None) -> str:
+    return "–" if v is None else (f"{v:.3f}" if abs(v) < 10 else f"{v:.0f}")
+
+
 def error_tables(summaries: dict[str, dict[str, Any]]) -> list[str]:
     """Sim vs live per metric and policy, and hybrid vs fifo in each driver (the direction check)."""
 
     def get(name: str, key: str | tuple[str, ...]) -> float | None:
-        d: Any = summaries.get(name)
-        for k in (key,) if isinstance(key, str) else key:
-            d = (d or {}).get(k)
-        return None if d is None else float(d)
-
-    def pct(a: float | None, b: float | None) -> str:
-        return "–" if a is None or b is None or b == 0 else f"{100 * (a / b - 1):+.1f}%"
-
-    def num(v: float | None) -> str:
-        return "–" if v is None else (f"{v:.3f}" if abs(v) < 10 else f"{v:.0f}")
+        return figure(summaries.get(name), key)
 
     lines = [
         "## Sim vs live per metric (error = sim / live - 1)",
@@ -236,12 +247,11 @@ def error_tables(summaries: dict[str, dict[str, Any]]) -> list[str]:
         + [(f"{c} TTFT p99", ("classes", c, "ttft_p99_ms")) for c in ("interactive", "standard", "batch")]
         + [("rejected (shed)", "rejected")]
     )
-    arrow = {1: "up", -1: "down", 0: "=", None: "–"}
 
     def verdict(a: int | None, b: int | None) -> str:
         if a is None or b is None:
             return "–"
-        return f"{'same' if a == b else 'differs'} ({arrow[a]} / {arrow[b]})"
+        return f"{'same' if a == b else 'differs'} ({ARROW[a]} / {ARROW[b]})"
 
     for label, key in rows:
         lf, lh = get("fifo_live", key), get("hybrid_live", key)

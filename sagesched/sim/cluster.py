@@ -21,14 +21,13 @@ import logging
 import time
 from bisect import bisect_left, insort
 from collections.abc import Callable, Sequence
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any
 
 import simpy
 
 from sagesched.core import (
     GatewayQueue,
-    InstanceKind,
     InstanceView,
     Outcome,
     Request,
@@ -36,21 +35,22 @@ from sagesched.core import (
 )
 from sagesched.core.decisions import Placement, decide
 from sagesched.core.pool import InstancePool, ViewList, is_idle
-from sagesched.core.rates import ThroughputEstimate, starts_clear
 from sagesched.metrics import records_frame
 from sagesched.policies.base import Policy
-from sagesched.sim.config import ClusterConfig, InstanceConfig, SimConfig
+from sagesched.sim.config import ClusterConfig, SimConfig
 from sagesched.sim.engines import (
     EngineRejected,
     EngineRequest,
 )
-from sagesched.sim.engines.llamacpp_instance import bind_llamacpp, load_llamacpp_perf
+from sagesched.sim.engines.llamacpp_instance import bind_llamacpp
 from sagesched.sim.frontend import apply_frontend
 from sagesched.sim.instance_state import InstanceState
+from sagesched.sim.learned_rates import LearnedRates
+from sagesched.sim.perf_provider import PerfProvider, default_perf_provider
 from sagesched.sim.results import SimResult, timeline_frame
 from sagesched.sim.segments import EngineSegments
 from sagesched.sim.timeline import TimelineSampler
-from sagesched.sim.views import STATIC_SLOT, make_view, uniform_llm_rates
+from sagesched.sim.views import make_view, uniform_llm_rates
 
 log = logging.getLogger(__name__)
 
@@ -58,35 +58,6 @@ log = logging.getLogger(__name__)
 # on 4 instances the pool's indirection cost more per call (~23 vs ~9 us for one fifo call) than
 # building four views; its idle index and lazy views pay off on large pools only.
 EAGER_VIEWS_MAX = 16
-
-PerfProvider = Callable[[InstanceConfig], tuple[Any, Any]]
-"""(instance config) -> (LLM perf model or None, embedding perf model or None)."""
-
-
-@lru_cache(maxsize=64)
-def _load_llm(model: str, hardware: str, tp: int, calibration: str | None):
-    from sagesched.sim.perf_model import LLMPerfModel
-
-    return LLMPerfModel.load(model, hardware, tensor_parallel=tp, calibration=calibration)
-
-
-@lru_cache(maxsize=64)
-def _load_embedding(model: str, hardware: str, calibration: str | None):
-    from sagesched.sim.perf_model import EmbeddingPerfModel
-
-    return EmbeddingPerfModel.load(model, hardware, calibration=calibration)
-
-
-def default_perf_provider(cfg: InstanceConfig) -> tuple[Any, Any]:
-    """Load (and cache) the fitted performance models an instance needs."""
-    if cfg.engine == "llamacpp":  # llama-server: its probe calibration, chat or --embeddings
-        return load_llamacpp_perf(cfg), None
-    llm = emb = None
-    if cfg.kind is not InstanceKind.EMBEDDING:
-        llm = _load_llm(cfg.model, cfg.hardware, cfg.tensor_parallel, cfg.calibration)
-    if cfg.kind is not InstanceKind.LLM and cfg.embedding_model:  # TEI, or vLLM's pooling engine: the encoder's model
-        emb = _load_embedding(cfg.embedding_model, cfg.hardware, cfg.calibration)
-    return llm, emb
 
 
 def split_tokens(total: int, n: int) -> tuple[int, ...]:
@@ -132,22 +103,12 @@ class Simulator(EngineSegments, TimelineSampler):
         self._idle_set: set[str] = set()
         self._uniform_llm: dict[str, tuple[float, float]] | None = None  # `uniform_llm_rates`, once
         self._serves_class: dict = {}  # class -> served by some instance (kinds and models never change)
-        # `SimConfig.view_rates == "learned"`: each instance's view rates, moved by finished requests
-        # as the live executor moves its backends' (`_learn_rates`). Their speeds then differ, so the
-        # pool is never uniform (the shortcut `uniform_llm_rates` allows is off).
-        self._rates: list[ThroughputEstimate] | None = None
-        self._started_clear: set[str] = set()  # LLM requests that found nothing ahead (`starts_clear`)
+        # `SimConfig.view_rates == "learned"`: the instances' view rates move as live (`LearnedRates`).
+        # Their speeds then differ, so the pool is never uniform (the `uniform_llm_rates` shortcut is off).
+        self._learned: LearnedRates | None = None
         if sim.view_rates == "learned":
+            self._learned = LearnedRates(self.instances, sim.rate_smoothing)
             self._uniform_llm = {}
-            slots = STATIC_SLOT
-            self._rates = [
-                ThroughputEstimate(
-                    inst.static_view[slots["prefill_tokens_per_s"]],
-                    inst.static_view[slots["decode_step_s"]],
-                    inst.static_view[slots["embedding_tokens_per_s"]],
-                )
-                for inst in self.instances
-            ]
         self.by_id = {inst.id: inst for inst in self.instances}
         bind_llamacpp(self.instances, self.requests, self)
         self.env = simpy.Environment()
@@ -428,10 +389,11 @@ class Simulator(EngineSegments, TimelineSampler):
             reqs.append(req)
         if not reqs:
             return
-        # Learned rates: whether the first LLM request of the call starts clear, as the live executor
-        # decides it: from the instance's view before this call (taken before the version moves, so
-        # the cached snapshot stays that state's); the others have the first ahead of them.
-        clear = self._rates is not None and starts_clear(self._view(inst, now))
+        # Learned rates: the first LLM request of the call is judged on the instance's view before
+        # this call (taken before the version moves, so the cached snapshot stays that state's); the
+        # others have the first ahead of them.
+        learned = self._learned
+        before = self._view(inst, now) if learned is not None else None
         inst.version += 1
         self._stale.add(inst)
         priority = a.priority_hint
@@ -441,9 +403,9 @@ class Simulator(EngineSegments, TimelineSampler):
             if req.is_embedding:
                 embeddings.append(req)
                 continue
-            if clear:
-                self._started_clear.add(req.id)
-                clear = False
+            if learned is not None and before is not None:
+                learned.dispatching(req.id, before)
+                before = None
             out = req.output_tokens if req.output_tokens else req.max_tokens
             if req.max_tokens and out > req.max_tokens:
                 out = req.max_tokens
@@ -547,38 +509,9 @@ class Simulator(EngineSegments, TimelineSampler):
         rec.finish_s = now
         rec.outcome = Outcome.COMPLETED.value
         inst.inflight -= 1
-        if self._rates is not None:
-            self._learn_rates(self._rates[inst.index], rec, now, inst)
+        if self._learned is not None and self._learned.completed(rec, now, inst):
+            self._stale.add(inst)
         self._ended()
-
-    def _learn_rates(self, rates: ThroughputEstimate, rec: RequestRecord, now: float, inst: InstanceState) -> None:
-        """`SimConfig.view_rates == "learned"`: fold a finished request into its instance's rates and
-        give the instance's views the new figures.
-
-        The live client sees the serving frontend's delivery cost, which the records get only after
-        the run (`sagesched.sim.frontend`): it is priced here as that module does, with the requests
-        in flight now standing in for those in flight at the first token.
-        """
-        delivery = 0.0
-        core = inst.llm
-        if core is not None and (not rec.embedding_inputs or getattr(core.perf, "frontend_covers_embeddings", False)):
-            delivery = core.perf.frontend_s(rec.prompt_tokens, inst.inflight)
-        clear = rec.request_id in self._started_clear
-        self._started_clear.discard(rec.request_id)
-        if not rates.learn(
-            rec, now, rec.output_tokens, self.sim.rate_smoothing, started_clear=clear, delivery_s=delivery
-        ):
-            return
-        static = list(inst.static_view)
-        slots = STATIC_SLOT
-        (
-            static[slots["prefill_tokens_per_s"]],
-            static[slots["decode_step_s"]],
-            static[slots["embedding_tokens_per_s"]],
-        ) = rates.as_tuple()
-        inst.static_view = tuple(static)
-        inst.cached_view = None  # the load part (`cached_load`) does not depend on the rates
-        self._stale.add(inst)
 
     # -- the end -----------------------------------------------------------------------------------
     def _close_out(self) -> None:

@@ -37,6 +37,12 @@ def frontend_delays(
     return base + per_seq * inflight(first), base + per_seq * inflight(np.where(np.isfinite(finish), finish, first))
 
 
+def frontend_prices(perf: Any, rec: Any) -> bool:
+    """Whether `perf`'s frontend cost applies to record `rec`: every LLM request, and an embedding
+    only on a server whose perf model covers them (llama-server's; not a TEI or vLLM pooling engine)."""
+    return not rec.embedding_inputs or getattr(perf, "frontend_covers_embeddings", False)
+
+
 def apply_frontend(records: Iterable[Any], perf_by_instance: Mapping[str, Any]) -> int:
     """Add the frontend's cost to completed LLM records served by instances whose perf model has one.
 
@@ -47,8 +53,8 @@ def apply_frontend(records: Iterable[Any], perf_by_instance: Mapping[str, Any]) 
         perf = perf_by_instance.get(rec.instance_id)
         if perf is None or rec.dispatch_s is None or rec.first_token_s is None:
             continue
-        if rec.embedding_inputs and not getattr(perf, "frontend_covers_embeddings", False):
-            continue  # an embedding at a TEI or vLLM pooling engine (only llama-server's perf covers them)
+        if not frontend_prices(perf, rec):
+            continue
         by_inst.setdefault(rec.instance_id, []).append(rec)
     done = 0
     for inst_id, recs in by_inst.items():
