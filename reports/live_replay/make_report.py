@@ -36,6 +36,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import fresh_probe  # noqa: E402  (this folder's helper, beside this script)
 
 # The default workload, shrunk to what two CPU llama-servers can serve on a shared 2-core machine.
 # The chat load was chosen *before* the final live run, from the simulator alone (calibrated from
@@ -47,21 +50,43 @@ DURATION_S = 48.0
 EMBEDDING_RPS = 0.4  # query embeddings per second, kept at the earlier run's rate (one slow CPU slot)
 
 
-def scaling(rate_scale: float = RATE_SCALE, duration_s: float = DURATION_S) -> list[str]:
+def scaling(
+    rate_scale: float = RATE_SCALE,
+    duration_s: float = DURATION_S,
+    embedding_rps: float = EMBEDDING_RPS,
+    slo_scale: float = 1.0,
+) -> list[str]:
     return [
+        *slo_scaling(slo_scale),
         f"workload.rate_scale={rate_scale}",  # x the trace's arrival rate
         f"workload.duration_s={duration_s}",  # the trace's first seconds, stretched by 1/rate_scale
         "+workload.lengths.max_prompt_tokens=128",  # clip prompts (trace mean ~1,000 tokens)
         "+workload.lengths.max_output_tokens=16",  # clip outputs (trace mean ~200 tokens)
         # The stream's rate is multiplied by rate_scale; this keeps it at EMBEDDING_RPS.
-        f"workload.embedding.stream_rps={EMBEDDING_RPS / rate_scale:.6g}",
+        f"workload.embedding.stream_rps={embedding_rps / rate_scale:.6g}",
         "model.llm=gemma-3-270m",  # the model the llama-servers serve
         "model.embedding=gemma-3-270m-embed",  # the same GGUF as an --embeddings server
     ]
 
 
-LLM_CALIBRATION = "gemma-3-270m-q4km-xeon-2cpu-t1"
-EMBEDDING_CALIBRATION = "gemma-3-270m-q4km-xeon-2cpu-t1-embedding"
+# The workload's class SLOs (conf/workload/azure_conv.yaml), for `--match-load`'s scaling.
+SLOS = {
+    "interactive": {"ttft_ms": 500, "tpot_ms": 50},
+    "standard": {"ttft_ms": 2000, "tpot_ms": 100},
+    "batch": {"e2e_ms": 120000},
+    "query_embedding": {"e2e_ms": 100},
+}
+
+
+def slo_scaling(factor: float) -> list[str]:
+    """Overrides multiplying every class SLO by `factor` (none at 1)."""
+    if factor == 1.0:
+        return []
+    return [f"workload.classes.{c}.{k}={v * factor:.6g}" for c, slo in SLOS.items() for k, v in slo.items()]
+
+
+LLM_DEFAULT = LLM_CALIBRATION = "gemma-3-270m-q4km-xeon-2cpu-t1"
+EMBEDDING_DEFAULT = EMBEDDING_CALIBRATION = "gemma-3-270m-q4km-xeon-2cpu-t1-embedding"
 LIVE = ["driver.request_timeout_s=120"]  # a request unfinished 2 min after its arrival fails
 POLICIES = ("fifo", "hybrid")
 
@@ -313,9 +338,8 @@ def work_table(summaries: dict[str, dict[str, Any]], work: dict[str, dict[str, f
             cells = []
             for variant in ("sim_isolated", "sim"):
                 st = summaries[f"{p}_{variant}"].get("sim") or {}
-                inst = {k: v for k, v in (st.get("instances") or {}).items() if k.startswith(prefix)}
-                busy = sum(v["utilization"] for v in inst.values()) * float(st.get("sim_time_s") or 0.0)
-                cells.append((busy, sum(v.get("steps", 0) for v in inst.values())))
+                steps = sum(v.get("steps", 0) for k, v in (st.get("instances") or {}).items() if k.startswith(prefix))
+                cells.append((fresh_probe.busy_s(summaries[f"{p}_{variant}"], prefix), steps))
             lines.append(
                 f"| {p} | {group} | {w[f'{group}_cpu_s']:.1f} | {cells[0][0]:.1f} | {cells[1][0]:.1f} | "
                 f"{w[f'{group}_steps']:.0f} | {cells[1][1]} | {cells[0][1]} | {w[f'{group}_cached']:.0f} |"
@@ -343,6 +367,33 @@ def work_table(summaries: dict[str, dict[str, Any]], work: dict[str, dict[str, f
             f" {steal:.2f} |"
         )
     return lines
+
+
+def matched_slowdown(rate_scale: float, duration_s: float, llm_slots: int, folder: Path) -> float:
+    """`fresh_probe.speed_ratio` for this report's workload: fifo on isolated servers, simulated under
+    the shipped calibrations and under the current ones (`LLM_CALIBRATION`, `EMBEDDING_CALIBRATION`)."""
+    global LLM_CALIBRATION, EMBEDDING_CALIBRATION
+    from sagesched.experiment import run
+
+    current = LLM_CALIBRATION, EMBEDDING_CALIBRATION
+    placeholder = (["http://127.0.0.1:1", "http://127.0.0.1:2"], "http://127.0.0.1:3")
+
+    def simulate(calibrations: tuple[str, str], slowdown: float = 1.0) -> dict[str, Any]:
+        global LLM_CALIBRATION, EMBEDDING_CALIBRATION
+        LLM_CALIBRATION, EMBEDDING_CALIBRATION = calibrations
+        try:
+            cluster = cluster_config(*placeholder, llm_slots, shared_host=False)
+            load = scaling(rate_scale / slowdown, duration_s, EMBEDDING_RPS / slowdown, slowdown)
+            overrides = ["policy=fifo", *load, "driver=sim"]
+            return run(
+                compose(overrides, cluster),
+                folder / f"{len(os.listdir(folder)) if folder.exists() else 0}",
+                progress=False,
+            )
+        finally:
+            LLM_CALIBRATION, EMBEDDING_CALIBRATION = current
+
+    return fresh_probe.speed_ratio(lambda: simulate((LLM_DEFAULT, EMBEDDING_DEFAULT)), lambda r: simulate(current, r))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,14 +424,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--embedding-calibration", default=EMBEDDING_CALIBRATION, help="the embedding server's, likewise"
     )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="probe fresh servers first (about 2 min) and time the simulation by their calibrations"
+        " (written to <out>/calibration/; fresh_probe.py)",
+    )
+    parser.add_argument(
+        "--match-load",
+        action="store_true",
+        help="divide the arrival rates by the servers' slowdown against the shipped calibration (the same"
+        " requests, stretched in time, at the designed utilisation); with --calibrate or calibration files",
+    )
     args = parser.parse_args(argv)
     HOST_CPUS = args.host_cpus
-    LLM_CALIBRATION, EMBEDDING_CALIBRATION = args.llm_calibration, args.embedding_calibration
 
     from sagesched.experiment import run
     from sagesched.replay.compare import compare
 
-    scaling_args = scaling(args.rate_scale, args.duration)
+    if args.calibrate:
+        if args.emulators:
+            parser.error("--calibrate probes llama-servers; drop --emulators")
+        args.llm_calibration, args.embedding_calibration = fresh_probe.probe_servers(Path(args.out) / "calibration")
+    LLM_CALIBRATION, EMBEDDING_CALIBRATION = args.llm_calibration, args.embedding_calibration
+    slowdown = 1.0
+    if args.match_load:
+        if (args.llm_calibration, args.embedding_calibration) == (LLM_DEFAULT, EMBEDDING_DEFAULT):
+            parser.error("--match-load compares a fresh calibration with the shipped one: add --calibrate")
+        slowdown = matched_slowdown(args.rate_scale, args.duration, args.llm_slots, Path(args.out) / "runs_matching")
+        print(f"servers {slowdown:.3f}x as busy as under the shipped calibration: arrival rates / {slowdown:.3f}")
+    scaling_args = scaling(args.rate_scale / slowdown, args.duration, EMBEDDING_RPS / slowdown, slowdown)
     sim_args = [f"sim.view_rates={args.view_rates}"]
     if args.sim_only:
         for shared in (True, False):
@@ -442,7 +515,18 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Backends: {what}. Requests per run: {live['requests']} "
         f"({live['llm_requests']} chat, {live['embedding_requests']} embedding).",
-        f"Scaling of the default workload: `{' '.join(scaling_args)}`.",
+        f"Scaling of the default workload: `{' '.join(scaling_args)}`"
+        + (
+            f" (`--match-load`: rates divided by {slowdown:.3f}, the servers' simulated slowdown under the"
+            " calibrations below against the shipped ones)."
+            if args.match_load
+            else "."
+        ),
+        *(
+            ["Calibrations probed just before the runs (`--calibrate`): `calibration/` in this folder."]
+            if args.calibrate
+            else []
+        ),
         "Simulated: the same cluster entries, `engine: llamacpp` with the probe calibrations "
         f"`{LLM_CALIBRATION}` and `{EMBEDDING_CALIBRATION}` (view rates: {args.view_rates}); `*_sim`: the three servers share the "
         f"machine's {host_cpus()} cores (`llamacpp.host`), `*_sim_isolated`: each alone on a core.",

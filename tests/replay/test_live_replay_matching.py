@@ -1,0 +1,86 @@
+"""`reports/live_replay/make_report.py --match-load`: a slower machine gets the same experiment.
+
+The premise of matching the load is that stretching every arrival and SLO by the servers' slowdown
+replays the same experiment; these tests check it on the simulator, with a calibration made 1.5x
+slower by hand (no servers needed).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "sagesched" / "data" / "profiles" / "calibration" / "llamacpp"
+PLACEHOLDER = (["http://127.0.0.1:1", "http://127.0.0.1:2"], "http://127.0.0.1:3")
+
+
+@pytest.fixture
+def make_report(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "reports" / "live_replay"))
+    module = importlib.import_module("make_report")
+    yield module
+    sys.modules.pop("make_report", None)
+
+
+def slower(name: str, factor: float, folder: Path) -> str:
+    """The shipped calibration `name` with every step coefficient and the frontend cost x `factor`."""
+    cal = yaml.safe_load((SHIPPED / f"{name}.yaml").read_text())
+    for key, value in cal["step"].items():
+        if key.endswith("_s"):
+            cal["step"][key] = value * factor
+    cal["frontend_request_s"] = cal.get("frontend_request_s", 0.0) * factor
+    path = folder / f"{name}-x{factor}.yaml"
+    path.write_text(yaml.safe_dump(cal))
+    return str(path)
+
+
+def fifo_summary(mr, scaling: list[str], folder: Path) -> dict:
+    from sagesched.experiment import run
+
+    cluster = mr.cluster_config(*PLACEHOLDER, 2)
+    return run(mr.compose(["policy=fifo", *scaling, "driver=sim"], cluster), folder, progress=False)
+
+
+@pytest.mark.slow
+def test_matched_load_replays_the_same_experiment_on_a_slower_machine(make_report, monkeypatch, tmp_path):
+    mr = make_report
+    monkeypatch.setattr(mr, "HOST_CPUS", 2)
+    base = fifo_summary(mr, mr.scaling(), tmp_path / "base")
+
+    monkeypatch.setattr(mr, "LLM_CALIBRATION", slower(mr.LLM_DEFAULT, 1.5, tmp_path))
+    monkeypatch.setattr(mr, "EMBEDDING_CALIBRATION", slower(mr.EMBEDDING_DEFAULT, 1.5, tmp_path))
+    slowdown = mr.matched_slowdown(mr.RATE_SCALE, mr.DURATION_S, 2, tmp_path / "matching")
+    assert slowdown == pytest.approx(1.5, rel=0.01)  # the isolated busy time, not a probe figure
+
+    unmatched = fifo_summary(mr, mr.scaling(), tmp_path / "unmatched")
+    matched = fifo_summary(
+        mr, mr.scaling(mr.RATE_SCALE / 1.5, mr.DURATION_S, mr.EMBEDDING_RPS / 1.5, 1.5), tmp_path / "matched"
+    )
+    # Unmatched, the slower servers are a different experiment: further past saturation, fewer SLOs met.
+    assert unmatched["slo_attainment"] < base["slo_attainment"] - 0.05
+    # Matched (arrivals stretched, SLOs scaled), every request meets or misses exactly as before,
+    # and every latency is 1.5x.
+    assert matched["requests"] == base["requests"]
+    assert matched["slo_attainment"] == pytest.approx(base["slo_attainment"], abs=1e-12)
+    assert matched["ttft_p50_ms"] == pytest.approx(1.5 * base["ttft_p50_ms"], rel=1e-9)
+    assert matched["goodput_rps"] == pytest.approx(base["goodput_rps"] / 1.5, rel=1e-9)
+
+
+def test_slo_scaling_multiplies_every_class_slo(make_report):
+    overrides = make_report.slo_scaling(2.0)
+    assert "workload.classes.standard.tpot_ms=200" in overrides
+    assert "workload.classes.batch.e2e_ms=240000" in overrides
+    assert len(overrides) == sum(len(slo) for slo in make_report.SLOS.values())
+    assert make_report.slo_scaling(1.0) == []
+
+
+def test_the_scaled_slos_are_the_workloads_own(make_report):
+    """`SLOS` must follow conf/workload/azure_conv.yaml, or --match-load would scale stale values."""
+    classes = yaml.safe_load((ROOT / "conf" / "workload" / "azure_conv.yaml").read_text())["classes"]
+    for name, slo in make_report.SLOS.items():
+        assert {k: classes[name][k] for k in slo} == slo
