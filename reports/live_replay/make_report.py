@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import shutil
 import sys
@@ -372,11 +373,11 @@ def work_table(summaries: dict[str, dict[str, Any]], work: dict[str, dict[str, f
 def matched_slowdown(rate_scale: float, duration_s: float, llm_slots: int, folder: Path) -> float:
     """`fresh_probe.speed_ratio` for this report's workload: fifo on isolated servers, simulated under
     the shipped calibrations and under the current ones (`LLM_CALIBRATION`, `EMBEDDING_CALIBRATION`)."""
-    global LLM_CALIBRATION, EMBEDDING_CALIBRATION
     from sagesched.experiment import run
 
     current = LLM_CALIBRATION, EMBEDDING_CALIBRATION
     placeholder = (["http://127.0.0.1:1", "http://127.0.0.1:2"], "http://127.0.0.1:3")
+    runs = itertools.count()
 
     def simulate(calibrations: tuple[str, str], slowdown: float = 1.0) -> dict[str, Any]:
         global LLM_CALIBRATION, EMBEDDING_CALIBRATION
@@ -385,11 +386,7 @@ def matched_slowdown(rate_scale: float, duration_s: float, llm_slots: int, folde
             cluster = cluster_config(*placeholder, llm_slots, shared_host=False)
             load = scaling(rate_scale / slowdown, duration_s, EMBEDDING_RPS / slowdown, slowdown)
             overrides = ["policy=fifo", *load, "driver=sim"]
-            return run(
-                compose(overrides, cluster),
-                folder / f"{len(os.listdir(folder)) if folder.exists() else 0}",
-                progress=False,
-            )
+            return run(compose(overrides, cluster), folder / f"run{next(runs)}", progress=False)
         finally:
             LLM_CALIBRATION, EMBEDDING_CALIBRATION = current
 
