@@ -84,3 +84,24 @@ def test_the_scaled_slos_are_the_workloads_own(make_report):
     classes = yaml.safe_load((ROOT / "conf" / "workload" / "azure_conv.yaml").read_text())["classes"]
     for name, slo in make_report.SLOS.items():
         assert {k: classes[name][k] for k in slo} == slo
+
+
+def test_repeats_table_reads_a_report_as_its_runs_say(monkeypatch, tmp_path):
+    """`reports/live_replay/repeats.py` on the committed report: the figures of its run summaries."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "reports" / "live_replay"))
+    repeats = importlib.import_module("repeats")
+    report = ROOT / "reports" / "live_replay"
+    summary = {n: json.loads((report / "runs" / n / "summary.json").read_text()) for n in ("fifo_live", "hybrid_live")}
+    row = repeats.table([report / "results.md"])[2]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:3] == [f"{summary[n]['goodput_rps']:.3f}" for n in ("fifo_live", "hybrid_live")]
+    change = summary["hybrid_live"]["goodput_rps"] / summary["fifo_live"]["goodput_rps"] - 1
+    assert cells[3] == f"{change:+.1%}"
+    assert cells[7].endswith("of 20")
+
+    bad = tmp_path / "notes.md"
+    bad.write_text("# not a report\n")
+    with pytest.raises(ValueError, match=r"written by make_report\.py"):
+        repeats.table([bad])
