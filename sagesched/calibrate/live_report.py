@@ -214,16 +214,20 @@ def calibrate_server(settings: ServerSettings, cpus, out: Path, name: str, quick
     server = start_server(settings, cpus)  # its log goes to a temporary file (printed), not to the report
     log(f"{name}: llama-server {server.url} (pid {server.pid}), log {server.log_path}")
     t0 = time.monotonic()
-    probes, result, cal = lp.probe_and_fit(
-        server.url,
-        server.model,
-        settings.engine_config(),
-        embeddings=settings.embeddings,
-        repeats=2 if quick else 3,
-        hardware=lp.machine_name(),
-        server=settings.as_dict(),
-        source=f"python -m sagesched.calibrate.live_report (probes only, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, git {_git_rev()})",
-    )
+    try:
+        probes, result, cal = lp.probe_and_fit(
+            server.url,
+            server.model,
+            settings.engine_config(),
+            embeddings=settings.embeddings,
+            repeats=2 if quick else 3,
+            hardware=lp.machine_name(),
+            server=settings.as_dict(),
+            source=f"python -m sagesched.calibrate.live_report (probes only, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, git {_git_rev()})",
+        )
+    except BaseException:
+        server.stop()  # the caller only gets the server (to stop) when the probes succeed
+        raise
     cal.write(out / f"{name}_calibration.yaml")
     (out / f"{name}_probes.json").write_text(json.dumps(lp.probes_to_json(probes), indent=1))
     log(

@@ -206,3 +206,24 @@ def test_shipped_cpu_entries_load_and_simulate_this_workload():
         assert 0.05 < cap < 50  # requests/s a 2-vCPU machine can plausibly serve with Gemma 3 270M
         outcomes = sw.simulate(spec.items(0.5 * cap), cal, settings.engine_config())
         assert all(o.status == 200 and 0 < o.ttft_s <= o.e2e_s for o in outcomes)
+
+
+@pytest.mark.backends
+def test_a_failed_probe_stops_the_server_it_started(monkeypatch, tmp_path):
+    started = []
+    real_start = live_report.start_server
+
+    def start(settings, cpus):
+        server = real_start(settings, cpus)
+        started.append(server)
+        return server
+
+    def fail(*args, **kwargs):
+        assert started and started[0].alive  # the server was up while it was probed
+        raise ConnectionError("probe lost its server")
+
+    monkeypatch.setattr(live_report, "start_server", start)
+    monkeypatch.setattr(lp, "probe_and_fit", fail)
+    with pytest.raises(ConnectionError, match="probe lost its server"):
+        live_report.calibrate_server(ServerSettings(parallel=1, ctx_size=2048), None, tmp_path, "llm", quick=True)
+    assert len(started) == 1 and not started[0].alive
