@@ -1,7 +1,7 @@
 """How much the simulated hybrid-over-fifo gain moves when the servers' speed is off by a few percent.
 
     python reports/live_replay/speed_sensitivity.py --llm-calibration FILE --embedding-calibration FILE \
-        --out reports/live_replay/matched_load/speed_sensitivity.md
+        --out reports/live_replay/matched_load/speed_sensitivity_1337.md
 
 Why: a live replay is judged against one simulated prediction, but a probe's step prices carry an
 error of a few percent (the fit's leave-one-out residual is ~5%), and past saturation the policies'
