@@ -30,6 +30,7 @@ import itertools
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,14 @@ def slo_scaling(factor: float) -> list[str]:
 
 LLM_DEFAULT = LLM_CALIBRATION = "gemma-3-270m-q4km-xeon-2cpu-t1"
 EMBEDDING_DEFAULT = EMBEDDING_CALIBRATION = "gemma-3-270m-q4km-xeon-2cpu-t1-embedding"
-LIVE = ["driver.request_timeout_s=120"]  # a request unfinished 2 min after its arrival fails
+REQUEST_TIMEOUT_S = 120.0  # a request unfinished 2 min after its arrival fails (the batch class's SLO)
+
+
+def live_args(slowdown: float = 1.0) -> list[str]:
+    """The live driver's overrides; the timeout stretches with a matched load's SLOs (`--match-load`)."""
+    return [f"driver.request_timeout_s={REQUEST_TIMEOUT_S * max(1.0, slowdown):.6g}"]
+
+
 POLICIES = ("fifo", "hybrid")
 
 
@@ -415,12 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--llm-calibration",
-        default=LLM_CALIBRATION,
+        default=LLM_DEFAULT,
         help="the chat servers' llama.cpp calibration: a shipped name or a file (`sagesched calibrate llamacpp`)",
     )
-    parser.add_argument(
-        "--embedding-calibration", default=EMBEDDING_CALIBRATION, help="the embedding server's, likewise"
-    )
+    parser.add_argument("--embedding-calibration", default=EMBEDDING_DEFAULT, help="the embedding server's, likewise")
     parser.add_argument(
         "--calibrate",
         action="store_true",
@@ -439,16 +445,19 @@ def main(argv: list[str] | None = None) -> int:
     from sagesched.experiment import run
     from sagesched.replay.compare import compare
 
+    if args.emulators and (args.calibrate or args.match_load):
+        parser.error("--calibrate and --match-load are about llama-servers' speed; drop --emulators")
     if args.calibrate:
-        if args.emulators:
-            parser.error("--calibrate probes llama-servers; drop --emulators")
+        if (args.llm_calibration, args.embedding_calibration) != (LLM_DEFAULT, EMBEDDING_DEFAULT):
+            parser.error("--calibrate probes its own calibrations: drop --llm-calibration/--embedding-calibration")
         args.llm_calibration, args.embedding_calibration = fresh_probe.probe_servers(Path(args.out) / "calibration")
     LLM_CALIBRATION, EMBEDDING_CALIBRATION = args.llm_calibration, args.embedding_calibration
     slowdown = 1.0
     if args.match_load:
         if (args.llm_calibration, args.embedding_calibration) == (LLM_DEFAULT, EMBEDDING_DEFAULT):
             parser.error("--match-load compares a fresh calibration with the shipped one: add --calibrate")
-        slowdown = matched_slowdown(args.rate_scale, args.duration, args.llm_slots, Path(args.out) / "runs_matching")
+        with tempfile.TemporaryDirectory(prefix="match_load_") as scratch:
+            slowdown = matched_slowdown(args.rate_scale, args.duration, args.llm_slots, Path(scratch))
         print(f"servers {slowdown:.3f}x as busy as under the shipped calibration: arrival rates / {slowdown:.3f}")
     scaling_args = scaling(args.rate_scale / slowdown, args.duration, EMBEDDING_RPS / slowdown, slowdown)
     sim_args = [f"sim.view_rates={args.view_rates}"]
@@ -495,7 +504,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {name} (load average {before})", flush=True)
             counters0 = server_work(servers)
             summaries[name] = run(
-                compose([f"policy={policy}", *scaling_args, "driver=live", *LIVE], cluster), runs / name, progress=False
+                compose([f"policy={policy}", *scaling_args, "driver=live", *live_args(slowdown)], cluster),
+                runs / name,
+                progress=False,
             )
             if servers:
                 after = server_work(servers)

@@ -40,12 +40,12 @@ def scaled_calibration(path: str, factor: float, folder: Path) -> str:
     return str(out)
 
 
-def simulate_pair(load: list[str], view_rates: str, folder: Path) -> dict[str, dict[str, Any]]:
+def simulate_pair(load: list[str], view_rates: str, llm_slots: int, folder: Path) -> dict[str, dict[str, Any]]:
     from sagesched.experiment import run
 
     summaries = {}
     for policy in mr.POLICIES:
-        cluster = mr.cluster_config(*PLACEHOLDER, 2)
+        cluster = mr.cluster_config(*PLACEHOLDER, llm_slots)
         overrides = [f"policy={policy}", *load, "driver=sim", f"sim.view_rates={view_rates}"]
         summaries[policy] = run(mr.compose(overrides, cluster), folder / policy, progress=False)
     return summaries
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embedding-calibration", required=True, help="the embedding server's")
     parser.add_argument("--view-rates", choices=("nominal", "learned"), default="learned")
     parser.add_argument("--host-cpus", type=int, default=2, help="cores the simulated servers share")
+    parser.add_argument("--rate-scale", type=float, default=mr.RATE_SCALE, help="as make_report.py's")
+    parser.add_argument("--duration", type=float, default=mr.DURATION_S, help="as make_report.py's")
+    parser.add_argument("--llm-slots", type=int, default=2, help="as make_report.py's")
     parser.add_argument("--work", default="/tmp/speed_sensitivity", help="scratch folder for the runs")
     parser.add_argument("--out", default=None, help="write the table here (markdown) as well as printing it")
     args = parser.parse_args(argv)
@@ -65,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     mr.LLM_CALIBRATION = args.llm_calibration
-    r = mr.matched_slowdown(mr.RATE_SCALE, mr.DURATION_S, 2, work / "matching")
+    r = mr.matched_slowdown(args.rate_scale, args.duration, args.llm_slots, work / "matching")
     print(f"servers {r:.4f}x as busy as under the shipped calibration (make_report.py --match-load's figure)")
-    load = mr.scaling(mr.RATE_SCALE / r, mr.DURATION_S, mr.EMBEDDING_RPS / r, r)
+    load = mr.scaling(args.rate_scale / r, args.duration, mr.EMBEDDING_RPS / r, r)
     lines = [
         "| LLM step prices | fifo goodput | hybrid goodput | goodput change | attainment change | median TTFT change |",
         "|---|---|---|---|---|---|",
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     gains = []
     for factor in FACTORS:
         mr.LLM_CALIBRATION = scaled_calibration(args.llm_calibration, factor, work)
-        s = simulate_pair(load, args.view_rates, work / f"x{factor:g}")
+        s = simulate_pair(load, args.view_rates, args.llm_slots, work / f"x{factor:g}")
         fifo, hybrid = s["fifo"], s["hybrid"]
         gain = hybrid["goodput_rps"] / fifo["goodput_rps"] - 1
         gains.append(gain)

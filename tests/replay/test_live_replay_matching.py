@@ -11,6 +11,7 @@ import importlib
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -66,6 +67,11 @@ def test_matched_load_replays_the_same_experiment_on_a_slower_machine(make_repor
     # Matched (arrivals stretched, SLOs scaled), every request meets or misses exactly as before,
     # and every latency is 1.5x.
     assert matched["requests"] == base["requests"]
+    met = {
+        run: pd.read_parquet(tmp_path / run / "requests.parquet").set_index("request_id").slo_met
+        for run in ("base", "matched")
+    }
+    assert met["matched"].sort_index().equals(met["base"].sort_index())  # request by request
     assert matched["slo_attainment"] == pytest.approx(base["slo_attainment"], abs=1e-12)
     assert matched["ttft_p50_ms"] == pytest.approx(1.5 * base["ttft_p50_ms"], rel=1e-9)
     assert matched["goodput_rps"] == pytest.approx(base["goodput_rps"] / 1.5, rel=1e-9)
@@ -105,3 +111,35 @@ def test_repeats_table_reads_a_report_as_its_runs_say(monkeypatch, tmp_path):
     bad.write_text("# not a report\n")
     with pytest.raises(ValueError, match=r"written by make_report\.py"):
         repeats.table([bad])
+
+
+def test_the_readme_quotes_the_matched_load_table_as_repeats_prints_it(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "reports" / "live_replay"))
+    repeats = importlib.import_module("repeats")
+    folder = ROOT / "reports" / "live_replay" / "matched_load"
+    lines = repeats.table(sorted(folder.glob("results_*.md")))
+    assert len(lines) == 2 + len(list(folder.glob("results_*.md")))
+    assert "\n".join(lines) in (ROOT / "reports" / "live_replay" / "README.md").read_text()
+
+
+def test_speed_ratio_is_the_fixed_point_at_the_matched_load(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "reports" / "live_replay"))
+    fresh_probe = importlib.import_module("fresh_probe")
+
+    def summary(busy: float) -> dict:
+        return {"sim": {"sim_time_s": 1.0, "instances": {"llm-0": {"utilization": busy}, "emb": {"utilization": 9.0}}}}
+
+    # Busy time that grows less than the slowdown at the unmatched load (a saturated server batches more).
+    calls = []
+
+    def fresh(r: float) -> dict:
+        calls.append(r)
+        return summary(1.5 - 0.2 / r)
+
+    ratio = fresh_probe.speed_ratio(lambda: summary(1.0), fresh)
+    assert ratio == pytest.approx(1.5 - 0.2 / ratio, rel=1e-3)  # r = busy(r) / busy_shipped
+    assert calls[0] == 1.0 and len(calls) > 2
+    with pytest.raises(RuntimeError, match="shipped calibration"):
+        fresh_probe.speed_ratio(lambda: summary(0.0), fresh)
+    with pytest.warns(RuntimeWarning, match="did not settle"):
+        fresh_probe.speed_ratio(lambda: summary(1.0), lambda r: summary(3.0 / r), rounds=3)  # oscillates
