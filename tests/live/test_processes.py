@@ -14,6 +14,11 @@ def test_liveness_zombies_and_cmdline() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)  # sagesched-test-marker"])
     try:
         assert is_alive(proc.pid)
+        # Popen returns once exec has begun; the kernel fills the new command line in a moment
+        # later (a loaded machine showed an empty one), so wait for it.
+        deadline = time.monotonic() + 10
+        while not cmdline_contains(proc.pid, "sagesched-test-marker") and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert cmdline_contains(proc.pid, "sagesched-test-marker")
         assert not cmdline_contains(proc.pid, "something-else")
         proc.kill()  # soon a zombie: exited, not reaped, which must count as gone
