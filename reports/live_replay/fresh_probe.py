@@ -38,8 +38,7 @@ def probe_servers(folder: Path, quick: bool = False, log: Callable[[str], None] 
             (embedding_settings(1), "embedding"),
         ):
             server, _, _ = calibrate_server(settings, server_cpus, folder, name, quick, log=log)
-            with server:  # stopped on exit
-                pass
+            server.stop()
     finally:
         os.sched_setaffinity(0, affinity)
     return str(folder / "llm_calibration.yaml"), str(folder / "embedding_calibration.yaml")

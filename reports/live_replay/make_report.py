@@ -109,11 +109,23 @@ def host_cpus() -> int:
     return HOST_CPUS if HOST_CPUS is not None else len(os.sched_getaffinity(0))
 
 
-def cluster_config(llm_urls: list[str], embedding_url: str, llm_slots: int, shared_host: bool = True) -> dict[str, Any]:
+# URLs for simulated runs: the cluster entries need one, and the simulator never contacts it.
+PLACEHOLDER = (["http://127.0.0.1:1", "http://127.0.0.1:2"], "http://127.0.0.1:3")
+
+
+def cluster_config(
+    llm_urls: list[str],
+    embedding_url: str,
+    llm_slots: int,
+    shared_host: bool = True,
+    calibrations: tuple[str, str] | None = None,
+) -> dict[str, Any]:
     """Two LLM llama-servers and one --embeddings llama-server, each naming its URL (live) and its
     llama.cpp engine model (sim): the same entries drive both drivers. `shared_host`: the three
     one-thread servers share this machine's cores (`llamacpp.host`); False models each alone on a
-    core, as its calibration was probed."""
+    core, as its calibration was probed. `calibrations`: (LLM, embedding) calibration names or files
+    (default: `LLM_CALIBRATION`, `EMBEDDING_CALIBRATION`)."""
+    llm_calibration, embedding_calibration = calibrations or (LLM_CALIBRATION, EMBEDDING_CALIBRATION)
     host = {"host": "local", "host_cpus": host_cpus()} if shared_host else {}
     instances = [
         {
@@ -125,7 +137,7 @@ def cluster_config(llm_urls: list[str], embedding_url: str, llm_slots: int, shar
             "max_inflight": 2 * llm_slots,
             "engine": "llamacpp",
             # as real_backends starts them: -np llm_slots, -c 2048 per slot, -b 2048 -ub 512, -t 1
-            "llamacpp": {"calibration": LLM_CALIBRATION, "n_parallel": llm_slots, **host},
+            "llamacpp": {"calibration": llm_calibration, "n_parallel": llm_slots, **host},
         },
         {
             "id": "emb",
@@ -135,7 +147,7 @@ def cluster_config(llm_urls: list[str], embedding_url: str, llm_slots: int, shar
             "max_inflight": 8,
             "engine": "llamacpp",
             # --embeddings --pooling mean, one slot, -c 2048 -b 2048 -ub 2048, -t 1
-            "llamacpp": {"calibration": EMBEDDING_CALIBRATION, "n_parallel": 1, **host},
+            "llamacpp": {"calibration": embedding_calibration, "n_parallel": 1, **host},
         },
     ]
     return {"instances": instances}
@@ -378,25 +390,21 @@ def work_table(summaries: dict[str, dict[str, Any]], work: dict[str, dict[str, f
     return lines
 
 
-def matched_slowdown(rate_scale: float, duration_s: float, llm_slots: int, folder: Path) -> float:
+def matched_slowdown(
+    rate_scale: float, duration_s: float, llm_slots: int, folder: Path, calibrations: tuple[str, str] | None = None
+) -> float:
     """`fresh_probe.speed_ratio` for this report's workload: fifo on isolated servers, simulated under
-    the shipped calibrations and under the current ones (`LLM_CALIBRATION`, `EMBEDDING_CALIBRATION`)."""
+    the shipped calibrations and under `calibrations` (default: `LLM_CALIBRATION`, `EMBEDDING_CALIBRATION`)."""
     from sagesched.experiment import run
 
-    current = LLM_CALIBRATION, EMBEDDING_CALIBRATION
-    placeholder = (["http://127.0.0.1:1", "http://127.0.0.1:2"], "http://127.0.0.1:3")
+    current = calibrations or (LLM_CALIBRATION, EMBEDDING_CALIBRATION)
     runs = itertools.count()
 
     def simulate(calibrations: tuple[str, str], slowdown: float = 1.0) -> dict[str, Any]:
-        global LLM_CALIBRATION, EMBEDDING_CALIBRATION
-        LLM_CALIBRATION, EMBEDDING_CALIBRATION = calibrations
-        try:
-            cluster = cluster_config(*placeholder, llm_slots, shared_host=False)
-            load = scaling(rate_scale / slowdown, duration_s, EMBEDDING_RPS / slowdown, slowdown)
-            overrides = ["policy=fifo", *load, "driver=sim"]
-            return run(compose(overrides, cluster), folder / f"run{next(runs)}", progress=False)
-        finally:
-            LLM_CALIBRATION, EMBEDDING_CALIBRATION = current
+        cluster = cluster_config(*PLACEHOLDER, llm_slots, shared_host=False, calibrations=calibrations)
+        load = scaling(rate_scale / slowdown, duration_s, EMBEDDING_RPS / slowdown, slowdown)
+        overrides = ["policy=fifo", *load, "driver=sim"]
+        return run(compose(overrides, cluster), folder / f"run{next(runs)}", progress=False)
 
     return fresh_probe.speed_ratio(lambda: simulate((LLM_DEFAULT, EMBEDDING_DEFAULT)), lambda r: simulate(current, r))
 
@@ -463,9 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     sim_args = [f"sim.view_rates={args.view_rates}"]
     if args.sim_only:
         for shared in (True, False):
-            cluster = cluster_config(
-                ["http://127.0.0.1:1", "http://127.0.0.1:2"], "http://127.0.0.1:3", args.llm_slots, shared
-            )
+            cluster = cluster_config(*PLACEHOLDER, args.llm_slots, shared)
             for policy in POLICIES:
                 overrides = [f"policy={policy}", *scaling_args, "driver=sim", *sim_args]
                 s = run(compose(overrides, cluster), Path(args.out), progress=False)
@@ -483,12 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     summaries: dict[str, dict[str, Any]] = {}
     conditions: list[str] = [f"load average at the start: {load_average()}"]
     work: dict[str, dict[str, float]] = {}
-    placeholder = (["http://127.0.0.1:1", "http://127.0.0.1:2"], "http://127.0.0.1:3")
     for policy in POLICIES:
         for variant in ("sim", "sim_isolated"):
             name = f"{policy}_{variant}"
             print(f"== {name}", flush=True)
-            cluster = cluster_config(*placeholder, args.llm_slots, variant == "sim")
+            cluster = cluster_config(*PLACEHOLDER, args.llm_slots, variant == "sim")
             summaries[name] = run(
                 compose([f"policy={policy}", *scaling_args, "driver=sim", *sim_args], cluster),
                 runs / name,

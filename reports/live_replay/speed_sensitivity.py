@@ -26,26 +26,30 @@ sys.path.insert(0, str(HERE))
 import make_report as mr  # noqa: E402  (this folder's report script)
 
 FACTORS = (0.97, 0.98, 0.99, 1.0, 1.01, 1.02, 1.03)
-PLACEHOLDER = (["http://127.0.0.1:1", "http://127.0.0.1:2"], "http://127.0.0.1:3")
 
 
-def scaled_calibration(path: str, factor: float, folder: Path) -> str:
-    """`path` (a calibration file) with every step coefficient x `factor`, written under `folder`."""
+def scaled_calibration(path: str | Path, factor: float, folder: Path, frontend: bool = False) -> str:
+    """`path` (a calibration file) with every step coefficient x `factor` (and, with `frontend`, its
+    per-request frontend cost), written under `folder`."""
     cal = yaml.safe_load(Path(path).read_text())
     for key, value in cal["step"].items():
         if key.endswith("_s"):
             cal["step"][key] = value * factor
-    out = folder / f"llm_x{factor:g}.yaml"
+    if frontend:
+        cal["frontend_request_s"] = cal.get("frontend_request_s", 0.0) * factor
+    out = folder / f"{Path(path).stem}_x{factor:g}.yaml"
     out.write_text(yaml.safe_dump(cal))
     return str(out)
 
 
-def simulate_pair(load: list[str], view_rates: str, llm_slots: int, folder: Path) -> dict[str, dict[str, Any]]:
+def simulate_pair(
+    load: list[str], view_rates: str, llm_slots: int, calibrations: tuple[str, str], folder: Path
+) -> dict[str, dict[str, Any]]:
     from sagesched.experiment import run
 
     summaries = {}
     for policy in mr.POLICIES:
-        cluster = mr.cluster_config(*PLACEHOLDER, llm_slots)
+        cluster = mr.cluster_config(*mr.PLACEHOLDER, llm_slots, calibrations=calibrations)
         overrides = [f"policy={policy}", *load, "driver=sim", f"sim.view_rates={view_rates}"]
         summaries[policy] = run(mr.compose(overrides, cluster), folder / policy, progress=False)
     return summaries
@@ -64,11 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the table here (markdown) as well as printing it")
     args = parser.parse_args(argv)
     mr.HOST_CPUS = args.host_cpus
-    mr.EMBEDDING_CALIBRATION = args.embedding_calibration
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    mr.LLM_CALIBRATION = args.llm_calibration
-    r = mr.matched_slowdown(args.rate_scale, args.duration, args.llm_slots, work / "matching")
+    calibrations = (args.llm_calibration, args.embedding_calibration)
+    r = mr.matched_slowdown(args.rate_scale, args.duration, args.llm_slots, work / "matching", calibrations)
     print(f"servers {r:.4f}x as busy as under the shipped calibration (make_report.py --match-load's figure)")
     load = mr.scaling(args.rate_scale / r, args.duration, mr.EMBEDDING_RPS / r, r)
     lines = [
@@ -77,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     gains = []
     for factor in FACTORS:
-        mr.LLM_CALIBRATION = scaled_calibration(args.llm_calibration, factor, work)
-        s = simulate_pair(load, args.view_rates, args.llm_slots, work / f"x{factor:g}")
+        scaled = (scaled_calibration(args.llm_calibration, factor, work), args.embedding_calibration)
+        s = simulate_pair(load, args.view_rates, args.llm_slots, scaled, work / f"x{factor:g}")
         fifo, hybrid = s["fifo"], s["hybrid"]
         gain = hybrid["goodput_rps"] / fifo["goodput_rps"] - 1
         gains.append(gain)

@@ -17,7 +17,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "sagesched" / "data" / "profiles" / "calibration" / "llamacpp"
-PLACEHOLDER = (["http://127.0.0.1:1", "http://127.0.0.1:2"], "http://127.0.0.1:3")
 
 
 @pytest.fixture
@@ -26,24 +25,20 @@ def make_report(monkeypatch):
     module = importlib.import_module("make_report")
     yield module
     sys.modules.pop("make_report", None)
+    sys.modules.pop("speed_sensitivity", None)
 
 
 def slower(name: str, factor: float, folder: Path) -> str:
     """The shipped calibration `name` with every step coefficient and the frontend cost x `factor`."""
-    cal = yaml.safe_load((SHIPPED / f"{name}.yaml").read_text())
-    for key, value in cal["step"].items():
-        if key.endswith("_s"):
-            cal["step"][key] = value * factor
-    cal["frontend_request_s"] = cal.get("frontend_request_s", 0.0) * factor
-    path = folder / f"{name}-x{factor}.yaml"
-    path.write_text(yaml.safe_dump(cal))
-    return str(path)
+    from speed_sensitivity import scaled_calibration  # beside make_report (the fixture's path)
+
+    return scaled_calibration(SHIPPED / f"{name}.yaml", factor, folder, frontend=True)
 
 
 def fifo_summary(mr, scaling: list[str], folder: Path) -> dict:
     from sagesched.experiment import run
 
-    cluster = mr.cluster_config(*PLACEHOLDER, 2)
+    cluster = mr.cluster_config(*mr.PLACEHOLDER, 2)
     return run(mr.compose(["policy=fifo", *scaling, "driver=sim"], cluster), folder, progress=False)
 
 
