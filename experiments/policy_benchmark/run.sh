@@ -3,15 +3,15 @@
 #
 #     bash experiments/policy_benchmark/run.sh [extra Hydra overrides, e.g. hydra.launcher.n_jobs=8]
 #
-# Sweeps (conf/benchmark/*.yaml), 550 simulated runs in all:
+# Sweeps (conf/benchmark/*.yaml), 640 simulated runs in all:
 #   - the four scenarios: 8 policies x 4 loads x 2 seeds each (256 runs);
-#   - mixed versus siloed at 4 GPUs on embedding_heavy (loads 2, 3) and rag (load 2.2): siloed
+#   - mixed versus siloed at 4 GPUs on embedding_heavy (loads 2, 3, 4) and rag (load 2.2): siloed
 #     layouts once, mixed layouts under each interference preset, and the interference-free ceiling
-#     (cluster bound_4llm_4tei: 4 LLM + 4 TEI GPUs); fifo, slo_aware, hybrid (270 runs);
+#     (cluster bound_4llm_4tei: 4 LLM + 4 TEI GPUs); fifo, slo_aware, hybrid (360 runs);
 #   - multi_tenant: four tenants (40/20/20/20%), 6 policies, 2 loads, 2 seeds (24 runs);
 # then `sagesched.report` (the per-scenario tables and plots) and `analyze.py` (paired-by-seed
 # comparisons, gap to the bound closed, shed fractions, mixed vs siloed, Jain's index).
-# One job at a time by default (N_JOBS=1; the machine it was tuned on has 2 shared cores): ~12 min (29 Nov 2026).
+# One job at a time by default (N_JOBS=1; the machine it was tuned on has 2 shared cores): ~20 min (29 Nov 2026; the 4x mixed-versus-siloed sweep added ~8 of them).
 # Set SAGESCHED_BENCH_DIR to keep the run folders elsewhere (default: multirun/policy_benchmark).
 set -euo pipefail
 OUT=${SAGESCHED_BENCH_DIR:-multirun/policy_benchmark}
