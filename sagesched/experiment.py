@@ -93,11 +93,44 @@ def workload_requests(workload_cfg: dict[str, Any], seed: int) -> list:
     return requests
 
 
+def _options(group: str) -> str:
+    """The shipped options of config group `group` (conf/<group>/*.yaml), comma-separated."""
+    return ", ".join(sorted(path.stem for path in (conf_dir() / group).glob("*.yaml"))) or "(none)"
+
+
+def check_group_choices(overrides: Sequence[str], groups: Sequence[str]) -> None:
+    """Refuse ``group=null`` for a config group (Hydra fails on it with a traceback)."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        key = key.lstrip("+~")
+        if sep and key in groups and value.strip().lower() == "null":
+            raise ExperimentError(f"{override!r} selects no {key}; choose one with {key}=<option>: {_options(key)}")
+
+
+def check_top_level(cfg: Any) -> None:
+    """The top-level keys the experiment reads: each needed config group selected, `seed` a whole
+    number, `fail_on_unserved` true or false (a string such as 'false' would read as true)."""
+    for group in ("policy", "cluster", "workload"):
+        if group not in cfg or cfg[group] is None:
+            raise ExperimentError(
+                f"no {group} is selected (`{group}=[]` or `~{group}` removes it); choose one with "
+                f"{group}=<option>: {_options(group)}"
+            )
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not (isinstance(seed, int) or (isinstance(seed, float) and seed.is_integer())):
+        raise ExperimentError(f"seed must be a whole number (e.g. seed=1), got {seed!r}")
+    fail = cfg.get("fail_on_unserved", False)
+    if not isinstance(fail, bool):
+        raise ExperimentError(f"fail_on_unserved must be true or false, got {fail!r}")
+
+
 def run(cfg: Any, out_dir: str | Path, *, progress: bool | None = None) -> dict[str, Any]:
     """Run one experiment from a composed config; write outputs into `out_dir`; return the summary."""
     from sagesched.replay.config import DriverConfig
 
+    check_top_level(cfg)
     resolved = _plain(cfg)
+    resolved["seed"] = int(resolved.get("seed", 0))
     driver = DriverConfig.from_dict(resolved.get("driver") or {"name": "sim"})
     if driver.name == "live":
         from sagesched.replay.experiment import run_live
@@ -276,6 +309,11 @@ def _hydra_main() -> None:
             raise SystemExit(3)
         return summary.get("goodput_rps")
 
+    try:
+        check_group_choices(sys.argv[1:], [path.name for path in conf_dir().iterdir() if path.is_dir()])
+    except ExperimentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     task()
 
 

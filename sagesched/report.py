@@ -76,11 +76,24 @@ def load_runs(sweep_dir: str | Path) -> pd.DataFrame:
     rows = []
     for path in sorted(root.rglob("summary.json")):
         try:
-            summary = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ReportError(f"{path}: not valid JSON ({exc}); re-run that job or delete the file") from exc
-        cfg = summary.get("config") or {}
-        workload = cfg.get("workload") or {}
+        if not isinstance(summary, dict):
+            raise ReportError(
+                f"{path}: expected a JSON object (an experiment's summary), got {type(summary).__name__}; "
+                "re-run that job or delete the file"
+            )
+        cfg = _mapping(summary.get("config"), path, "config")
+        workload = _mapping(cfg.get("workload"), path, "config.workload")
+        rate_scale = workload.get("rate_scale")
+        if rate_scale is None:  # not recorded (an imported run) or null (a CSV trace at its own rate)
+            rate_scale = 1.0
+        if isinstance(rate_scale, bool) or not isinstance(rate_scale, int | float):
+            raise ReportError(
+                f"{path}: config.workload.rate_scale must be a number, got {rate_scale!r}; "
+                "re-run that job or delete the file"
+            )
         row = {k: v for k, v in summary.items() if isinstance(v, int | float | str | type(None))}
         # Runs group under their label (a tuned variant of a policy gets its own line), by default the policy name.
         row.update(
@@ -88,18 +101,45 @@ def load_runs(sweep_dir: str | Path) -> pd.DataFrame:
             policy_name=summary.get("policy"),
             run_dir=str(path.parent.relative_to(root)),
             scenario=_scenario(summary),
-            rate_scale=float(workload.get("rate_scale", 1.0)),
+            rate_scale=float(rate_scale),
             offered_rps=summary.get("offered_rps"),
         )
-        for cls, value in (summary.get("slo_attainment_by_class") or {}).items():
+        for cls, value in _mapping(summary.get("slo_attainment_by_class"), path, "slo_attainment_by_class").items():
             row[f"slo_attainment[{cls}]"] = value
-        for key, value in (summary.get("bound") or {}).items():
+        for key, value in _mapping(summary.get("bound"), path, "bound").items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 row[f"bound.{key}"] = value
         rows.append(row)
     if not rows:
         raise ReportError(f"no summary.json under {root}; run a sweep first (python -m sagesched.experiment -m ...)")
-    return pd.DataFrame(rows)
+    runs = pd.DataFrame(rows)
+    # A job folder (Hydra's .hydra/ inside) without summary.json is a failed or unfinished run: say so,
+    # so a report over fewer runs than the sweep launched does not pass for the whole sweep.
+    missing = sorted(
+        str(hydra.parent.relative_to(root))
+        for hydra in root.rglob(".hydra")
+        if hydra.is_dir() and not (hydra.parent / "summary.json").is_file()
+    )
+    if missing:
+        log.warning(
+            "WARNING: %d run folder(s) under %s have no summary.json (failed or unfinished jobs) and are left out: %s",
+            len(missing),
+            root,
+            ", ".join(missing),
+        )
+    runs.attrs["missing_runs"] = missing
+    return runs
+
+
+def _mapping(value: object, path: Path, what: str) -> dict:
+    """`value` as a mapping (None: empty); anything else is a ReportError naming the file and the field."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ReportError(
+            f"{path}: {what} must be a JSON object, got {type(value).__name__}; re-run that job or delete the file"
+        )
+    return value
 
 
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
@@ -219,7 +259,9 @@ def findings(agg: pd.DataFrame, focus: str = "hybrid") -> list[str]:
     Who leads on goodput (ties within 0.5% listed together), the gap to the offline bound, and where
     each policy whose label starts with `focus` ranks (a tie counts as the better rank).
     """
-    lines = []
+    lines: list[str] = []
+    if "goodput_rps" not in agg:  # e.g. runs imported from a tool that measures no SLOs
+        return ["- no run's summary has goodput_rps (imported runs without SLOs?): no ranking"]
     for scenario, data in agg.groupby("scenario", sort=True):
         for rate, group in data.groupby("rate_scale", sort=True):
             ranked = group.dropna(subset=["goodput_rps"]).sort_values(
@@ -250,6 +292,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, *, title: str | Non
     runs = load_runs(sweep_dir)
     agg = aggregate(runs)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"report folder {out} is a file; pass a new or existing folder with --out")
     out.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out / "runs.csv", index=False)
     agg.to_csv(out / "aggregate.csv", index=False)
@@ -261,6 +305,9 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, *, title: str | Non
         f"{len(runs)} runs; seeds {seeds}; each figure is the mean over seeds ± a 95% Student-t interval.",
         "",
     ]
+    missing = runs.attrs.get("missing_runs") or []
+    if missing:
+        lines += [f"**Left out: {len(missing)} run folder(s) without summary.json:** {', '.join(missing)}", ""]
     if analysis:
         lines += [analysis.strip(), ""]
     lines += ["## Findings computed from the table", "", *findings(agg), ""]

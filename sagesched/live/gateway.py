@@ -339,25 +339,27 @@ class Gateway(GatewayRoutes):
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         """The whole body, within `body_timeout_s` (a half-sent upload must not hold a slot forever)."""
+        chunks: list[bytes] = []
         try:
             async with asyncio.timeout(self.body_timeout_s):
-                return await self._read_body_unbounded(scope, receive)
+                return await self._read_body_unbounded(scope, receive, chunks)
         except TimeoutError:
+            message = f"the request body did not arrive within {self.body_timeout_s:g} s"
+            declared = _content_length(scope)
+            if declared is None:
+                raise BodyTimeout(f"{message}; send the whole body promptly") from None
+            # A client that sent all it had announced too many bytes: name that fix too, not only "send faster".
             raise BodyTimeout(
-                f"the request body did not arrive within {self.body_timeout_s:g} s; send the whole body promptly"
+                f"{message}: {sum(map(len, chunks))} of the {declared} bytes that Content-Length announces came; "
+                "send the whole body promptly, or fix Content-Length if that was all of it"
             ) from None
 
-    async def _read_body_unbounded(self, scope: Scope, receive: Receive) -> bytes:
+    async def _read_body_unbounded(self, scope: Scope, receive: Receive, chunks: list[bytes]) -> bytes:
+        """Read the body into `chunks` (left there for the timeout message) and return it."""
         limit = self.config.max_body_bytes
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    raise InvalidRequest("the Content-Length header is not a number") from None
-                if declared > limit:
-                    raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit} (max_body_bytes)")
-                break
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit} (max_body_bytes)")
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
@@ -366,7 +368,7 @@ class Gateway(GatewayRoutes):
             if len(body) > limit:
                 raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes (max_body_bytes)")
             return body
-        chunks = [body]
+        chunks.append(body)
         size = len(body)
         while True:
             message = await receive()
@@ -401,6 +403,17 @@ class Gateway(GatewayRoutes):
 
 BODY_TIMEOUT_S = 30.0
 """Seconds a client may take to send a request body (408 after that)."""
+
+
+def _content_length(scope: Scope) -> int | None:
+    """The request's Content-Length (None without one); 400 when it is not a number."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                raise InvalidRequest("the Content-Length header is not a number") from None
+    return None
 
 
 async def _aclose(iterator: Any) -> None:

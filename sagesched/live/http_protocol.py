@@ -9,7 +9,8 @@ loop step) and sends both together; a head not followed by a write in the same s
 the next one, so nothing waits longer than one event-loop iteration.
 
 It answers uvicorn's own parse errors (a malformed request line or header) as OpenAI-shaped JSON
-400s instead of uvicorn's plain text, so every error a client can get has one shape.
+400s instead of uvicorn's plain text, so every error a client can get has one shape; the message
+names the parser's reason, and the 400 goes out after the answers to any complete requests before it.
 
 It also offers the app a cheap way to hear that the client went away: the scope's extension
 ``DISCONNECT_EXTENSION`` is a function taking a callback (or None to stop watching) that the
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import sys
 from typing import Any
 
 _HEAD_PREFIX = b"HTTP/1.1 "
@@ -105,12 +107,23 @@ def protocol_class() -> type[asyncio.Protocol] | None:
                     extensions = self.scope["extensions"] = {}  # type: ignore[typeddict-unknown-key]
                 extensions[DISCONNECT_EXTENSION] = functools.partial(setattr, cycle, _CALLBACK_ATTR)  # type: ignore[assignment]
 
+        _pending_400: bytes | None = None
+
         def send_400_response(self, msg: str) -> None:
-            """uvicorn's own parse errors (bad request line, bad headers) in the OpenAI error shape."""
+            """uvicorn's own parse errors (bad request line, bad headers) in the OpenAI error shape.
+
+            uvicorn calls this inside its ``except httptools.HttpParserError`` block, so the parser's
+            reason (``Duplicate Content-Length``, ...) is the exception being handled; the message
+            carries it. When the bytes that failed follow complete requests not yet answered (a
+            body longer than its Content-Length, a pipelined request), those answers go out first and
+            the 400 after them: sending it at once cut them off, and the client read the 400 as theirs.
+            """
+            reason = str(sys.exc_info()[1] or "")
+            detail = f"{msg.rstrip('.')}: {reason}." if reason else msg
             body = json.dumps(
                 {
                     "error": {
-                        "message": f"{msg} Send a well-formed HTTP/1.1 request.",
+                        "message": f"{detail} Send a well-formed HTTP/1.1 request.",
                         "type": "invalid_request_error",
                         "param": None,
                         "code": "bad_http_request",
@@ -128,8 +141,27 @@ def protocol_class() -> type[asyncio.Protocol] | None:
                     body,
                 ]
             )
-            self.transport.write(b"".join(content))
-            self.transport.close()
+            if self._pending_400 is not None:  # the parser repeats its error on any later bytes
+                return
+            cycle = self.cycle  # the newest request; older ones still unanswered wait in self.pipeline
+            if cycle is not None and cycle.more_body and self.pipeline and self.pipeline[0][0] is cycle:
+                self.pipeline.popleft()  # a queued request whose body broke: it is never started
+            elif cycle is None or cycle.more_body or cycle.response_complete:
+                self.transport.write(b"".join(content))  # nothing earlier is waiting for its answer
+                self.transport.close()
+                return
+            self._pending_400 = b"".join(content)
+            self.flow.pause_reading()
+
+        def on_response_complete(self) -> None:
+            last = not self.pipeline
+            super().on_response_complete()
+            pending = self._pending_400
+            if last and pending is not None:
+                self._pending_400 = None
+                if not self.transport.is_closing():
+                    self.transport.write(pending)
+                    self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
             cycle = self.cycle

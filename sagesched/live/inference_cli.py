@@ -23,6 +23,7 @@ import httpx
 
 from sagesched.live.gateway_config import GatewayConfig, GatewayConfigError, load_gateway_config
 from sagesched.live.processes import cmdline_contains, is_alive, port_problem, terminate
+from sagesched.typed_config import ConfigFieldError
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,11 @@ def _already_running_message(state: dict[str, Any]) -> str:
 
 def _load(args: argparse.Namespace) -> GatewayConfig:
     config = load_gateway_config(args.config)
-    return config.with_overrides(port=args.port, host=args.host, workers=args.workers, log_level=args.log_level)
+    try:
+        return config.with_overrides(port=args.port, host=args.host, workers=args.workers, log_level=args.log_level)
+    except ConfigFieldError as exc:  # a command-line value out of range: name the flag, not a traceback
+        flag = f"--{str(exc.path[0]).replace('_', '-')}" if exc.path else "a command-line option"
+        raise GatewayConfigError(f"{flag}: {exc.message}") from None
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -280,7 +285,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if not log_file.exists():
         print(f"no log yet at {log_file} (only a background server writes one: `start --background`)", file=sys.stderr)
         return EXIT_ERROR
-    print(_tail(log_file, args.lines))
+    if args.lines:
+        print(_tail(log_file, args.lines))
     if not args.follow:
         return EXIT_OK
     with open(log_file, "rb") as f:
@@ -295,6 +301,17 @@ def cmd_logs(args: argparse.Namespace) -> int:
                     time.sleep(0.25)
         except KeyboardInterrupt:
             return EXIT_OK
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="stop the gateway, draining in-flight requests")
     stop.add_argument("--timeout", type=float, default=60.0, help="seconds before the server is killed")
     logs = sub.add_parser("logs", help="show the background gateway's log")
-    logs.add_argument("-n", "--lines", type=int, default=50)
+    logs.add_argument("-n", "--lines", type=_count, default=50, help="how many of the last lines to show (0: none)")
     logs.add_argument("-f", "--follow", action="store_true")
     return parser
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import sys
 import time
 from typing import Any
 
@@ -27,8 +29,21 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; 400 for one beyond the float range (1e400 would go upstream as `Infinity`)."""
+    value = float(text)
+    if math.isinf(value):
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise InvalidRequest(
+            f"the number {shown} in the request body is out of range (beyond ±1.8e308); send a smaller number"
+        )
+    return value
+
+
 # Built once: `json.loads`/`json.dumps` with options construct a new decoder/encoder on every call.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+# Python's ValueError for an integer longer than `sys.get_int_max_str_digits()` (4300 digits by default).
+_INT_DIGITS_ERROR = "integer string conversion"
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
@@ -48,10 +63,18 @@ def _loads(raw: bytes) -> Any:
             _check_unicode(body)  # only bodies with a \uD800-\uDFFF escape pay for the walk
         return body
     except json.JSONDecodeError as exc:
+        # A body cut short (a Content-Length counting characters, not bytes) fails at its very end.
+        cut = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
+        hint = "; the body ends before the JSON document does: check that Content-Length counts bytes" if cut else ""
         raise InvalidRequest(
-            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}{hint}"
         ) from None
     except ValueError as exc:
+        if _INT_DIGITS_ERROR in str(exc):  # the message would tell the caller to change Python's settings
+            raise InvalidRequest(
+                f"a number in the request body has more than {sys.get_int_max_str_digits()} digits; "
+                "send numbers of ordinary size"
+            ) from None
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidRequest("the request body is nested too deeply") from None

@@ -78,8 +78,15 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
         summary = json.loads(summary_path.read_text())
     except json.JSONDecodeError as exc:
         raise CompareError(f"{summary_path}:{exc.lineno}: column {exc.colno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(summary, dict):
+        raise CompareError(f"{summary_path}: expected a JSON object (a run's summary), got {type(summary).__name__}")
     records_path = folder / "requests.parquet"
-    records = pd.read_parquet(records_path) if records_path.is_file() else None
+    try:
+        records = pd.read_parquet(records_path) if records_path.is_file() else None
+    except (OSError, ValueError) as exc:  # truncated or not Parquet (pyarrow's ArrowInvalid is a ValueError)
+        raise CompareError(
+            f"{records_path}: unreadable ({exc}); re-run or re-import the run, or delete the file"
+        ) from None
     if label is None:
         driver = summary.get("driver") or summary.get("source", {}).get("format") or "run"
         label = f"{summary.get('label') or summary.get('policy') or folder.name} ({driver})"

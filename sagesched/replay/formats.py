@@ -57,6 +57,14 @@ def _load_json(path: Path) -> tuple[Any, str]:
         raise ResultFormatError(path, exc.lineno, str(exc.colno), f"not valid JSON: {exc.msg}") from None
 
 
+def _read_run(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    """A run folder's summary (a JSON object) and per-request records, for the exporters."""
+    summary, _ = _load_json(folder / "summary.json")
+    if not isinstance(summary, dict):
+        raise ResultFormatError(folder / "summary.json", 1, None, "expected a JSON object (a run's summary)")
+    return summary, pd.read_parquet(folder / "requests.parquet")
+
+
 def _line_of(text: str, key: str) -> int | None:
     """The 1-based line where `"key"` first appears in a JSON text (for error messages)."""
     at = text.find(f'"{key}"')
@@ -129,8 +137,7 @@ def write_vllm_bench(run: str | Path) -> dict[str, Any]:
     kept either (empty strings).
     """
     folder = Path(run)
-    summary = json.loads((folder / "summary.json").read_text())
-    records = pd.read_parquet(folder / "requests.parquet")
+    summary, records = _read_run(folder)
     llm = records[records["type"] != "embedding"]
     done = llm[llm["outcome"] == Outcome.COMPLETED.value]
     duration = summary.get("duration_s") or 1.0
@@ -340,8 +347,7 @@ def _ip_dist(values: np.ndarray, scale: float = 1.0) -> dict[str, float] | None:
 def write_inference_perf(run: str | Path) -> dict[str, Any]:
     """A run folder as an inference-perf-style lifecycle summary (seconds, inference-perf's keys)."""
     folder = Path(run)
-    summary = json.loads((folder / "summary.json").read_text())
-    records = pd.read_parquet(folder / "requests.parquet")
+    summary, records = _read_run(folder)
     llm = records[records["type"] != "embedding"]
     done = llm[llm["outcome"] == Outcome.COMPLETED.value]
     bad = llm[llm["outcome"] != Outcome.COMPLETED.value]

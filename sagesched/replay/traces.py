@@ -25,12 +25,14 @@ Use it with `workload=csv workload.trace_path=my.csv` (conf/workload/csv.yaml). 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from sagesched.core import SLO, Priority, Request, RequestType
-from sagesched.sim.workloads.errors import TraceFormatError
+from sagesched.sim.workloads.errors import TraceFormatError, require_utf8_text
 
 REQUIRED = ("arrival_s", "prompt_tokens", "output_tokens")
 OPTIONAL = (
@@ -55,6 +57,9 @@ TYPES = {
 }
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _number(path: Path, line: int, column: str, text: str, *, integer: bool, minimum: float = 0.0) -> Any:
     try:
         value = int(text) if integer else float(text)
@@ -63,6 +68,10 @@ def _number(path: Path, line: int, column: str, text: str, *, integer: bool, min
         raise TraceFormatError(path, line, column, f"expected {kind}, got {text!r}") from None
     if value != value or value < minimum:  # NaN or below the minimum
         raise TraceFormatError(path, line, column, f"must be >= {minimum:g}, got {text!r}")
+    if not math.isfinite(value):
+        raise TraceFormatError(path, line, column, f"must be a finite number, got {text!r}")
+    if integer and value > INT64_MAX:  # too large for the records' int64 columns
+        raise TraceFormatError(path, line, column, f"must be <= {INT64_MAX}, got {text!r}")
     return value
 
 
@@ -76,7 +85,8 @@ def read_csv_trace(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CSV trace {path} not found; give workload.trace_path=PATH to an existing file")
-    with path.open(newline="", encoding="utf-8") as handle:
+    require_utf8_text(path)  # a binary (e.g. Parquet) or UTF-16 file: named, not a bare codec error
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
         reader = csv.reader(handle)
         try:
             header = [h.strip() for h in next(reader)]
@@ -97,6 +107,8 @@ def read_csv_trace(
                 raise TraceFormatError(path, line, None, f"expected {len(header)} fields, got {len(row)}")
             cells = {h: c.strip() for h, c in zip(header, row, strict=True)}
             out.append(_request(path, line, cells, llm_model, embedding_model))
+    if not out:
+        raise TraceFormatError(path, None, None, "no requests in the trace (only a header); add rows below it")
     ids = [r.id for r in out]
     if len(set(ids)) != len(ids):
         dupes = sorted({i for i in ids if ids.count(i) > 1})[:3]
@@ -168,20 +180,42 @@ def build_csv_workload(workload: Mapping[str, Any]) -> list[Request]:
         raise ValueError(
             "a CSV workload needs workload.trace_path=PATH (columns: arrival_s,prompt_tokens,output_tokens,...)"
         )
-    rate = float(workload.get("rate_scale") or 1.0)
-    if not rate > 0:
-        raise ValueError(f"workload.rate_scale must be > 0, got {rate}")
+    rate = _setting(workload, "rate_scale", above=0.0) or 1.0
+    start = _setting(workload, "start_s", at_least=0.0) or 0.0
+    duration = _setting(workload, "duration_s", above=0.0)
+    max_requests = _setting(workload, "max_requests", at_least=1.0, whole=True)
     requests = read_csv_trace(
         workload["trace_path"],
         llm_model=str(workload.get("llm_model") or "llama-2-7b"),
         embedding_model=str(workload.get("embedding_model") or "bge-base"),
     )
-    start = float(workload.get("start_s") or 0.0)
-    duration = workload.get("duration_s")
-    end = float("inf") if duration is None else start + float(duration)
+    end = float("inf") if duration is None else start + duration
     window = [r for r in requests if start <= r.arrival_s < end]
-    if workload.get("max_requests") is not None:
-        window = window[: int(workload["max_requests"])]
-    import dataclasses
-
+    if max_requests is not None:
+        window = window[: int(max_requests)]
     return [dataclasses.replace(r, arrival_s=(r.arrival_s - start) / rate) for r in window]
+
+
+def _setting(
+    workload: Mapping[str, Any],
+    key: str,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    whole: bool = False,
+) -> float | None:
+    """`workload.<key>` as a number checked against its bound; None when unset (null)."""
+    value = workload.get(key)
+    if value is None:
+        return None
+    kind = "a whole number" if whole else "a number"
+    bound = f"> {above:g}" if above is not None else f">= {at_least:g}"
+    if isinstance(value, bool) or not isinstance(value, int | float) or (whole and not float(value).is_integer()):
+        raise ValueError(f"workload.{key} must be {kind} {bound}, got {value!r}")
+    if (
+        not math.isfinite(value)
+        or (above is not None and value <= above)
+        or (at_least is not None and value < at_least)
+    ):
+        raise ValueError(f"workload.{key} must be {kind} {bound}, got {value!r}")
+    return float(value)
