@@ -1,4 +1,5 @@
-"""Session-wide fixtures: real llama-server backends and backend emulators.
+"""Session-wide fixtures: real llama-server backends and backend emulators; `load_script` for the
+experiment and benchmark scripts (files outside the package) that tests import.
 
 Real backends are never skipped: a missing llama-server or model is a broken test environment,
 and the failure names the install step (the README's test command performs it). Before the first
@@ -9,7 +10,11 @@ that one message instead of erroring in every backend test.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -17,6 +22,28 @@ import pytest
 from sagesched.live import real_backends as rb
 
 BACKEND_FIXTURES = frozenset({"llm_server", "embedding_server", "start_llm_server"})
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _import_script(relative_path: str) -> ModuleType:
+    """Import a script of this repository (e.g. ``benchmarks/gpu_colocation.py``) as a module,
+    registered in ``sys.modules`` under its path (dataclasses look their module up there)."""
+    path = REPO / relative_path
+    name = "script_" + relative_path.removesuffix(".py").replace("/", "_")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_script() -> Callable[[str], ModuleType]:
+    """`_import_script`: tests of the experiment and benchmark scripts take their module from it."""
+    return _import_script
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -7,7 +7,6 @@ GPU whose embedding engine is busy prefills at the interference stretch.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pandas as pd
@@ -15,16 +14,10 @@ import pytest
 
 from sagesched.sim.perf_model import LLMPerfModel
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "policy_benchmark" / "loaded_floor.py"
-
 
 @pytest.fixture(scope="module")
-def floors():
-    spec = importlib.util.spec_from_file_location("loaded_floor", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def floors(load_script):
+    return load_script("experiments/policy_benchmark/loaded_floor.py")
 
 
 @pytest.fixture(scope="module")

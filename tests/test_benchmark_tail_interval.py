@@ -4,24 +4,13 @@ against it, so its coverage and its dependence on the sample size are checked on
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "policy_benchmark" / "analyze.py"
-
 
 @pytest.fixture(scope="module")
-def analyze():
-    spec = importlib.util.spec_from_file_location("policy_benchmark_analyze", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def analyze(load_script):
+    return load_script("experiments/policy_benchmark/analyze.py")
 
 
 def test_interval_holds_the_true_ratio_and_narrows_with_more_requests(analyze) -> None:

@@ -4,39 +4,32 @@ PyTorch and a GPU; its arithmetic does not)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from sagesched.sim.config import SharedGpuConfig
 from sagesched.sim.engines.shared_gpu import PRESETS, SharedGpu
 
-_SPEC = importlib.util.spec_from_file_location(
-    "gpu_colocation", Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_colocation.py"
-)
-assert _SPEC is not None and _SPEC.loader is not None
-colocation = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = colocation  # dataclasses look their module up there
-_SPEC.loader.exec_module(colocation)
+
+@pytest.fixture(scope="module")
+def colocation(load_script):
+    return load_script("benchmarks/gpu_colocation.py")
 
 
 @pytest.mark.parametrize(("s_llm", "s_emb"), [(2.0, 2.0), (1.5, 1.5), (1.0, 1.0), (1.2, 1.9), (1.05, 3.0), (1.0, 1.6)])
-def test_fitted_config_reproduces_the_measured_stretches(s_llm: float, s_emb: float) -> None:
+def test_fitted_config_reproduces_the_measured_stretches(colocation, s_llm: float, s_emb: float) -> None:
     gpu = SharedGpu(SharedGpuConfig(**colocation.shared_gpu_config(s_llm, s_emb)))
     assert gpu.llm_stretch(embedding_busy=True) == pytest.approx(s_llm, rel=1e-5)
     assert gpu.embedding_stretch(llm_busy=True) == pytest.approx(s_emb, rel=1e-5)
     assert gpu.llm_stretch(embedding_busy=False) == 1.0
 
 
-def test_symmetric_stretches_give_the_presets() -> None:
+def test_symmetric_stretches_give_the_presets(colocation) -> None:
     assert colocation.shared_gpu_config(2.0, 2.0) == pytest.approx(PRESETS["time_slice"])
     assert colocation.shared_gpu_config(1.5, 1.5) == pytest.approx(PRESETS["mps"], abs=1e-5)
     assert colocation.shared_gpu_config(1.0, 1.0) == pytest.approx(PRESETS["ideal"])
 
 
-def test_noise_and_worse_than_time_slicing() -> None:
+def test_noise_and_worse_than_time_slicing(colocation) -> None:
     # A stretch under 1 is noise: it counts as no slowdown.
     assert colocation.shared_gpu_config(0.97, 1.0)["overlap"] == 1.0
     # Both slower than time slicing: overlap 0, the measured ratio kept in the weights.
@@ -47,7 +40,7 @@ def test_noise_and_worse_than_time_slicing() -> None:
         colocation.shared_gpu_config(0.0, 1.5)
 
 
-def test_median_leaves_out_the_edges() -> None:
+def test_median_leaves_out_the_edges(colocation) -> None:
     times = [9.0] + [1.0] * 8 + [9.0]
     assert colocation.summarise(times) == 1.0
     with pytest.raises(ValueError, match="--seconds"):
