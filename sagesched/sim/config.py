@@ -437,6 +437,12 @@ class SimConfig:
             raise ConfigFieldError(("mode",), f"{self.mode!r}: use 'jump' (fast) or 'step' (reference)")
         if self.timeline_interval_s < 0:
             raise ConfigFieldError(("timeline_interval_s",), f"must be >= 0, got {self.timeline_interval_s}")
+        if self.max_time_s is not None and not self.max_time_s > 0:  # `not >`: NaN too
+            raise ConfigFieldError(
+                ("max_time_s",),
+                f"must be > 0 (seconds of simulated time), got {self.max_time_s}; set a positive time, or null to "
+                "run until every request ends",
+            )
         if self.view_rates not in ("nominal", "learned"):
             raise ConfigFieldError(
                 ("view_rates",),

@@ -17,6 +17,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
+import sys
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,8 +36,12 @@ TRACE_DIR = Path(__file__).resolve().parents[2] / "data" / "traces"
 MOONCAKE_BLOCK_TOKENS = 512
 """Tokens per Mooncake `hash_ids` block (one id per 512-token prefix block, per the trace's docs)."""
 
+INT64_MAX = 2**63 - 1
+"""Largest token count a trace cell may hold: the parsed columns are int64 arrays."""
+
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 MOONCAKE_FIELDS = ("timestamp", "input_length", "output_length", "hash_ids")
+_FIX_ROW = "fix the value or remove the row"
 
 
 @dataclass(frozen=True)
@@ -131,8 +137,9 @@ def _parse_int(text: str, path: Path, line: int, column: str) -> int:
         value = int(text)
     except ValueError:
         raise TraceFormatError(path, line, column, f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise TraceFormatError(path, line, column, f"expected a non-negative integer, got {text!r}")
+    if not 0 <= value <= INT64_MAX:
+        expected = "a non-negative integer" if value < 0 else f"an integer of at most {INT64_MAX} (int64)"
+        raise TraceFormatError(path, line, column, f"expected {expected}, got {text!r}; {_FIX_ROW}")
     return value
 
 
@@ -143,11 +150,17 @@ def _parse_azure_time(text: str, path: Path, line: int) -> float:
     except ValueError:
         pass
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):  # also 'nan' / 'inf', which float() accepts but no arrival time is
         raise TraceFormatError(
-            path, line, "TIMESTAMP", f"expected a date-time like '2023-11-16 18:15:46.680590' or seconds, got {text!r}"
-        ) from None
+            path,
+            line,
+            "TIMESTAMP",
+            f"expected a date-time like '2023-11-16 18:15:46.680590' or finite seconds, got {text!r}; {_FIX_ROW}",
+        )
+    return seconds
 
 
 _EPOCH = datetime(1970, 1, 1)
@@ -208,8 +221,13 @@ def _json_int(row: dict, key: str, path: Path, line: int) -> int:
     if key not in row:
         raise TraceFormatError(path, line, key, f"missing; each line needs {', '.join(MOONCAKE_FIELDS[:3])}")
     value = row[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise TraceFormatError(path, line, key, f"expected a non-negative integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT64_MAX:
+        raise TraceFormatError(
+            path,
+            line,
+            key,
+            f"expected a non-negative integer of at most {INT64_MAX} (int64), got {value!r}; {_FIX_ROW}",
+        )
     return value
 
 
@@ -230,8 +248,11 @@ def parse_mooncake_jsonl(path: Path, name: str = "mooncake") -> RequestTrace:
             if not isinstance(row, dict):
                 raise TraceFormatError(path, line, None, f"expected a JSON object, got {type(row).__name__}")
             stamp = row.get("timestamp")
-            if isinstance(stamp, bool) or not isinstance(stamp, int | float) or stamp < 0:
-                raise TraceFormatError(path, line, "timestamp", f"expected non-negative milliseconds, got {stamp!r}")
+            # The chained test also rejects NaN and Infinity (which `json` accepts) and ints past float range.
+            if isinstance(stamp, bool) or not isinstance(stamp, int | float) or not 0 <= stamp <= sys.float_info.max:
+                raise TraceFormatError(
+                    path, line, "timestamp", f"expected finite non-negative milliseconds, got {stamp!r}; {_FIX_ROW}"
+                )
             times.append(stamp / 1000.0)
             prompts.append(_json_int(row, "input_length", path, line))
             outputs.append(_json_int(row, "output_length", path, line))
