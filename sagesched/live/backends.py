@@ -23,6 +23,7 @@ Each reading carries the loop time it was taken at, so views can say how old it 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -238,7 +239,8 @@ class SSEStream:
     (the executor's backend calls); both offer ``aiter_lines()`` and ``aclose()``.
     `next_event()` returns the next JSON chunk, or None at the end. Errors sent inside the stream
     (an ``error`` object, or llama-server's ``error:`` lines) raise `UpstreamError`; a broken
-    connection raises `BackendUnavailable` if no event was read yet, else `UpstreamError`.
+    connection raises `BackendUnavailable` if no event was read yet, else `UpstreamError`; so does
+    a body that ends after events but with neither ``[DONE]`` nor a ``finish_reason`` (cut short).
     """
 
     def __init__(self, response: httpx.Response | Response, backend_id: str = "") -> None:
@@ -248,6 +250,7 @@ class SSEStream:
         self._lines: AsyncIterator[str] = response.aiter_lines()
         self._done = False
         self._junk = ""  # start of the lines that were not SSE fields (for the error message)
+        self._finished = False  # an event carried a finish_reason (the answer is complete without [DONE])
 
     async def next_event(self) -> dict[str, Any] | None:
         if self._done:
@@ -258,15 +261,22 @@ class SSEStream:
                 line = await self._lines.__anext__()
             except StopAsyncIteration:
                 self._done = True
-                if data:
-                    return self._decode("\n".join(data))
+                event = self._decode("\n".join(data)) if data else None
                 if self.events_read == 0:
                     # No event and no [DONE]: plain JSON, garbage or an empty body is not a stream.
                     raise UpstreamError(
                         f"backend {self.backend_id} ended the stream without sending one event "
                         f"(ignored lines: {self._junk[:200]!r})"
                     ) from None
-                return None
+                if not self._finished:
+                    # Neither [DONE] nor a finish_reason: the body ended mid-answer (a close-delimited
+                    # stream whose server died looks exactly like this), not a complete answer.
+                    raise UpstreamError(
+                        f"backend {self.backend_id} ended the stream after {self.events_read} events "
+                        "without [DONE] or a finish_reason (the answer is cut short)",
+                        code="stream_broken",
+                    ) from None
+                return event
             except (httpx.TimeoutException, ReadTimeout) as exc:
                 raise UpstreamTimeout(f"backend {self.backend_id} stalled mid-stream: {exc!r}") from exc
             except (httpx.TransportError, httpx.StreamError, TransportError) as exc:
@@ -304,6 +314,9 @@ class SSEStream:
             self._done = True
             raise self._error(payload)
         self.events_read += 1
+        choices = event.get("choices")
+        if not self._finished and isinstance(choices, list):
+            self._finished = any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
         return event
 
     def _error(self, payload: str) -> LiveError:
@@ -526,8 +539,14 @@ class BackendClient:
 
     # -- probes ---------------------------------------------------------------------------------------
     async def _get(self, path: str) -> tuple[int, bytes]:
-        response = await self._pool.request("GET", path, timeout=self.probe_timeout_s)
-        return response.status, await response.read()
+        # The whole probe within probe_timeout_s: the read timeout bounds only each wait for bytes,
+        # and a server trickling its answer would hold start-up and every backend's health probes.
+        try:
+            async with asyncio.timeout(self.probe_timeout_s):
+                response = await self._pool.request("GET", path, timeout=self.probe_timeout_s)
+                return response.status, await response.read()
+        except TimeoutError:
+            raise ReadTimeout(f"GET {path} did not complete within {self.probe_timeout_s:g}s") from None
 
     async def health(self) -> bool:
         """True when the server answers its health route with 2xx (``/v1/models`` where there is none)."""

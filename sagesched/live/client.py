@@ -395,7 +395,15 @@ class UnifiedInferenceClient:
             except ValueError:
                 payload = response.text
             raise error_from_response(response.status_code, payload)
-        return response.json()
+        try:
+            data = response.json()
+        except ValueError:  # not JSON, or not UTF-8
+            raise UpstreamError(
+                f"{endpoint.url} answered HTTP {response.status_code} with a body that is not JSON: {response.text[:200]!r}"
+            ) from None
+        if not isinstance(data, dict):
+            raise UpstreamError(f"{endpoint.url} answered with a JSON {type(data).__name__}, not an object")
+        return data
 
     async def _stream(
         self, endpoint_name: str, body: dict[str, Any], headers: dict[str, str]
@@ -461,10 +469,13 @@ class UnifiedInferenceClient:
         model = await self._resolve_model("embedding", kw.pop("model", None))
         body, headers = self._sampling({"model": model, "input": texts}, kw)
         data = await self._call("embeddings", body, headers)
-        items = sorted(data.get("data") or [], key=lambda item: item.get("index", 0))
-        if len(items) != len(texts):
-            raise UpstreamError(f"expected {len(texts)} embeddings, got {len(items)}")
-        return [decode_base64(i["embedding"]) if isinstance(i["embedding"], str) else i["embedding"] for i in items]
+        try:
+            items = sorted(data.get("data") or [], key=lambda item: item.get("index", 0))
+            if len(items) != len(texts):
+                raise UpstreamError(f"expected {len(texts)} embeddings, got {len(items)}")
+            return [decode_base64(i["embedding"]) if isinstance(i["embedding"], str) else i["embedding"] for i in items]
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise UpstreamError(f"unexpected embeddings response shape: {str(data)[:200]}") from None
 
     async def _astream_text(self, endpoint_name: str, payload: Any, kw: dict[str, Any]) -> AsyncIterator[str]:
         model = await self._resolve_model("llm", kw.pop("model", None))

@@ -195,17 +195,22 @@ class Response:
     async def read(self) -> bytes:
         """The whole body."""
         conn = self._conn
+        parts: list[bytes] = []
         try:
             while not conn.complete:
                 if conn.error is not None:
                     raise conn.error
+                if len(conn.buf) > _HIGH_WATER:
+                    # Reading paused at the high-water mark: take what is buffered so it resumes
+                    # (the whole body is wanted; waiting here would stall until the read timeout).
+                    parts.append(conn.take_body())
                 await conn.wait(self._timeout)
         except BaseException:
             await self.aclose()
             raise
-        body = conn.take_body()
+        parts.append(conn.take_body())
         await self.aclose()
-        return body
+        return b"".join(parts) if len(parts) > 1 else parts[0]
 
     async def aiter_lines(self) -> AsyncIterator[str]:
         """Body lines as they arrive (split at LF, a trailing CR removed), decoded as UTF-8."""
