@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -188,7 +189,8 @@ def from_mapping(
         except ValidationError as exc:
             loc = exc.errors(include_url=False)[0].get("loc", ())
             key = str(loc[0]) if loc else next(iter(leaves))
-            raise ConfigFieldError((*root, key), f"must be {describe(spec.hints[key])}, got {leaves[key]!r}") from None
+            message = f"must be {describe(spec.hints[key])}, got {leaves[key]!r}{_quoted_number_hint(spec.hints[key], leaves[key])}"
+            raise ConfigFieldError((*root, key), message) from None
         kwargs.update((key, getattr(checked, key)) for key in leaves)
     missing = [name for name in spec.required if name not in kwargs and not (fixed and name in fixed)]
     if missing:
@@ -269,6 +271,25 @@ def describe(hint: Any, plural: bool = False) -> str:
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return "one of " + ", ".join(str(m.value) for m in hint)
     return getattr(hint, "__name__", str(hint))
+
+
+def _quoted_number_hint(hint: Any, value: Any) -> str:
+    """Why a number arrived as text: quotes, or YAML 1.1's exponent form (`1e-3` is a string to PyYAML)."""
+    if not isinstance(value, str) or not (_accepts(hint, int) or _accepts(hint, float)):
+        return ""
+    try:
+        if not math.isfinite(float(value)):
+            return ""
+    except ValueError:
+        return ""
+    if "e" in value.lower() and "." not in value.lower().split("e")[0]:
+        return f" (text: YAML reads exponent notation without a decimal point as a string; write {_with_point(value)})"
+    return " (text: write the number without quotes)"
+
+
+def _with_point(value: str) -> str:
+    mantissa, _, exponent = value.lower().partition("e")
+    return f"{mantissa}.0e{exponent}"
 
 
 def _kind(value: Any) -> str:

@@ -47,6 +47,13 @@ def calibration_document(runs, fit, cv: dict[str, dict[str, float]] | None) -> d
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    if not args.folder.is_dir():
+        print(
+            f"sagesched calibrate: {args.folder} is not a folder; pass an inference-perf run folder (with "
+            "exp-config.yaml) or a folder of them",
+            file=sys.stderr,
+        )
+        return 2
     try:
         runs = find_runs(args.folder)
     except RunFormatError as exc:

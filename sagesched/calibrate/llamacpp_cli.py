@@ -12,12 +12,27 @@ use; `python -m sagesched.calibrate.live_report` does this and checks it against
 from __future__ import annotations
 
 import argparse
+import sys
+from urllib.parse import urlsplit
 
 from sagesched.calibrate import llamacpp_probe as lp
+from sagesched.calibrate.llamacpp_client import ServerAnswerError
 from sagesched.calibrate.llamacpp_server import ServerSettings
 
 
+def _usage_error(message: str) -> int:
+    print(f"sagesched calibrate llamacpp: {message}", file=sys.stderr)
+    return 2
+
+
 def cmd_llamacpp(args: argparse.Namespace) -> int:
+    parts = urlsplit(args.url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        return _usage_error(
+            f"{args.url!r} is not an http(s) URL; pass the server's base URL, e.g. http://127.0.0.1:8001"
+        )
+    if args.repeats < 1:
+        return _usage_error(f"--repeats: must be >= 1, got {args.repeats}")
     settings = ServerSettings(
         parallel=args.parallel,
         ctx_size=args.ctx,
@@ -27,16 +42,29 @@ def cmd_llamacpp(args: argparse.Namespace) -> int:
         embeddings=args.embeddings,
         checkpoint_tail_tokens=0 if args.embeddings else args.checkpoint_tail,
     )
-    _, result, cal = lp.probe_and_fit(
-        args.url,
-        args.model,
-        settings.engine_config(),
-        embeddings=args.embeddings,
-        repeats=args.repeats,
-        hardware=args.hardware or lp.machine_name(),
-        server=settings.as_dict(),
-        source=f"sagesched calibrate llamacpp {args.url}",
-    )
+    try:
+        engine = settings.engine_config()
+    except ValueError as exc:  # --parallel 0, --ctx smaller than --parallel, ...
+        flags = "--parallel / --ctx / --batch / --ubatch / --threads / --checkpoint-tail"
+        return _usage_error(f"{exc}; pass the server's own settings ({flags})")
+    try:
+        _, result, cal = lp.probe_and_fit(
+            args.url,
+            args.model,
+            engine,
+            embeddings=args.embeddings,
+            repeats=args.repeats,
+            hardware=args.hardware or lp.machine_name(),
+            server=settings.as_dict(),
+            source=f"sagesched calibrate llamacpp {args.url}",
+        )
+    except ServerAnswerError as exc:
+        print(
+            f"sagesched calibrate llamacpp: {exc}; check that llama-server runs at {args.url} and answers to "
+            f"--model {args.model}",
+            file=sys.stderr,
+        )
+        return 1
     cal.write(args.out)
     print(f"coefficients: {result['coefficients']}")
     print(

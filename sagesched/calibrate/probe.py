@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -176,20 +177,32 @@ def fit_probes(points: list[ProbePoint], engine: str, perf=None) -> dict:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    points = asyncio.run(
-        run_probes(
-            args.url,
-            args.model,
-            prompt_lengths=tuple(args.prompts),
-            concurrencies=tuple(args.concurrency),
-            repeats=args.repeats,
-        )
-    )
     perf = None
-    if args.engine == "vllm":
+    if args.engine == "vllm":  # checked before the probes: a wrong --hardware must not cost a whole sweep
         from sagesched.sim.perf_model import LLMPerfModel
 
-        perf = LLMPerfModel.load(args.profile, args.hardware, args.tensor_parallel)
+        try:
+            perf = LLMPerfModel.load(args.profile, args.hardware, args.tensor_parallel)
+        except ValueError as exc:
+            print(f"sagesched calibrate probe: {exc}; fix --profile / --hardware / --tensor-parallel", file=sys.stderr)
+            return 2
+    try:
+        points = asyncio.run(
+            run_probes(
+                args.url,
+                args.model,
+                prompt_lengths=tuple(args.prompts),
+                concurrencies=tuple(args.concurrency),
+                repeats=args.repeats,
+            )
+        )
+    except httpx.HTTPError as exc:
+        print(
+            f"sagesched calibrate probe: {args.url}: {type(exc).__name__}: {exc}; check that the server runs there "
+            f"and answers to --model {args.model}",
+            file=sys.stderr,
+        )
+        return 1
     fit = fit_probes(points, args.engine, perf)
     doc: dict = {
         "source": f"sagesched calibrate probe {args.url}",

@@ -104,6 +104,18 @@ def _model_list(value: Any) -> Any:
 def _url(value: Any) -> Any:
     if not isinstance(value, str) or urlsplit(value).scheme not in {"http", "https"} or not urlsplit(value).hostname:
         raise ValueError(f"{value!r} is not an http(s) URL; write e.g. http://127.0.0.1:8001")
+    parts = urlsplit(value.strip())
+    try:
+        port = parts.port
+    except ValueError:  # ':99999', ':abc'
+        port = 0
+    if port == 0 or any(c.isspace() for c in str(parts.hostname)):
+        raise ValueError(f"{value!r} has no valid host:port (port 1-65535); write e.g. http://127.0.0.1:8001")
+    if parts.query or parts.fragment:
+        raise ValueError(
+            f"{value!r}: a backend url is the server's base URL, without ?query or #fragment; write e.g. "
+            "http://127.0.0.1:8001"
+        )
     return value.rstrip("/")
 
 
@@ -193,10 +205,15 @@ def _backend_list(value: Any) -> tuple[BackendEntry, ...]:
             ) from None
         except ValueError as exc:
             raise ConfigFieldError((i,), str(exc)) from None
-        key = entry.id or entry.url
+        # The executor's id: the `id:` given, else host:port from the url (`http://127.0.0.1:8001` and
+        # `HTTP://127.0.0.1:8001/` are one backend, and so is an `id: 127.0.0.1:8001` elsewhere).
+        key = str(entry.to_backend_config().id)  # (set by BackendConfig when not given)
         if key in seen:
+            label = entry.id or entry.url
+            derived = "" if label == key else f", both id {key!r}"
             raise ConfigFieldError(
-                (i,), f"duplicate backend {key!r} (also backends[{seen[key]}]); give each a distinct url or id"
+                (i,),
+                f"duplicate backend {label!r} (also backends[{seen[key]}]{derived}); give each a distinct url or id",
             )
         seen[key] = i
         entries.append(entry)
@@ -315,7 +332,34 @@ def parse_gateway_config(text: str, source: str = "<config>") -> GatewayConfig:
     lines: dict[tuple[Any, ...], int] = {}
     if node is not None:
         _collect_lines(node, (), lines)
+        duplicate = _duplicate_key(node, ())
+        if duplicate is not None:  # YAML keeps the last silently: one of the two settings would be ignored
+            path, at, first = duplicate
+            raise GatewayConfigError(
+                f"{source} line {at}: {field_path(path)}: duplicate key (also on line {first}); keep one of them"
+            )
     return _Parser(source, lines).parse(data)
+
+
+def _duplicate_key(node: yaml.Node, path: tuple[Any, ...]) -> tuple[tuple[Any, ...], int, int] | None:
+    """The first key written twice in one mapping: (its path, its line, the first one's line)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                return (*path, key), key_node.start_mark.line + 1, seen[key]
+            if key is not None:
+                seen[key] = key_node.start_mark.line + 1
+            found = _duplicate_key(value_node, (*path, key))
+            if found is not None:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            found = _duplicate_key(item, (*path, index))
+            if found is not None:
+                return found
+    return None
 
 
 def _collect_lines(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:

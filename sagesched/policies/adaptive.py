@@ -28,15 +28,16 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sagesched.core import Assignment, Decision, GatewayQueue, InstanceView, Priority, Rejection, Request
 from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable, servable_classes, use_index
 from sagesched.policies.fifo import FifoConfig, FifoPolicy
-from sagesched.policies.priority import PriorityConfig, PriorityPolicy
+from sagesched.policies.priority import PriorityConfig, PriorityPolicy, priority_number
 from sagesched.policies.registry import register
 from sagesched.policies.slack import count_below
 from sagesched.policies.slo_aware import SloAwareConfig, SloAwarePolicy, best_slack_s
+from sagesched.typed_config import parse_with
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class AdaptiveConfig(PolicyConfig):
     exit_slo_pressure: float = 0.05
     min_dwell_s: float = 5.0
     aging_interval_s: float = 10.0
-    urgent_max_priority: int = int(Priority.HIGH)
+    urgent_max_priority: int = field(default=int(Priority.HIGH), metadata=parse_with(priority_number))
     shed_unattainable: bool = False
 
     def __post_init__(self) -> None:
@@ -80,8 +81,12 @@ class AdaptiveConfig(PolicyConfig):
                     f"need 0 <= exit_{measure} <= enter_{measure} for hysteresis, got exit={exit_!r}, "
                     f"enter={enter!r}; lower exit_{measure} or raise enter_{measure}"
                 )
-        if self.min_dwell_s < 0:
-            raise ValueError(f"min_dwell_s must be >= 0 seconds, got {self.min_dwell_s!r}")
+        if not (self.min_dwell_s >= 0 and math.isfinite(self.min_dwell_s)):  # `not >=`: NaN too
+            raise ValueError(f"min_dwell_s must be a finite number >= 0 seconds, got {self.min_dwell_s!r}")
+        if not math.isfinite(self.slack_threshold_s):
+            raise ValueError(f"slack_threshold_s must be a finite number of seconds, got {self.slack_threshold_s!r}")
+        # The sub-policies' own rules, named here (the policy builds them from these fields).
+        PriorityConfig(aging_interval_s=self.aging_interval_s, urgent_max_priority=self.urgent_max_priority)
 
 
 @dataclass(frozen=True)

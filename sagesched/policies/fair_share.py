@@ -28,6 +28,7 @@ places with it on the least-outstanding instance, and hybrid can use it as its L
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from sagesched.core import Decision, GatewayQueue, InstanceView, Request
 from sagesched.core.queue import ClassKey, RankedMerge
 from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable, servable_classes, use_index
 from sagesched.policies.registry import register
+from sagesched.typed_config import ConfigFieldError
 
 
 def request_cost(request: Request) -> int:
@@ -151,8 +153,9 @@ class FairShareConfig(PolicyConfig):
     def __post_init__(self) -> None:
         weights = dict(self.tenant_weights or {})
         for tenant, weight in weights.items():
-            if not isinstance(weight, (int, float)) or not weight > 0:
-                raise ValueError(f"tenant_weights[{tenant!r}] must be a number > 0, got {weight!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+                # (inf: the tenant is never charged, so it always goes first: not a weight)
+                raise ConfigFieldError(("tenant_weights", tenant), f"must be a finite number > 0, got {weight!r}")
         object.__setattr__(self, "tenant_weights", weights)
 
 

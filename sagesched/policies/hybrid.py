@@ -115,10 +115,7 @@ class HybridPolicy(EmbeddingBatching, LlmPlacement, Policy):
         c = self.config
         # One fallback, always shown the same instance set (every LLM-capable instance), so that a
         # stateful fallback (adaptive) measures the whole LLM side consistently from call to call.
-        fallback_config = dict(c.llm_fallback_config)
-        if c.llm_fallback_policy == "slo_aware":
-            fallback_config.setdefault("admission", c.admission)
-            fallback_config.setdefault("late_first_wait_s", c.late_first_wait_ms / 1000.0)
+        fallback_config = c.fallback_config()
         self.llm_fallback = make_policy(c.llm_fallback_policy, **fallback_config)
         # `slack_margin_ms`: a fallback with admission is asked as of `now + margin` (below), and
         # its admission then sheds only what is late by the clock itself. Only with admission: a

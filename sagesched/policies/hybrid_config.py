@@ -13,7 +13,8 @@ from typing import Any
 
 from sagesched.core import InstanceKind
 from sagesched.policies.base import PolicyConfig
-from sagesched.policies.registry import config_fields
+from sagesched.policies.registry import config_fields, policy_class
+from sagesched.typed_config import ConfigFieldError, from_mapping
 
 EMBEDDING_PRIORITIES = ("high", "normal", "low", "adaptive")
 LLM_FALLBACK_POLICIES = ("fifo", "priority", "slo_aware", "adaptive", "fair_share")
@@ -187,8 +188,12 @@ class HybridConfig(PolicyConfig):
                 f"min_embedding_batch_size must be between 1 and embedding_batch_size "
                 f"({self.embedding_batch_size}), got {self.min_embedding_batch_size!r}"
             )
-        if not self.embedding_holdback_ms >= 0:
-            raise ValueError(f"embedding_holdback_ms must be >= 0 ms (0 = off), got {self.embedding_holdback_ms!r}")
+        # Every time and factor is a finite number: inf is no setting (0 turns the holdbacks and guards
+        # off), and an infinite window overflowed the wake-up time (requests failed).
+        if not (self.embedding_holdback_ms >= 0 and math.isfinite(self.embedding_holdback_ms)):
+            raise ValueError(
+                f"embedding_holdback_ms must be >= 0 ms and finite (0 = off), got {self.embedding_holdback_ms!r}"
+            )
         if not (self.slack_margin_ms >= 0 and math.isfinite(self.slack_margin_ms)):
             raise ValueError(f"slack_margin_ms must be a finite number >= 0 ms (0 = off), got {self.slack_margin_ms!r}")
         if not (self.mixed_ingest_guard_ms >= 0 and math.isfinite(self.mixed_ingest_guard_ms)):
@@ -199,41 +204,61 @@ class HybridConfig(PolicyConfig):
             raise ValueError(
                 f"late_first_wait_ms must be a finite number >= 0 ms (0 = at once), got {self.late_first_wait_ms!r}"
             )
-        if not self.llm_holdback_ms >= 0:
-            raise ValueError(f"llm_holdback_ms must be >= 0 ms (0 = off), got {self.llm_holdback_ms!r}")
-        if not self.colocated_embedding_slowdown >= 1.0:
+        if not (self.llm_holdback_ms >= 0 and math.isfinite(self.llm_holdback_ms)):
+            raise ValueError(f"llm_holdback_ms must be >= 0 ms and finite (0 = off), got {self.llm_holdback_ms!r}")
+        slowdown = self.colocated_embedding_slowdown
+        if not (slowdown >= 1.0 and math.isfinite(slowdown)):
             raise ValueError(
-                f"colocated_embedding_slowdown must be >= 1 (1 = no interference), got {self.colocated_embedding_slowdown!r}"
+                f"colocated_embedding_slowdown must be >= 1 and finite (1 = no interference), got {slowdown!r}"
             )
         for name in ("max_embedding_wait_ms", "embedding_aging_ms", "embedding_target_wait_ms", "llm_target_wait_ms"):
             value = getattr(self, name)
             positive = name != "max_embedding_wait_ms"
-            if not (value > 0 if positive else value >= 0):
-                raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} ms, got {value!r}")
+            if not ((value > 0 if positive else value >= 0) and math.isfinite(value)):
+                raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} ms and finite, got {value!r}")
         if not 0.0 <= self.hybrid_instance_ratio <= 1.0:
             raise ValueError(f"hybrid_instance_ratio must be within [0, 1], got {self.hybrid_instance_ratio!r}")
         priority = str(self.embedding_priority).strip().lower()
         if priority not in EMBEDDING_PRIORITIES:
-            raise ValueError(
-                f"unknown embedding_priority {self.embedding_priority!r}; use one of {', '.join(EMBEDDING_PRIORITIES)}"
+            raise ConfigFieldError(
+                ("embedding_priority",),
+                f"unknown embedding_priority {self.embedding_priority!r}; use one of {', '.join(EMBEDDING_PRIORITIES)}",
             )
         object.__setattr__(self, "embedding_priority", priority)
         fallback = str(self.llm_fallback_policy).strip().lower()
         if fallback not in LLM_FALLBACK_POLICIES:
-            raise ValueError(
+            raise ConfigFieldError(
+                ("llm_fallback_policy",),
                 f"unknown llm_fallback_policy {self.llm_fallback_policy!r}; "
-                f"use one of {', '.join(LLM_FALLBACK_POLICIES)}"
+                f"use one of {', '.join(LLM_FALLBACK_POLICIES)}",
             )
         object.__setattr__(self, "llm_fallback_policy", fallback)
         sub_config = dict(self.llm_fallback_config or {})
         valid = set(config_fields(fallback))
         unknown = sorted(set(sub_config) - valid)
         if unknown:
-            raise ValueError(
+            raise ConfigFieldError(
+                ("llm_fallback_config", unknown[0]),
                 f"unknown llm_fallback_config key(s) {', '.join(map(repr, unknown))} for fallback {fallback!r}; "
-                f"valid keys: {', '.join(sorted(valid)) or '(none)'}"
+                f"valid keys: {', '.join(sorted(valid)) or '(none)'}",
             )
         object.__setattr__(self, "llm_fallback_config", sub_config)
+        # The fallback's values and types, judged here so that an error names `llm_fallback_config.<key>`
+        # (the policy builds it with the same keys: `fallback_config`).
+        try:
+            from_mapping(policy_class(fallback).Config, self.fallback_config(), "llm_fallback_config")
+        except ConfigFieldError as exc:
+            raise ConfigFieldError(
+                ("llm_fallback_config", *exc.path), f"(fallback {fallback!r}) {exc.message}"
+            ) from None
+
+    def fallback_config(self) -> dict[str, Any]:
+        """The fallback's config: `llm_fallback_config` plus, for slo_aware, hybrid's admission defaults."""
+        config = dict(self.llm_fallback_config)
+        if self.llm_fallback_policy == "slo_aware":
+            config.setdefault("admission", self.admission)
+            config.setdefault("late_first_wait_s", self.late_first_wait_ms / 1000.0)
+        return config
 
     # -- derived -----------------------------------------------------------------------------------
     @property

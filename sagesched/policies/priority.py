@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sagesched.core import Decision, InstanceView, Priority, Request
 from sagesched.core.queue import ClassKey, RankedMerge
 from sagesched.policies.base import LoadLedger, Policy, PolicyConfig, reject_unservable, servable_classes, use_index
 from sagesched.policies.registry import register
+from sagesched.typed_config import parse_with
 
 # Slack for float rounding in wait / interval, so that a request whose wait is exactly k intervals
 # (in real numbers) is promoted k classes even when the subtraction lands a hair below.
@@ -50,6 +52,13 @@ def effective_priority(request: Request, now: float, aging_interval_s: float) ->
     waited = max(0.0, now - request.arrival_s)
     promoted = math.floor(waited / aging_interval_s + _AGING_EPSILON)
     return max(0, int(request.priority) - promoted)
+
+
+def priority_number(value: Any) -> int:
+    """A config's priority class: 0-4 or a name ("high"), as the docs promise (a bool or 1.5 is neither)."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"must be 0-4 or a priority name (critical, high, normal, low, background), got {value!r}")
+    return int(Priority.parse(value))
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,7 @@ class PriorityConfig(PolicyConfig):
     """
 
     aging_interval_s: float = 10.0
-    urgent_max_priority: int = int(Priority.HIGH)
+    urgent_max_priority: int = field(default=int(Priority.HIGH), metadata=parse_with(priority_number))
 
     def __post_init__(self) -> None:
         if not self.aging_interval_s > 0:

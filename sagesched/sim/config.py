@@ -10,6 +10,7 @@ which override to fix, not a silently ignored setting.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,8 +147,11 @@ class SharedGpuConfig:
                 ("embedding_backend",), f"{self.embedding_backend!r}: use 'tei' or 'vllm' (a vLLM pooling engine)"
             )
         for name in ("llm_weight", "embedding_weight"):
-            if not getattr(self, name) > 0:
-                raise ConfigFieldError((name,), f"must be > 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):  # inf: 0 of the GPU for the other engine (inf / inf)
+                raise ConfigFieldError(
+                    (name,), f"must be a finite number > 0 (a relative share of the GPU), got {value}"
+                )
         if not 0.0 <= self.overlap <= 1.0:
             raise ConfigFieldError(("overlap",), f"must be in [0, 1], got {self.overlap}")
         for name in ("pooling_max_num_batched_tokens", "pooling_max_num_seqs"):
@@ -264,6 +268,11 @@ class InstanceConfig:
                 ("embedding_model",),
                 f"instance {self.id}: kind {self.kind.value} needs `embedding_model` (e.g. 'bge-base'), the "
                 "encoder its embedding engine serves (TEI, or vLLM's pooling engine with embedding_backend: vllm)",
+            )
+        if self.tensor_parallel < 1:
+            raise ConfigFieldError(
+                ("tensor_parallel",),
+                f"instance {self.id}: must be >= 1 (GPUs per vLLM engine), got {self.tensor_parallel}",
             )
         if self.max_inflight < 1:
             raise ConfigFieldError(("max_inflight",), f"instance {self.id}: must be >= 1, got {self.max_inflight}")
