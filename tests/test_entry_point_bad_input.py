@@ -280,3 +280,24 @@ def test_inference_logs_line_count_is_checked(tmp_path, monkeypatch, capsys):
         main(["logs", "-n", "-2"])  # used to print all but the first two lines
     assert info.value.code == 2
     assert "expected a whole number >= 0, got '-2'" in capsys.readouterr().err
+
+
+# -- sagesched emulate: arguments checked before anything starts --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "70000"], "--port: 70000 is not a port number (1-65535)"),  # uvicorn served on 4464
+        (["--port", "-1"], "--port: -1 is not a port number"),
+        (["--port", "8123", "--time-scale", "nan"], "--time-scale: 'nan': give a finite number >= 0"),
+        (["--port", "8123", "--log-level", "loud"], "--log-level: invalid choice: 'loud'"),
+    ],
+)
+def test_emulator_arguments_are_checked(capsys, args, message):
+    from sagesched.live.emulators.cli import main as emulate
+
+    with pytest.raises(SystemExit) as exit_info:
+        emulate(["vllm", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -8,11 +8,36 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from typing import Any
 
 import uvicorn
 
 logger = logging.getLogger(__name__)
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def _port(text: str) -> int:
+    """A TCP port 1-65535 (uvicorn would wrap 70000 round to another port, and take -1 as a name)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
+
+
+def _time_scale(text: str) -> float:
+    """Wall seconds per engine second: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number >= 0 (0 = zero latency)")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,12 +51,14 @@ def _parser() -> argparse.ArgumentParser:
             "--model", default=model, help="performance-model key (see sagesched.sim.perf_model.available_models())"
         )
         p.add_argument("--hardware", default="a100", help="a100 or h100")
-        p.add_argument("--port", type=int, required=True)
+        p.add_argument("--port", type=_port, required=True)
         p.add_argument("--host", default="127.0.0.1", help="loopback only: 127.0.0.1, localhost or ::1")
         p.add_argument("--served-model-name", default=None, help="the name clients send (default: --model)")
-        p.add_argument("--time-scale", type=float, default=1.0, help="wall seconds per engine second; 0 = zero latency")
+        p.add_argument(
+            "--time-scale", type=_time_scale, default=1.0, help="wall seconds per engine second; 0 = zero latency"
+        )
         p.add_argument("--embedding-dim", type=int, default=None, help="vector length (default: the model's)")
-        p.add_argument("--log-level", default="warning")
+        p.add_argument("--log-level", default="warning", type=str.lower, choices=LOG_LEVELS)
 
     vllm = sub.add_parser("vllm", help="an OpenAI-compatible vLLM (v1 engine) emulator")
     common(vllm, "llama-2-7b")
@@ -75,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.host not in {"127.0.0.1", "localhost", "::1"}:
         raise SystemExit(f"--host {args.host!r} is not a loopback address; emulators listen on 127.0.0.1 only")
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.log_level == "trace" else args.log_level.upper()  # trace: uvicorn's, below debug
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     from sagesched.live.emulators.runner import build_app
 
     try:
