@@ -10,6 +10,7 @@ import socket
 import pytest
 from hydra import compose, initialize_config_dir
 
+from sagesched.core import InstanceKind
 from sagesched.experiment import conf_dir, run
 from sagesched.live.gateway_config import GatewayConfigError, parse_gateway_config
 from sagesched.policies import make_policy
@@ -86,6 +87,16 @@ def test_a_binary_calibration_file_is_named(tmp_path):
     with pytest.raises(ValueError) as info:
         default_perf_provider(InstanceConfig(id="a", calibration=str(path)))
     assert str(info.value).startswith(f"cluster instance 'a', calibration '{path}': 'utf-8' codec")
+
+
+def test_calibration_none_runs_a_cluster_with_embedding_engines(tmp_path):
+    # Documented as "skip the default calibration"; the embedding engines read it as a file named none.
+    summary = run(_compose("workload=poisson", "model.calibration=none"), tmp_path)
+    assert summary["completed"] == summary["requests"] > 0
+    llm, emb = default_perf_provider(
+        InstanceConfig(id="m", kind=InstanceKind.LLM_EMBEDDING, embedding_model="bge-base", calibration="none")
+    )
+    assert llm is not None and emb is not None and emb.calibration.scale == 1.0
 
 
 def test_an_unknown_hardware_through_the_experiment_names_the_override(tmp_path):

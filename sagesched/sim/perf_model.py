@@ -521,7 +521,7 @@ class EmbeddingPerfModel:
         """The model for encoder `model` on one `hardware` GPU; ValueError listing valid names / calibration keys."""
         m, hw = _load_pair(model, hardware, "embedding")
         cal = EmbeddingCalibration()
-        if calibration is not None:
+        if calibration is not None and str(calibration) != "none":  # "none": no calibration, as for LLMs
             data = read_calibration_file(calibration)
             cal = parse_calibration(
                 data, EmbeddingCalibration, str(calibration), {"model": model, "hardware": hardware}
