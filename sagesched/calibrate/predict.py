@@ -73,7 +73,9 @@ def add_frontend(fe, arrival, ttft, e2e, prompt, done) -> tuple[np.ndarray, np.n
     first = arrival + ttft
     finish = np.where(done, arrival + e2e, np.inf)
     d_first, d_finish = frontend_delays(fe, arrival, first, finish, prompt)
-    return ttft + d_first, e2e + d_finish
+    ttft_out = ttft + d_first
+    # A stream's last chunk never reaches the client before its first (`sim.frontend.apply_frontend`).
+    return ttft_out, np.maximum(e2e + d_finish, ttft_out)
 
 
 def predict_run(

@@ -80,8 +80,13 @@ class EmbeddingBatching:
         free = call.ledger.free_slots(view.id)
         if view.kind is not _MIXED or not call.other_waits(kind, view):
             return free
+        share = self.config.share(kind, view.max_inflight)
+        if share == 0 and self.config.share(EMBEDDING if kind == LLM else LLM, view.max_inflight) == 0:
+            # Too few slots to split (max_inflight 1 with a ratio inside (0, 1)): both shares round down
+            # to 0, and holding each type back for the other would leave the slot unused for ever.
+            return free
         used = call.ledger.llm_inflight(view.id) if kind == LLM else call.ledger.embedding_inflight(view.id)
-        return max(0, min(free, self.config.share(kind, view.max_inflight) - used))
+        return max(0, min(free, share - used))
 
     # -- batches ------------------------------------------------------------------------------------
     def _embedding_targets(self, call: _Call, head: Request, ignore_inputs: bool = False) -> list[InstanceView]:

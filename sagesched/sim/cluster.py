@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 # building four views; its idle index and lazy views pay off on large pools only.
 EAGER_VIEWS_MAX = 16
 
+# Wake-ups honoured in a row while a policy places nothing and nothing else is to come (no arrival
+# left, no engine busy): enough for any batching window to close, finite for a policy that never acts.
+IDLE_WAKEUPS_MAX = 1000
+
 
 def split_tokens(total: int, n: int) -> tuple[int, ...]:
     """Spread `total` tokens over `n` inputs as evenly as integers allow."""
@@ -125,6 +129,7 @@ class Simulator(EngineSegments, TimelineSampler):
         self._call_seq = 0
         self.ended = 0
         self.wakeups: set[float] = set()
+        self._idle_wakeups = 0  # policy calls in a row that placed nothing with nothing else to come
         self.arrivals_left = len(self.requests)
         self._arrival_index = 0  # the next request to arrive (`_arrive`)
         self.policy_calls = 0
@@ -250,8 +255,16 @@ class Simulator(EngineSegments, TimelineSampler):
             self._schedule()
             return
         wake = self.policy.next_wakeup(now)
-        if wake is not None and not acted and self.arrivals_left == 0 and not self._any_active():
-            wake = None  # a wake-up that changes nothing, with nothing else to come, would loop forever
+        if acted:
+            self._idle_wakeups = 0
+        elif wake is not None and self.arrivals_left == 0 and not self._any_active():
+            # Nothing else will call the policy again: only its own wake-up can release what it holds
+            # (hybrid's embedding batching window closing), as it does live. A policy that keeps asking
+            # while placing nothing would loop forever: give up after IDLE_WAKEUPS_MAX such calls in a
+            # row (what it still holds then fails, "never placed").
+            self._idle_wakeups += 1
+            if self._idle_wakeups > IDLE_WAKEUPS_MAX:
+                wake = None
         if wake is not None and wake > now and wake not in self.wakeups:
             self.wakeups.add(wake)
             ev = env.timeout(wake - now)

@@ -69,6 +69,10 @@ def apply_frontend(records: Iterable[Any], perf_by_instance: Mapping[str, Any]) 
         for r, a, b in zip(recs, d_first, d_finish, strict=True):
             r.first_token_s += float(a)
             if r.finish_s is not None:
-                r.finish_s += float(b)
+                # One stream delivers its chunks in order: the last never reaches the client before the
+                # first. (Fewer requests may be in flight at the finish than at the first token, e.g. when
+                # a batch finishes together, so the finish's delay alone could put it first.)
+                finish = r.finish_s + float(b)
+                r.finish_s = finish if finish >= r.first_token_s else r.first_token_s
             done += 1
     return done

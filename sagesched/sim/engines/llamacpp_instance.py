@@ -347,8 +347,8 @@ class LlamaCppInstanceCore:
         return self.seqs[request_id]
 
     def add(self, req: EngineRequest) -> None:
-        """A request reaches the server. EngineRejected 400 (a prompt or input longer than a slot's
-        context) or 503 (`reject_when_busy` and every slot busy or claimed by a request ahead)."""
+        """A request reaches the server. EngineRejected 400 (an empty prompt, a prompt or input longer than
+        a slot's context) or 503 (`reject_when_busy` and every slot busy or claimed by a request ahead)."""
         if req.id in self.seqs:
             raise ValueError(f"request {req.id} already in the engine")
         core = self.core
@@ -362,6 +362,11 @@ class LlamaCppInstanceCore:
         else:
             parts = [req]
         for part in parts:
+            if part.prompt_tokens < 1:
+                # As the core's own check, but here, before the request is registered: a request held in
+                # `pending` reaches the core only when the segment in flight ends, outside the driver's
+                # handling of backend refusals.
+                raise EngineRejected(400, f"request {req.id}: empty prompt")
             if part.prompt_tokens >= core.slot_ctx:
                 raise EngineRejected(
                     400,
