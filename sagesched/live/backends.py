@@ -348,7 +348,7 @@ class SSEStream:
 # -- the adapter --------------------------------------------------------------------------------------
 
 
-def _vector(value: Any, backend_id: str) -> list[float]:
+def _vector(value: Any, source: str) -> list[float]:
     """One embedding as finite floats; anything else is the backend's fault (502), never a 500.
 
     Checked with numpy rather than per element in Python: a 1,024-float vector costs ~20 us this way.
@@ -358,15 +358,29 @@ def _vector(value: Any, backend_id: str) -> list[float]:
     try:
         vec = decode_base64(value) if isinstance(value, str) else value
     except ValueError as exc:
-        raise UpstreamError(f"backend {backend_id} sent an embedding that is not valid base64: {exc}") from None
+        raise UpstreamError(f"{source} sent an embedding that is not valid base64: {exc}") from None
     if not isinstance(vec, list) or not vec:
-        raise UpstreamError(f"backend {backend_id} sent an embedding that is not a non-empty list of numbers")
+        raise UpstreamError(f"{source} sent an embedding that is not a non-empty list of numbers")
     arr = np.asarray(vec) if not any(isinstance(x, (list, dict)) for x in vec[:1]) else np.asarray([], dtype=object)
     if arr.ndim != 1 or arr.dtype.kind not in "iuf" or len(arr) != len(vec):
-        raise UpstreamError(f"backend {backend_id} sent an embedding holding something other than numbers")
+        raise UpstreamError(f"{source} sent an embedding holding something other than numbers")
     if not np.isfinite(arr).all():
-        raise UpstreamError(f"backend {backend_id} sent a non-finite value (NaN or infinity) in an embedding")
+        raise UpstreamError(f"{source} sent a non-finite value (NaN or infinity) in an embedding")
     return arr.astype(float).tolist()
+
+
+def openai_vectors(data: Any, count: int, source: str) -> list[list[float]]:
+    """The `count` vectors of an OpenAI ``/v1/embeddings`` answer in input order (the executor's
+    backend calls and the client's simple mode); anything else is an `UpstreamError` naming `source`."""
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list) or len(items) != count:
+        got = len(items) if isinstance(items, list) else type(data).__name__
+        raise UpstreamError(f"{source}: /v1/embeddings returned {got} vectors for {count} inputs")
+    try:
+        ordered = sorted(items, key=lambda item: item.get("index", 0))
+        return [_vector(item.get("embedding"), source) for item in ordered]
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise UpstreamError(f"{source}: /v1/embeddings answered malformed data: {exc}") from None
 
 
 def encode_base64(vector: Sequence[float]) -> str:
@@ -521,18 +535,10 @@ class BackendClient:
                 raise UpstreamError(
                     f"backend {self.id}: /embed returned {type(data).__name__}, not {len(inputs)} vectors"
                 )
-            return [_vector(vec, self.id) for vec in data], None
+            return [_vector(vec, f"backend {self.id}") for vec in data], None
         body = {**extra, "model": model, "input": list(inputs), "encoding_format": "float"}
         data = await self.post_json("/v1/embeddings", body)
-        items = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(items, list) or len(items) != len(inputs):
-            got = len(items) if isinstance(items, list) else type(data).__name__
-            raise UpstreamError(f"backend {self.id}: /v1/embeddings returned {got} vectors for {len(inputs)} inputs")
-        try:
-            ordered = sorted(items, key=lambda item: item.get("index", 0))
-            vectors = [_vector(item.get("embedding"), self.id) for item in ordered]
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise UpstreamError(f"backend {self.id}: /v1/embeddings answered malformed data: {exc}") from None
+        vectors = openai_vectors(data, len(inputs), f"backend {self.id}")
         usage = data.get("usage") or {}
         tokens = usage.get("prompt_tokens")
         return vectors, int(tokens) if isinstance(tokens, (int, float)) else None
@@ -587,5 +593,6 @@ __all__ = [
     "decode_base64",
     "encode_base64",
     "metrics_from_text",
+    "openai_vectors",
     "parse_prometheus_text",
 ]

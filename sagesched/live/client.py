@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from sagesched.live.backends import SSEStream, decode_base64
+from sagesched.live.backends import SSEStream, openai_vectors
 from sagesched.live.client_inputs import as_messages, as_prompt, as_texts
 from sagesched.live.discovery import (
     DEFAULT_PROBE_PORTS,
@@ -389,20 +389,16 @@ class UnifiedInferenceClient:
             raise UpstreamError(
                 f"cannot reach {endpoint.url}: {type(exc).__name__}: {exc}", code="connection_error"
             ) from exc
-        if response.status_code >= 400:
-            try:
-                payload: Any = response.json()
-            except ValueError:
-                payload = response.text
-            raise error_from_response(response.status_code, payload)
         try:
-            data = response.json()
+            data: Any = response.json()
         except ValueError:  # not JSON, or not UTF-8
-            raise UpstreamError(
-                f"{endpoint.url} answered HTTP {response.status_code} with a body that is not JSON: {response.text[:200]!r}"
-            ) from None
+            data = response.text
+        if response.status_code >= 400:
+            raise error_from_response(response.status_code, data)
         if not isinstance(data, dict):
-            raise UpstreamError(f"{endpoint.url} answered with a JSON {type(data).__name__}, not an object")
+            raise UpstreamError(
+                f"{endpoint.url} answered HTTP {response.status_code} with {str(data)[:200]!r}, not a JSON object"
+            )
         return data
 
     async def _stream(
@@ -469,13 +465,7 @@ class UnifiedInferenceClient:
         model = await self._resolve_model("embedding", kw.pop("model", None))
         body, headers = self._sampling({"model": model, "input": texts}, kw)
         data = await self._call("embeddings", body, headers)
-        try:
-            items = sorted(data.get("data") or [], key=lambda item: item.get("index", 0))
-            if len(items) != len(texts):
-                raise UpstreamError(f"expected {len(texts)} embeddings, got {len(items)}")
-            return [decode_base64(i["embedding"]) if isinstance(i["embedding"], str) else i["embedding"] for i in items]
-        except (KeyError, TypeError, AttributeError, ValueError):
-            raise UpstreamError(f"unexpected embeddings response shape: {str(data)[:200]}") from None
+        return openai_vectors(data, len(texts), "the embedding server")
 
     async def _astream_text(self, endpoint_name: str, payload: Any, kw: dict[str, Any]) -> AsyncIterator[str]:
         model = await self._resolve_model("llm", kw.pop("model", None))

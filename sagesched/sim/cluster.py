@@ -258,10 +258,8 @@ class Simulator(EngineSegments, TimelineSampler):
         if acted:
             self._idle_wakeups = 0
         elif wake is not None and self.arrivals_left == 0 and not self._any_active():
-            # Nothing else will call the policy again: only its own wake-up can release what it holds
-            # (hybrid's embedding batching window closing), as it does live. A policy that keeps asking
-            # while placing nothing would loop forever: give up after IDLE_WAKEUPS_MAX such calls in a
-            # row (what it still holds then fails, "never placed").
+            # Only the policy's own wake-up can release what it holds now (a batching window closing),
+            # as live; one that asks for ever while placing nothing is given up (its requests fail).
             self._idle_wakeups += 1
             if self._idle_wakeups > IDLE_WAKEUPS_MAX:
                 wake = None
