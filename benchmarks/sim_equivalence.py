@@ -4,7 +4,7 @@ Runs a fixed grid of (policy, scenario, load) cells through the experiment's own
 stores one compact fingerprint per cell (per request: outcome, instance, dispatch/first-token/finish
 times, preemptions), then compares two such runs request by request.
 
-    python benchmarks/sim_equivalence.py record OUT_DIR [--cells quick|full] [--mode jump|step]
+    python benchmarks/sim_equivalence.py record OUT_DIR [--cells quick] [--mode jump|step]
     python benchmarks/sim_equivalence.py compare BEFORE_DIR AFTER_DIR
 
 `record` with an older checkout on PYTHONPATH gives the "before" side; `record --plain` runs the

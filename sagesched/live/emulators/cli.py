@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--model", default=model, help="performance-model key (see sagesched.sim.perf_model.available_models())"
         )
-        p.add_argument("--hardware", default="a100", help="a100 or h100")
+        p.add_argument("--hardware", default="a100", help="a hardware profile: a100, h100 or h200")
         p.add_argument("--port", type=_port, required=True)
         p.add_argument("--host", default="127.0.0.1", help="loopback only: 127.0.0.1, localhost or ::1")
         p.add_argument("--served-model-name", default=None, help="the name clients send (default: --model)")
