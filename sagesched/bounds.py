@@ -145,13 +145,18 @@ def isolated_latencies(requests: Sequence[Request], cluster: ClusterConfig) -> n
             seen_blocks.update(request.prefix_hashes)
         if not candidates:
             continue
-        # Each bound is its own minimum: the fastest first token and the fastest finish may come
-        # from different instances (different hardware or chunk budgets).
+        # Each bound is its own minimum: the fastest first token, the fastest decode and the fastest
+        # finish may come from different instances (different hardware or chunk budgets). TPOT is
+        # each instance's own decode time, minimised: the fastest finish less the fastest first token
+        # (from another instance) overstates it.
         latencies = [isolated_latency_s(request, inst, cached) for inst in candidates]
         best_ttft = min(t for t, _ in latencies)
         best_e2e = min(e for _, e in latencies)
         outputs = request.output_tokens if request.output_tokens is not None else request.max_tokens
-        tpot = (best_e2e - best_ttft) / (outputs - 1) if not request.is_embedding and outputs >= 2 else np.nan
+        if not request.is_embedding and outputs >= 2:
+            tpot = min(e - t for t, e in latencies) / (outputs - 1)
+        else:
+            tpot = np.nan
         out[i] = (best_ttft * 1000.0, tpot * 1000.0, best_e2e * 1000.0)
     return out
 
@@ -163,8 +168,9 @@ def bound_summary(requests: Sequence[Request], cluster: ClusterConfig) -> dict[s
     `sagesched.metrics.summarize` measures it). No policy can end the run before every request's
     isolated finish, so the span is at least `span_lower_s` = max(arrival + isolated e2e) - first
     arrival, and goodput at most (requests meeting their SLOs alone) / `span_lower_s`: the same
-    number for every policy on a workload. (This assumes every request is served; a policy that
-    rejects the last requests can shorten the span.)
+    number for every policy on a workload. Requests no instance admits are rejected by every policy
+    and leave no finish behind, so only servable requests' finishes count. (This assumes every
+    servable request is served; a policy that rejects the last requests can shorten the span.)
     """
     lat = isolated_latencies(requests, cluster)
     met = np.zeros(len(requests), dtype=bool)
@@ -186,8 +192,9 @@ def bound_summary(requests: Sequence[Request], cluster: ClusterConfig) -> dict[s
 
     span_lower_s = None
     if requests and not np.isnan(lat[:, 2]).all():
-        finishes = np.array([r.arrival_s for r in requests]) + np.nan_to_num(lat[:, 2], nan=0.0) / 1000.0
-        span_lower_s = max(float(finishes.max()) - requests[0].arrival_s, 1e-9)
+        arrivals = np.array([r.arrival_s for r in requests])
+        finishes = arrivals + lat[:, 2] / 1000.0
+        span_lower_s = max(float(np.nanmax(finishes)) - float(arrivals.min()), 1e-9)
     return {
         "kind": "isolated-service lower bound (each request alone on its fastest compatible instance)",
         "ttft_p50_ms_lower": pct(lat[llm, 0], 50),
