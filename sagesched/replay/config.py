@@ -7,9 +7,11 @@ one external URL with no policy of ours in between. Every field is documented in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from sagesched.typed_config import ConfigFieldError, Path, from_mapping, parse_with, plain
 
@@ -24,6 +26,22 @@ def _executor_knobs(value: Any) -> dict[str, Any]:
     knobs = dict(plain(value) or {})
     from_mapping(ExecutorConfig, knobs, "executor")
     return knobs
+
+
+def _check_url(url: str) -> None:
+    """`driver.endpoint.url` must be http(s)://HOST[:PORT][/v1], checked before the workload is built."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        raise ConfigFieldError(
+            ("endpoint", "url"), f"{url!r}: {exc}; e.g. driver.endpoint.url=http://127.0.0.1:9000"
+        ) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigFieldError(
+            ("endpoint", "url"),
+            f"{url!r} must look like http://HOST:PORT, e.g. driver.endpoint.url=http://127.0.0.1:9000",
+        )
 
 
 @dataclass(frozen=True)
@@ -95,12 +113,14 @@ class DriverConfig:
                 ("endpoint", "url"),
                 "driver.mode=endpoint needs driver.endpoint.url=http://HOST:PORT (the server to measure)",
             )
+        if self.endpoint.url:
+            _check_url(self.endpoint.url)
         for name in ("request_timeout_s", "drain_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigFieldError((name,), f"must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigFieldError((name,), f"must be a finite number > 0, got {getattr(self, name)}")
         for name in ("start_delay_s", "timeline_interval_s"):
-            if getattr(self, name) < 0:
-                raise ConfigFieldError((name,), f"must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigFieldError((name,), f"must be a finite number >= 0, got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, root: Path = ("driver",)) -> DriverConfig:

@@ -83,6 +83,7 @@ class EndpointClient:
         self.pool = ConnectionPool(
             self.url, max_connections=max_connections, connect_timeout_s=10.0, read_timeout_s=timeout_s, headers=headers
         )
+        self.timeout_s = timeout_s
         self._t0 = time.monotonic()
 
     def now(self) -> float:
@@ -94,7 +95,28 @@ class EndpointClient:
     async def send(
         self, request: Request, body: dict[str, Any], endpoint: str, record: RequestRecord
     ) -> dict[str, Any]:
-        """Send one request, fill `record` (dispatch, first token, finish, outcome); return its usage."""
+        """Send one request, fill `record` (dispatch, first token, finish, outcome); return its usage.
+
+        Unfinished `timeout_s` after its arrival (`request.arrival_s` on `now`), it fails with
+        `upstream_timeout`, as the executor's requests do: a server that trickles bytes forever
+        never trips the per-read timeout alone.
+        """
+        timeout = asyncio.timeout(max(0.0, request.arrival_s + self.timeout_s - self.now()))
+        try:
+            async with timeout:
+                return await self._send(request, body, endpoint, record)
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            record.outcome = Outcome.FAILED.value
+            record.reason = (
+                f"upstream_timeout: did not finish within {self.timeout_s:g}s of its arrival (driver.request_timeout_s)"
+            )
+            return {}
+
+    async def _send(
+        self, request: Request, body: dict[str, Any], endpoint: str, record: RequestRecord
+    ) -> dict[str, Any]:
         from sagesched.live.backends import SSEStream
         from sagesched.live.errors import LiveError
         from sagesched.live.transport import TransportError

@@ -50,6 +50,9 @@ LIVE_COLUMNS = (
 )
 """Columns of `live.parquet`: what only a live run measures, one row per request."""
 
+_CANCELLED_REASONS = ("cancelled", "interrupted: the replay stopped")
+"""Reasons of requests whose task was cancelled (by the executor, by the endpoint client)."""
+
 
 @dataclass
 class LiveResult:
@@ -165,6 +168,7 @@ class _Replay:
         self.timeline_rows: list[tuple] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.interrupted = False
+        self.drain_expired = False  # in-flight requests were cancelled at the end of driver.drain_timeout_s
         self.progress = _Progress(len(self.requests), config.progress if progress is None else progress)
         self.offset = self.requests[0].arrival_s
 
@@ -204,6 +208,7 @@ class _Replay:
                 last = schedule.intended_s[-1]
                 drain = max(0.0, last - clock()) + self.config.drain_timeout_s
                 _, pending = await asyncio.wait(self.tasks, timeout=drain)
+                self.drain_expired = bool(pending)
                 for task in pending:
                     task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -319,6 +324,11 @@ class _Replay:
                     else "lost: sent but no outcome was recorded (a driver bug; please report)"
                 )
                 records.append(record)
+        if self.drain_expired and not self.interrupted:
+            drained = f"drain_timeout: unfinished {self.config.drain_timeout_s:g}s after the last send (driver.drain_timeout_s)"
+            for record in records:
+                if record.outcome == Outcome.FAILED.value and record.reason.startswith(_CANCELLED_REASONS):
+                    record.reason = drained
         frame = records_frame(records)
         for column in ("arrival_s", "dispatch_s", "first_token_s", "finish_s"):
             frame[column] = frame[column] - self.shift
