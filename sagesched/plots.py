@@ -39,7 +39,8 @@ def plot_run(records: pd.DataFrame, timeline: pd.DataFrame | None, out_dir: str 
         ax.set_ylabel("CDF")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:  # no completed request, no curve: an empty legend only warns
+            ax.legend(fontsize=8)
     fig.tight_layout()
     written.append(out / "latency_cdf.png")
     fig.savefig(written[-1], dpi=100)
