@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from urllib.parse import urlsplit
 
 from sagesched.calibrate import llamacpp_probe as lp
 from sagesched.calibrate.llamacpp_client import ServerAnswerError
@@ -26,11 +25,10 @@ def _usage_error(message: str) -> int:
 
 
 def cmd_llamacpp(args: argparse.Namespace) -> int:
-    parts = urlsplit(args.url)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        return _usage_error(
-            f"{args.url!r} is not an http(s) URL; pass the server's base URL, e.g. http://127.0.0.1:8001"
-        )
+    from sagesched.live.backends import base_url_problem
+
+    if problem := base_url_problem(args.url):
+        return _usage_error(f"{problem}; pass the server's base URL, e.g. http://127.0.0.1:8001")
     if args.repeats < 1:
         return _usage_error(f"--repeats: must be >= 1, got {args.repeats}")
     settings = ServerSettings(

@@ -111,8 +111,8 @@ class BackendConfig:
         if url.endswith("/v1"):
             url = url[: -len("/v1")]
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"backend url {self.url!r} must look like http://127.0.0.1:8001")
+        if problem := base_url_problem(url):
+            raise ValueError(f"backend url: {problem}; it must look like http://127.0.0.1:8001")
         object.__setattr__(self, "url", url)
         object.__setattr__(self, "kind", InstanceKind.parse(self.kind))
         models = (self.models,) if isinstance(self.models, str) else tuple(str(m) for m in self.models)
@@ -390,6 +390,24 @@ def encode_base64(vector: Sequence[float]) -> str:
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
 
 
+def base_url_problem(url: str) -> str | None:
+    """Why `url` is not a server's base URL (``http(s)://HOST[:PORT][/v1]``, port 1-65535, no query or
+    fragment), or None. The gateway config, the replay's endpoint and `calibrate llamacpp` check with it,
+    each adding its own example of the fix."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{url!r} is not an http(s) URL"
+    try:
+        port = parts.port
+    except ValueError:  # ':99999', ':abc'
+        port = 0
+    if port == 0 or any(c.isspace() for c in parts.hostname):
+        return f"{url!r} has no valid host:port (port 1-65535)"
+    if parts.query or parts.fragment:
+        return f"{url!r}: a server's base URL, without ?query or #fragment"
+    return None
+
+
 def decode_base64(data: str) -> list[float]:
     import numpy as np
 
@@ -590,6 +608,7 @@ __all__ = [
     "BackendConfig",
     "BackendMetrics",
     "SSEStream",
+    "base_url_problem",
     "decode_base64",
     "encode_base64",
     "metrics_from_text",

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import yaml
 
@@ -102,20 +101,11 @@ def _model_list(value: Any) -> Any:
 
 
 def _url(value: Any) -> Any:
-    if not isinstance(value, str) or urlsplit(value).scheme not in {"http", "https"} or not urlsplit(value).hostname:
-        raise ValueError(f"{value!r} is not an http(s) URL; write e.g. http://127.0.0.1:8001")
-    parts = urlsplit(value.strip())
-    try:
-        port = parts.port
-    except ValueError:  # ':99999', ':abc'
-        port = 0
-    if port == 0 or any(c.isspace() for c in str(parts.hostname)):
-        raise ValueError(f"{value!r} has no valid host:port (port 1-65535); write e.g. http://127.0.0.1:8001")
-    if parts.query or parts.fragment:
-        raise ValueError(
-            f"{value!r}: a backend url is the server's base URL, without ?query or #fragment; write e.g. "
-            "http://127.0.0.1:8001"
-        )
+    from sagesched.live.backends import base_url_problem
+
+    problem = base_url_problem(value) if isinstance(value, str) else f"{value!r} is not an http(s) URL"
+    if problem:
+        raise ValueError(f"{problem}; write e.g. http://127.0.0.1:8001")
     return value.rstrip("/")
 
 

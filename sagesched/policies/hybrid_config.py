@@ -18,6 +18,19 @@ from sagesched.typed_config import ConfigFieldError, from_mapping
 
 EMBEDDING_PRIORITIES = ("high", "normal", "low", "adaptive")
 LLM_FALLBACK_POLICIES = ("fifo", "priority", "slo_aware", "adaptive", "fair_share")
+# (knob, lower bound, strictly above it, what the error says it must be) for `HybridConfig`'s checks.
+_BOUNDED_KNOBS: tuple[tuple[str, float, bool, str], ...] = (
+    ("embedding_holdback_ms", 0.0, False, ">= 0 ms and finite (0 = off)"),
+    ("slack_margin_ms", 0.0, False, "a finite number >= 0 ms (0 = off)"),
+    ("mixed_ingest_guard_ms", 0.0, False, "a finite number >= 0 ms (0 = off)"),
+    ("late_first_wait_ms", 0.0, False, "a finite number >= 0 ms (0 = at once)"),
+    ("llm_holdback_ms", 0.0, False, ">= 0 ms and finite (0 = off)"),
+    ("colocated_embedding_slowdown", 1.0, False, ">= 1 and finite (1 = no interference)"),
+    ("max_embedding_wait_ms", 0.0, False, ">= 0 ms and finite"),
+    ("embedding_aging_ms", 0.0, True, "> 0 ms and finite"),
+    ("embedding_target_wait_ms", 0.0, True, "> 0 ms and finite"),
+    ("llm_target_wait_ms", 0.0, True, "> 0 ms and finite"),
+)
 
 EMBEDDING = "embedding"
 LLM = "llm"
@@ -190,32 +203,10 @@ class HybridConfig(PolicyConfig):
             )
         # Every time and factor is a finite number: inf is no setting (0 turns the holdbacks and guards
         # off), and an infinite window overflowed the wake-up time (requests failed).
-        if not (self.embedding_holdback_ms >= 0 and math.isfinite(self.embedding_holdback_ms)):
-            raise ValueError(
-                f"embedding_holdback_ms must be >= 0 ms and finite (0 = off), got {self.embedding_holdback_ms!r}"
-            )
-        if not (self.slack_margin_ms >= 0 and math.isfinite(self.slack_margin_ms)):
-            raise ValueError(f"slack_margin_ms must be a finite number >= 0 ms (0 = off), got {self.slack_margin_ms!r}")
-        if not (self.mixed_ingest_guard_ms >= 0 and math.isfinite(self.mixed_ingest_guard_ms)):
-            raise ValueError(
-                f"mixed_ingest_guard_ms must be a finite number >= 0 ms (0 = off), got {self.mixed_ingest_guard_ms!r}"
-            )
-        if not (self.late_first_wait_ms >= 0 and math.isfinite(self.late_first_wait_ms)):
-            raise ValueError(
-                f"late_first_wait_ms must be a finite number >= 0 ms (0 = at once), got {self.late_first_wait_ms!r}"
-            )
-        if not (self.llm_holdback_ms >= 0 and math.isfinite(self.llm_holdback_ms)):
-            raise ValueError(f"llm_holdback_ms must be >= 0 ms and finite (0 = off), got {self.llm_holdback_ms!r}")
-        slowdown = self.colocated_embedding_slowdown
-        if not (slowdown >= 1.0 and math.isfinite(slowdown)):
-            raise ValueError(
-                f"colocated_embedding_slowdown must be >= 1 and finite (1 = no interference), got {slowdown!r}"
-            )
-        for name in ("max_embedding_wait_ms", "embedding_aging_ms", "embedding_target_wait_ms", "llm_target_wait_ms"):
+        for name, low, strict, bound in _BOUNDED_KNOBS:
             value = getattr(self, name)
-            positive = name != "max_embedding_wait_ms"
-            if not ((value > 0 if positive else value >= 0) and math.isfinite(value)):
-                raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} ms and finite, got {value!r}")
+            if not (math.isfinite(value) and (value > low if strict else value >= low)):
+                raise ValueError(f"{name} must be {bound}, got {value!r}")
         if not 0.0 <= self.hybrid_instance_ratio <= 1.0:
             raise ValueError(f"hybrid_instance_ratio must be within [0, 1], got {self.hybrid_instance_ratio!r}")
         priority = str(self.embedding_priority).strip().lower()

@@ -11,7 +11,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from sagesched.typed_config import ConfigFieldError, Path, from_mapping, parse_with, plain
 
@@ -30,18 +29,10 @@ def _executor_knobs(value: Any) -> dict[str, Any]:
 
 def _check_url(url: str) -> None:
     """`driver.endpoint.url` must be http(s)://HOST[:PORT][/v1], checked before the workload is built."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
-    except ValueError as exc:
-        raise ConfigFieldError(
-            ("endpoint", "url"), f"{url!r}: {exc}; e.g. driver.endpoint.url=http://127.0.0.1:9000"
-        ) from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigFieldError(
-            ("endpoint", "url"),
-            f"{url!r} must look like http://HOST:PORT, e.g. driver.endpoint.url=http://127.0.0.1:9000",
-        )
+    from sagesched.live.backends import base_url_problem
+
+    if problem := base_url_problem(url):
+        raise ConfigFieldError(("endpoint", "url"), f"{problem}; e.g. driver.endpoint.url=http://127.0.0.1:9000")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from typing import Any
 
 from sagesched.core import SLO, Priority, Request, RequestType
 from sagesched.sim.workloads.errors import TraceFormatError, require_utf8_text
+from sagesched.sim.workloads.traces import INT64_MAX
 
 REQUIRED = ("arrival_s", "prompt_tokens", "output_tokens")
 OPTIONAL = (
@@ -55,9 +56,6 @@ TYPES = {
     "completion": RequestType.LLM_GENERATE,
     "embedding": RequestType.EMBEDDING,
 }
-
-
-INT64_MAX = 2**63 - 1
 
 
 def _number(path: Path, line: int, column: str, text: str, *, integer: bool, minimum: float = 0.0) -> Any:

@@ -10,8 +10,6 @@ take model, embedding_model, hardware and calibration from the `model` group: ``
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -89,7 +87,7 @@ def _checked(cfg: InstanceConfig, model_field: str, load: Callable[..., Any], *a
     """`load(*args)`, its ValueError (a TP degree, a calibration file, a model's config.json) located at
     the instance's field."""
     try:
-        perf = load(*args)
+        return load(*args)
     except ValueError as exc:  # (UnicodeDecodeError too: a binary calibration file)
         message = str(exc)
         if message.startswith("tensor_parallel"):
@@ -98,15 +96,7 @@ def _checked(cfg: InstanceConfig, model_field: str, load: Callable[..., Any], *a
             name = "calibration"
         else:
             name = model_field
-        raise _instance_error(cfg, name, message) from None
-    calibration = getattr(perf, "calibration", None)
-    if dataclasses.is_dataclass(calibration):
-        for f in dataclasses.fields(calibration):
-            value = getattr(calibration, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                # NaN gives NaN latencies, inf never-ending steps: neither is a measurement.
-                raise _instance_error(cfg, "calibration", f"{f.name} is {value}; a coefficient must be a finite number")
-    return perf
+        raise _instance_error(cfg, name, message.removeprefix(f"{cfg.calibration}: ")) from None
 
 
 def default_perf_provider(cfg: InstanceConfig) -> tuple[Any, Any]:

@@ -24,6 +24,7 @@ Unknown keys are an error naming the valid ones (a typo must not silently do not
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -105,6 +106,8 @@ def parse_calibration(data: dict[str, Any], cls: type[C], where: str, expect: di
         value = data[key]
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{where}: {key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # NaN gives NaN latencies, inf never-ending steps
+            raise ValueError(f"{where}: {key} is {value}; a coefficient must be a finite number")
         if value < 0 or (key.endswith(("scale", "efficiency")) and value == 0):
             raise ValueError(f"{where}: {key} must be positive, got {value!r}")
         if key.endswith("efficiency") and value > 1:
