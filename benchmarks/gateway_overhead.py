@@ -5,7 +5,7 @@
     python benchmarks/gateway_overhead.py _policy hybrid    # one policy call's cost, alone and via the decision core
 
 One run starts, as separate processes on 127.0.0.1: a zero-latency OpenAI backend (`--backend
-minimal`, the default: the small Starlette app at the bottom of this file, the cheapest backend
+minimal`, the default: the small Starlette app in this file, the cheapest backend
 and so the strictest comparison; or `--backend emulator`: `sagesched emulate vllm --time-scale 0`,
 which spends more CPU per request and so flatters the ratio), the gateway in front of it
 (`sagesched inference start`, policy and workers as given), and a load generator. The same
@@ -18,9 +18,9 @@ generator then drives the backend directly and through the gateway:
   few seconds of load: it must be flat after warm-up (`soak_flat`: growth under 5%), since the
   executor keeps a bounded window of records and running counters.
 
-The load generator is a raw-HTTP/1.1 asyncio client (uvloop when installed) that costs a few
-microseconds per request; its own ceiling is measured against a null server that answers from a
-canned buffer, and reported. So is the ceiling of the executor's backend client
+The load generator is a raw-HTTP/1.1 asyncio client (uvloop when installed, `http_loadgen.py`)
+that costs a few microseconds per request; its own ceiling is measured against a null server that
+answers from a canned buffer (same module), and reported. So is the ceiling of the executor's backend client
 (`sagesched.live.transport`) against the same null server, next to `httpx.AsyncClient`'s (what
 the executor used before; at 64 concurrent requests its pool made it the gateway's bottleneck).
 When `wrk` is installed it also measures the closed-loop throughput of both paths as a
@@ -29,13 +29,16 @@ cross-check (`apt-get install -y wrk`).
 Everything shares this machine's cores (2 here, with other work): numbers are for comparison
 within one run. `added_*` are the gateway's latency minus the direct latency at the same rate.
 On Linux the closed-loop rows also carry the CPU time each server process spent per request
-(`cpu_us_per_request`, from /proc), which varies much less than throughput on a busy machine.
+(`cpu_us_per_request`, from /proc: `proc_meter.py`, which also samples the soak's RSS), which
+varies much less than throughput on a busy machine.
+
+This file is the orchestration: it starts the processes, runs each measurement, and assembles and
+writes the result.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -53,12 +56,17 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # its sibling modules, also when imported from a file path (tests/conftest.py)
+    sys.path.insert(0, str(HERE))
+
+import http_loadgen  # noqa: E402
+from http_loadgen import BODY, MODEL  # noqa: E402
+from proc_meter import CpuMeter, family, rss_mib  # noqa: E402
+
+ROOT = HERE.parent
 RESULTS = ROOT / "benchmarks" / "results" / "gateway_overhead.json"
-MODEL = "llama-2-7b"
-BODY = json.dumps(
-    {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4, "temperature": 0}
-).encode()
+LOADGEN = Path(http_loadgen.__file__).resolve()
 
 
 def free_port() -> int:
@@ -67,289 +75,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
-# -- the load generator (runs in its own process) ---------------------------------------------------
-
-
-class _Conn(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection; parses Content-Length and chunked responses."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.waiter: asyncio.Future[int] | None = None
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionError("connection lost"))
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = bytes(self.buf[:end]).lower()
-        status = int(head[9:12])
-        match = re.search(rb"\r\ncontent-length: *(\d+)", head)
-        if match:
-            total = end + 4 + int(match.group(1))
-            if len(self.buf) < total:
-                return
-        elif b"transfer-encoding: chunked" in head:
-            tail = self.buf.find(b"\r\n0\r\n\r\n", end)
-            if tail < 0:
-                return
-            total = tail + 7
-        else:
-            total = end + 4
-        del self.buf[:total]
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(status)
-
-    async def request(self, payload: bytes) -> int:
-        self.waiter = asyncio.get_running_loop().create_future()
-        assert self.transport is not None
-        self.transport.write(payload)
-        return await self.waiter
-
-
-def _request_bytes(port: int) -> bytes:
-    return (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(BODY)}\r\n\r\n"
-    ).encode() + BODY
-
-
-async def _connect(port: int) -> _Conn:
-    loop = asyncio.get_running_loop()
-    _, conn = await loop.create_connection(_Conn, "127.0.0.1", port)
-    return conn
-
-
-async def closed_loop(port: int, clients: int, duration_s: float) -> dict[str, Any]:
-    payload = _request_bytes(port)
-    conns = [await _connect(port) for _ in range(clients)]
-    for c in conns:  # warm up every connection (and the server's code paths)
-        await c.request(payload)
-    latencies: list[float] = []
-    errors = 0
-    stop_at = time.perf_counter() + duration_s
-
-    async def client(conn: _Conn) -> None:
-        nonlocal errors
-        while True:
-            t0 = time.perf_counter()
-            if t0 >= stop_at:
-                return
-            status = await conn.request(payload)
-            latencies.append(time.perf_counter() - t0)
-            if status != 200:
-                errors += 1
-
-    t_start = time.perf_counter()
-    await asyncio.gather(*(client(c) for c in conns))
-    elapsed = time.perf_counter() - t_start
-    for c in conns:
-        c.transport.close()  # type: ignore[union-attr]
-    ms = [x * 1000 for x in latencies]
-    return {
-        "mode": "closed",
-        "clients": clients,
-        "requests": len(latencies),
-        "errors": errors,
-        "duration_s": round(elapsed, 3),
-        "rps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(percentile(ms, 50), 3),
-        "p99_ms": round(percentile(ms, 99), 3),
-    }
-
-
-async def open_loop(port: int, rate: float, duration_s: float) -> dict[str, Any]:
-    """Requests leave at t0 + i/rate; latency counts from that scheduled time, not from the send."""
-    payload = _request_bytes(port)
-    idle = [await _connect(port) for _ in range(32)]
-    for c in idle:
-        await c.request(payload)
-    loop = asyncio.get_running_loop()
-    count = int(rate * duration_s)
-    latencies: list[float] = []
-    service: list[float] = []
-    lateness: list[float] = []
-    errors = 0
-    opened = 0
-    pending: set[asyncio.Task[None]] = set()
-
-    async def one(scheduled: float) -> None:
-        nonlocal errors, opened
-        if idle:
-            conn = idle.pop()
-        else:
-            opened += 1
-            conn = await _connect(port)
-        sent = time.perf_counter()
-        lateness.append(sent - scheduled)
-        try:
-            status = await conn.request(payload)
-        except ConnectionError:
-            errors += 1
-            return
-        done = time.perf_counter()
-        latencies.append(done - scheduled)
-        service.append(done - sent)
-        if status != 200:
-            errors += 1
-        if not conn.closed:
-            idle.append(conn)
-
-    t0 = time.perf_counter() + 0.05
-    i = 0
-    while i < count:
-        now = time.perf_counter()
-        while i < count and t0 + i / rate <= now:
-            task = loop.create_task(one(t0 + i / rate))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            i += 1
-        if i < count:
-            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
-    if pending:
-        await asyncio.wait(pending, timeout=30)
-    for c in idle:
-        c.transport.close()  # type: ignore[union-attr]
-    ms = [x * 1000 for x in latencies]
-    svc = [x * 1000 for x in service]
-    return {
-        "mode": "open",
-        "rate": rate,
-        "requests": len(latencies),
-        "errors": errors,
-        "extra_connections": opened,
-        "p50_ms": round(percentile(ms, 50), 3),
-        "p90_ms": round(percentile(ms, 90), 3),
-        "p99_ms": round(percentile(ms, 99), 3),
-        "service_p50_ms": round(percentile(svc, 50), 3),
-        "service_p99_ms": round(percentile(svc, 99), 3),
-        "send_lateness_p99_ms": round(percentile([x * 1000 for x in lateness], 99), 3),
-    }
-
-
-async def transport_closed_loop(port: int, clients: int, duration_s: float) -> dict[str, Any]:
-    """The same closed loop through the executor's backend client (`sagesched.live.transport`)."""
-    from sagesched.live.transport import ConnectionPool
-
-    pool = ConnectionPool(
-        f"http://127.0.0.1:{port}", max_connections=clients + 4, connect_timeout_s=3.0, read_timeout_s=30.0
-    )
-    headers = {"Content-Type": "application/json"}
-    count = 0
-    t0 = time.perf_counter()
-
-    async def worker() -> None:
-        nonlocal count
-        while time.perf_counter() - t0 < duration_s:
-            response = await pool.request("POST", "/v1/chat/completions", BODY, headers=headers)
-            await response.read()
-            count += 1
-
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    elapsed = time.perf_counter() - t0
-    await pool.aclose()
-    return {"mode": "transport", "clients": clients, "requests": count, "rps": round(count / elapsed, 1)}
-
-
-async def httpx_closed_loop(port: int, clients: int, duration_s: float) -> dict[str, Any]:
-    """The same closed loop through `httpx.AsyncClient` (what the executor's backend client used before)."""
-    body = json.loads(BODY)
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits) as client:
-        count = 0
-        t0 = time.perf_counter()
-
-        async def worker() -> None:
-            nonlocal count
-            while time.perf_counter() - t0 < duration_s:
-                (await client.post("/v1/chat/completions", json=body)).read()
-                count += 1
-
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        elapsed = time.perf_counter() - t0
-    return {"mode": "httpx", "clients": clients, "requests": count, "rps": round(count / elapsed, 1)}
-
-
-def _install_uvloop() -> str:
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        return "uvloop"
-    except ImportError:
-        return "asyncio"
-
-
-def _load_main(args: argparse.Namespace) -> None:
-    loop_name = _install_uvloop()
-    if args.mode == "closed":
-        result = asyncio.run(closed_loop(args.port, args.clients, args.duration))
-    elif args.mode == "httpx":
-        result = asyncio.run(httpx_closed_loop(args.port, args.clients, args.duration))
-    elif args.mode == "transport":
-        result = asyncio.run(transport_closed_loop(args.port, args.clients, args.duration))
-    else:
-        result = asyncio.run(open_loop(args.port, args.rate, args.duration))
-    result["loop"] = loop_name
-    print(json.dumps(result))
-
-
-# -- servers used only by the benchmark --------------------------------------------------------------
-
-
-class _NullServer(asyncio.Protocol):
-    """Answers every request with one canned response: the load generator's ceiling."""
-
-    RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        self.buf = bytearray()
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while True:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", bytes(self.buf[:end]))
-            total = end + 4 + (int(match.group(1)) if match else 0)
-            if len(self.buf) < total:
-                return
-            del self.buf[:total]
-            self.transport.write(self.RESPONSE)  # type: ignore[attr-defined]
-
-
-def _null_main(args: argparse.Namespace) -> None:
-    _install_uvloop()
-
-    async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(_NullServer, "127.0.0.1", args.port, backlog=1024)
-        async with server:
-            await server.serve_forever()
-
-    asyncio.run(main())
+# -- the zero-latency backend (`--backend minimal`) --------------------------------------------------
 
 
 def _fallback_backend_main(args: argparse.Namespace) -> None:
@@ -428,22 +154,12 @@ class Procs:
 
 
 def run_load(port: int, mode: str, *, rate: float = 0, clients: int = 64, duration: float = 5.0) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "_load", "--port", str(port), "--mode", mode, "--duration", str(duration)]
+    cmd = [sys.executable, str(LOADGEN), "_load", "--port", str(port), "--mode", mode, "--duration", str(duration)]
     cmd += ["--rate", str(rate), "--clients", str(clients)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration * 4 + 60, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _rss_mib(pids: list[int]) -> float:
-    import psutil
-
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            total += psutil.Process(pid).memory_info().rss
-    return round(total / 2**20, 1)
 
 
 def run_soak(port: int, pids: list[int], total: int, clients: int, chunk_s: float = 3.0) -> dict[str, Any]:
@@ -453,14 +169,14 @@ def run_soak(port: int, pids: list[int], total: int, clients: int, chunk_s: floa
     running counters, so its RSS should rise while that window fills and then stay flat: `growth_*`
     compares the sample at the first chunk past `warmup_requests` with the last.
     """
-    samples = [{"requests": 0, "rss_mib": _rss_mib(pids)}]
+    samples = [{"requests": 0, "rss_mib": rss_mib(pids)}]
     done = errors = 0
     started = time.monotonic()
     while done < total:
         row = run_load(port, "closed", clients=clients, duration=chunk_s)
         done += row["requests"]
         errors += row.get("errors", 0)
-        samples.append({"requests": done, "rss_mib": _rss_mib(pids), "rps": row["rps"]})
+        samples.append({"requests": done, "rss_mib": rss_mib(pids), "rps": row["rps"]})
     warmup = min(20_000, total // 5)
     after = next(s for s in samples if s["requests"] >= warmup)
     growth = round(samples[-1]["rss_mib"] - after["rss_mib"], 1)
@@ -589,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmpdir)
         try:
             null_port, backend_port = free_port(), free_port()
-            procs.start([sys.executable, __file__, "_null", "--port", str(null_port)])
+            procs.start([sys.executable, str(LOADGEN), "_null", "--port", str(null_port)])
             _wait_port(null_port)
             backend = _start_backend(procs, backend_port, tmp, args.backend)
             backend_pid = procs.procs[-1].pid
@@ -644,12 +360,12 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
             result["open_loop"] = open_rows
-            with _CpuMeter({"backend": [backend_pid]}) as meter:
+            with CpuMeter({"backend": [backend_pid]}) as meter:
                 direct_closed = run_load(backend_port, "closed", clients=args.clients, duration=args.duration)
             meter.attach(direct_closed, direct_closed["requests"])
             closed = {"direct": direct_closed}
             for w, port in gateway_ports.items():
-                with _CpuMeter({"gateway": _family(gateway_pids[w]), "backend": [backend_pid]}) as meter:
+                with CpuMeter({"gateway": family(gateway_pids[w]), "backend": [backend_pid]}) as meter:
                     row = run_load(port, "closed", clients=args.clients, duration=args.duration)
                 meter.attach(row, row["requests"])
                 closed[f"gateway_workers_{w}"] = row
@@ -666,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             result["policy_call"] = policy_call_us(args.policy)
             if args.soak:
                 g = worker_counts[0]
-                result["soak"] = run_soak(gateway_ports[g], _family(gateway_pids[g]), args.soak, args.clients)
+                result["soak"] = run_soak(gateway_ports[g], family(gateway_pids[g]), args.soak, args.clients)
 
             headline = open_rows[0]
             gw = closed[f"gateway_workers_{worker_counts[0]}"]
@@ -736,53 +452,6 @@ def _machine() -> dict[str, Any]:
     return info
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (Linux /proc), or None where it cannot be read."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _family(pid: int) -> list[int]:
-    """A process and its children (the gateway's workers when it runs several)."""
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        children = []
-    return [pid, *(int(c) for c in children)]
-
-
-class _CpuMeter:
-    """CPU time that groups of processes spend while a measurement runs."""
-
-    def __init__(self, groups: dict[str, list[int]]) -> None:
-        self.groups = groups
-        self.start: dict[str, float | None] = {}
-        self.spent: dict[str, float | None] = {}
-
-    def _total(self, pids: list[int]) -> float | None:
-        values = [_cpu_seconds(p) for p in pids]
-        return None if any(v is None for v in values) else sum(v for v in values if v is not None)
-
-    def __enter__(self) -> _CpuMeter:
-        self.start = {name: self._total(pids) for name, pids in self.groups.items()}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for name, pids in self.groups.items():
-            before, after = self.start[name], self._total(pids)
-            self.spent[name] = None if before is None or after is None else after - before
-
-    def attach(self, row: dict[str, Any], requests: int) -> None:
-        """Add ``cpu_us_per_request`` (per process group) to a result row."""
-        if requests and all(v is not None for v in self.spent.values()):
-            row["cpu_us_per_request"] = {
-                name: round(spent * 1e6 / requests, 1) for name, spent in self.spent.items() if spent is not None
-            }
-
-
 def policy_call_us(policy: str, repeat: int = 20_000) -> dict[str, float]:
     """Cost of one policy call in the gateway's common case (one queued chat, one idle instance):
     the policy alone and through the decision core, best of three rounds, in microseconds."""
@@ -821,14 +490,9 @@ if __name__ == "__main__":
         print(json.dumps({"policy": sys.argv[2], **policy_call_us(sys.argv[2])}))
         raise SystemExit(0)
     if len(sys.argv) > 1 and sys.argv[1] in {"_load", "_null", "_backend"}:
-        sub = argparse.ArgumentParser()
-        sub.add_argument("role")
-        sub.add_argument("--port", type=int, required=True)
-        sub.add_argument("--mode", default="closed")
-        sub.add_argument("--rate", type=float, default=100)
-        sub.add_argument("--clients", type=int, default=64)
-        sub.add_argument("--duration", type=float, default=5.0)
-        a = sub.parse_args()
-        {"_load": _load_main, "_null": _null_main, "_backend": _fallback_backend_main}[a.role](a)
+        # The load generator and the null server live in http_loadgen.py (which main() starts
+        # directly); their roles are still accepted here, as before the split.
+        a = http_loadgen.parse_role_args()
+        {**http_loadgen.ROLES, "_backend": _fallback_backend_main}[a.role](a)
         raise SystemExit(0)
     raise SystemExit(main())
