@@ -19,7 +19,8 @@ from typing import Any
 
 from sagesched.core import InstanceView, Request, RequestRecord
 from sagesched.core.rates import ThroughputEstimate
-from sagesched.live.backends import BackendClient, BackendConfig, BackendMetrics, SSEStream
+from sagesched.live.backend_metrics import BackendMetrics
+from sagesched.live.backends import BackendClient, BackendConfig, SSEStream
 from sagesched.live.errors import (
     LiveError,
 )

@@ -4,41 +4,36 @@ The executor talks to vLLM, TEI, llama.cpp's llama-server and any OpenAI-compati
 `BackendClient`. Each holds one `transport.ConnectionPool` (keep-alive connections, bounded pool,
 connect/read timeouts; a lean HTTP/1.1 client, since every gateway request pays its cost) and maps
 transport failures onto the live errors: a failure before the backend sent any byte is
-`BackendUnavailable` (safe to retry elsewhere), an HTTP error status keeps its status, and a stream
-that breaks later is an `UpstreamError`.
+`BackendUnavailable` (safe to retry elsewhere; a 503 is `BackendOverloaded`), an HTTP error status
+keeps its status, and a stream that breaks later is an `UpstreamError`.
 
-Load metrics are scraped from Prometheus text. The servers name the same gauges differently:
-
-==================  ===================================  ===========================  ==========================
-gauge               vLLM                                 TEI                          llama-server
-==================  ===================================  ===========================  ==========================
-running             vllm:num_requests_running            te_batch_current_size        llamacpp:requests_processing
-waiting             vllm:num_requests_waiting            te_queue_size                llamacpp:requests_deferred
-KV-cache usage      vllm:kv_cache_usage_perc (current),  (none)                       llamacpp:kv_cache_usage_ratio
-                    vllm:gpu_cache_usage_perc (older)
-==================  ===================================  ===========================  ==========================
-
-Each reading carries the loop time it was taken at, so views can say how old it is (`age_s`).
+Also here: `BackendConfig` (one backend as the executor sees it) and `SSEStream` (the event reader
+of streamed answers). Reading load gauges from ``/metrics`` pages is `backend_metrics`; checking and
+encoding embedding vectors is `vectors`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import json
 import logging
-import math
-import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httpx
 
 from sagesched.core import InstanceKind
-from sagesched.live.errors import BackendUnavailable, LiveError, UpstreamError, UpstreamTimeout, error_from_response
+from sagesched.live.backend_metrics import BackendMetrics, metrics_from_text
+from sagesched.live.errors import (
+    BackendOverloaded,
+    BackendUnavailable,
+    LiveError,
+    UpstreamError,
+    UpstreamTimeout,
+    error_from_response,
+)
 from sagesched.live.transport import (
     ConnectFailed,
     ConnectionPool,
@@ -46,6 +41,7 @@ from sagesched.live.transport import (
     Response,
     TransportError,
 )
+from sagesched.live.vectors import checked_vector, openai_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -143,90 +139,6 @@ class BackendConfig:
         from sagesched.typed_config import from_mapping
 
         return from_mapping(cls, data, "backend")
-
-
-# -- metrics ---------------------------------------------------------------------------------------
-
-RUNNING_METRICS = ("vllm:num_requests_running", "llamacpp:requests_processing", "te_batch_current_size")
-WAITING_METRICS = ("vllm:num_requests_waiting", "llamacpp:requests_deferred", "te_queue_size")
-KV_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "llamacpp:kv_cache_usage_ratio")
-
-
-@dataclass(frozen=True)
-class BackendMetrics:
-    """Load gauges from one scrape. None where the server does not export the gauge.
-
-    taken_at: `time.monotonic()` when the scrape completed; `age_s(now)` says how old it is.
-    raw: every sample of the scrape, summed over label sets, by metric name.
-    """
-
-    running: float | None = None
-    waiting: float | None = None
-    kv_usage: float | None = None
-    taken_at: float = 0.0
-    raw: dict[str, float] = field(default_factory=dict)
-
-    def age_s(self, now: float | None = None) -> float:
-        return max(0.0, (time.monotonic() if now is None else now) - self.taken_at)
-
-    def as_dict(self) -> dict[str, float | None]:
-        return {"running": self.running, "waiting": self.waiting, "kv_usage": self.kv_usage}
-
-
-def parse_prometheus_text(text: str) -> dict[str, float]:
-    """Samples of a Prometheus text exposition, summed over label sets, by sample name.
-
-    Parsed with prometheus_client's parser. Summing is right for the load gauges read here (vLLM
-    labels them per model; one engine serves one model). NaN samples are left out. A page the parser
-    rejects is parsed again line by line so that one malformed line (some exporters write them)
-    costs only that sample, not the whole scrape.
-    """
-    from prometheus_client.parser import text_string_to_metric_families
-
-    samples: dict[str, float] = {}
-
-    def add(families: Iterable[Any]) -> None:
-        for family in families:
-            for sample in family.samples:
-                if not math.isnan(sample.value):
-                    # The parser names a counter's samples `<name>_total`; keep the name the text used.
-                    name = sample.name if sample.name in text else family.name
-                    samples[name] = samples.get(name, 0.0) + float(sample.value)
-
-    try:
-        add(text_string_to_metric_families(text))
-        return samples
-    except ValueError:
-        samples.clear()
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        with contextlib.suppress(ValueError):
-            add(text_string_to_metric_families(line + "\n"))
-    return samples
-
-
-def metrics_from_text(text: str, taken_at: float | None = None) -> BackendMetrics:
-    """The load gauges of a `/metrics` page from vLLM (current or older names), TEI or llama-server."""
-    raw = parse_prometheus_text(text)
-
-    def first(names: Sequence[str]) -> float | None:
-        for name in names:
-            if name in raw:
-                return raw[name]
-        return None
-
-    kv = first(KV_METRICS)
-    if kv is not None and kv > 1.0:  # some exporters report percent
-        kv = kv / 100.0
-    return BackendMetrics(
-        running=first(RUNNING_METRICS),
-        waiting=first(WAITING_METRICS),
-        kv_usage=kv,
-        taken_at=time.monotonic() if taken_at is None else taken_at,
-        raw=raw,
-    )
 
 
 # -- server-sent events ------------------------------------------------------------------------------
@@ -348,48 +260,6 @@ class SSEStream:
 # -- the adapter --------------------------------------------------------------------------------------
 
 
-def _vector(value: Any, source: str) -> list[float]:
-    """One embedding as finite floats; anything else is the backend's fault (502), never a 500.
-
-    Checked with numpy rather than per element in Python: a 1,024-float vector costs ~20 us this way.
-    """
-    import numpy as np
-
-    try:
-        vec = decode_base64(value) if isinstance(value, str) else value
-    except ValueError as exc:
-        raise UpstreamError(f"{source} sent an embedding that is not valid base64: {exc}") from None
-    if not isinstance(vec, list) or not vec:
-        raise UpstreamError(f"{source} sent an embedding that is not a non-empty list of numbers")
-    arr = np.asarray(vec) if not any(isinstance(x, (list, dict)) for x in vec[:1]) else np.asarray([], dtype=object)
-    if arr.ndim != 1 or arr.dtype.kind not in "iuf" or len(arr) != len(vec):
-        raise UpstreamError(f"{source} sent an embedding holding something other than numbers")
-    if not np.isfinite(arr).all():
-        raise UpstreamError(f"{source} sent a non-finite value (NaN or infinity) in an embedding")
-    return arr.astype(float).tolist()
-
-
-def openai_vectors(data: Any, count: int, source: str) -> list[list[float]]:
-    """The `count` vectors of an OpenAI ``/v1/embeddings`` answer in input order (the executor's
-    backend calls and the client's simple mode); anything else is an `UpstreamError` naming `source`."""
-    items = data.get("data") if isinstance(data, dict) else None
-    if not isinstance(items, list) or len(items) != count:
-        got = len(items) if isinstance(items, list) else type(data).__name__
-        raise UpstreamError(f"{source}: /v1/embeddings returned {got} vectors for {count} inputs")
-    try:
-        ordered = sorted(items, key=lambda item: item.get("index", 0))
-        return [_vector(item.get("embedding"), source) for item in ordered]
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise UpstreamError(f"{source}: /v1/embeddings answered malformed data: {exc}") from None
-
-
-def encode_base64(vector: Sequence[float]) -> str:
-    """OpenAI's base64 embedding encoding: little-endian float32 bytes, base64."""
-    import numpy as np
-
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-
-
 def base_url_problem(url: str) -> str | None:
     """Why `url` is not a server's base URL (``http(s)://HOST[:PORT][/v1]``, port 1-65535, no query or
     fragment), or None. The gateway config, the replay's endpoint and `calibrate llamacpp` check with it,
@@ -406,12 +276,6 @@ def base_url_problem(url: str) -> str | None:
     if parts.query or parts.fragment:
         return f"{url!r}: a server's base URL, without ?query or #fragment"
     return None
-
-
-def decode_base64(data: str) -> list[float]:
-    import numpy as np
-
-    return np.frombuffer(base64.b64decode(data), dtype="<f4").astype(float).tolist()
 
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
@@ -480,7 +344,9 @@ class BackendClient:
         error = error_from_response(response.status, body, response.headers)
         if response.status == 503:
             # Loading, overloaded or draining: nothing was served, another backend may serve it.
-            return BackendUnavailable(f"backend {self.id} answered 503: {error.message}")
+            return BackendOverloaded(
+                f"backend {self.id} answered 503: {error.message}", retry_after_s=error.retry_after_s
+            )
         if response.status in (401, 403):
             # The backend refused the GATEWAY's credentials; the caller's key was fine. Passing the
             # status through would tell the caller their key is wrong.
@@ -553,7 +419,7 @@ class BackendClient:
                 raise UpstreamError(
                     f"backend {self.id}: /embed returned {type(data).__name__}, not {len(inputs)} vectors"
                 )
-            return [_vector(vec, f"backend {self.id}") for vec in data], None
+            return [checked_vector(vec, f"backend {self.id}") for vec in data], None
         body = {**extra, "model": model, "input": list(inputs), "encoding_format": "float"}
         data = await self.post_json("/v1/embeddings", body)
         vectors = openai_vectors(data, len(inputs), f"backend {self.id}")
@@ -606,12 +472,6 @@ __all__ = [
     "APIS",
     "BackendClient",
     "BackendConfig",
-    "BackendMetrics",
     "SSEStream",
     "base_url_problem",
-    "decode_base64",
-    "encode_base64",
-    "metrics_from_text",
-    "openai_vectors",
-    "parse_prometheus_text",
 ]

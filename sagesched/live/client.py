@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from sagesched.live.backends import SSEStream, openai_vectors
+from sagesched.live.backends import SSEStream
 from sagesched.live.client_inputs import as_messages, as_prompt, as_texts
 from sagesched.live.discovery import (
     DEFAULT_PROBE_PORTS,
@@ -50,6 +50,7 @@ from sagesched.live.errors import (
 )
 from sagesched.live.loop_thread import LoopThread
 from sagesched.live.openai_schema import check_body
+from sagesched.live.vectors import openai_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -464,8 +465,7 @@ class UnifiedInferenceClient:
             return []
         model = await self._resolve_model("embedding", kw.pop("model", None))
         body, headers = self._sampling({"model": model, "input": texts}, kw)
-        data = await self._call("embeddings", body, headers)
-        return openai_vectors(data, len(texts), "the embedding server")
+        return openai_vectors(await self._call("embeddings", body, headers), len(texts), "the embedding server")
 
     async def _astream_text(self, endpoint_name: str, payload: Any, kw: dict[str, Any]) -> AsyncIterator[str]:
         model = await self._resolve_model("llm", kw.pop("model", None))

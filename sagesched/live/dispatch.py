@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from sagesched.live.backend_state import BackendState, PendingRequest
-from sagesched.live.backends import SSEStream, encode_base64
+from sagesched.live.backends import SSEStream
 from sagesched.live.errors import (
     BackendUnavailable,
     LiveError,
@@ -26,6 +26,7 @@ from sagesched.live.errors import (
 )
 from sagesched.live.executor_config import ExecutorConfig, LiveResponse
 from sagesched.live.requests import backend_body, embedding_inputs
+from sagesched.live.vectors import encode_base64
 
 logger = logging.getLogger(__name__)
 

@@ -182,6 +182,39 @@ class BackendUnavailable(UpstreamError):
     code = "backend_unavailable"
 
 
+class BackendOverloaded(BackendUnavailable):
+    """503: the backend answered 503 (overloaded, loading or draining) before sending any answer.
+
+    Retried elsewhere like any `BackendUnavailable`. Unlike a dead backend, an overloaded one asks to
+    be tried again later, so when its 503 is still the last failure after every retry the caller gets
+    a 503 with Retry-After (`retry_after_s`: the backend's own, else the executor's), not a 502.
+    """
+
+    status = 503
+    code = "backend_overloaded"
+
+    def __init__(self, *args: Any, retry_after_s: float | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.retry_after_s = retry_after_s
+
+
+def gave_up(last: LiveError, attempts: int, retry_after_s: float) -> LiveError:
+    """What the caller hears when every attempt failed before a byte: the last failure decides.
+
+    A backend's own 503 becomes `BackendOverloaded` with a Retry-After (the backend's, else
+    `retry_after_s`), so clients back off and come back; a refused or dropped connection stays a 502
+    `BackendUnavailable`, since waiting is not known to help.
+    """
+    if isinstance(last, BackendOverloaded):
+        wait = last.retry_after_s if last.retry_after_s is not None else retry_after_s
+        return BackendOverloaded(
+            f"every backend tried refused the request as overloaded (gave up after {attempts} attempts; "
+            f"last: {last.message}); retry after {max(1, round(wait))}s",
+            retry_after_s=wait,
+        )
+    return BackendUnavailable(f"{last.message} (gave up after {attempts} attempts)")
+
+
 class ServiceStopping(LiveError):
     """503: the executor is shutting down and accepts no new requests."""
 
@@ -266,7 +299,7 @@ def error_from_response(status: int, body: Any, headers: Mapping[str, str] | Non
 
     Used by the client and the backend adapter so that what a server said reaches the caller intact:
     the status (only an error status 400-599; anything else becomes 502 with the original in the
-    message), the message, and a 429's Retry-After (from `headers`, else 1 s).
+    message), the message, a 429's Retry-After (from `headers`, else 1 s) and a 503's (when sent).
     """
     message = ""
     code: str | None = None
@@ -291,11 +324,15 @@ def error_from_response(status: int, body: Any, headers: Mapping[str, str] | Non
     if cls is QueueFull:
         retry = _retry_after(headers)
         return QueueFull(message, status=safe, code=code, param=param, retry_after_s=1.0 if retry is None else retry)
-    return cls(message, status=safe, code=code, param=param)
+    error = cls(message, status=safe, code=code, param=param)
+    if safe == 503:
+        error.retry_after_s = _retry_after(headers)
+    return error
 
 
 __all__ = [
     "AuthenticationError",
+    "BackendOverloaded",
     "BackendUnavailable",
     "BodyTimeout",
     "Forbidden",
@@ -314,5 +351,6 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "error_from_response",
+    "gave_up",
     "http_status",
 ]

@@ -10,8 +10,9 @@ Guarantees a caller can rely on:
 
 - `submit` always ends with a `LiveResponse` or a `LiveError`: every request has a deadline timer
   (`request_timeout_s`, 504), whether it is queued, in flight or streaming.
-- A backend that refuses the connection or drops it before sending a byte is marked unhealthy and
-  the request goes back to the queue for the policy to place elsewhere (bounded by `max_retries`).
+- A backend that refuses the connection, drops it or answers 503 before sending a byte is marked
+  unhealthy and the request goes back to the queue for the policy to place elsewhere (bounded by
+  `max_retries`); the last failure decides what the caller then gets (`errors.gave_up`).
   Once a stream has delivered a chunk, a failure is an error to the caller: the tokens it already
   has cannot be taken back.
 - Every request leaves exactly one `RequestRecord`, in the simulator's schema, with times in
@@ -43,7 +44,6 @@ from sagesched.live.backend_state import Attempt, BackendState, CallerRequest, P
 from sagesched.live.backends import BackendClient, BackendConfig, SSEStream
 from sagesched.live.dispatch import _PER_CALLER_EMBEDDING_FIELDS, Dispatcher
 from sagesched.live.errors import (
-    BackendUnavailable,
     InvalidRequest,
     LiveError,
     ModelNotFound,
@@ -52,6 +52,7 @@ from sagesched.live.errors import (
     RequestRejected,
     ServiceStopping,
     UpstreamTimeout,
+    gave_up,
 )
 from sagesched.live.executor_config import ExecutorConfig, LiveResponse
 from sagesched.live.requests import ENDPOINTS, request_from_body
@@ -454,7 +455,7 @@ class LiveExecutor(Dispatcher):
             p.attempt = None
             p.attempts += 1
             if p.attempts > self.config.max_retries:
-                self._fail(p, BackendUnavailable(f"{exc.message} (gave up after {p.attempts} attempts)"))
+                self._fail(p, gave_up(exc, p.attempts, self.config.retry_after_s))
                 continue
             self.retries += 1
             p.record.instance_id = None

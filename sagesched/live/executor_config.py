@@ -24,7 +24,8 @@ class ExecutorConfig:
     no_backend_grace_s: how long a request may wait while no healthy backend could serve it
         before it fails with NoBackendAvailable (503); backends often come back within seconds.
     drain_timeout_s: default time `stop()` lets queued and in-flight requests finish.
-    retry_after_s: the Retry-After a QueueFull error suggests.
+    retry_after_s: the Retry-After a QueueFull error suggests, and a backend's 503 that outlasted the
+        retries when the backend sent none.
     metrics_stale_s: scraped gauges older than this are ignored (in-flight accounting only).
     min_wakeup_s: floor on the delay of a policy wake-up, so a policy asking for "now" again and
         again cannot spin the loop.

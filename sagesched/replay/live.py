@@ -50,9 +50,6 @@ LIVE_COLUMNS = (
 )
 """Columns of `live.parquet`: what only a live run measures, one row per request."""
 
-_CANCELLED_REASONS = ("cancelled", "interrupted: the replay stopped")
-"""Reasons of requests whose task was cancelled (by the executor, by the endpoint client)."""
-
 
 @dataclass
 class LiveResult:
@@ -168,7 +165,8 @@ class _Replay:
         self.timeline_rows: list[tuple] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.interrupted = False
-        self.drain_expired = False  # in-flight requests were cancelled at the end of driver.drain_timeout_s
+        # Set when driver.drain_timeout_s cut requests off: why they ended, as their records say it.
+        self.drain_reason: str | None = None
         self.progress = _Progress(len(self.requests), config.progress if progress is None else progress)
         self.offset = self.requests[0].arrival_s
 
@@ -208,9 +206,8 @@ class _Replay:
                 last = schedule.intended_s[-1]
                 drain = max(0.0, last - clock()) + self.config.drain_timeout_s
                 _, pending = await asyncio.wait(self.tasks, timeout=drain)
-                self.drain_expired = bool(pending)
-                for task in pending:
-                    task.cancel()
+                if pending:
+                    self._cut_off(pending)
             await asyncio.gather(*self.tasks, return_exceptions=True)
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -225,6 +222,22 @@ class _Replay:
                 await self.client.aclose()
             self.progress.close()
         return self._result(time.perf_counter() - started)
+
+    def _cut_off(self, pending: set[asyncio.Task[None]]) -> None:
+        """End the requests still unfinished at the drain deadline, each record saying so as it ends.
+
+        The executor ends its requests with the reason itself (`abort_all`), so no record is written
+        as "cancelled" first and relabelled later; an endpoint request's task is cancelled and `_send`
+        writes the reason over the client's "interrupted" when the cancellation reaches it.
+        """
+        from sagesched.live.errors import UpstreamTimeout
+
+        message = f"unfinished {self.config.drain_timeout_s:g}s after the last send (driver.drain_timeout_s)"
+        self.drain_reason = f"drain_timeout: {message}"
+        if self.executor is not None:
+            self.executor.abort_all(UpstreamTimeout(message, code="drain_timeout"))
+        for task in pending:
+            task.cancel()
 
     def _install_interrupt(self, loop: asyncio.AbstractEventLoop, generator: asyncio.Task[None]) -> None:
         """First Ctrl-C: stop sending, cancel what is in flight, write the partial run. Second: abort."""
@@ -248,6 +261,7 @@ class _Replay:
     async def _send(self, i: int) -> None:
         request = self._intended(i)
         endpoint, body = self.bodies[i]
+        record: RequestRecord | None = None
         try:
             if self.endpoint_mode:
                 record = RequestRecord.from_request(request)
@@ -256,7 +270,8 @@ class _Replay:
             else:
                 await self._submit(request, body, endpoint)
         except asyncio.CancelledError:
-            pass
+            if record is not None and self.drain_reason is not None and not self.interrupted:
+                record.reason = self.drain_reason
         except Exception:  # the executor has already recorded the outcome
             log.debug("request %s ended with an error", request.id, exc_info=True)
         finally:
@@ -324,11 +339,6 @@ class _Replay:
                     else "lost: sent but no outcome was recorded (a driver bug; please report)"
                 )
                 records.append(record)
-        if self.drain_expired and not self.interrupted:
-            drained = f"drain_timeout: unfinished {self.config.drain_timeout_s:g}s after the last send (driver.drain_timeout_s)"
-            for record in records:
-                if record.outcome == Outcome.FAILED.value and record.reason.startswith(_CANCELLED_REASONS):
-                    record.reason = drained
         frame = records_frame(records)
         for column in ("arrival_s", "dispatch_s", "first_token_s", "finish_s"):
             frame[column] = frame[column] - self.shift

@@ -8,16 +8,11 @@ import math
 import pytest
 
 from sagesched.core import InstanceKind
-from sagesched.live.backends import (
-    BackendClient,
-    BackendConfig,
-    decode_base64,
-    encode_base64,
-    metrics_from_text,
-    parse_prometheus_text,
-)
+from sagesched.live.backend_metrics import metrics_from_text, parse_prometheus_text
+from sagesched.live.backends import BackendClient, BackendConfig
 from sagesched.live.errors import BackendUnavailable
 from sagesched.live.real_backends import free_port
+from sagesched.live.vectors import decode_base64, encode_base64
 
 pytestmark = pytest.mark.anyio
 

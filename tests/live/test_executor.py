@@ -13,7 +13,8 @@ import pytest
 
 from sagesched.core import Assignment, Decision, InstanceView, RejectCode, Rejection, Request
 from sagesched.core.rates import ThroughputEstimate
-from sagesched.live.backends import BackendClient, BackendConfig, metrics_from_text
+from sagesched.live.backend_metrics import metrics_from_text
+from sagesched.live.backends import BackendClient, BackendConfig
 from sagesched.live.errors import (
     ModelNotFound,
     NoBackendAvailable,

@@ -12,8 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sagesched.core import Assignment, InstanceView, Request, RequestType
+from sagesched.live.backend_metrics import BackendMetrics
 from sagesched.live.backend_state import Attempt, BackendState, CallerRequest, PendingRequest
-from sagesched.live.backends import BackendConfig, BackendMetrics
+from sagesched.live.backends import BackendConfig
 from sagesched.live.errors import LiveError
 from sagesched.live.executor import ExecutorConfig, LiveExecutor
 from sagesched.live.gateway_config import GatewayConfig
