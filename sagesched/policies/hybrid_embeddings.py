@@ -149,18 +149,34 @@ class EmbeddingBatching:
         c = self.config
         held_models: set[str] = set()
         aside: set[str] = set()  # heads no instance can take now (no room / too many inputs)
+        # Per model: `group[:cursor]` is all aside (aside only grows in a call), so finding the next
+        # head does not rescan them: with thousands of ingest requests held at the gateway, the
+        # rescan made one call quadratic in the backlog (an embedding-heavy run at 8x took >20 min).
+        cursor: dict[str, int] = {}
+        # Per model: the input counts of requests without an SLO that the holdback held in this call.
+        # Its filters do not depend on the request, and whether an instance takes a call depends on
+        # the request only through its input count (this call's placements only shrink room and
+        # lengthen queues), so a request with the same count is held too without ranking every
+        # target again. (Not "as many or more": a call above an engine's whole input cap passes it.)
+        held_background: dict[str, set[int]] = {}
         while True:
             heads = []
             for model, group in call.groups.items():
                 if model in held_models:
                     continue
-                head = next((r for r in group if r.id not in aside), None)
-                if head is not None:
-                    heads.append((call.rank[head.id], model, head))
+                i, n = cursor.get(model, 0), len(group)
+                while i < n and group[i].id in aside:
+                    i += 1
+                cursor[model] = i
+                if i < n:
+                    heads.append((call.rank[group[i].id], model, group[i]))
             if not heads:
                 return
             _, model, head = min(heads, key=lambda x: x[0])
             group = call.groups[model]
+            if head.slo.empty and head.embedding_inputs in held_background.get(model, ()):
+                aside.add(head.id)
+                continue
             targets = self._embedding_targets(call, head)
             if targets and head.slo.empty and c.embedding_holdback_ms > 0:
                 # Priority holdback: work without an SLO joins an embedding engine's FIFO queue only
@@ -177,6 +193,7 @@ class EmbeddingBatching:
                     ]
                 if not targets:
                     aside.add(head.id)  # a completion there (the driver calls again) lets it go
+                    held_background.setdefault(model, set()).add(head.embedding_inputs)
                     continue
             if not targets:
                 if self._embedding_targets(call, head, ignore_inputs=True):
@@ -208,6 +225,7 @@ class EmbeddingBatching:
             )
             ids = {r.id for r in batch}
             call.groups[model] = [r for r in group if r.id not in ids]
+            cursor[model] = 0  # a new list: its aside prefix is found again on the next round
             if not call.groups[model]:
                 del call.groups[model]
             call.unqueue(EMBEDDING, batch)

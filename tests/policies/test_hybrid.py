@@ -135,6 +135,36 @@ def test_background_embeddings_are_held_back_behind_a_long_embedding_queue(make_
     assert sum(len(d.request_ids) for d in assignments(decisions)) == 3
 
 
+def test_a_held_back_ingest_backlog_is_not_ranked_request_by_request(make_request, make_view, monkeypatch):
+    """With thousands of ingest requests held at the gateway behind a long embedding queue, one call
+    ranks the targets once per input count, not once per held request (that made a call quadratic in
+    the backlog: an embedding-heavy run at 8x the trace rate took over 20 minutes). The decisions are
+    the same: the query goes; every 32-input ingest request waits (the short queue has room for 5
+    inputs only); a 2-input one goes there, and so does a 64-input one, larger than that engine's
+    whole input cap (which passes it, so that the engine's own error can end it)."""
+    ingest = [emb(make_request, f"b{i:04d}", inputs=32, tokens=16_384, arrival_s=i * 1e-3) for i in range(2_000)]
+    small = emb(make_request, "s", inputs=2, tokens=512, arrival_s=3.0)
+    big = emb(make_request, "big", inputs=64, tokens=128, arrival_s=3.5)
+    query = emb(make_request, "q", inputs=1, tokens=20, e2e_ms=50.0, priority="high", arrival_s=3.0)
+    busy = make_view("tei", "embedding", queued_prefill_tokens=1_000)  # 20 ms ahead: over the 15 ms holdback
+    narrow = make_view(
+        "tei2", "embedding", max_embedding_inputs=40, embedding_inputs_inflight=35, max_client_batch_size=128
+    )
+    ranked: list[str] = []
+    original = HybridPolicy._embedding_targets
+
+    def counting(self, call, head, ignore_inputs=False):
+        ranked.append(head.id)
+        return original(self, call, head, ignore_inputs)
+
+    monkeypatch.setattr(HybridPolicy, "_embedding_targets", counting)
+    queue = [*ingest, small, big, query]
+    decisions = HybridPolicy(max_embedding_wait_ms=0).schedule(4.0, queue, [busy, narrow])
+    placed = {d.request_ids: d.instance_id for d in assignments(decisions)}
+    assert placed == {("q",): "tei2", ("s",): "tei2", ("big",): "tei2"}
+    assert len(ranked) <= 5, ranked[:10]
+
+
 def test_llm_work_below_high_priority_is_held_back_behind_a_queued_prefill(make_request, make_view):
     """LLM holdback: normal and lower-priority LLM work goes only where at most `llm_holdback_ms`
     of prefill is queued; high-priority work still goes, and the held work stays queued (not
