@@ -198,8 +198,9 @@ class HybridPolicy(EmbeddingBatching, LlmPlacement, Policy):
 
         Rejections by class (`servable_classes`), LLM counts per model from the queue's counts, the
         oldest LLM request from its arrival index, and the LLM list in arrival order (what the plain
-        path sorts) built only when `_place_llm` hands it to the fallback. Embeddings (a short queue)
-        are read per class in queue order, as the plain path meets them. Not used with
+        path sorts) built only when `_place_llm` hands it to the fallback. Embeddings are read per
+        class in queue order, as the plain path meets them (not indexed: a call is linear in the
+        embedding backlog, docs/policies/hybrid.md). Not used with
         ``embedding_priority=adaptive``, whose pressure sums over every queued LLM request.
         """
         rejections, q, classes = servable_classes(queue, instances, self.name)
