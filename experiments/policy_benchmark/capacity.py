@@ -40,6 +40,7 @@ is deterministic), so the files are reproducible.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import subprocess
@@ -56,6 +57,11 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+if str(HERE) not in sys.path:  # its sibling `analyze`, also when loaded from a file path (tests/conftest.py)
+    sys.path.insert(0, str(HERE))
+
+from analyze import SHED_CODES  # noqa: E402  (what the report counts as shed, defined once)
+
 SCENARIOS = ("azure_code", "azure_conv", "rag", "embedding_heavy")
 POLICIES = ("fifo", "priority", "slo_aware", "adaptive", "least_loaded", "hybrid")
 # The Azure traces are about an hour long (conversation 3,545 s, code 3,436 s of arrivals); a
@@ -83,6 +89,7 @@ class Probe:
         return self.slo_attainment if criterion == "all" else self.worst_type_attainment
 
 
+@functools.cache
 def scenario_window(scenario: str, seed: int) -> tuple[float, float]:
     """(window start, window length) of `scenario` for `seed`, from its benchmark config."""
     cfg = yaml.safe_load((HERE / "conf" / "benchmark" / f"{scenario}.yaml").read_text())
@@ -114,7 +121,7 @@ def run_probe(scenario: str, policy: str, seed: int, rate: float) -> Probe:
             raise RuntimeError(f"probe failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
         summary = json.loads((Path(out) / "summary.json").read_text())
     reasons = summary.get("rejections_by_reason") or {}
-    shed = sum(int(n) for reason, n in reasons.items() if reason.startswith(("queue_full", "slo_unattainable")))
+    shed = sum(int(n) for reason, n in reasons.items() if reason.startswith(SHED_CODES))
     return Probe(
         scenario,
         policy,
