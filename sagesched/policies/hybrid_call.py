@@ -8,7 +8,7 @@ queued per type and model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from sagesched.core import Decision, GatewayQueue, InstanceView, Request
@@ -30,7 +30,8 @@ class _Call:
     decisions: list[Decision]
     # Embedding requests still queued, per model, in ranking order.
     groups: dict[str, list[Request]]
-    rank: dict[str, tuple[int, float, str]]
+    # The ranking key (`EmbeddingBatching._ranker`) that ordered them: read for each model's head.
+    rank: Callable[[Request], tuple[int, float, str]]
     # Arrival of the oldest queued embedding request per model at the start of the call: once it has
     # waited the window, the model's queue is flushed in batches for the whole call.
     oldest: dict[str, float]
