@@ -19,11 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sagesched.experiment_parts import ExperimentError, build_policy, ended_reasons, json_default, workload_requests
+
 log = logging.getLogger("sagesched.experiment")
-
-
-class ExperimentError(ValueError):
-    """A config or input problem; the message names the fix."""
 
 
 def _pick(items: Sequence[Any], index: Any) -> Any:
@@ -57,40 +55,6 @@ def _plain(node: Any) -> Any:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def build_policy(policy_cfg: dict[str, Any]):
-    from sagesched.policies import make_policy
-
-    cfg = dict(policy_cfg)
-    name = cfg.pop("name", None)
-    if not name:
-        raise ExperimentError("the policy config has no `name`; choose one with policy=<name>")
-    from sagesched.typed_config import ConfigFieldError
-
-    try:
-        return make_policy(str(name), **cfg)
-    except ConfigFieldError as exc:  # located from the config's root: the override to fix
-        raise ConfigFieldError(("policy", *exc.path), exc.message) from None
-
-
-def workload_requests(workload_cfg: dict[str, Any], seed: int) -> list:
-    """The workload's requests: a plain CSV trace (`trace: csv`, sagesched.replay.traces) or the builder's."""
-    from sagesched.replay.traces import build_csv_workload
-    from sagesched.sim.workloads import WorkloadConfig, build_workload
-
-    workload_dict = dict(workload_cfg)
-    workload_dict.pop("name", None)  # a report label, not a workload field
-    if workload_dict.get("trace") == "csv":
-        requests = build_csv_workload(workload_dict)
-    else:
-        requests = build_workload(WorkloadConfig.from_dict(workload_dict), seed)
-    if not requests:
-        raise ExperimentError("the workload produced no requests; widen workload.duration_s or raise rate_scale")
-    log.info(
-        "workload: %d requests over %.0f s (%s)", len(requests), requests[-1].arrival_s, workload_dict.get("trace")
-    )
-    return requests
 
 
 def _options(group: str) -> str:
@@ -179,19 +143,11 @@ def _run_sim(resolved: dict[str, Any], out_dir: str | Path, *, progress: bool | 
     result.records.to_parquet(out / "requests.parquet", index=False)
     if result.timeline is not None and len(result.timeline):
         result.timeline.to_parquet(out / "timeline.parquet", index=False)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
     from sagesched.plots import plot_run
 
     plot_run(result.records, result.timeline, out)
     return summary
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    return str(value)
 
 
 SUMMARY_TABLE = (
@@ -209,16 +165,6 @@ SUMMARY_TABLE = (
     ("throughput_tokens_per_s", "throughput (tok/s)", "{:.0f}"),
     ("sim_wall_s", "simulation wall time (s)", "{:.2f}"),
 )
-
-
-def ended_reasons(records: Any, top: int = 3) -> dict[str, dict[str, int]]:
-    """The most common reasons per unsuccessful outcome (rejected, failed), for the summary."""
-    out: dict[str, dict[str, int]] = {}
-    for outcome in ("rejected", "failed"):
-        reasons = records.loc[records["outcome"] == outcome, "reason"]
-        if len(reasons):
-            out[outcome] = {str(k): int(v) for k, v in reasons.value_counts().head(top).items()}
-    return out
 
 
 def unserved_lines(summary: dict[str, Any]) -> list[str]:

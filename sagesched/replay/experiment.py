@@ -24,7 +24,7 @@ def run_live(
     resolved: dict[str, Any], driver: DriverConfig, out: Path, *, progress: bool | None = None
 ) -> dict[str, Any]:
     """Replay `resolved` (a composed experiment config) with `driver`; write into `out`; return the summary."""
-    from sagesched.experiment import ExperimentError, _json_default, build_policy, ended_reasons, workload_requests
+    from sagesched.experiment_parts import ExperimentError, build_policy, ended_reasons, json_default, workload_requests
     from sagesched.metrics import summarize
     from sagesched.replay.cluster import backend_configs, block_tokens, sim_cluster_dict
     from sagesched.replay.live import replay
@@ -98,7 +98,7 @@ def run_live(
     result.live.to_parquet(out / "live.parquet", index=False)
     if len(result.timeline):
         result.timeline.to_parquet(out / "timeline.parquet", index=False)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
     from sagesched.plots import plot_run
 
     plot_run(result.records, result.timeline, out)
