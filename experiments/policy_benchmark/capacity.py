@@ -2,6 +2,8 @@
 
     python experiments/policy_benchmark/capacity.py                  # 4 scenarios x 6 policies x 2 seeds x 2 criteria
     python experiments/policy_benchmark/capacity.py --scenarios rag --policies fifo,hybrid --seeds 1
+    python experiments/policy_benchmark/capacity.py --scenarios mvs_embedding_heavy --policies hybrid \
+        --layouts silo_3llm_1tei/none,silo_2llm_2tei/none,all_mixed_4/mps   # -> capacity_mvs.md
 
 The per-cell tables compare goodput at four fixed loads. Serving papers compare capacity instead:
 the largest request rate a system sustains while a given fraction of requests meets its SLOs
@@ -63,10 +65,20 @@ if str(HERE) not in sys.path:  # its sibling `analyze`, also when loaded from a 
 from analyze import SHED_CODES  # noqa: E402  (what the report counts as shed, defined once)
 
 SCENARIOS = ("azure_code", "azure_conv", "rag", "embedding_heavy")
+# Mixed versus siloed at equal GPU count (conf/benchmark/mvs_*.yaml): searched per layout with
+# `--layouts CLUSTER/INTERFERENCE,...`, each (policy, layout) one row labelled ``policy@layout``.
+MVS_SCENARIOS = ("mvs_embedding_heavy", "mvs_rag")
 POLICIES = ("fifo", "priority", "slo_aware", "adaptive", "least_loaded", "hybrid")
 # The Azure traces are about an hour long (conversation 3,545 s, code 3,436 s of arrivals); a
 # window past the end would hold fewer requests than its rate promises.
-TRACE_END_S = {"azure_code": 3436.0, "azure_conv": 3545.0, "rag": 3545.0, "embedding_heavy": 3545.0}
+TRACE_END_S = {
+    "azure_code": 3436.0,
+    "azure_conv": 3545.0,
+    "rag": 3545.0,
+    "embedding_heavy": 3545.0,
+    "mvs_embedding_heavy": 3545.0,
+    "mvs_rag": 3545.0,
+}
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,11 @@ def run_probe(scenario: str, policy: str, seed: int, rate: float) -> Probe:
     """One simulated run at `rate` x the trace rate over the scenario's window, `rate` x as long above 1x."""
     _, window = scenario_window(scenario, seed)
     duration = window * max(1.0, rate)
+    name, _, layout = policy.partition("@")
+    overrides = []
+    if layout:  # a mixed-versus-siloed row: `policy@cluster/interference`
+        cluster, _, interference = layout.partition("/")
+        overrides = [f"cluster={cluster}", f"interference={interference or 'none'}"]
     with tempfile.TemporaryDirectory(prefix="capacity-") as out:
         cmd = [
             sys.executable,
@@ -109,7 +126,8 @@ def run_probe(scenario: str, policy: str, seed: int, rate: float) -> Probe:
             "--config-dir",
             str(HERE / "conf"),
             f"+benchmark={scenario}",
-            f"policy={policy}",
+            f"policy={name}",
+            *overrides,
             f"seed={seed}",
             f"workload.rate_scale={rate!r}",
             f"workload.duration_s={duration!r}",
@@ -264,7 +282,23 @@ def capacity_table(found: pd.DataFrame) -> pd.DataFrame:
         )
     table = pd.DataFrame(rows)
     best = table.groupby("scenario").capacity.transform("max")
-    return table.assign(vs_best=table.capacity / best).sort_values(["scenario", "capacity"], ascending=[True, False])
+    table = table.assign(vs_best=table.capacity / best)
+    silo = found[found.policy.str.contains("@silo_")]
+    if len(silo):
+        # Mixed versus siloed: each row's capacity over the best siloed layout's (any policy), per seed.
+        best_silo = silo.groupby(["scenario", "seed"]).capacity.max()
+        ratio = found.assign(
+            r=[
+                c / best_silo.get((s, d), math.nan)
+                for c, s, d in zip(found.capacity, found.scenario, found.seed, strict=True)
+            ]
+        )
+        by_row = ratio.groupby(["scenario", "policy"]).r
+        table = table.merge(
+            pd.DataFrame({"vs_best_silo": by_row.mean(), "worst_seed_vs_best_silo": by_row.min()}).reset_index(),
+            on=["scenario", "policy"],
+        )
+    return table.sort_values(["scenario", "capacity"], ascending=[True, False])
 
 
 CRITERIA = {
@@ -273,10 +307,12 @@ CRITERIA = {
 }
 
 
-def write_report(found: pd.DataFrame, probes: pd.DataFrame, out: Path, target: float, command: str) -> None:
+def write_report(
+    found: pd.DataFrame, probes: pd.DataFrame, out: Path, target: float, command: str, name: str = "capacity"
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     probes.drop_duplicates().sort_values(["scenario", "policy", "seed", "rate_scale"]).to_csv(
-        out / "capacity.csv", index=False
+        out / f"{name}.csv", index=False
     )
     lines = [
         f"# Capacity at {target:.0%} SLO attainment (written by experiments/policy_benchmark/capacity.py)",
@@ -284,27 +320,36 @@ def write_report(found: pd.DataFrame, probes: pd.DataFrame, out: Path, target: f
         f"Command: `{command}`. The highest `rate_scale` (x the trace's request rate) at which a policy meets",
         f"every SLO of at least {target:.0%} of the requests (refused ones count as misses), with the trace window",
         "growing with the rate above 1x so that arrivals span the scenario's 1x run time (sustained load, not a",
-        "compressed burst). Found by doubling then geometric bisection to within 4%; `capacity.csv` has every",
+        f"compressed burst). Found by doubling then geometric bisection to within 4%; `{name}.csv` has every",
         "probe. `+`: the search reached `--max-rate` or the trace's end, so the capacity is at least that. `vs_fifo`: the",
         "mean over seeds of capacity / FIFO's in the same seed; `vs_best`: mean capacity over the scenario's best.",
     ]
+    if found.policy.str.contains("@").any():
+        lines += [
+            "Rows `policy@cluster/interference`: the policy on that 4-GPU layout under that shared-GPU preset",
+            "(conf/cluster, conf/benchmark/mvs_*.yaml). `vs_best_silo`: the mean over seeds of capacity over the best",
+            "siloed layout's (any policy) in the same seed; `worst_seed_vs_best_silo`: its minimum.",
+        ]
     for criterion, what in CRITERIA.items():
         table = capacity_table(found[found.criterion == criterion])
         if table.empty:
             continue
+        silo = "vs_best_silo" in table
         lines += [
             "",
             f"## {target:.0%} {what}",
             "",
-            "| scenario | policy | capacity by seed | mean capacity | vs_fifo | worst seed vs_fifo | vs_best |",
-            "|---|---|---|---|---|---|---|",
+            "| scenario | policy | capacity by seed | mean capacity | vs_fifo | worst seed vs_fifo | vs_best |"
+            + (" vs_best_silo | worst seed vs_best_silo |" if silo else ""),
+            "|---|---|---|---|---|---|---|" + ("---|---|" if silo else ""),
         ]
         for row in table.itertuples():
             lines.append(
                 f"| {row.scenario} | {row.policy} | {row.capacity_by_seed} | {row.capacity:.2f} | {row.vs_fifo:.2f} | "
                 f"{row.worst_seed_vs_fifo:.2f} | {row.vs_best:.3f} |"
+                + (f" {row.vs_best_silo:.2f} | {row.worst_seed_vs_best_silo:.2f} |" if silo else "")
             )
-    (out / "capacity.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,16 +373,30 @@ def main(argv: list[str] | None = None) -> int:
         help="finished probes, reused on the next run (delete it after changing the simulator or a policy)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "policy_benchmark")
+    parser.add_argument(
+        "--layouts",
+        default="",
+        help="mixed versus siloed (scenarios mvs_*): CLUSTER/INTERFERENCE items, e.g. silo_3llm_1tei/none,all_mixed_4/mps",
+    )
+    parser.add_argument("--name", default="", help="file stem of the report (default capacity, or capacity_mvs)")
     args = parser.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
-    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    layouts = [x for x in args.layouts.split(",") if x]
+    known = MVS_SCENARIOS if layouts else SCENARIOS
+    unknown = sorted(set(scenarios) - set(known))
     if unknown:
-        parser.error(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
+        with_layouts = "with --layouts" if layouts else "without --layouts"
+        parser.error(f"unknown scenario(s) {unknown} {with_layouts}; choose from {', '.join(known)}")
+    if any("/" not in x for x in layouts):
+        parser.error("--layouts items are CLUSTER/INTERFERENCE, e.g. all_mixed_4/mps (siloed layouts: /none)")
     if not 0.0 < args.target <= 1.0:
         parser.error("--target is an attainment fraction in (0, 1]")
     if not args.tolerance > 1.0:
         parser.error("--tolerance must be above 1 (the bracket's high / low ratio)")
     policies = [p for p in args.policies.split(",") if p]
+    if layouts:
+        policies = [f"{p}@{x}" for p in policies for x in layouts]
+    name = args.name or ("capacity_mvs" if layouts else "capacity")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     if not args.max_rate > 0.0:
         parser.error("--max-rate must be above 0")
@@ -348,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     found = pd.DataFrame([{k: v for k, v in r.items() if k != "probes"} for r in results])
     probes = pd.DataFrame([asdict(p) for r in results for p in r["probes"]])
     command = " ".join(["python experiments/policy_benchmark/capacity.py", *(sys.argv[1:] if argv is None else argv)])
-    write_report(found, probes, args.out, args.target, command)
-    print(f"wrote {args.out / 'capacity.md'} and capacity.csv ({len(probes)} probes)")
+    write_report(found, probes, args.out, args.target, command, name)
+    print(f"wrote {args.out / (name + '.md')} and {name}.csv ({len(probes)} probes)")
     return 0
 
 
