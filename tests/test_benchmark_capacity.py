@@ -119,3 +119,36 @@ def test_probe_cache_resumes_from_its_file(capacity, tmp_path, monkeypatch) -> N
     assert ran == [2**0.5, 1.0]
     again.probe("rag", "fifo", 2, 1.0)  # a different seed is a different probe
     assert ran == [2**0.5, 1.0, 1.0]
+
+
+def test_mixed_versus_siloed_rows_are_paired_with_the_best_siloed_layout_of_each_seed(capacity) -> None:
+    found = pd.DataFrame(
+        {
+            "scenario": ["m"] * 6,
+            "policy": ["hybrid@silo_a/none"] * 2 + ["fifo@silo_b/none"] * 2 + ["hybrid@mixed/mps"] * 2,
+            "seed": [1, 2] * 3,
+            "capacity": [2.0, 1.0, 1.0, 1.6, 3.0, 2.4],
+            "capped": [False] * 6,
+        }
+    )
+    table = capacity.capacity_table(found).set_index("policy")
+    # Seed 1's best silo is silo_a (2.0), seed 2's silo_b (1.6): the mixed layout is 1.5x both.
+    assert table.loc["hybrid@mixed/mps", "vs_best_silo"] == pytest.approx(1.5)
+    assert table.loc["hybrid@mixed/mps", "worst_seed_vs_best_silo"] == pytest.approx(1.5)
+    assert table.loc["hybrid@silo_a/none", "worst_seed_vs_best_silo"] == pytest.approx(1.0 / 1.6)
+    assert math.isnan(table.loc["hybrid@mixed/mps", "vs_fifo"])  # no plain fifo row to pair with
+
+
+def test_layouts_are_refused_on_a_scenario_without_them(capacity) -> None:
+    with pytest.raises(SystemExit):
+        capacity.main(["--scenarios", "rag", "--layouts", "all_mixed_4/mps"])
+    with pytest.raises(SystemExit):
+        capacity.main(["--scenarios", "mvs_rag", "--layouts", "all_mixed_4"])
+
+
+def test_a_layout_probe_runs_that_cluster_under_that_preset(capacity) -> None:
+    mixed = capacity.run_probe("mvs_embedding_heavy", "fifo@all_mixed_4/time_slice", 1, 0.25)
+    siloed = capacity.run_probe("mvs_embedding_heavy", "fifo@silo_2llm_2tei/none", 1, 0.25)
+    assert mixed.policy == "fifo@all_mixed_4/time_slice" and mixed.requests == siloed.requests
+    # Same requests on another layout: placements differ, so the goodput does too.
+    assert mixed.goodput_rps != siloed.goodput_rps
