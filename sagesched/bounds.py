@@ -169,8 +169,14 @@ def bound_summary(requests: Sequence[Request], cluster: ClusterConfig) -> dict[s
     isolated finish, so the span is at least `span_lower_s` = max(arrival + isolated e2e) - first
     arrival, and goodput at most (requests meeting their SLOs alone) / `span_lower_s`: the same
     number for every policy on a workload. Requests no instance admits are rejected by every policy
-    and leave no finish behind, so only servable requests' finishes count. (This assumes every
-    servable request is served; a policy that rejects the last requests can shorten the span.)
+    and leave no finish behind, so only servable requests' finishes count.
+
+    `goodput_rps_upper` assumes every servable request is served: a policy that refuses the requests
+    that would finish last ends its run sooner. `goodput_rps_upper_refusing` holds for any policy,
+    refusing ones included: the span still runs to the last arrival (`sagesched.metrics`), and a run
+    that ends at T can count only the requests that meet their SLOs alone and finish alone by T, so
+    goodput is at most the largest (that count) / (T - first arrival) over T at or after the last
+    arrival.
     """
     lat = isolated_latencies(requests, cluster)
     met = np.zeros(len(requests), dtype=bool)
@@ -191,10 +197,20 @@ def bound_summary(requests: Sequence[Request], cluster: ClusterConfig) -> dict[s
         return float(np.percentile(values, q)) if len(values) else None
 
     span_lower_s = None
+    goodput_refusing = None
     if requests and not np.isnan(lat[:, 2]).all():
         arrivals = np.array([r.arrival_s for r in requests])
         finishes = arrivals + lat[:, 2] / 1000.0
-        span_lower_s = max(float(np.nanmax(finishes)) - float(arrivals.min()), 1e-9)
+        first, last = float(arrivals.min()), float(arrivals.max())
+        span_lower_s = max(float(np.nanmax(finishes)) - first, 1e-9)
+        # Between two of these finishes the count is flat and the span grows, so the best end is one
+        # of them, or the last arrival.
+        ends = np.sort(finishes[met])
+        candidates = np.unique(np.maximum(ends, last))
+        goodput_refusing = 0.0
+        if len(candidates):
+            counts = np.searchsorted(ends, candidates, side="right")
+            goodput_refusing = float(np.max(counts / np.maximum(candidates - first, 1e-9)))
     return {
         "kind": "isolated-service lower bound (each request alone on its fastest compatible instance)",
         "ttft_p50_ms_lower": pct(lat[llm, 0], 50),
@@ -205,4 +221,5 @@ def bound_summary(requests: Sequence[Request], cluster: ClusterConfig) -> dict[s
         "slo_attainment_upper": float(met.mean()) if len(met) else None,
         "span_lower_s": span_lower_s,
         "goodput_rps_upper": float(met.sum() / span_lower_s) if span_lower_s else None,
+        "goodput_rps_upper_refusing": goodput_refusing if span_lower_s else None,
     }

@@ -15,7 +15,9 @@ Definitions (why they are what they are):
   meets its SLO when each objective it has is met (`RequestRecord.slo_met`).
 - `goodput_rps` is requests meeting all their SLOs per second (DistServe's definition).
 - `duration_s` defaults to last finish minus first arrival: the span the system was busy with
-  this workload, so rates are not inflated by cutting the tail off.
+  this workload, so rates are not inflated by cutting the tail off. It runs at least to the last
+  arrival: a rejected request leaves no finish behind, and a policy that refused the last requests
+  would otherwise end the run early and raise its own goodput by refusing.
 """
 
 from __future__ import annotations
@@ -145,8 +147,8 @@ def _default_duration(df: pd.DataFrame) -> float | None:
         return None
     start = df["arrival_s"].min()
     finish = df["finish_s"].max()
-    if pd.isna(finish):
-        finish = df["arrival_s"].max()
+    last_arrival = df["arrival_s"].max()
+    finish = last_arrival if pd.isna(finish) else max(finish, last_arrival)
     duration = float(finish - start)
     return duration if math.isfinite(duration) and duration > 0 else None
 

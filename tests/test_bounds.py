@@ -10,8 +10,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from sagesched.bounds import _decode_s, bound_summary, isolated_latencies
+from sagesched.core import SLO, RejectCode, Rejection, Request, RequestType
 from sagesched.metrics import summarize
 from sagesched.policies import make_policy
+from sagesched.policies.fifo import FifoPolicy
 from sagesched.sim import ClusterConfig, SimConfig, simulate
 from sagesched.sim.perf_model import BatchShape, LLMPerfModel
 from sagesched.sim.workloads import WorkloadConfig, build_workload
@@ -69,6 +71,7 @@ def _check_not_beaten(requests, cluster, policy_name: str, rel: float = 0.0) -> 
     assert summary["duration_s"] >= upper["span_lower_s"] - 1e-9
     assert summary["slo_attainment"] <= upper["slo_attainment_upper"] + 1e-12
     assert summary["goodput_rps"] <= upper["goodput_rps_upper"] + 1e-9
+    assert upper["goodput_rps_upper"] <= upper["goodput_rps_upper_refusing"] + 1e-12
     return upper
 
 
@@ -164,3 +167,35 @@ def test_a_request_no_engine_admits_gets_no_bound_and_costs_nothing():
     result = simulate(requests, cluster, make_policy("fifo"), SimConfig(progress=False))
     outcome = dict(zip(result.records.request_id, result.records.outcome, strict=True))
     assert outcome == {"huge": "rejected", "ok": "completed"}  # the bound agrees with the simulator
+
+
+class _RefuseLongAnswers(FifoPolicy):
+    """FIFO that refuses every request asking for more than 1,000 tokens (a test policy, not registered)."""
+
+    def schedule(self, now, queue, instances):
+        refused = [r for r in queue if r.max_tokens > 1000]
+        kept = [r for r in queue if r.max_tokens <= 1000]
+        decisions = [
+            Rejection(r.id, "answer too long for this test", RejectCode.SLO_UNATTAINABLE, "test") for r in refused
+        ]
+        return decisions + (super().schedule(now, kept, instances) if kept else [])
+
+
+def test_a_policy_that_refuses_the_last_finisher_beats_the_serve_all_bound_but_not_the_refusing_one() -> None:
+    """Refusing the request that would finish last ends the run sooner; `goodput_rps_upper` assumes
+    every request is served, `goodput_rps_upper_refusing` does not (and the run still lasts to the
+    last arrival, so refusing everything after the first answer cannot shrink it to nothing)."""
+    cluster = ClusterConfig.from_dict({"instances": [{"id": "llm", "kind": "llm", "model": "llama-2-7b"}]})
+    slo = SLO(ttft_ms=1000)
+    requests = [
+        Request("short", RequestType.LLM_CHAT, "llama-2-7b", 0.0, 100, 10, slo=slo, output_tokens=10),
+        Request("long", RequestType.LLM_CHAT, "llama-2-7b", 0.5, 100, 3000, slo=slo, output_tokens=3000),
+    ]
+    upper = bound_summary(requests, cluster)
+    result = simulate(requests, cluster, _RefuseLongAnswers(), SimConfig(timeline_interval_s=0))
+    summary = summarize(result.records)
+    assert summary["rejected"] == 1 and summary["slo_met"] == 1
+    assert summary["duration_s"] == pytest.approx(0.5)  # to the refused request's arrival
+    assert summary["goodput_rps"] > 10 * upper["goodput_rps_upper"]
+    assert summary["goodput_rps"] <= upper["goodput_rps_upper_refusing"] + 1e-9
+    assert upper["goodput_rps_upper_refusing"] == pytest.approx(1 / 0.5)

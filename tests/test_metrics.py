@@ -143,7 +143,9 @@ def summary():
 def test_counts_and_duration(summary):
     assert (summary["requests"], summary["completed"], summary["rejected"], summary["failed"]) == (8, 5, 2, 1)
     assert (summary["llm_requests"], summary["embedding_requests"]) == (5, 3)
-    assert summary["duration_s"] == 6.0  # last finish (C at 6.0) - first arrival (A at 0.0)
+    # To the last arrival (H, rejected at 7.0), past the last finish (C at 6.0), less the first arrival
+    # (A at 0.0): refusing the last requests does not end the run early.
+    assert summary["duration_s"] == 7.0
 
 
 def test_latency_percentiles(summary):
@@ -169,14 +171,14 @@ def test_slo_attainment_and_goodput(summary):
     # met: B, C, E; missed: A (tpot), F (e2e), D and H (rejected), G (failed).
     assert summary["slo_met"] == 3
     assert summary["slo_attainment"] == 3 / 8
-    assert summary["goodput_rps"] == 3 / 6.0
+    assert summary["goodput_rps"] == 3 / 7.0
     assert summary["slo_attainment_by_class"] == {"batch": 0.5, "interactive": 1 / 3, "search": 1 / 3}
     assert summary["slo_attainment_by_priority"] == {"critical": 1 / 3, "high": 1 / 3, "low": 0.5}
     assert list(summary["slo_attainment_by_priority"]) == ["critical", "high", "low"]
     assert summary["slo_attainment_by_type"] == {"embedding": 1 / 3, "llm_chat": 1 / 3, "llm_generate": 0.5}
     interactive = summary["classes"]["interactive"]
     assert (interactive["requests"], interactive["completed"], interactive["failed"]) == (3, 2, 1)
-    assert interactive["goodput_rps"] == 1 / 6.0
+    assert interactive["goodput_rps"] == 1 / 7.0
     assert interactive["ttft_p99_ms"] == pytest.approx(125 + 0.99 * 125, rel=1e-12)
     assert summary["classes"]["search"]["ttft_p99_ms"] is None  # no LLM requests in the class
     assert summary["priorities"]["low"]["e2e_p99_ms"] == 4000.0
@@ -184,9 +186,9 @@ def test_slo_attainment_and_goodput(summary):
 
 def test_throughput_rejections_and_instances(summary):
     assert summary["output_tokens"] == 53
-    assert summary["throughput_tokens_per_s"] == pytest.approx(53 / 6.0, rel=1e-12)
-    assert summary["embeddings"] == 12 and summary["embeddings_per_s"] == 2.0
-    assert summary["throughput_rps"] == 5 / 6.0
+    assert summary["throughput_tokens_per_s"] == pytest.approx(53 / 7.0, rel=1e-12)
+    assert summary["embeddings"] == 12 and summary["embeddings_per_s"] == 12 / 7.0
+    assert summary["throughput_rps"] == 5 / 7.0
     assert summary["rejections_by_reason"] == {"queue full": 2}
     assert summary["failures_by_reason"] == {"upstream timeout": 1}
     assert summary["per_instance"] == {

@@ -121,7 +121,8 @@ def ref_duration(records: list[RequestRecord]) -> float | None:
     if not records:
         return None
     finishes = [r.finish_s for r in records if r.finish_s is not None]
-    end = max(finishes) if finishes else max(r.arrival_s for r in records)
+    last_arrival = max(r.arrival_s for r in records)
+    end = max(*finishes, last_arrival) if finishes else last_arrival
     span = end - min(r.arrival_s for r in records)
     return span if span > 0 else None
 

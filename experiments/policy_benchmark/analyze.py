@@ -37,33 +37,41 @@ SHED_CODES = ("queue_full", "slo_unattainable")
 PRESETS = ("none", "time_slice", "mps", "ideal")
 
 
-def interactive_ttft_floor_ms(summary: dict, r: pd.DataFrame) -> float:
-    """The interactive class's p99 TTFT if every interactive request were served alone at its
-    arrival on its fastest instance (`sagesched.bounds.isolated_latencies`): no policy's p99 can be
-    lower. Rebuilt from the run's own config (the same requests for every policy of a cell)."""
-    from sagesched.bounds import isolated_latencies
-    from sagesched.experiment import workload_requests
+def cell_bounds(summary: dict, r: pd.DataFrame) -> tuple[float, float]:
+    """(the interactive class's p99 TTFT floor, the goodput bound for any policy) of a run's cell.
+
+    The floor: the p99 if every interactive request were served alone at its arrival on its fastest
+    instance (`sagesched.bounds.isolated_latencies`): no policy that serves them can go lower. The
+    bound: `bound_summary`'s `goodput_rps_upper_refusing`, which a policy that refuses requests
+    cannot beat either (the records' own `bound` predates it). Rebuilt from the run's own config
+    (the same requests for every policy of a cell)."""
+    from sagesched.bounds import bound_summary, isolated_latencies
+    from sagesched.experiment_parts import workload_requests
     from sagesched.replay.cluster import sim_cluster_dict
     from sagesched.sim import ClusterConfig
 
     cfg = summary.get("config") or {}
-    if not cfg or "interactive" not in set(r["workload_class"]):
-        return float("nan")
+    if not cfg:
+        return float("nan"), float("nan")
     requests = workload_requests(cfg["workload"], int(cfg.get("seed", 0)))
     cluster = ClusterConfig.from_dict(sim_cluster_dict(cfg["cluster"]))
+    refusing = bound_summary(requests, cluster).get("goodput_rps_upper_refusing")
+    bound = float(refusing) if refusing is not None else float("nan")
+    if "interactive" not in set(r["workload_class"]):
+        return float("nan"), bound
     classes = r.set_index("request_id")["workload_class"]
     lat = isolated_latencies(requests, cluster)
     keep = np.array([classes.get(q.id) == "interactive" and not q.is_embedding for q in requests], dtype=bool)
     ttft = lat[keep, 0]
     ttft = ttft[~np.isnan(ttft)]
-    return float(np.percentile(ttft, 99)) if len(ttft) else float("nan")
+    return (float(np.percentile(ttft, 99)) if len(ttft) else float("nan")), bound
 
 
 def load_runs(root: Path, floors: bool = False) -> pd.DataFrame:
     """One row per run folder under `root`; with `floors`, also the interactive TTFT floor of each
     (scenario, load, seed) (computed once per cell and seed, from its first run)."""
     rows = []
-    floor_cache: dict[tuple[str, str, str], float] = {}
+    floor_cache: dict[tuple[str, str, str], tuple[float, float]] = {}
     for summary_path in sorted(root.glob("*/*/summary.json")):
         run_dir = summary_path.parent
         m = RUN.match(run_dir.name)
@@ -98,8 +106,8 @@ def load_runs(root: Path, floors: bool = False) -> pd.DataFrame:
         if floors:
             key = (run_dir.parent.name, m["load"], m["seed"])
             if key not in floor_cache:
-                floor_cache[key] = interactive_ttft_floor_ms(s, r)
-            row["inter_ttft_p99_floor_ms"] = floor_cache[key]
+                floor_cache[key] = cell_bounds(s, r)
+            row["inter_ttft_p99_floor_ms"], row["bound_refusing"] = floor_cache[key]
         if r["tenant"].nunique() > 1:
             row["jain"] = _jain(r)
         rows.append(row)
@@ -138,9 +146,10 @@ def _jain(r: pd.DataFrame, bin_s: float = 1.0) -> float:
 
 
 def _span(r: pd.DataFrame) -> float:
-    """Last finish minus first arrival (0 when nothing finished)."""
+    """The later of the last finish and the last arrival, minus the first arrival (0 when nothing
+    finished), as `sagesched.metrics` measures a run's span."""
     finish = r["finish_s"].max()
-    return float(finish - r["arrival_s"].min()) if pd.notna(finish) else 0.0
+    return float(max(finish, r["arrival_s"].max()) - r["arrival_s"].min()) if pd.notna(finish) else 0.0
 
 
 def paired(df: pd.DataFrame) -> pd.DataFrame:
@@ -149,7 +158,7 @@ def paired(df: pd.DataFrame) -> pd.DataFrame:
     for (scenario, load), cell in df.groupby(["scenario", "load"]):
         by_seed = {seed: runs.set_index("label") for seed, runs in cell.groupby("seed")}
         for label, runs in cell.groupby("label"):
-            ratios_fifo, ratios_best, closed, tail, floor, ceiling = [], [], [], [], [], []
+            ratios_fifo, ratios_best, closed, tail, floor, ceiling, ceiling_any = [], [], [], [], [], [], []
             tail_samples: list[tuple[np.ndarray, np.ndarray]] = []
             met_fifo, span_fifo = [], []
             ratios_best_span = []
@@ -170,6 +179,7 @@ def paired(df: pd.DataFrame) -> pd.DataFrame:
                     tail_samples.append((run["inter_ttft_ms"], fifo["inter_ttft_ms"]))
                     floor.append(run.get("inter_ttft_p99_floor_ms", np.nan) / fifo["inter_ttft_p99_ms"])
                     ceiling.append(run["bound"] / fifo["goodput"] if fifo["goodput"] > 0 else np.nan)
+                    ceiling_any.append(run.get("bound_refusing", np.nan) / fifo["goodput"] if fifo["goodput"] > 0 else np.nan)
             worst = int(np.nanargmax(tail)) if tail and not np.isnan(tail).all() else None
             ci = tail_ratio_interval(*tail_samples[worst]) if worst is not None else (np.nan, np.nan)
             out.append(
@@ -196,6 +206,7 @@ def paired(df: pd.DataFrame) -> pd.DataFrame:
                     "inter_tail_ci90_hi": ci[1],
                     "inter_floor_vs_fifo": _nanmax(floor),
                     "bound_vs_fifo_min": _nanmin(ceiling),
+                    "bound_refusing_vs_fifo_min": _nanmin(ceiling_any),
                     "query_attainment": runs["query_attainment"].mean(),
                     "jain": runs["jain"].mean() if "jain" in runs else np.nan,
                 }
@@ -347,7 +358,10 @@ def main() -> int:
         "served alone at its arrival on its fastest instance: no policy can go below it) over FIFO's p99;",
         "where it is above 0.5, no policy can bring the interactive tail to half FIFO's in that cell.",
         "`bound_vs_fifo_min`: the isolated-service goodput bound over FIFO's goodput in the worst seed:",
-        "the largest goodput ratio over FIFO any policy could post there.",
+        "the largest goodput ratio over FIFO a policy that serves every request could post there;",
+        "`bound_refusing_vs_fifo_min`: the same for any policy, one that refuses the requests that would",
+        "finish last included (`sagesched.bounds`, `goodput_rps_upper_refusing`: a run lasts at least to",
+        "its last arrival, refused or not).",
         "`vs_best_span` / `worst_seed_vs_best_span`: `vs_best` / `worst_seed_vs_best` with each run's goodput",
         "over its exact span (first arrival to last finish) instead of the summary's `duration_s` (the",
         "simulator's clock at its end: the next whole-second timeline tick after the last finish).",
