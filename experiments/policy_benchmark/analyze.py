@@ -179,7 +179,9 @@ def paired(df: pd.DataFrame) -> pd.DataFrame:
                     tail_samples.append((run["inter_ttft_ms"], fifo["inter_ttft_ms"]))
                     floor.append(run.get("inter_ttft_p99_floor_ms", np.nan) / fifo["inter_ttft_p99_ms"])
                     ceiling.append(run["bound"] / fifo["goodput"] if fifo["goodput"] > 0 else np.nan)
-                    ceiling_any.append(run.get("bound_refusing", np.nan) / fifo["goodput"] if fifo["goodput"] > 0 else np.nan)
+                    ceiling_any.append(
+                        run.get("bound_refusing", np.nan) / fifo["goodput"] if fifo["goodput"] > 0 else np.nan
+                    )
             worst = int(np.nanargmax(tail)) if tail and not np.isnan(tail).all() else None
             ci = tail_ratio_interval(*tail_samples[worst]) if worst is not None else (np.nan, np.nan)
             out.append(
