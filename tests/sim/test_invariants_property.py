@@ -205,7 +205,9 @@ def check_records(res, reqs: Sequence[Request], cluster: ClusterConfig) -> None:
     assert s["requests"] == len(reqs) == s["completed"] + s["rejected"] + s["failed"]
     assert s["completed"] == len(done)
     assert s["slo_met"] == int(df.slo_met.sum())
-    duration = df.finish_s.max() - df.arrival_s.min() if done.size else None
+    # First arrival to the later of the last finish and the last arrival (refused requests leave none).
+    end = df.arrival_s.max() if df.finish_s.isna().all() else max(df.finish_s.max(), df.arrival_s.max())
+    duration = end - df.arrival_s.min() if end > df.arrival_s.min() else None
     if s["goodput_rps"] is not None:
         assert duration is not None and s["duration_s"] == pytest.approx(duration)
         assert s["goodput_rps"] == pytest.approx(s["slo_met"] / s["duration_s"])
