@@ -285,7 +285,8 @@ def capacity_table(found: pd.DataFrame) -> pd.DataFrame:
     table = table.assign(vs_best=table.capacity / best)
     silo = found[found.policy.str.contains("@silo_")]
     if len(silo):
-        # Mixed versus siloed: each row's capacity over the best siloed layout's (any policy), per seed.
+        # Mixed versus siloed: each row's capacity over the best siloed layout's (the `silo_*` clusters,
+        # any policy), per seed.
         best_silo = silo.groupby(["scenario", "seed"]).capacity.max()
         ratio = found.assign(
             r=[
