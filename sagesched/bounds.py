@@ -161,7 +161,9 @@ def isolated_latencies(requests: Sequence[Request], cluster: ClusterConfig) -> n
     return out
 
 
-def bound_summary(requests: Sequence[Request], cluster: ClusterConfig) -> dict[str, Any]:
+def bound_summary(
+    requests: Sequence[Request], cluster: ClusterConfig, latencies: np.ndarray | None = None
+) -> dict[str, Any]:
     """Bounds to print beside a policy's summary: latency lower bounds, attainment/goodput upper bounds.
 
     Goodput is SLO-meeting requests over the run's span (first arrival to last finish, as
@@ -177,8 +179,10 @@ def bound_summary(requests: Sequence[Request], cluster: ClusterConfig) -> dict[s
     that ends at T can count only the requests that meet their SLOs alone and finish alone by T, so
     goodput is at most the largest (that count) / (T - first arrival) over T at or after the last
     arrival.
+
+    `latencies`: `isolated_latencies(requests, cluster)` when the caller already has it.
     """
-    lat = isolated_latencies(requests, cluster)
+    lat = isolated_latencies(requests, cluster) if latencies is None else latencies
     met = np.zeros(len(requests), dtype=bool)
     for i, request in enumerate(requests):
         ttft, tpot, e2e = lat[i]

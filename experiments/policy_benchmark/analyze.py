@@ -55,12 +55,12 @@ def cell_bounds(summary: dict, r: pd.DataFrame) -> tuple[float, float]:
         return float("nan"), float("nan")
     requests = workload_requests(cfg["workload"], int(cfg.get("seed", 0)))
     cluster = ClusterConfig.from_dict(sim_cluster_dict(cfg["cluster"]))
-    refusing = bound_summary(requests, cluster).get("goodput_rps_upper_refusing")
+    lat = isolated_latencies(requests, cluster)
+    refusing = bound_summary(requests, cluster, lat).get("goodput_rps_upper_refusing")
     bound = float(refusing) if refusing is not None else float("nan")
     if "interactive" not in set(r["workload_class"]):
         return float("nan"), bound
     classes = r.set_index("request_id")["workload_class"]
-    lat = isolated_latencies(requests, cluster)
     keep = np.array([classes.get(q.id) == "interactive" and not q.is_embedding for q in requests], dtype=bool)
     ttft = lat[keep, 0]
     ttft = ttft[~np.isnan(ttft)]
