@@ -225,5 +225,5 @@ def bound_summary(
         "slo_attainment_upper": float(met.mean()) if len(met) else None,
         "span_lower_s": span_lower_s,
         "goodput_rps_upper": float(met.sum() / span_lower_s) if span_lower_s else None,
-        "goodput_rps_upper_refusing": goodput_refusing if span_lower_s else None,
+        "goodput_rps_upper_refusing": goodput_refusing,  # None exactly when span_lower_s is
     }
